@@ -1,0 +1,21 @@
+"""Bundled assets: a tiny trained DeepSeek-V3 checkpoint and its benchmark sets.
+
+``tiny_deepseek_v3/`` is produced by ``python -m dsq.assets.train_tiny``; ``data/`` holds the
+frozen held-out text split, a multiple-choice set built from held-out text and a calibration
+sample (CPython standard library text, PSF License; see ``data/LICENSE-DATA.md``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent
+
+
+def tiny_model_dir() -> Path:
+    """The bundled tiny DeepSeek-V3 checkpoint directory."""
+    return ASSETS / "tiny_deepseek_v3"
+
+
+def data_file(name: str) -> Path:
+    """A bundled data file: ``heldout.txt``, ``mc.jsonl`` or ``calibration.txt``."""
+    return ASSETS / "data" / name

@@ -1,0 +1,31 @@
+"""Errors that dsq reports to users.
+
+Every error a user can cause (a bad recipe, a broken checkpoint, a missing file) is a
+:class:`DsqInputError`; the CLI turns it into a one-paragraph message and exit code 2.
+A failed gate is not an error: the pipeline returns it and the CLI exits 1.
+"""
+from __future__ import annotations
+
+
+class DsqError(Exception):
+    """Base class for all dsq errors."""
+
+
+class DsqInputError(DsqError):
+    """Unusable input: recipe, checkpoint, data set or command line (CLI exit code 2)."""
+
+
+class RecipeError(DsqInputError):
+    """A recipe file or a command-line override is invalid."""
+
+
+class CheckpointError(DsqInputError):
+    """A model checkpoint directory cannot be loaded."""
+
+
+class DataError(DsqInputError):
+    """A benchmark or calibration data set cannot be used."""
+
+
+class QuantizationError(DsqError):
+    """Quantization produced an invalid result (e.g. a NaN scale); names the tensor."""

@@ -1,0 +1,153 @@
+"""The pipeline: a validated recipe in, a quantized artifact and a comparison report out.
+
+Every step is a plain function call with typed inputs and outputs; this module is the only
+place that turns recipe sections into stage configs. It never prints: the CLI does.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .artifact import atomic_directory, save_quantized_model, write_manifest
+from .assets import data_file
+from .checkpoint import LoadedModel, bundled_model_path, load_checkpoint
+from .errors import QuantizationError
+from .recipe import QuantizeSection, Recipe, dump_recipe
+from .reload import ReloadCheck, transformers_reload_check
+from dsq.eval import BenchmarkSuite, Evaluator, Gates, GateResult, ModelMetrics, PerplexityConfig, Report, check_gates, write_report
+from dsq.eval.memory import PeakRSS
+from dsq.quantize import PerChannel, PerGroup, QuantizationReport, RTNConfig, TargetSpec, WeightScheme, quantize_
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class RunResult:
+    """What a run produced."""
+
+    output: Path
+    report: Report
+    gates: list[GateResult] = field(default_factory=list)
+    reload: ReloadCheck | None = None
+
+    @property
+    def gates_passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+
+def quant_config(section: QuantizeSection) -> RTNConfig:
+    """Recipe ``quantize:`` section -> the method's typed config."""
+    w = section.weights
+    granularity = PerChannel() if w.granularity == "channel" else PerGroup(w.group_size)
+    scheme = WeightScheme(bits=w.bits, granularity=granularity, symmetric=w.symmetric)
+    t = section.targets
+    targets = TargetSpec(include=tuple(t.include), exclude=tuple(t.exclude), lm_head=t.lm_head)
+    return RTNConfig(scheme=scheme, targets=targets)
+
+
+def candidate_name(section: QuantizeSection) -> str:
+    w = section.weights
+    gran = "ch" if w.granularity == "channel" else f"g{w.group_size}"
+    sym = "" if w.symmetric else "-asym"
+    return f"{section.method}-int{w.bits}-{gran}{sym}"
+
+
+def benchmark_suite(recipe: Recipe) -> BenchmarkSuite:
+    """Recipe ``eval:`` section -> the suite; missing data paths mean the bundled sets."""
+    ev = recipe.eval
+    ppl = ev.perplexity
+    mc = ev.multiple_choice
+    text_path = Path(ppl.data) if ppl and ppl.data else (data_file("heldout.txt") if ppl else None)
+    mc_path = Path(mc.data) if mc and mc.data else (data_file("mc.jsonl") if mc else None)
+    ppl_config = PerplexityConfig(context=ppl.context, stride=ppl.stride, max_tokens=ppl.max_tokens) if ppl else PerplexityConfig()
+    return BenchmarkSuite(
+        text_path=text_path,
+        mc_path=mc_path,
+        perplexity=ppl_config,
+        mc_limit=mc.limit if mc else None,
+        fidelity_seq_len=ev.fidelity.seq_len,
+        fidelity_max_tokens=ev.fidelity.max_tokens,
+    )
+
+
+def gates_of(recipe: Recipe) -> Gates:
+    return Gates(**recipe.eval.gates.model_dump())
+
+
+def model_path(recipe: Recipe) -> Path:
+    return Path(recipe.model).expanduser() if recipe.model else bundled_model_path()
+
+
+def save_artifact(root: Path, loaded: LoadedModel, recipe: Recipe) -> None:
+    """Weights (compressed-tensors), config, tokenizer and the resolved recipe into ``root``."""
+    save_quantized_model(loaded.model, loaded.tokenizer, root, dtype_name=recipe.dtype)
+    (root / "recipe.yaml").write_text(dump_recipe(recipe))
+
+
+def run(recipe: Recipe) -> RunResult:
+    """Run a recipe end to end.
+
+    Args:
+        recipe: a validated recipe.
+
+    Returns:
+        A :class:`RunResult`; ``gates_passed`` is False when a gate failed (the artifact
+        is still written). Input problems raise :class:`dsq.errors.DsqInputError` and leave
+        no artifact behind.
+    """
+    torch.manual_seed(recipe.seed)
+    output = Path(recipe.output).expanduser()
+    suite = benchmark_suite(recipe)
+    gates = gates_of(recipe)
+    config = quant_config(recipe.quantize)
+    src = model_path(recipe)
+    loaded = load_checkpoint(src, dtype=DTYPES[recipe.dtype], trust_remote_code=recipe.trust_remote_code)
+    evaluator = Evaluator(suite, loaded.tokenizer, progress=recipe.progress)
+    with atomic_directory(output, recipe.overwrite) as tmp:
+        original = evaluator.evaluate("original", loaded.model, reference=True, disk_path=src)
+        started = time.perf_counter()
+        with PeakRSS() as rss:
+            qreport = quantize_(loaded.model, config, progress=recipe.progress)
+        quant_seconds = time.perf_counter() - started
+        save_artifact(tmp, loaded, recipe)
+        reload = None
+        if recipe.eval.reload_check:
+            reload = transformers_reload_check(tmp, loaded.model, dtype=DTYPES[recipe.dtype], trust_remote_code=recipe.trust_remote_code)
+            if reload.loaded and not reload.passed:
+                raise QuantizationError(
+                    f"transformers reloads the artifact with logits differing by {reload.max_abs_diff:.3g} "
+                    f"(tolerance {reload.tolerance:g}); the artifact does not match dsq's model"
+                )
+        candidate = evaluator.evaluate(candidate_name(recipe.quantize), loaded.model, disk_path=tmp)
+        candidate.extra["quantization"] = summary(qreport, quant_seconds, rss.peak_bytes)
+        candidate.extra["reload_check"] = reload.to_dict() if reload else None
+        results = check_gates(gates, original, [candidate])
+        report = Report(original, [candidate], results, meta=run_meta(recipe, loaded))
+        write_report(report, tmp)
+        write_manifest(tmp, source=loaded.source.to_dict(), extra={"quantization": qreport.to_dict()})
+    return RunResult(output=output, report=report, gates=results, reload=reload)
+
+
+def summary(qreport: QuantizationReport, seconds: float, peak_rss: int | None) -> dict:
+    d = qreport.to_dict()
+    d.pop("modules")
+    d["seconds"] = round(seconds, 3)
+    d["peak_rss_bytes"] = peak_rss
+    return d
+
+
+def run_meta(recipe: Recipe, loaded: LoadedModel) -> dict:
+    return {
+        "dsq_version": __version__,
+        "model": loaded.source.path,
+        "model_type": loaded.source.model_type,
+        "recipe": recipe.model_dump(mode="json"),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

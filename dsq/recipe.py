@@ -1,0 +1,219 @@
+"""Recipes: one YAML file is one run.
+
+The schema is strict: every key maps to a typed field and an unknown or mistyped key fails
+with the key's dotted path, the file and the allowed keys. Command-line overrides
+(``quantize.weights.bits=4``) are dotted paths into the same tree, applied before validation
+so they get exactly the same checks.
+
+Example:
+    >>> recipe = load_recipe("recipes/demo.yaml", overrides=["quantize.weights.bits=4"])
+    >>> recipe.quantize.weights.bits
+    4
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import RecipeError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class WeightsSection(Strict):
+    """Integer weight format."""
+
+    bits: Literal[4, 8] = 8
+    granularity: Literal["channel", "group"] = "group"
+    group_size: int = Field(128, ge=2)
+    symmetric: bool = True
+
+
+class TargetsSection(Strict):
+    """Which modules are quantized (regular expressions searched in module names)."""
+
+    include: list[str] = Field(default_factory=lambda: [".*"])
+    exclude: list[str] = Field(default_factory=list)
+    lm_head: bool = False
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid module pattern {pattern!r}: {exc}") from exc
+        return patterns
+
+
+class QuantizeSection(Strict):
+    method: Literal["rtn"] = "rtn"
+    weights: WeightsSection = WeightsSection()
+    targets: TargetsSection = TargetsSection()
+
+
+class PerplexitySection(Strict):
+    data: str | None = None  # text / JSONL / parquet file; None: bundled held-out split
+    context: int = Field(256, ge=2)
+    stride: int = Field(128, ge=1)
+    max_tokens: int | None = Field(None, ge=2)
+
+
+class MultipleChoiceSection(Strict):
+    data: str | None = None  # JSONL {context, choices, gold}; None: bundled set
+    limit: int | None = Field(None, ge=1)
+
+
+class FidelitySection(Strict):
+    seq_len: int = Field(128, ge=2)
+    max_tokens: int = Field(4096, ge=2)
+
+
+class GatesSection(Strict):
+    """Thresholds; a run whose artifact misses one exits 1 naming the metric."""
+
+    max_ppl_increase_pct: float | None = None
+    max_ppl: float | None = None
+    min_mc_acc: float | None = None
+    max_mc_acc_drop_pts: float | None = None
+    min_top1_agreement: float | None = None
+    max_mean_kl: float | None = None
+    max_size_ratio: float | None = None
+
+
+class EvalSection(Strict):
+    perplexity: PerplexitySection | None = PerplexitySection()
+    multiple_choice: MultipleChoiceSection | None = MultipleChoiceSection()
+    fidelity: FidelitySection = FidelitySection()
+    gates: GatesSection = GatesSection()
+    reload_check: bool = True  # reload the artifact with transformers and compare logits
+
+
+class Recipe(Strict):
+    """A whole run: model in, quantized artifact and report out."""
+
+    model: str | None = None  # local HF directory; None: the bundled tiny DeepSeek-V3
+    trust_remote_code: bool = False
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    output: str = "runs/out"
+    overwrite: bool = False
+    seed: int = 0
+    progress: bool = True
+    quantize: QuantizeSection = QuantizeSection()
+    eval: EvalSection = EvalSection()
+
+    @field_validator("output")
+    @classmethod
+    def _output_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("output must be a directory path")
+        return v
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """Field names of the section at ``loc`` (the parent of the offending key)."""
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            break
+        annotation = field.annotation
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+        sub = next((a for a in candidates if issubclass(a, BaseModel)), None)
+        if sub is None:
+            break
+        model = sub
+    return sorted(model.model_fields)
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(_allowed_keys(loc[:-1]))
+            lines.append(f"unknown key '{path}' in {source}; allowed keys here: {allowed}")
+        else:
+            lines.append(f"invalid value for '{path}' in {source}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], yaml-parsed value)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"command-line override {text!r} must look like key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"command-line override {text!r}: value is not valid YAML ({exc})") from exc
+    return key.strip().split("."), value
+
+
+def apply_override(tree: dict, path: list[str], value: Any, text: str) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"command-line override {text!r}: '{'.'.join(path[: i + 1])}' is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe.
+
+    Args:
+        path: the YAML file (None: all defaults).
+        overrides: ``key.path=value`` strings from the command line.
+
+    Returns:
+        The validated :class:`Recipe`.
+
+    Raises:
+        RecipeError: naming the key path, the file and the allowed keys.
+    """
+    source = str(path) if path is not None else "(defaults)"
+    tree = read_yaml(Path(path)) if path is not None else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(tree, keys, value, text)
+    if overrides:
+        source += " (with command-line overrides: " + " ".join(overrides) + ")"
+    try:
+        recipe = Recipe.model_validate(tree)
+    except ValidationError as exc:
+        raise RecipeError(_format_errors(exc, source)) from None
+    ppl = recipe.eval.perplexity
+    if ppl is not None and ppl.stride > ppl.context:
+        raise RecipeError(f"invalid value for 'eval.perplexity.stride' in {source}: stride {ppl.stride} exceeds context {ppl.context}")
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (every default filled in)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

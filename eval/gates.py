@@ -1,0 +1,208 @@
+"""Quality gates: thresholds a candidate must meet relative to the original model.
+
+A gate whose metric was not measured fails and says so; a gate never passes silently.
+Comparisons are written so that a NaN metric fails.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+from dsq.errors import RecipeError
+from dsq.eval.harness import ModelMetrics
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Thresholds; ``None`` leaves a gate unchecked.
+
+    Attributes:
+        max_ppl_increase_pct: Largest allowed perplexity increase over the original, in %.
+        max_ppl: Largest allowed perplexity.
+        min_mc_acc: Smallest allowed multiple-choice accuracy, as a fraction (0..1).
+        max_mc_acc_drop_pts: Largest allowed accuracy drop below the original, in
+            percentage points.
+        min_top1_agreement: Smallest allowed top-1 agreement with the original (0..1).
+        max_mean_kl: Largest allowed mean KL(original || candidate), in nats.
+        max_size_ratio: Largest allowed ratio of weight bytes on disk, candidate / original.
+    """
+
+    max_ppl_increase_pct: float | None = None
+    max_ppl: float | None = None
+    min_mc_acc: float | None = None
+    max_mc_acc_drop_pts: float | None = None
+    min_top1_agreement: float | None = None
+    max_mean_kl: float | None = None
+    max_size_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("min_mc_acc", "min_top1_agreement"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise RecipeError(f"gate {name} is a fraction between 0 and 1, got {value}")
+        for name in ("max_ppl", "max_size_ratio"):
+            value = getattr(self, name)
+            if value is not None and not value > 0.0:
+                raise RecipeError(f"gate {name} must be positive, got {value}")
+        if self.max_mean_kl is not None and not self.max_mean_kl >= 0.0:
+            raise RecipeError(f"gate max_mean_kl must be non-negative, got {self.max_mean_kl}")
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """Outcome of one gate for one candidate.
+
+    Attributes:
+        gate: Gate name (a :class:`Gates` field).
+        candidate: Candidate row name.
+        metric: Name of the checked metric.
+        value: Measured value (NaN when not measured).
+        threshold: The gate's threshold.
+        passed: Whether the candidate meets the gate.
+        message: One-line explanation.
+    """
+
+    gate: str
+    candidate: str
+    metric: str
+    value: float
+    threshold: float
+    passed: bool
+    message: str
+
+
+def ppl_increase_pct(original: ModelMetrics, candidate: ModelMetrics) -> float | None:
+    """Perplexity increase of ``candidate`` over ``original`` in %, or ``None`` if unmeasured."""
+    if original.ppl is None or candidate.ppl is None:
+        return None
+    return (candidate.ppl.ppl / original.ppl.ppl - 1.0) * 100.0
+
+
+def mc_acc_delta_pts(original: ModelMetrics, candidate: ModelMetrics) -> float | None:
+    """Accuracy of ``candidate`` minus ``original`` in percentage points (negative: worse)."""
+    if original.mc is None or candidate.mc is None:
+        return None
+    return (candidate.mc.acc - original.mc.acc) * 100.0
+
+
+def mc_acc_norm_delta_pts(original: ModelMetrics, candidate: ModelMetrics) -> float | None:
+    """Normalized accuracy of ``candidate`` minus ``original`` in percentage points."""
+    if original.mc is None or candidate.mc is None:
+        return None
+    return (candidate.mc.acc_norm - original.mc.acc_norm) * 100.0
+
+
+def _ratio(numerator: int | None, denominator: int | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def disk_size_ratio(original: ModelMetrics, candidate: ModelMetrics) -> float | None:
+    """Weight bytes on disk, candidate / original, or ``None`` if either is unmeasured."""
+    return _ratio(candidate.weight_bytes_disk, original.weight_bytes_disk)
+
+
+def memory_size_ratio(original: ModelMetrics, candidate: ModelMetrics) -> float | None:
+    """Weight bytes in memory, candidate / original."""
+    return _ratio(candidate.weight_bytes_memory, original.weight_bytes_memory)
+
+
+def _ppl(original: ModelMetrics, candidate: ModelMetrics) -> float | None:
+    return candidate.ppl.ppl if candidate.ppl is not None else None
+
+
+def _mc_acc(original: ModelMetrics, candidate: ModelMetrics) -> float | None:
+    return candidate.mc.acc if candidate.mc is not None else None
+
+
+def _mc_acc_drop(original: ModelMetrics, candidate: ModelMetrics) -> float | None:
+    delta = mc_acc_delta_pts(original, candidate)
+    return -delta if delta is not None else None
+
+
+def _top1(original: ModelMetrics, candidate: ModelMetrics) -> float | None:
+    return candidate.fidelity.top1_agreement if candidate.fidelity is not None else None
+
+
+def _mean_kl(original: ModelMetrics, candidate: ModelMetrics) -> float | None:
+    return candidate.fidelity.mean_kl if candidate.fidelity is not None else None
+
+
+@dataclass(frozen=True)
+class _GateSpec:
+    """How one gate is measured: metric name, measurement, bound direction, what it needs."""
+
+    metric: str
+    measure: Callable[[ModelMetrics, ModelMetrics], float | None]
+    is_upper_bound: bool
+    needs: str
+
+
+_SPECS: dict[str, _GateSpec] = {
+    "max_ppl_increase_pct": _GateSpec(
+        "ppl_increase_pct", ppl_increase_pct, True, "perplexity of the original and the candidate"
+    ),
+    "max_ppl": _GateSpec("ppl", _ppl, True, "perplexity of the candidate"),
+    "min_mc_acc": _GateSpec("mc_acc", _mc_acc, False, "multiple-choice accuracy of the candidate"),
+    "max_mc_acc_drop_pts": _GateSpec(
+        "mc_acc_drop_pts", _mc_acc_drop, True, "multiple-choice accuracy of the original and the candidate"
+    ),
+    "min_top1_agreement": _GateSpec(
+        "top1_agreement", _top1, False, "fidelity to the original (evaluate the original first, with text data)"
+    ),
+    "max_mean_kl": _GateSpec(
+        "mean_kl", _mean_kl, True, "fidelity to the original (evaluate the original first, with text data)"
+    ),
+    "max_size_ratio": _GateSpec(
+        "size_ratio", disk_size_ratio, True, "weight bytes on disk of the original and the candidate"
+    ),
+}
+
+
+def _check(gate: str, spec: _GateSpec, threshold: float, original: ModelMetrics, candidate: ModelMetrics) -> GateResult:
+    """Evaluate one gate on one candidate."""
+    value = spec.measure(original, candidate)
+    if value is None:
+        return GateResult(
+            gate=gate,
+            candidate=candidate.name,
+            metric=spec.metric,
+            value=math.nan,
+            threshold=threshold,
+            passed=False,
+            message=f"{candidate.name}: {gate} failed: {spec.metric} was not measured (needs {spec.needs})",
+        )
+    passed = value <= threshold if spec.is_upper_bound else value >= threshold
+    relation = "<=" if spec.is_upper_bound else ">="
+    verdict = "passed" if passed else "failed"
+    return GateResult(
+        gate=gate,
+        candidate=candidate.name,
+        metric=spec.metric,
+        value=float(value),
+        threshold=float(threshold),
+        passed=passed,
+        message=f"{candidate.name}: {gate} {verdict}: {spec.metric} = {value:.4g} (required {relation} {threshold:g})",
+    )
+
+
+def check_gates(gates: Gates, original: ModelMetrics, candidates: list[ModelMetrics]) -> list[GateResult]:
+    """Check every set gate on every candidate.
+
+    Args:
+        gates: Thresholds (``None`` fields are skipped).
+        original: The original model's row.
+        candidates: Candidate rows.
+
+    Returns:
+        One result per (candidate, set gate), candidates in order, gates in field order.
+    """
+    results: list[GateResult] = []
+    for candidate in candidates:
+        for gate_field in fields(gates):
+            threshold = getattr(gates, gate_field.name)
+            if threshold is not None:
+                results.append(_check(gate_field.name, _SPECS[gate_field.name], threshold, original, candidate))
+    return results

@@ -1,0 +1,223 @@
+"""Evaluation harness: run every benchmark on a model and collect one report row."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dsq.eval.data import MCItem, load_multiple_choice, load_text, tokenize_text
+from dsq.eval.fidelity import FidelityResult, ReferenceLogprobs, compare_to_reference, reference_logprobs
+from dsq.eval.memory import PeakRSS, dir_bytes, files_bytes, weight_bytes_in_memory
+from dsq.eval.multiple_choice import MCResult, multiple_choice
+from dsq.eval.perplexity import PerplexityConfig, PerplexityResult, perplexity
+
+
+@dataclass(frozen=True)
+class BenchmarkSuite:
+    """The benchmark data and settings shared by every evaluated model.
+
+    Attributes:
+        text_path: Held-out text for perplexity and fidelity (``None``: skip both).
+        mc_path: Multiple-choice JSONL (``None``: skip).
+        perplexity: Sliding-window settings.
+        mc_limit: Use only the first ``mc_limit`` items.
+        fidelity_seq_len: Window length for fidelity.
+        fidelity_max_tokens: Token budget for fidelity (first tokens of the held-out text).
+    """
+
+    text_path: Path | None
+    mc_path: Path | None
+    perplexity: PerplexityConfig
+    mc_limit: int | None = None
+    fidelity_seq_len: int = 128
+    fidelity_max_tokens: int = 4096
+
+
+@dataclass
+class ModelMetrics:
+    """One row of the report: every measurement of one model.
+
+    Attributes:
+        name: Row label, e.g. ``"original"`` or ``"int4-g128"``.
+        ppl: Perplexity, or ``None`` when no text set was given.
+        mc: Multiple-choice accuracy, or ``None`` when no item set was given.
+        fidelity: Agreement with the original; ``None`` for the original itself.
+        weight_bytes_memory: Parameter and buffer bytes in memory.
+        weight_bytes_disk: Weight-file bytes of the saved artifact, if one was given.
+        artifact_bytes_disk: All bytes of the saved artifact directory, if one was given.
+        peak_rss_bytes: Peak process RSS during this model's evaluation.
+        eval_seconds: Wall time of this model's evaluation.
+        extra: Free-form facts (e.g. a quantization summary); must be JSON-serializable.
+        peak_rss_reset_supported: ``False`` when ``peak_rss_bytes`` is the process-lifetime
+            peak because the high-water mark could not be reset.
+    """
+
+    name: str
+    ppl: PerplexityResult | None
+    mc: MCResult | None
+    fidelity: FidelityResult | None
+    weight_bytes_memory: int
+    weight_bytes_disk: int | None
+    artifact_bytes_disk: int | None
+    peak_rss_bytes: int | None
+    eval_seconds: float
+    extra: dict = field(default_factory=dict)
+    peak_rss_reset_supported: bool = True
+
+    def to_dict(self) -> dict:
+        """Plain-data form (nested results become dicts, missing ones ``None``).
+
+        Returns:
+            A JSON-serializable dict, provided ``extra`` is.
+        """
+        return asdict(self)
+
+
+class Evaluator:
+    """Runs the benchmark suite on models; data is loaded and tokenized once.
+
+    Evaluate the original first with ``reference=True`` so that later candidates get
+    fidelity metrics. Peak RSS is process-wide: it includes every model still alive, and
+    the kept reference log-probs.
+    """
+
+    def __init__(
+        self,
+        suite: BenchmarkSuite,
+        tokenizer: Any,
+        *,
+        progress: bool = True,
+        add_bos: bool = True,
+        batch_size: int = 8,
+        weight_suffixes: tuple[str, ...] = (".safetensors",),
+        reference_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """Load and tokenize the suite's data.
+
+        Args:
+            suite: Data paths and settings.
+            tokenizer: Tokenizer shared by the original and the candidates.
+            progress: Show tqdm progress bars.
+            add_bos: Prepend BOS to the text stream and to multiple-choice contexts.
+            batch_size: Sequences per forward pass for every benchmark.
+            weight_suffixes: File endings counted as weights on disk.
+            reference_dtype: Storage dtype of the original's kept log-probs.
+
+        Raises:
+            DataError: A data file is missing, empty or invalid.
+        """
+        self.suite = suite
+        self.tokenizer = tokenizer
+        self.progress = progress
+        self.add_bos = add_bos
+        self.batch_size = batch_size
+        self.weight_suffixes = weight_suffixes
+        self.reference_dtype = reference_dtype
+        self.token_ids: torch.Tensor | None = self._load_tokens()  # (tokens,)
+        self.mc_items: list[MCItem] | None = (
+            load_multiple_choice(suite.mc_path, suite.mc_limit) if suite.mc_path is not None else None
+        )
+        self.reference: ReferenceLogprobs | None = None
+
+    def _load_tokens(self) -> torch.Tensor | None:
+        """Tokenize the held-out text up to the largest budget any benchmark needs."""
+        if self.suite.text_path is None:
+            return None
+        budget = self.suite.perplexity.max_tokens
+        if budget is not None:
+            budget = max(budget, self.suite.fidelity_max_tokens)
+        return tokenize_text(self.tokenizer, load_text(self.suite.text_path), budget, add_bos=self.add_bos)
+
+    def _perplexity(self, model: nn.Module) -> PerplexityResult | None:
+        if self.token_ids is None:
+            return None
+        return perplexity(
+            model, self.token_ids, self.suite.perplexity, batch_size=self.batch_size, progress=self.progress
+        )
+
+    def _multiple_choice(self, model: nn.Module) -> MCResult | None:
+        if self.mc_items is None:
+            return None
+        return multiple_choice(
+            model,
+            self.tokenizer,
+            self.mc_items,
+            progress=self.progress,
+            batch_size=self.batch_size,
+            add_bos=self.add_bos,
+        )
+
+    def _build_reference(self, model: nn.Module) -> None:
+        if self.token_ids is None:
+            return
+        self.reference = reference_logprobs(
+            model,
+            self.token_ids,
+            seq_len=self.suite.fidelity_seq_len,
+            max_tokens=self.suite.fidelity_max_tokens,
+            dtype=self.reference_dtype,
+            batch_size=self.batch_size,
+            progress=self.progress,
+        )
+
+    def _fidelity(self, model: nn.Module) -> FidelityResult | None:
+        if self.reference is None:
+            return None
+        return compare_to_reference(model, self.reference, batch_size=self.batch_size, progress=self.progress)
+
+    def evaluate(
+        self,
+        name: str,
+        model: nn.Module,
+        *,
+        reference: bool = False,
+        disk_path: Path | None = None,
+        extra: dict | None = None,
+    ) -> ModelMetrics:
+        """Run perplexity, multiple choice and fidelity on one model.
+
+        Args:
+            name: Row label for the report.
+            model: Causal LM (put in eval mode here).
+            reference: This is the original: keep its log-probs for later candidates
+                (its own ``fidelity`` is ``None``).
+            disk_path: Saved artifact (directory or file) whose size is reported.
+            extra: Free-form facts copied into the row.
+
+        Returns:
+            The row of metrics. ``fidelity`` is ``None`` for the original and for
+            candidates evaluated before any original or without a text set.
+
+        Raises:
+            DataError: A benchmark cannot be run on this data.
+            CheckpointError: ``disk_path`` does not exist.
+        """
+        weight_bytes_disk = dir_bytes(disk_path, self.weight_suffixes) if disk_path is not None else None
+        artifact_bytes_disk = files_bytes(disk_path) if disk_path is not None else None
+        model.eval()
+        started = time.perf_counter()
+        with PeakRSS() as peak:
+            ppl = self._perplexity(model)
+            mc = self._multiple_choice(model)
+            if reference:
+                self._build_reference(model)
+                fidelity = None
+            else:
+                fidelity = self._fidelity(model)
+        return ModelMetrics(
+            name=name,
+            ppl=ppl,
+            mc=mc,
+            fidelity=fidelity,
+            weight_bytes_memory=weight_bytes_in_memory(model),
+            weight_bytes_disk=weight_bytes_disk,
+            artifact_bytes_disk=artifact_bytes_disk,
+            peak_rss_bytes=peak.peak_bytes,
+            eval_seconds=time.perf_counter() - started,
+            extra=dict(extra or {}),
+            peak_rss_reset_supported=peak.reset_supported,
+        )

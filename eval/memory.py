@@ -1,0 +1,220 @@
+"""Memory and size measurements: weight bytes in RAM and on disk, peak RSS, machine facts."""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from types import TracebackType
+
+import torch
+from torch import nn
+
+from dsq.errors import CheckpointError
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+_RESET_PEAK_RSS = "5"  # clear_refs code that resets VmHWM to the current RSS
+
+
+def _leaf_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Plain tensors holding a tensor's data; wrapper subclasses are flattened."""
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if flatten is None or type(tensor) in (torch.Tensor, nn.Parameter):
+        return [tensor]
+    names, _ = flatten()
+    return [leaf for name in names for leaf in _leaf_tensors(getattr(tensor, name))]
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[object, ...]:
+    """Identity of a tensor's memory, so that shared (tied) tensors are counted once."""
+    pointer = tensor.data_ptr() if tensor.device.type != "meta" else 0
+    if pointer == 0:
+        return ("object", id(tensor))
+    return ("memory", tensor.device.type, pointer, tensor.numel(), tensor.dtype)
+
+
+def weight_bytes_in_memory(model: nn.Module) -> int:
+    """Bytes held by a model's parameters and buffers.
+
+    Packed quantized weights kept in integer buffers count by ``element_size * numel``.
+    Tensors that share memory (tied embeddings) count once.
+
+    Args:
+        model: Any module.
+
+    Returns:
+        Total bytes.
+    """
+    seen: set[tuple[object, ...]] = set()
+    total = 0
+    tensors = [
+        *(tensor for _, tensor in model.named_parameters(remove_duplicate=False)),
+        *(tensor for _, tensor in model.named_buffers(remove_duplicate=False)),
+    ]
+    for tensor in tensors:
+        for leaf in _leaf_tensors(tensor):
+            key = _storage_key(leaf)
+            if key in seen:
+                continue
+            seen.add(key)
+            total += leaf.element_size() * leaf.numel()
+    return total
+
+
+def _require_path(path: Path) -> Path:
+    """Return ``path`` if it exists, else raise ``CheckpointError``."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"model artifact {path} does not exist")
+    return path
+
+
+def _files(path: Path) -> list[Path]:
+    """``path`` itself if it is a file, else every regular file below it."""
+    path = _require_path(path)
+    if path.is_file():
+        return [path]
+    return [p for p in sorted(path.rglob("*")) if p.is_file()]
+
+
+def dir_bytes(path: Path | str, suffixes: tuple[str, ...] = (".safetensors",)) -> int:
+    """Bytes of the files below ``path`` whose names end with one of ``suffixes``.
+
+    Args:
+        path: Directory (searched recursively) or single file.
+        suffixes: File name endings to count (e.g. ``(".safetensors", ".onnx_data")``).
+
+    Returns:
+        Total bytes.
+
+    Raises:
+        CheckpointError: ``path`` does not exist.
+    """
+    return sum(p.stat().st_size for p in _files(Path(path)) if p.name.endswith(suffixes))
+
+
+def files_bytes(path: Path | str) -> int:
+    """Bytes of all files below ``path`` (the whole artifact).
+
+    Args:
+        path: Directory (searched recursively) or single file.
+
+    Returns:
+        Total bytes.
+
+    Raises:
+        CheckpointError: ``path`` does not exist.
+    """
+    return sum(p.stat().st_size for p in _files(Path(path)))
+
+
+def _status_bytes(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` in bytes, or ``None`` where unavailable."""
+    try:
+        lines = _STATUS.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def _lifetime_peak_bytes() -> int:
+    """Peak RSS of the process since it started (``getrusage``)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's RSS high-water mark; ``False`` where that is not permitted."""
+    try:
+        _CLEAR_REFS.write_text(_RESET_PEAK_RSS)
+    except OSError:
+        return False
+    return _status_bytes("VmHWM") is not None
+
+
+class PeakRSS:
+    """Context manager measuring the peak resident set size of this process during a block.
+
+    On Linux the high-water mark (``VmHWM``) is reset on entry by writing ``5`` to
+    ``/proc/self/clear_refs`` and read on exit. Where the reset is not permitted the
+    process-lifetime peak from ``getrusage`` is reported and ``reset_supported`` is
+    ``False``. The mark is process-wide: do not nest two measurements.
+
+    Attributes:
+        start_bytes: RSS on entry.
+        peak_bytes: Peak RSS during the block (set on exit).
+        reset_supported: Whether ``peak_bytes`` covers only the block.
+    """
+
+    def __init__(self) -> None:
+        self.start_bytes: int = 0
+        self.peak_bytes: int = 0
+        self.reset_supported: bool = False
+
+    def __enter__(self) -> PeakRSS:
+        self.reset_supported = _reset_peak()
+        self.start_bytes = _status_bytes("VmRSS") or 0
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        peak = _status_bytes("VmHWM") if self.reset_supported else None
+        self.peak_bytes = peak if peak is not None else _lifetime_peak_bytes()
+
+
+def _cpu_model() -> str:
+    """The CPU model name from ``/proc/cpuinfo``, else ``platform.processor()``."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text(errors="replace").splitlines() if cpuinfo.is_file() else []
+    for line in lines:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _total_ram_bytes() -> int | None:
+    """Physical memory in bytes, where the platform reports it."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _package_version(name: str) -> str | None:
+    """Installed version of a distribution, or ``None``."""
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict[str, object]:
+    """Facts about this machine and software stack, for reports.
+
+    Returns:
+        ``cpu``, ``logical_cores``, ``usable_cores``, ``torch_threads``, ``total_ram_bytes``,
+        ``platform``, ``python``, ``torch``, ``transformers``, ``datasets``.
+    """
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu": _cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable,
+        "torch_threads": torch.get_num_threads(),
+        "total_ram_bytes": _total_ram_bytes(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _package_version("transformers"),
+        "datasets": _package_version("datasets"),
+    }

@@ -1,0 +1,13 @@
+"""dsq.quantize: schemes, primitives, quantized modules and the ``quantize_`` verb."""
+from .api import ModuleRecord, QuantizationReport, RTNConfig, quantize_, quantized_modules
+from .modules import QuantExperts, QuantLinear, QuantTensor
+from .primitives import QuantizedWeight, dequantize_weight, pack_int4, quantize_rtn, sqnr_db, unpack_int4
+from .scheme import PerChannel, PerGroup, WeightScheme
+from .targets import TargetSpec
+
+__all__ = [
+    "ModuleRecord", "QuantizationReport", "RTNConfig", "quantize_", "quantized_modules",
+    "QuantExperts", "QuantLinear", "QuantTensor", "QuantizedWeight", "dequantize_weight",
+    "pack_int4", "quantize_rtn", "sqnr_db", "unpack_int4", "PerChannel", "PerGroup",
+    "WeightScheme", "TargetSpec",
+]

@@ -1,0 +1,205 @@
+"""The public verb: ``quantize_(model, config)`` dispatches on the config's type.
+
+A new method is a new config class plus a handler registered in ``_HANDLERS``; there are no
+mode strings. Every handler returns a :class:`QuantizationReport` that accounts for every
+parameter of the model: what was quantized and what was kept, in parameters and bytes.
+
+Example:
+    >>> report = quantize_(model, RTNConfig(WeightScheme(4, PerGroup(128))))
+    >>> report.quantized_params, report.kept_params
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dsq.errors import QuantizationError
+
+from .modules import QuantExperts, QuantLinear, QuantTensor
+from .primitives import QuantizedWeight, quantize_rtn
+from .scheme import WeightScheme
+from .targets import TargetDecision, TargetSpec, select_targets
+
+
+@dataclass(frozen=True)
+class RTNConfig:
+    """Round-to-nearest weight-only quantization with min/max scales."""
+
+    scheme: WeightScheme = WeightScheme()
+    targets: TargetSpec = TargetSpec()
+
+
+@dataclass(frozen=True)
+class ModuleRecord:
+    """One module's outcome in a quantization report."""
+
+    name: str
+    kind: str
+    quantized: bool
+    reason: str
+    params: int
+    bytes_before: int
+    bytes_after: int
+    scheme: str | None = None
+
+
+@dataclass
+class QuantizationReport:
+    """What a quantization run did to every parameter of the model."""
+
+    method: str
+    scheme: str
+    modules: list[ModuleRecord] = field(default_factory=list)
+    other_params: int = 0  # embeddings, norms, router, ... never quantizable
+    other_bytes: int = 0
+
+    @property
+    def quantized(self) -> list[ModuleRecord]:
+        return [m for m in self.modules if m.quantized]
+
+    @property
+    def kept(self) -> list[ModuleRecord]:
+        return [m for m in self.modules if not m.quantized]
+
+    @property
+    def quantized_params(self) -> int:
+        return sum(m.params for m in self.quantized)
+
+    @property
+    def kept_params(self) -> int:
+        return sum(m.params for m in self.kept) + self.other_params
+
+    def to_dict(self) -> dict:
+        q_before = sum(m.bytes_before for m in self.quantized)
+        q_after = sum(m.bytes_after for m in self.quantized)
+        return {
+            "method": self.method,
+            "scheme": self.scheme,
+            "quantized_modules": len(self.quantized),
+            "kept_modules": len(self.kept),
+            "quantized_params": self.quantized_params,
+            "kept_params": self.kept_params,
+            "quantized_bytes_before": q_before,
+            "quantized_bytes_after": q_after,
+            "quantized_fp16_bytes": 2 * self.quantized_params,
+            "quantized_bytes_ratio_vs_fp16": q_after / max(1, 2 * self.quantized_params),
+            "kept_bytes": sum(m.bytes_after for m in self.kept) + self.other_bytes,
+            "kept": [
+                {"name": m.name, "kind": m.kind, "params": m.params, "reason": m.reason} for m in self.kept
+            ],
+            "modules": [m.__dict__ for m in self.modules],
+        }
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of a module's own parameters and buffers (recursively)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def check_finite(name: str, qw: QuantizedWeight) -> None:
+    """Fail naming the tensor if a scale is NaN, inf or not positive."""
+    bad = ~torch.isfinite(qw.scale) | (qw.scale <= 0)
+    if bad.any():
+        raise QuantizationError(f"{name}: {int(bad.sum())} scale(s) are NaN, inf or <= 0; refusing to save")
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+WeightQuantizer = Callable[[str, torch.Tensor], QuantizedWeight]
+
+
+def swap_linear(model: nn.Module, d: TargetDecision, quantizer: WeightQuantizer) -> nn.Module:
+    linear: nn.Linear = d.module
+    qw = quantizer(f"{d.name}.weight", linear.weight.detach())
+    new = QuantLinear.from_linear(linear, qw)
+    _set_module(model, d.name, new)
+    return new
+
+
+def swap_experts(model: nn.Module, d: TargetDecision, quantizer: WeightQuantizer) -> nn.Module:
+    experts = d.module
+    gate_up = quantizer(f"{d.name}.gate_up_proj", experts.gate_up_proj.detach())  # (E, 2I, H)
+    down = quantizer(f"{d.name}.down_proj", experts.down_proj.detach())  # (E, H, I)
+    new = QuantExperts(gate_up, down, experts.act_fn, scale_dtype=experts.gate_up_proj.dtype)
+    _set_module(model, d.name, new)
+    return new
+
+
+def apply_weight_quantizer(
+    model: nn.Module, targets: TargetSpec, quantizer: WeightQuantizer, *, method: str, scheme: WeightScheme, progress: bool = True
+) -> QuantizationReport:
+    """Swap every selected module for its quantized version using ``quantizer`` for the math."""
+    decisions = select_targets(model, targets)
+    covered = sum(tensor_bytes(d.module) for d in decisions)
+    report = QuantizationReport(method=method, scheme=scheme.describe())
+    all_params = sum(p.numel() for p in model.parameters())
+    all_bytes = tensor_bytes(model)
+    covered_params = sum(sum(p.numel() for p in d.module.parameters()) for d in decisions)
+    for d in tqdm(decisions, desc=f"quantize ({method})", disable=not progress, unit="module"):
+        params = sum(p.numel() for p in d.module.parameters())
+        before = tensor_bytes(d.module)
+        if not d.quantize:
+            report.modules.append(ModuleRecord(d.name, d.kind, False, d.reason, params, before, before))
+            continue
+        swap = swap_linear if d.kind == "linear" else swap_experts
+        new = swap(model, d, quantizer)
+        report.modules.append(
+            ModuleRecord(d.name, d.kind, True, d.reason, params, before, tensor_bytes(new), scheme.describe())
+        )
+    report.other_params = all_params - covered_params
+    report.other_bytes = all_bytes - covered
+    return report
+
+
+def _rtn(model: nn.Module, config: RTNConfig, progress: bool) -> QuantizationReport:
+    def quantizer(name: str, weight: torch.Tensor) -> QuantizedWeight:
+        qw = quantize_rtn(weight, config.scheme)
+        check_finite(name, qw)
+        return qw
+
+    return apply_weight_quantizer(model, config.targets, quantizer, method="rtn", scheme=config.scheme, progress=progress)
+
+
+_HANDLERS: dict[type, Callable[[nn.Module, object, bool], QuantizationReport]] = {RTNConfig: _rtn}
+
+
+def quantize_(model: nn.Module, config: RTNConfig, *, progress: bool = True) -> QuantizationReport:
+    """Quantize ``model`` in place according to ``config``.
+
+    Args:
+        model: a transformers causal LM (or any module with Linears / fused experts).
+        config: a method config, e.g. :class:`RTNConfig`.
+        progress: show a progress bar.
+
+    Returns:
+        A :class:`QuantizationReport` listing every quantizable module and what happened to it.
+    """
+    handler = _HANDLERS.get(type(config))
+    if handler is None:
+        known = ", ".join(t.__name__ for t in _HANDLERS)
+        raise TypeError(f"no quantization handler for {type(config).__name__}; known configs: {known}")
+    return handler(model, config, progress)
+
+
+def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Name -> QuantLinear / QuantExperts of a quantized model."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantExperts))}
+
+
+__all__ = [
+    "RTNConfig",
+    "QuantizationReport",
+    "ModuleRecord",
+    "quantize_",
+    "quantized_modules",
+    "QuantTensor",
+]

@@ -1,0 +1,239 @@
+"""Serialize dsq-quantized models in the compressed-tensors checkpoint format.
+
+The format (``quantization_config.quant_method = "compressed-tensors"``) is what
+transformers, vLLM and llm-compressor read. Per quantized Linear ``X``:
+
+* ``pack-quantized`` (4-bit): ``X.weight_packed`` int32 ``[out, ceil(in/8)]`` (eight values
+  per word, offset by 8, low nibble first), ``X.weight_scale`` ``[out, groups]``,
+  ``X.weight_shape`` int64 ``[2]``, and for asymmetric schemes ``X.weight_zero_point`` packed
+  the same way along the output dimension: int32 ``[ceil(out/8), groups]``.
+* ``int-quantized`` (8-bit): ``X.weight`` int8 ``[out, in]``, ``X.weight_scale``, and
+  ``X.weight_zero_point`` int8 for asymmetric schemes.
+
+Fused MoE experts are written one tensor set per expert, as in the original DeepSeek
+checkpoints: ``...mlp.experts.{e}.{gate_proj,up_proj,down_proj}.*``.
+
+A group size that does not divide a layer's input width (a ragged last group) is written as
+compressed-tensors' ``block`` strategy with block ``[1, group]``, which pads the last block
+on load; a group at least as wide as the row is written as ``channel``. Both are exact.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .modules import QuantExperts, QuantLinear, QuantTensor
+from .primitives import pack_int4
+from .scheme import PerChannel, PerGroup, WeightScheme
+
+FORMAT_4BIT = "pack-quantized"
+FORMAT_8BIT = "int-quantized"
+
+
+def _bytes_to_int32(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[rows, n]`` -> int32 ``[rows, ceil(n/4)]`` (little-endian words, zero padded)."""
+    pad = (-packed.shape[-1]) % 4
+    if pad:
+        packed = torch.nn.functional.pad(packed, (0, pad), value=0x88)
+    rows = packed.shape[:-1]
+    return packed.contiguous().reshape(-1).view(torch.int32).reshape(*rows, -1)
+
+
+def _pack_zero_point(zero: torch.Tensor) -> torch.Tensor:
+    """int8 zero points ``[out, groups]`` -> int32 ``[ceil(out/8), groups]`` packed along out."""
+    words = _bytes_to_int32(pack_int4(zero.t().contiguous()))  # (groups, ceil(out/8))
+    return words.t().contiguous()
+
+
+def _strategy(scheme: WeightScheme, in_features: int) -> dict:
+    """compressed-tensors weight args for ``scheme`` on a row of ``in_features``."""
+    g = scheme.granularity
+    if isinstance(g, PerChannel) or (isinstance(g, PerGroup) and g.size >= in_features):
+        return {"strategy": "channel", "group_size": None, "block_structure": None}
+    if in_features % g.size == 0:
+        return {"strategy": "group", "group_size": g.size, "block_structure": None}
+    return {"strategy": "block", "group_size": None, "block_structure": [1, g.size]}
+
+
+def weight_args(scheme: WeightScheme, in_features: int) -> dict:
+    return {
+        "num_bits": scheme.bits,
+        "type": "int",
+        "symmetric": scheme.symmetric,
+        "dynamic": False,
+        "observer": "minmax",
+        "actorder": None,
+        **_strategy(scheme, in_features),
+    }
+
+
+def _pack_int8(q: torch.Tensor) -> torch.Tensor:
+    """int8 ``[rows, n]`` -> int32 ``[rows, ceil(n/4)]``: four values per word, offset by 128."""
+    return _bytes_to_int32((q.to(torch.int16) + 128).to(torch.uint8))
+
+
+def compress_tensor(
+    prefix: str, qt: QuantTensor, index: int | None = None, *, packed_format: bool | None = None
+) -> dict[str, torch.Tensor]:
+    """compressed-tensors tensors for one quantized weight (of expert ``index``).
+
+    ``packed_format`` forces pack-quantized layout for 8-bit weights (transformers reads
+    quantized MoE experts back only in packed form); by default 4-bit is packed and
+    8-bit is int-quantized.
+    """
+    packed = qt.packed if index is None else qt.packed[index]
+    scale = qt.scale if index is None else qt.scale[index]
+    zero = qt.zero_point
+    if zero is not None and index is not None:
+        zero = zero[index]
+    out, in_features = packed.shape[0], qt.in_features
+    tensors = {f"{prefix}.weight_scale": scale.contiguous()}
+    if packed_format is None:
+        packed_format = qt.scheme.bits == 4
+    if packed_format:
+        words = _bytes_to_int32(packed) if qt.scheme.bits == 4 else _pack_int8(packed)
+        tensors[f"{prefix}.weight_packed"] = words
+        tensors[f"{prefix}.weight_shape"] = torch.tensor([out, in_features], dtype=torch.int64)
+        if zero is not None:
+            tensors[f"{prefix}.weight_zero_point"] = _pack_zero_point(zero) if qt.scheme.bits == 4 else _pack_int8(zero.t()).t().contiguous()
+    else:
+        tensors[f"{prefix}.weight"] = packed.contiguous()
+        if zero is not None:
+            tensors[f"{prefix}.weight_zero_point"] = zero.contiguous()
+    return tensors
+
+
+# Fused expert tensor -> per-expert projections: gate_up_proj [E, 2I, H] holds gate rows
+# then up rows (transformers chunks the output in two); down_proj [E, H, I].
+def _expert_slices(qt_gate_up: QuantTensor, e: int) -> list[tuple[str, slice]]:
+    inter = qt_gate_up.shape[1] // 2
+    return [("gate_proj", slice(0, inter)), ("up_proj", slice(inter, 2 * inter))]
+
+
+def _slice_rows(qt: QuantTensor, e: int, rows: slice) -> QuantTensor:
+    view = QuantTensor.__new__(QuantTensor)
+    nn.Module.__init__(view)
+    view.scheme = qt.scheme
+    view.shape = (rows.stop - rows.start, qt.shape[-1])
+    view.register_buffer("packed", qt.packed[e, rows])
+    view.register_buffer("scale", qt.scale[e, rows])
+    if qt.zero_point is not None:
+        view.register_buffer("zero_point", qt.zero_point[e, rows])
+    else:
+        view.zero_point = None
+    return view
+
+
+def compress_experts(prefix: str, experts: QuantExperts) -> dict[str, torch.Tensor]:
+    """Per-expert compressed tensors for a :class:`QuantExperts` module at ``prefix``."""
+    tensors: dict[str, torch.Tensor] = {}
+    for e in range(experts.num_experts):
+        for proj, rows in _expert_slices(experts.gate_up_proj, e):
+            tensors |= compress_tensor(
+                f"{prefix}.{e}.{proj}", _slice_rows(experts.gate_up_proj, e, rows), packed_format=True
+            )
+        tensors |= compress_tensor(f"{prefix}.{e}.down_proj", experts.down_proj, index=e, packed_format=True)
+    return tensors
+
+
+def split_fused_experts(prefix: str, gate_up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Unquantized fused experts -> per-expert ``.weight`` tensors, as in DeepSeek checkpoints."""
+    inter = gate_up.shape[1] // 2
+    tensors = {}
+    for e in range(gate_up.shape[0]):
+        tensors[f"{prefix}.{e}.gate_proj.weight"] = gate_up[e, :inter].contiguous()
+        tensors[f"{prefix}.{e}.up_proj.weight"] = gate_up[e, inter:].contiguous()
+        tensors[f"{prefix}.{e}.down_proj.weight"] = down[e].contiguous()
+    return tensors
+
+
+@dataclass
+class CompressedCheckpoint:
+    tensors: dict[str, torch.Tensor]
+    quantization_config: dict
+
+
+def _group_key(args: dict) -> tuple:
+    return tuple(sorted((k, str(v)) for k, v in args.items()))
+
+
+def compress_model(model: nn.Module, version: str) -> CompressedCheckpoint:
+    """Every tensor of a dsq-quantized transformers model in compressed-tensors layout.
+
+    Args:
+        model: a model whose quantized modules are :class:`QuantLinear` / :class:`QuantExperts`.
+        version: dsq version written into the config.
+
+    Returns:
+        The tensors to save and the ``quantization_config`` for ``config.json``.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    groups: dict[tuple, dict] = {}
+    handled: set[str] = set()
+    ignore: list[str] = []
+
+    # transformers (5.x) reads quantized fused experts only in pack-quantized form, and only
+    # when every 8-bit group of the model uses that form; dense models keep int-quantized.
+    has_experts = any(isinstance(m, QuantExperts) for m in model.modules())
+    fmt8 = FORMAT_4BIT if has_experts else FORMAT_8BIT
+
+    def add_target(args: dict, target: str, fmt: str) -> None:
+        group = groups.setdefault(_group_key(args) + (fmt,), {"targets": [], "weights": args, "format": fmt})
+        group["targets"].append(target)
+
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            tensors |= compress_tensor(name, module.weight_q, packed_format=has_experts or module.scheme.bits == 4)
+            if module.bias is not None:
+                tensors[f"{name}.bias"] = module.bias.detach()
+            fmt = FORMAT_4BIT if module.scheme.bits == 4 else fmt8
+            add_target(weight_args(module.scheme, module.in_features), f"re:^{re.escape(name)}$", fmt)
+            handled.add(name)
+        elif isinstance(module, QuantExperts):
+            tensors |= compress_experts(name, module)
+            for qt, projs in ((module.gate_up_proj, "gate_proj|up_proj"), (module.down_proj, "down_proj")):
+                add_target(
+                    weight_args(qt.scheme, qt.in_features), f"re:^{re.escape(name)}\\.\\d+\\.({projs})$", FORMAT_4BIT
+                )
+            handled.add(name)
+        elif isinstance(module, nn.Linear):
+            ignore.append(name)
+
+    for key, value in model.state_dict().items():
+        owner = key.rpartition(".")[0]
+        if any(owner == h or owner.startswith(h + ".") for h in handled):
+            continue
+        if key.endswith("experts.gate_up_proj"):
+            prefix = key[: -len(".gate_up_proj")]
+            tensors |= split_fused_experts(prefix, value, model.state_dict()[f"{prefix}.down_proj"])
+            ignore.append(f"re:^{re.escape(prefix)}\\.\\d+\\.(gate_proj|up_proj|down_proj)$")
+        elif key.endswith("experts.down_proj"):
+            continue
+        else:
+            tensors[key] = value
+    formats = {g["format"] for g in groups.values()}
+    fmt = formats.pop() if len(formats) == 1 else "mixed-precision"
+    config_groups = {}
+    for i, group in enumerate(groups.values()):
+        group_fmt = group["format"]
+        config_groups[f"group_{i}"] = {
+            "targets": group["targets"],
+            "weights": group["weights"],
+            "input_activations": None,
+            "output_activations": None,
+            "format": group_fmt,
+        }
+    qconfig = {
+        "quant_method": "compressed-tensors",
+        "format": fmt,
+        "quantization_status": "compressed",
+        "config_groups": config_groups,
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "producer": {"name": "dsq", "version": version},
+    }
+    return CompressedCheckpoint(tensors={k: v.detach().contiguous() for k, v in tensors.items()}, quantization_config=qconfig)

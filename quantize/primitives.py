@@ -1,0 +1,151 @@
+"""Pure tensor math for integer weight quantization: no modules, no I/O.
+
+Conventions (shared with the compressed-tensors format so artifacts need no conversion):
+integers are signed, ``q in [qmin, qmax]`` (int4: [-8, 7]; int8: [-128, 127]);
+``w ~= (q - zero) * scale``; the zero point is a signed integer in the same range and is
+absent for symmetric schemes. Weights are ``[..., out, in]``; scales and zero points are
+``[..., out, groups]``. Leading dimensions (e.g. MoE experts) are carried through.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .scheme import PerGroup, WeightScheme
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """Integer weight with its quantization parameters.
+
+    Attributes:
+        qweight: int8 tensor ``[..., out, in]`` holding values in ``[qmin, qmax]``.
+        scale: float tensor ``[..., out, groups]``.
+        zero: int8 tensor ``[..., out, groups]`` or ``None`` (symmetric).
+        scheme: the scheme that produced it.
+    """
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    scheme: WeightScheme
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[-1]
+
+
+def _pad_to_groups(weight: torch.Tensor, scheme: WeightScheme) -> tuple[torch.Tensor, int]:
+    """Reshape ``[..., out, in]`` into ``[..., out, groups, width]``, padding a ragged last group.
+
+    Padding uses the row's first value of the last group so that min/max are unaffected.
+    """
+    in_features = weight.shape[-1]
+    groups = scheme.granularity.num_groups(in_features)
+    width = scheme.granularity.group_width(in_features)
+    pad = groups * width - in_features
+    if pad:
+        last = weight[..., (groups - 1) * width : (groups - 1) * width + 1]
+        weight = torch.cat([weight, last.expand(*weight.shape[:-1], pad)], dim=-1)
+    return weight.reshape(*weight.shape[:-1], groups, width), pad
+
+
+def expand_groups(t: torch.Tensor, scheme: WeightScheme, in_features: int) -> torch.Tensor:
+    """Broadcast per-group values ``[..., out, groups]`` to ``[..., out, in]``."""
+    width = scheme.granularity.group_width(in_features)
+    return t.repeat_interleave(width, dim=-1)[..., :in_features]
+
+
+def compute_qparams(
+    weight: torch.Tensor, scheme: WeightScheme
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Min/max quantization parameters for ``weight`` ``[..., out, in]``.
+
+    Returns:
+        ``(scale, zero)``: scale fp32 ``[..., out, groups]``; zero int8 of the same shape,
+        or ``None`` for symmetric schemes.
+    """
+    grouped, _ = _pad_to_groups(weight.float(), scheme)  # (..., out, groups, width)
+    eps = torch.finfo(torch.float32).tiny
+    if scheme.symmetric:
+        amax = grouped.abs().amax(dim=-1)
+        scale = (amax / scheme.qmax).clamp_min(eps)
+        return scale, None
+    wmin = grouped.amin(dim=-1).clamp(max=0.0)
+    wmax = grouped.amax(dim=-1).clamp(min=0.0)
+    scale = ((wmax - wmin) / (scheme.qmax - scheme.qmin)).clamp_min(eps)
+    zero = (scheme.qmin - torch.round(wmin / scale)).clamp(scheme.qmin, scheme.qmax)
+    return scale, zero.to(torch.int8)
+
+
+def quantize_with_qparams(
+    weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: WeightScheme
+) -> QuantizedWeight:
+    """Round ``weight`` to integers with given parameters (``q = clamp(round(w/s) + z)``)."""
+    in_features = weight.shape[-1]
+    s = expand_groups(scale, scheme, in_features)
+    q = torch.round(weight.float() / s)
+    if zero is not None:
+        q = q + expand_groups(zero, scheme, in_features).float()
+    q = q.clamp(scheme.qmin, scheme.qmax).to(torch.int8)
+    return QuantizedWeight(qweight=q, scale=scale, zero=zero, scheme=scheme)
+
+
+def quantize_rtn(weight: torch.Tensor, scheme: WeightScheme) -> QuantizedWeight:
+    """Round-to-nearest quantization of ``weight`` ``[..., out, in]`` with min/max parameters."""
+    scale, zero = compute_qparams(weight, scheme)
+    return quantize_with_qparams(weight, scale, zero, scheme)
+
+
+def dequantize(
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    scheme: WeightScheme,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``(q - zero) * scale`` broadcast over groups; returns ``[..., out, in]`` in ``dtype``."""
+    in_features = qweight.shape[-1]
+    w = qweight.to(scale.dtype)
+    if zero is not None:
+        w = w - expand_groups(zero, scheme, in_features).to(scale.dtype)
+    return (w * expand_groups(scale, scheme, in_features)).to(dtype)
+
+
+def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dequantize a :class:`QuantizedWeight`."""
+    return dequantize(qw.qweight, qw.scale, qw.zero, qw.scheme, dtype)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack signed int4 values ``[..., n]`` into bytes ``[..., ceil(n/2)]``.
+
+    Each value is stored offset by 8 (unsigned 0..15); element ``2j`` goes to the low nibble
+    of byte ``j`` and element ``2j+1`` to the high nibble (the layout of compressed-tensors'
+    int32 words on little-endian hosts and of ONNX Runtime's MatMulNBits).
+    """
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    if u.shape[-1] % 2:
+        u = torch.nn.functional.pad(u, (0, 1), value=8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: bytes ``[..., ceil(n/2)]`` to int8 ``[..., n]``."""
+    low = (packed & 0x0F).to(torch.int8) - 8
+    high = (packed >> 4).to(torch.int8) - 8
+    return torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], -1)[..., :n]
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: ``10 log10(|x|^2 / |x - x_hat|^2)``."""
+    noise = (reference.float() - approx.float()).pow(2).sum()
+    signal = reference.float().pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(signal / noise))
+
+
+def is_grouped(scheme: WeightScheme) -> bool:
+    return isinstance(scheme.granularity, PerGroup)

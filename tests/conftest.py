@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny checkpoints of every supported architecture."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from dsq.testing import make_tiny_checkpoint
+
+TinyCheckpoint = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoint:
+    """Return ``get(model_type, shards=1) -> Path``, a tiny checkpoint made once per session.
+
+    The directories are shared by all tests: copy one before modifying it.
+    """
+    made: dict[tuple[str, int], Path] = {}
+
+    def get(model_type: str, shards: int = 1) -> Path:
+        key = (model_type, shards)
+        if key not in made:
+            root = tmp_path_factory.mktemp(f"tiny_{model_type}_{shards}")
+            made[key] = make_tiny_checkpoint(model_type, root, shards=shards)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_deepseek_v3(tiny_checkpoint: TinyCheckpoint) -> Path:
+    """A shared tiny DeepSeek-V3 checkpoint (read-only; copy it before modifying)."""
+    return tiny_checkpoint("deepseek_v3")

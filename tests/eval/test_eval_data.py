@@ -1,0 +1,115 @@
+"""Benchmark data loading: text, multiple-choice items, tokenization, error messages."""
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from dsq.errors import DataError
+from dsq.eval.data import MCItem, load_multiple_choice, load_text, tokenize_text
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog. " * 20], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_load_text_txt_keeps_the_whole_document(tmp_path: Path) -> None:
+    path = tmp_path / "held_out.txt"
+    path.write_text("first line\nsecond line\n\nthird paragraph\n")
+    assert load_text(path) == "first line\nsecond line\n\nthird paragraph\n"
+
+
+def test_load_text_jsonl_and_parquet_join_records(tmp_path: Path) -> None:
+    jsonl = _write_jsonl(tmp_path / "held_out.jsonl", [{"text": "alpha"}, {"text": "beta"}])
+    assert load_text(jsonl) == "alpha\n\nbeta"
+    parquet = tmp_path / "held_out.parquet"
+    datasets.Dataset.from_dict({"text": ["one", "two"]}).to_parquet(str(parquet))
+    assert load_text(parquet) == "one\n\ntwo"
+
+
+@pytest.mark.parametrize("content", [None, ""])
+def test_load_text_missing_or_empty_file_names_the_file(tmp_path: Path, content: str | None) -> None:
+    path = tmp_path / "absent.txt"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(DataError, match="absent.txt"):
+        load_text(path)
+
+
+def test_load_text_jsonl_without_text_field(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "bad.jsonl", [{"body": "x"}])
+    with pytest.raises(DataError, match=r"bad\.jsonl.*'text'"):
+        load_text(path)
+
+
+def test_loading_does_not_touch_the_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    path = _write_jsonl(tmp_path / "mc.jsonl", [{"context": "c", "choices": [" a", " b"], "gold": 0}])
+    assert load_multiple_choice(path) == [MCItem(context="c", choices=(" a", " b"), gold=0)]
+
+
+def test_load_multiple_choice_reads_items_and_limit(tmp_path: Path) -> None:
+    rows = [{"context": f"q{i}", "choices": [" a", " b", " c"], "gold": i % 3} for i in range(5)]
+    path = _write_jsonl(tmp_path / "mc.jsonl", rows)
+    items = load_multiple_choice(path)
+    assert len(items) == 5 and items[4] == MCItem(context="q4", choices=(" a", " b", " c"), gold=1)
+    assert [item.context for item in load_multiple_choice(path, limit=2)] == ["q0", "q1"]
+
+
+@pytest.mark.parametrize(
+    ("bad_row", "field", "fragment"),
+    [
+        ({"context": "c", "choices": [" a", " b"], "gold": 2}, "gold", "out of range"),
+        ({"context": "c", "choices": [" a"], "gold": 0}, "choices", "at least 2"),
+        ({"choices": [" a", " b"], "gold": 0}, "context", "missing"),
+    ],
+)
+def test_multiple_choice_errors_name_file_row_and_field(
+    tmp_path: Path, bad_row: dict, field: str, fragment: str
+) -> None:
+    good = {"context": "c", "choices": [" a", " b"], "gold": 0}
+    path = _write_jsonl(tmp_path / "items.jsonl", [good, good, bad_row])
+    with pytest.raises(DataError) as info:
+        load_multiple_choice(path)
+    message = str(info.value)
+    assert "items.jsonl" in message and "row 2" in message and f"'{field}'" in message and fragment in message
+
+
+def test_multiple_choice_unparsable_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"context": "c", "choices": [" a", " b"], "gold": 0}\n{not json\n')
+    with pytest.raises(DataError, match="broken.jsonl"):
+        load_multiple_choice(path)
+
+
+def test_tokenize_text_adds_only_an_optional_bos() -> None:
+    tokenizer = _tokenizer()
+    plain = tokenizer("the lazy dog", add_special_tokens=False)["input_ids"]
+    with_bos = tokenize_text(tokenizer, "the lazy dog")
+    assert with_bos.dtype == torch.long and with_bos.dim() == 1
+    assert with_bos.tolist() == [tokenizer.bos_token_id, *plain]
+    assert tokenize_text(tokenizer, "the lazy dog", add_bos=False).tolist() == plain
+    assert tokenize_text(tokenizer, "the lazy dog", max_tokens=2).tolist() == [tokenizer.bos_token_id, plain[0]]

@@ -1,0 +1,217 @@
+"""Gates, reports and the end-to-end evaluator."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from dsq.errors import RecipeError
+from dsq.eval import (
+    BenchmarkSuite,
+    Evaluator,
+    FidelityResult,
+    Gates,
+    MCResult,
+    ModelMetrics,
+    PerplexityConfig,
+    PerplexityResult,
+    Report,
+    check_gates,
+    format_terminal_table,
+    report_to_dict,
+    write_report,
+)
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> object:
+    """Tiny models run fastest, and unaffected by a busy machine, on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _metrics(
+    name: str,
+    *,
+    ppl: float | None = 10.0,
+    acc: float | None = 0.5,
+    top1: float | None = None,
+    kl: float | None = None,
+    disk: int | None = 100 * MIB,
+) -> ModelMetrics:
+    return ModelMetrics(
+        name=name,
+        ppl=PerplexityResult(ppl=ppl, nll=math.log(ppl), tokens=1000, context=256, stride=128) if ppl else None,
+        mc=MCResult(acc=acc, acc_norm=acc, n=100) if acc is not None else None,
+        fidelity=FidelityResult(top1_agreement=top1, mean_kl=kl, max_kl=kl, tokens=512) if top1 is not None else None,
+        weight_bytes_memory=200 * MIB,
+        weight_bytes_disk=disk,
+        artifact_bytes_disk=disk + 1000 if disk is not None else None,
+        peak_rss_bytes=500 * MIB,
+        eval_seconds=1.5,
+        extra={"bits": 4} if name != "original" else {},
+    )
+
+
+ORIGINAL = _metrics("original")
+GOOD = _metrics("int8", ppl=10.2, acc=0.49, top1=0.97, kl=0.01, disk=50 * MIB)
+BAD = _metrics("int2", ppl=14.0, acc=0.30, top1=0.60, kl=0.8, disk=20 * MIB)
+GATES = Gates(
+    max_ppl_increase_pct=5.0,
+    max_ppl=12.0,
+    min_mc_acc=0.4,
+    max_mc_acc_drop_pts=2.0,
+    min_top1_agreement=0.9,
+    max_mean_kl=0.05,
+    max_size_ratio=0.6,
+)
+
+
+def test_gates_pass_and_fail() -> None:
+    results = check_gates(GATES, ORIGINAL, [GOOD, BAD])
+    assert len(results) == 14
+    assert all(r.passed for r in results if r.candidate == "int8")
+    bad = {r.gate: r for r in results if r.candidate == "int2"}
+    assert not any(r.passed for gate, r in bad.items() if gate != "max_size_ratio")
+    assert bad["max_size_ratio"].passed
+    assert bad["max_ppl_increase_pct"].value == pytest.approx(40.0)
+    assert bad["max_mc_acc_drop_pts"].value == pytest.approx(20.0)
+
+
+def test_gate_with_unmeasured_metric_fails_and_says_so() -> None:
+    candidate = _metrics("int4", acc=None, top1=None, disk=None)
+    results = {r.gate: r for r in check_gates(GATES, ORIGINAL, [candidate])}
+    for gate in ("min_mc_acc", "max_mc_acc_drop_pts", "min_top1_agreement", "max_mean_kl", "max_size_ratio"):
+        assert not results[gate].passed
+        assert math.isnan(results[gate].value)
+        assert "not measured" in results[gate].message
+    assert results["max_ppl"].passed
+
+
+def test_nan_metric_fails() -> None:
+    broken = _metrics("nan", ppl=float("nan"))
+    (result,) = check_gates(Gates(max_ppl=100.0), ORIGINAL, [broken])
+    assert not result.passed
+
+
+def test_unset_gates_are_skipped_and_bad_thresholds_rejected() -> None:
+    assert check_gates(Gates(), ORIGINAL, [GOOD]) == []
+    with pytest.raises(RecipeError, match="min_mc_acc"):
+        Gates(min_mc_acc=55.0)
+
+
+def test_report_has_deltas_settings_and_gates(tmp_path: Path) -> None:
+    report = Report(
+        original=ORIGINAL,
+        candidates=[GOOD, BAD],
+        gates=check_gates(GATES, ORIGINAL, [GOOD, BAD]),
+        meta={"model": "tiny", "recipe": Path("recipes/int8.yaml")},
+    )
+    data = report_to_dict(report)
+    deltas = data["candidates"][0]["deltas"]
+    assert deltas["ppl_increase_pct"] == pytest.approx(2.0)
+    assert deltas["mc_acc_delta_pts"] == pytest.approx(-1.0)
+    assert deltas["disk_size_ratio"] == pytest.approx(0.5)
+    assert data["perplexity_settings"] == {"context": 256, "stride": 128, "tokens": 1000}
+    assert data["original"]["ppl"]["ppl"] == 10.0 and data["original"]["fidelity"] is None
+    assert data["candidates"][1]["fidelity"]["mean_kl"] == 0.8
+    assert data["passed"] is False and "torch" in data["machine"]
+
+    json_path, md_path = write_report(report, tmp_path / "out")
+    loaded = json.loads(json_path.read_text())
+    assert loaded["candidates"][0]["deltas"]["ppl_increase_pct"] == pytest.approx(2.0)
+    markdown = md_path.read_text()
+    assert "| int2 |" in markdown and "FAIL" in markdown and "How each metric is measured" in markdown
+
+    table = format_terminal_table(report)
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["model", "ppl", "Δppl%"]
+    assert "+2.00" in lines[3] and "+40.00" in lines[4]
+    assert any(line.startswith("FAIL  int2: max_ppl ") for line in lines)
+    assert lines[-1] == "gates: FAIL"
+
+
+def test_report_json_is_strict_with_unmeasured_gates(tmp_path: Path) -> None:
+    candidate = _metrics("int4", acc=None)
+    report = Report(ORIGINAL, [candidate], check_gates(Gates(min_mc_acc=0.3), ORIGINAL, [candidate]), {})
+    json_path, _ = write_report(report, tmp_path)
+    assert json.loads(json_path.read_text())["gates"][0]["value"] is None
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(["the cat sat on the mat. the dog ate the bone. " * 20], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def test_evaluator_end_to_end(tmp_path: Path) -> None:
+    tokenizer = _tokenizer()
+    text = tmp_path / "held_out.txt"
+    text.write_text("the cat sat on the mat while the dog ate the bone. " * 6)
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(
+        "".join(
+            json.dumps({"context": "the cat sat on the", "choices": [" mat", " bone", " dog"], "gold": 0}) + "\n"
+            for _ in range(3)
+        )
+    )
+    suite = BenchmarkSuite(
+        text_path=text,
+        mc_path=mc,
+        perplexity=PerplexityConfig(context=32, stride=16),
+        mc_limit=2,
+        fidelity_seq_len=16,
+        fidelity_max_tokens=64,
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+    )
+    original = LlamaForCausalLM(config)
+    candidate = copy.deepcopy(original)
+    with torch.no_grad():
+        for parameter in candidate.model.layers.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    original.save_pretrained(tmp_path / "original")
+    candidate.save_pretrained(tmp_path / "candidate")
+
+    evaluator = Evaluator(suite, tokenizer, progress=False)
+    early = evaluator.evaluate("too-early", candidate)
+    assert early.fidelity is None
+    base = evaluator.evaluate("original", original, reference=True, disk_path=tmp_path / "original")
+    row = evaluator.evaluate("perturbed", candidate, disk_path=tmp_path / "candidate", extra={"bits": 16})
+
+    assert base.fidelity is None and base.mc.n == 2 and base.ppl.context == 32
+    assert row.fidelity is not None and row.fidelity.tokens == 64 and row.fidelity.mean_kl > 0
+    assert row.ppl.tokens == base.ppl.tokens == evaluator.token_ids.numel() - 1
+    assert row.weight_bytes_disk > 0 and row.artifact_bytes_disk > row.weight_bytes_disk
+    assert row.weight_bytes_memory == base.weight_bytes_memory > 0
+    assert row.peak_rss_bytes > 0 and row.extra == {"bits": 16}
+    assert row.to_dict()["fidelity"]["tokens"] == 64
+
+    results = check_gates(Gates(min_top1_agreement=0.0, max_size_ratio=1.01), base, [row])
+    assert all(r.passed for r in results)
+    report = Report(base, [row], results, {"model": "tiny-llama"})
+    assert "perturbed" in format_terminal_table(report)

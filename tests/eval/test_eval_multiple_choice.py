@@ -1,0 +1,113 @@
+"""Multiple-choice scoring: lm-eval tokenization, planted answers, acc vs acc_norm, padding."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from dsq.eval.data import MCItem
+from dsq.eval.multiple_choice import _requests, _score_batch, encode_pair, multiple_choice
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> object:
+    """Tiny models run fastest, and unaffected by a busy machine, on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE; ``vocab_size=259`` learns no merges (one token per byte)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(["the answer is yes. the answer is no. " * 30], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+class FixedDistribution(nn.Module):
+    """A stand-in LM predicting the same next-token logits at every position."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("logits", logits)  # (vocab,)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> SimpleNamespace:
+        batch, seq = input_ids.shape
+        return SimpleNamespace(logits=self.logits.expand(batch, seq, -1))  # (batch, seq, vocab)
+
+
+def _favouring(tokenizer: PreTrainedTokenizerFast, scores: dict[str, float]) -> FixedDistribution:
+    logits = torch.full((len(tokenizer),), -1e4)
+    for text, score in scores.items():
+        (token,) = tokenizer(text, add_special_tokens=False)["input_ids"]
+        logits[token] = score
+    return FixedDistribution(logits)
+
+
+def test_encode_pair_moves_trailing_space_and_keeps_boundary_merges() -> None:
+    tokenizer = _tokenizer(300)
+    whole = tokenizer("the answer is yes", add_special_tokens=False)["input_ids"]
+    context, continuation = encode_pair(tokenizer, "the answer is ", "yes")
+    assert context == tokenizer("the answer is", add_special_tokens=False)["input_ids"]
+    assert context + continuation == whole
+    assert tokenizer.decode(continuation) == " yes"
+
+
+def test_planted_answer_is_chosen() -> None:
+    tokenizer = _tokenizer(259)
+    model = _favouring(tokenizer, {"b": 5.0, "a": 0.0, "c": 0.0})
+    items = [
+        MCItem(context="pick:", choices=("a", "b", "c"), gold=1),
+        MCItem(context="pick:", choices=("b", "c"), gold=0),
+        MCItem(context="pick:", choices=("a", "c", "b"), gold=0),
+    ]
+    result = multiple_choice(model, tokenizer, items, progress=False)
+    assert result.n == 3
+    assert result.acc == pytest.approx(2 / 3)
+
+
+def test_acc_norm_divides_by_choice_bytes() -> None:
+    tokenizer = _tokenizer(259)
+    model = _favouring(tokenizer, {"x": 0.0, "y": 2.0})
+    # log p(x) ~ -2.13, log p(y) ~ -0.13: "x" has the larger sum, "y" * 20 the larger per-byte score.
+    items = [MCItem(context="q", choices=("x", "y" * 20), gold=1)]
+    result = multiple_choice(model, tokenizer, items, progress=False)
+    assert (result.acc, result.acc_norm) == (0.0, 1.0)
+
+
+def test_right_padding_does_not_change_scores() -> None:
+    torch.manual_seed(0)
+    tokenizer = _tokenizer(300)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+    )
+    model = LlamaForCausalLM(config).eval()
+    items = [
+        MCItem(context="the answer is", choices=(" yes", " no", " the answer is no"), gold=0),
+        MCItem(context="is the answer yes? ", choices=("no", "yes, the answer is yes"), gold=1),
+    ]
+    requests = _requests(tokenizer, items, add_bos=True, max_length=None)
+    with torch.inference_mode():
+        batched = _score_batch(model, requests, pad_id=tokenizer.pad_token_id)
+        alone = [_score_batch(model, [request], pad_id=tokenizer.pad_token_id)[0] for request in requests]
+    assert batched == pytest.approx(alone, abs=1e-4)
+    one = multiple_choice(model, tokenizer, items, progress=False, batch_size=1)
+    many = multiple_choice(model, tokenizer, items, progress=False, batch_size=16)
+    assert one == many
