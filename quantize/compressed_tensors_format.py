@@ -237,3 +237,50 @@ def compress_model(model: nn.Module, version: str) -> CompressedCheckpoint:
         "producer": {"name": "dsq", "version": version},
     }
     return CompressedCheckpoint(tensors={k: v.detach().contiguous() for k, v in tensors.items()}, quantization_config=qconfig)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _int32_to_bytes(words: torch.Tensor, n: int) -> torch.Tensor:
+    """int32 ``[rows, w]`` -> uint8 ``[rows, n]`` (inverse of :func:`_bytes_to_int32`)."""
+    rows = words.shape[:-1]
+    return words.contiguous().reshape(-1).view(torch.uint8).reshape(*rows, -1)[..., :n]
+
+
+def scheme_from_args(args: dict) -> WeightScheme:
+    """compressed-tensors weight args -> the equivalent :class:`WeightScheme`."""
+    strategy = args.get("strategy")
+    if args.get("type", "int") != "int" or args.get("num_bits") not in (4, 8):
+        raise ValueError(f"unsupported weight args {args}: dsq reads int4/int8 integer weights")
+    if strategy == "channel":
+        granularity = PerChannel()
+    elif strategy == "group":
+        granularity = PerGroup(int(args["group_size"]))
+    elif strategy == "block" and args.get("block_structure", [None])[0] == 1:
+        granularity = PerGroup(int(args["block_structure"][1]))
+    else:
+        raise ValueError(f"unsupported weight strategy {strategy!r} (dsq reads channel, group and [1, g] block)")
+    return WeightScheme(bits=int(args["num_bits"]), granularity=granularity, symmetric=bool(args.get("symmetric", True)))
+
+
+def decompress_tensor(tensors: dict[str, torch.Tensor], prefix: str, scheme: WeightScheme) -> "QuantizedWeight":
+    """Integer weight and parameters of module ``prefix`` from compressed-tensors tensors."""
+    from .primitives import QuantizedWeight, unpack_int4
+
+    scale = tensors[f"{prefix}.weight_scale"]
+    zero = tensors.get(f"{prefix}.weight_zero_point")
+    if f"{prefix}.weight_packed" in tensors:
+        out, in_features = (int(v) for v in tensors[f"{prefix}.weight_shape"])
+        words = tensors[f"{prefix}.weight_packed"]
+        if scheme.bits == 4:
+            q = unpack_int4(_int32_to_bytes(words, (in_features + 1) // 2), in_features)
+            if zero is not None:
+                zero = unpack_int4(_int32_to_bytes(zero.t(), (out + 1) // 2), out).t().contiguous()
+        else:
+            q = (_int32_to_bytes(words, in_features).to(torch.int16) - 128).to(torch.int8)
+            if zero is not None:
+                zero = (_int32_to_bytes(zero.t(), out).to(torch.int16) - 128).to(torch.int8).t().contiguous()
+    else:
+        q = tensors[f"{prefix}.weight"]
+    return QuantizedWeight(qweight=q, scale=scale, zero=zero, scheme=scheme)

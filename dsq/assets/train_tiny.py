@@ -542,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     probe_steps = 8
     step = tokens_seen = cursor = epochs = 0
     losses: list[float] = []
+    milestones: list[tuple[int, int, float, float, float]] = []  # ~every 10% of the budget
     train_time = 0.0
     probe_t0 = probe_tok0 = None
     tail_reset_done = False
@@ -563,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         tracker.update_bias(BIAS_UPDATE_GAMMA)
-        loss = float(out.loss)
+        loss = float(out.loss.detach())
         assert math.isfinite(loss), f"loss diverged at step {step}"
         losses.append(loss)
         step += 1
@@ -579,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
         if progress >= 0.9 and not tail_reset_done:
             tracker.reset_total()  # report loads over the last 10% of training
             tail_reset_done = True
+        if int(progress * 10) > len(milestones) - 1 or progress >= 1.0:
+            milestones.append((step, tokens_seen, train_time, sum(losses[-20:]) / len(losses[-20:]), lr))
         pbar.set_postfix_str(f"step {step} loss {sum(losses[-20:]) / len(losses[-20:]):.3f} lr {lr:.2e} tok {tokens_seen:,}", refresh=False)
         pbar.update(min(100, int(progress * 100)) - pbar.n)
     pbar.close()
@@ -680,6 +683,12 @@ split by a hash of the relative path.
 - {step} steps, **{tokens_seen:,} tokens seen** ({tokens_seen / train_tokens:.2f} epochs), training loop {train_time / 60:.1f} min,
   total wall time {wall / 60:.1f} min (corpus, tokenizer, training, evaluation, saving)
 - **final train loss {final_loss:.3f}** (mean of the last 20 steps)
+
+Loss curve (mean of the previous 20 steps):
+
+| step | tokens | minutes | train loss | lr |
+|---|---|---|---|---|
+{chr(10).join(f"| {st} | {tk:,} | {tm / 60:.1f} | {ls:.3f} | {lr_:.2e} |" for st, tk, tm, ls, lr_ in milestones)}
 
 ## Evaluation
 

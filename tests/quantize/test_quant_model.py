@@ -17,6 +17,14 @@ def _load(tiny_checkpoint, arch):
     return load_checkpoint(tiny_checkpoint(arch))
 
 
+def _quantized_artifact(tiny_checkpoint, arch, scheme, out):
+    """Load a tiny checkpoint, quantize it with RTN ``scheme`` and save the artifact to ``out``."""
+    loaded = _load(tiny_checkpoint, arch)
+    quantize_(loaded.model, RTNConfig(scheme), progress=False)
+    save_quantized_model(loaded.model, loaded.tokenizer, out)
+    return loaded
+
+
 def test_deepseek_v3_every_linear_and_expert_quantized(tiny_checkpoint):
     loaded = _load(tiny_checkpoint, "deepseek_v3")
     model = loaded.model
@@ -104,9 +112,7 @@ RELOAD_CASES = [
 
 @pytest.mark.parametrize("arch,scheme", RELOAD_CASES, ids=lambda v: getattr(v, "describe", lambda: v)())
 def test_transformers_reload_matches_dsq_forward(tiny_checkpoint, tmp_path, arch, scheme):
-    loaded = _load(tiny_checkpoint, arch)
-    quantize_(loaded.model, RTNConfig(scheme), progress=False)
-    save_quantized_model(loaded.model, loaded.tokenizer, tmp_path)
+    loaded = _quantized_artifact(tiny_checkpoint, arch, scheme, tmp_path)
     check = transformers_reload_check(tmp_path, loaded.model)
     assert check.loaded, check.reason
     assert check.max_abs_diff <= 1e-4, check.max_abs_diff
@@ -150,3 +156,27 @@ def test_compressed_tensors_decompressor_reads_our_tensors(scheme):
     state = {k.removeprefix("x."): v for k, v in tensors.items()}
     out = compressor.decompress(state, ct_scheme)
     torch.testing.assert_close(out["weight"], dequantize_weight(qw), atol=0, rtol=0)
+
+
+LOAD_CASES = [
+    ("deepseek_v3", WeightScheme(4, PerGroup(64), symmetric=False)),
+    ("deepseek_v3", WeightScheme(8, PerChannel(), symmetric=False)),
+    ("deepseek_v3", WeightScheme(4, PerGroup(48))),
+    ("llama", WeightScheme(4, PerGroup(32), symmetric=False)),
+    ("qwen2", WeightScheme(8, PerGroup(64))),
+]
+
+
+@pytest.mark.parametrize("arch,scheme", LOAD_CASES, ids=lambda v: getattr(v, "describe", lambda: v)())
+def test_dsq_load_artifact_is_exact(tiny_checkpoint, tmp_path, arch, scheme):
+    """dsq reads back every scheme it writes, bit for bit (asymmetric int4 included)."""
+    from dsq.load_artifact import load_artifact
+    from dsq.reload import logits_of, probe_ids
+
+    loaded = _quantized_artifact(tiny_checkpoint, arch, scheme, tmp_path)
+    back = load_artifact(tmp_path).model
+    ids = probe_ids(loaded.model.config.vocab_size)
+    assert torch.equal(logits_of(back, ids), logits_of(loaded.model, ids))
+    mods = {n: type(m).__name__ for n, m in back.named_modules() if isinstance(m, (QuantLinear, QuantExperts))}
+    expected = {n: type(m).__name__ for n, m in loaded.model.named_modules() if isinstance(m, (QuantLinear, QuantExperts))}
+    assert mods == expected
