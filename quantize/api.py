@@ -56,6 +56,7 @@ class QuantizationReport:
     modules: list[ModuleRecord] = field(default_factory=list)
     other_params: int = 0  # embeddings, norms, router, ... never quantizable
     other_bytes: int = 0
+    other_breakdown: dict[str, int] = field(default_factory=dict)  # category -> parameters
 
     @property
     def quantized(self) -> list[ModuleRecord]:
@@ -88,6 +89,7 @@ class QuantizationReport:
             "quantized_fp16_bytes": 2 * self.quantized_params,
             "quantized_bytes_ratio_vs_fp16": q_after / max(1, 2 * self.quantized_params),
             "kept_bytes": sum(m.bytes_after for m in self.kept) + self.other_bytes,
+            "never_quantized_params": self.other_breakdown,
             "kept": [
                 {"name": m.name, "kind": m.kind, "params": m.params, "reason": m.reason} for m in self.kept
             ],
@@ -157,7 +159,30 @@ def apply_weight_quantizer(
         )
     report.other_params = all_params - covered_params
     report.other_bytes = all_bytes - covered
+    report.other_breakdown = _other_breakdown(model, {d.name for d in decisions})
     return report
+
+
+def _category(param_name: str) -> str:
+    if "embed" in param_name:
+        return "embeddings"
+    if "norm" in param_name:
+        return "norms"
+    if ".gate." in param_name or param_name.endswith(".gate.weight"):
+        return "router"
+    return "other"
+
+
+def _other_breakdown(model: nn.Module, covered: set[str]) -> dict[str, int]:
+    """Parameters outside quantizable modules, by category (embeddings, norms, router)."""
+    counts: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        owner = name.rpartition(".")[0]
+        if any(owner == c or owner.startswith(c + ".") for c in covered):
+            continue
+        key = _category(name)
+        counts[key] = counts.get(key, 0) + p.numel()
+    return counts
 
 
 def _rtn(model: nn.Module, config: RTNConfig, progress: bool) -> QuantizationReport:
