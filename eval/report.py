@@ -235,6 +235,30 @@ def _detail_rows(original: ModelMetrics, candidates: list[ModelMetrics]) -> list
     return rows
 
 
+def _flat_items(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested dict -> dotted (key, scalar-or-list) pairs."""
+    if not isinstance(value, dict):
+        return [(prefix, value)]
+    items: list[tuple[str, Any]] = []
+    for key, item in value.items():
+        items += _flat_items(item, f"{prefix}.{key}" if prefix else str(key))
+    return items
+
+
+def _extra_sections(candidates: list[ModelMetrics]) -> list[str]:
+    """One section per candidate with the facts its producer attached (``extra``)."""
+    out: list[str] = []
+    for candidate in candidates:
+        if not candidate.extra:
+            continue
+        out += ["", f"## {candidate.name}: how it was made", ""]
+        for key, value in _flat_items(candidate.extra):
+            if isinstance(value, list) and value and isinstance(value[0], dict):
+                value = "; ".join(", ".join(f"{k}={v}" for k, v in entry.items()) for entry in value)
+            out.append(f"- **{key}**: {_md_value(value)}")
+    return out
+
+
 def _markdown(report: Report, data: dict) -> str:
     """Render the Markdown report."""
     out = ["# Evaluation report", ""]
@@ -247,6 +271,7 @@ def _markdown(report: Report, data: dict) -> str:
     out += ["", "## Details", ""]
     detail_header = ["model", "nll", "Δacc pts", "max KL", "artifact MiB", "disk ratio", "memory ratio", "eval s"]
     out += _md_table(detail_header, _detail_rows(report.original, report.candidates))
+    out += _extra_sections(report.candidates)
     out += ["", "## Gates", ""]
     if report.gates:
         gate_rows = [

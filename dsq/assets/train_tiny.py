@@ -31,17 +31,21 @@ import math
 import os
 import platform
 import random
-import shutil
 import sys
 import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-from tqdm import tqdm
+# OpenMP workers that spin while waiting make 2 threads on a 2-core machine several times slower
+# than 1 thread as soon as another process is busy; sleeping workers degrade gracefully.
+# (Only effective when torch is first imported here, as with `python -m dsq.assets.train_tiny`.)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 SEED = 1234
 SEQ_LEN = 256
