@@ -13,7 +13,7 @@ install:
 	@$(PIP) install -q -e ".[dev]"
 
 demo: install
-	dsq run recipes/demo.yaml
+	$(PYTHON) -m dsq run recipes/demo.yaml
 
 test: install
 	$(PYTHON) -m pytest -q
