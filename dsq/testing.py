@@ -103,14 +103,18 @@ def tiny_config(model_type: str, *, vocab_size: int = 512, **overrides: Any) -> 
     return AutoConfig.for_model(model_type, **fields)
 
 
-def make_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Train a deterministic byte-level BPE tokenizer on a fixed small text.
+def byte_bpe_tokenizer(
+    texts: Sequence[str], vocab_size: int, *, prepend_bos: bool = False
+) -> PreTrainedTokenizerFast:
+    """Train a deterministic byte-level BPE tokenizer on ``texts``.
 
-    Ids 0, 1 and 2 are the bos, eos and pad tokens; encoding prepends bos. Any text
-    round-trips through encode and decode (with ``skip_special_tokens=True``).
+    Ids 0, 1 and 2 are the bos, eos and pad tokens. Any text round-trips through encode
+    and decode (with ``skip_special_tokens=True``).
 
     Args:
-        vocab_size: Largest vocabulary size; the fixed text may yield fewer tokens.
+        texts: Training text.
+        vocab_size: Largest vocabulary size (259 learns no merges: one token per byte).
+        prepend_bos: Make encoding prepend bos.
 
     Returns:
         The tokenizer.
@@ -128,18 +132,31 @@ def make_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(_TOKENIZER_TEXT, trainer)
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{BOS_TOKEN} $A",
-        pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
-        special_tokens=[(BOS_TOKEN, backend.token_to_id(BOS_TOKEN))],
-    )
+    backend.train_from_iterator(list(texts), trainer)
+    if prepend_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{BOS_TOKEN} $A",
+            pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
+            special_tokens=[(BOS_TOKEN, backend.token_to_id(BOS_TOKEN))],
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
     )
+
+
+def make_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """The tiny checkpoints' tokenizer: byte-level BPE on a fixed text, encoding prepends bos.
+
+    Args:
+        vocab_size: Largest vocabulary size; the fixed text may yield fewer tokens.
+
+    Returns:
+        The tokenizer.
+    """
+    return byte_bpe_tokenizer(_TOKENIZER_TEXT, vocab_size, prepend_bos=True)
 
 
 def make_tiny_checkpoint(

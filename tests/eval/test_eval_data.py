@@ -11,21 +11,13 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from dsq.testing import byte_bpe_tokenizer
 from dsq.errors import DataError
 from dsq.eval.data import MCItem, load_multiple_choice, load_text, tokenize_text
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog. " * 20], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return byte_bpe_tokenizer(["the quick brown fox jumps over the lazy dog. " * 20], 300)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:

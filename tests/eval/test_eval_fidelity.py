@@ -12,29 +12,6 @@ from dsq.eval.fidelity import compare_to_reference, fidelity_windows, reference_
 VOCAB = 300
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> object:
-    """Tiny models run fastest, and unaffected by a busy machine, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 @pytest.fixture(scope="module")
 def token_ids() -> torch.Tensor:
     return torch.randint(0, VOCAB, (150,), generator=torch.Generator().manual_seed(4))

@@ -11,6 +11,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from dsq.testing import byte_bpe_tokenizer
 from dsq.errors import RecipeError
 from dsq.eval import (
     BenchmarkSuite,
@@ -29,15 +30,6 @@ from dsq.eval import (
 )
 
 MIB = 1024 * 1024
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> object:
-    """Tiny models run fastest, and unaffected by a busy machine, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _metrics(
@@ -149,16 +141,7 @@ def test_report_json_is_strict_with_unmeasured_gates(tmp_path: Path) -> None:
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(["the cat sat on the mat. the dog ate the bone. " * 20], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return byte_bpe_tokenizer(["the cat sat on the mat. the dog ate the bone. " * 20], 300)
 
 
 def test_evaluator_end_to_end(tmp_path: Path) -> None:

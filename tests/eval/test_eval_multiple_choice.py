@@ -9,31 +9,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from dsq.testing import byte_bpe_tokenizer
 from dsq.eval.data import MCItem
 from dsq.eval.multiple_choice import _requests, _score_batch, encode_pair, multiple_choice
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> object:
-    """Tiny models run fastest, and unaffected by a busy machine, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     """Byte-level BPE; ``vocab_size=259`` learns no merges (one token per byte)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(["the answer is yes. the answer is no. " * 30], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return byte_bpe_tokenizer(["the answer is yes. the answer is no. " * 30], vocab_size)
 
 
 class FixedDistribution(nn.Module):

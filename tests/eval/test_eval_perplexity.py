@@ -13,30 +13,6 @@ from dsq.eval.perplexity import PerplexityConfig, perplexity, sliding_windows
 VOCAB = 300
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> object:
-    """Tiny models run fastest, and unaffected by a busy machine, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 def _brute_force_nll(model: LlamaForCausalLM, ids: torch.Tensor, context: int, stride: int) -> float:
     """Score each token alone, with exactly the left context its window gives it."""
     total = 0.0

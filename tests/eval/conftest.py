@@ -1,0 +1,33 @@
+"""Shared fixtures for the evaluation tests: one thread, a tiny random Llama."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+VOCAB = 300
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> object:
+    """Tiny models run fastest, and unaffected by a busy machine, on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    """A random 2-layer Llama with a 300-token vocabulary."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=512,
+    )
+    return LlamaForCausalLM(config).eval()
