@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-from pathlib import Path
 
 from dsq.eval.memory import machine_info
 from dsq.pipeline import run
@@ -28,7 +26,7 @@ VARIANTS = {
 }
 
 
-def row(name: str, report: dict, seconds: float) -> str:
+def row(name: str, report: dict) -> str:
     orig = report["original"]
     cand = report["candidates"][0]
     q = cand["extra"]["quantization"]
@@ -57,11 +55,10 @@ def main() -> None:
             continue
         slug = name.replace(" ", "-")
         recipe = load_recipe(None, base + overrides + [f"output={args.out}/{slug}", "overwrite=true", "progress=false"])
-        started = time.perf_counter()
         result = run(recipe)
         report = json.loads((result.output / "report.json").read_text())
         original = report["original"]
-        lines.append(row(name, report, time.perf_counter() - started))
+        lines.append(row(name, report))
     o = original
     print(f"machine: {json.dumps(machine_info())}")
     print(f"perplexity: context {o['ppl']['context']}, stride {o['ppl']['stride']}, {o['ppl']['tokens']} tokens")

@@ -111,6 +111,8 @@ def prepare_output(output: Path, overwrite: bool) -> None:
     """Refuse to clobber an existing directory unless asked; never clobber a non-artifact."""
     if not output.exists():
         return
+    if not output.is_dir():
+        raise DsqInputError(f"output {output} exists and is not a directory")
     if not overwrite:
         raise DsqInputError(f"output directory {output} already exists; pass overwrite=true to replace it")
     if output.is_dir() and not (output / MANIFEST).exists() and any(output.iterdir()):

@@ -17,11 +17,11 @@ from torch import nn
 from .checkpoint import LoadedModel, inspect_checkpoint, source_info
 from .errors import CheckpointError
 from dsq.quantize.compressed_tensors_format import decompress_tensor, scheme_from_args
-from dsq.quantize.modules import QuantExperts, QuantLinear, is_fused_experts
+from dsq.quantize.modules import QuantExperts, QuantLinear, is_fused_experts, set_module
 from dsq.quantize.primitives import QuantizedWeight
 
 
-def _read_tensors(root: Path, files) -> dict[str, torch.Tensor]:
+def _read_tensors(files) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         tensors.update(load_file(str(f)))
@@ -55,11 +55,6 @@ def _cat_rows(a: QuantizedWeight, b: QuantizedWeight) -> QuantizedWeight:
     return QuantizedWeight(torch.cat([a.qweight, b.qweight]), torch.cat([a.scale, b.scale]), zero, a.scheme)
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def _take_prefix(tensors: dict, prefix: str) -> None:
     for key in [k for k in tensors if k.startswith(prefix + ".")]:
         del tensors[key]
@@ -88,10 +83,9 @@ def load_artifact(path: str | Path, *, dtype: torch.dtype = torch.float32) -> Lo
         raise CheckpointError(f"{root / 'config.json'} has no compressed-tensors quantization_config")
     groups = _compile_groups(qconfig)
     config = AutoConfig.from_pretrained(str(root), local_files_only=True)
-    config.quantization_config = None
-    del config.quantization_config
+    del config.quantization_config  # build the plain model; dsq swaps in its own modules
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    tensors = _read_tensors(root, files.weight_files)
+    tensors = _read_tensors(files.weight_files)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear):
             args = _group_for(name, groups)
@@ -101,12 +95,12 @@ def load_artifact(path: str | Path, *, dtype: torch.dtype = torch.float32) -> Lo
             qw = decompress_tensor(tensors, name, scheme_from_args(args))
             bias = tensors.pop(f"{name}.bias", None)
             _take_prefix(tensors, name)
-            _set(model, name, QuantLinear(qw, bias, scale_dtype=qw.scale.dtype))
+            set_module(model, name, QuantLinear(qw, bias, scale_dtype=qw.scale.dtype))
         elif is_fused_experts(module):
             args = _group_for(f"{name}.0.gate_proj", groups)
             if args is None:
                 continue
-            _set(model, name, _load_experts(tensors, name, module, scheme_from_args(args), root))
+            set_module(model, name, _load_experts(tensors, name, module, scheme_from_args(args), root))
             _take_prefix(tensors, name)
     _load_rest(model, tensors, root)
     tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)

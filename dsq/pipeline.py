@@ -19,7 +19,7 @@ from .checkpoint import LoadedModel, bundled_model_path, load_checkpoint
 from .errors import QuantizationError
 from .recipe import QuantizeSection, Recipe, dump_recipe
 from .reload import ReloadCheck, transformers_reload_check
-from dsq.eval import BenchmarkSuite, Evaluator, Gates, GateResult, ModelMetrics, PerplexityConfig, Report, check_gates, write_report
+from dsq.eval import BenchmarkSuite, Evaluator, Gates, GateResult, PerplexityConfig, Report, check_gates, write_report
 from dsq.eval.memory import PeakRSS
 from dsq.quantize import PerChannel, PerGroup, QuantizationReport, RTNConfig, TargetSpec, WeightScheme, quantize_
 

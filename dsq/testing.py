@@ -159,6 +159,24 @@ def make_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     return byte_bpe_tokenizer(_TOKENIZER_TEXT, vocab_size, prepend_bos=True)
 
 
+def tiny_llama(vocab_size: int, *, seed: int = 0, max_position_embeddings: int = 512) -> torch.nn.Module:
+    """A random 2-layer Llama (hidden 64) in eval mode, for tests that need any causal LM."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=max_position_embeddings,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config).eval()
+
+
 def make_tiny_checkpoint(
     model_type: str,
     path: str | Path,

@@ -10,7 +10,7 @@ Example:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from dsq.errors import QuantizationError
 
-from .modules import QuantExperts, QuantLinear, QuantTensor
+from .modules import QuantExperts, QuantLinear, QuantTensor, set_module
 from .primitives import QuantizedWeight, quantize_rtn
 from .scheme import WeightScheme
 from .targets import TargetDecision, TargetSpec, select_targets
@@ -93,7 +93,7 @@ class QuantizationReport:
             "kept": [
                 {"name": m.name, "kind": m.kind, "params": m.params, "reason": m.reason} for m in self.kept
             ],
-            "modules": [m.__dict__ for m in self.modules],
+            "modules": [asdict(m) for m in self.modules],
         }
 
 
@@ -110,12 +110,6 @@ def check_finite(name: str, qw: QuantizedWeight) -> None:
         raise QuantizationError(f"{name}: {int(bad.sum())} scale(s) are NaN, inf or <= 0; refusing to save")
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 WeightQuantizer = Callable[[str, torch.Tensor], QuantizedWeight]
 
 
@@ -123,7 +117,7 @@ def swap_linear(model: nn.Module, d: TargetDecision, quantizer: WeightQuantizer)
     linear: nn.Linear = d.module
     qw = quantizer(f"{d.name}.weight", linear.weight.detach())
     new = QuantLinear.from_linear(linear, qw)
-    _set_module(model, d.name, new)
+    set_module(model, d.name, new)
     return new
 
 
@@ -132,7 +126,7 @@ def swap_experts(model: nn.Module, d: TargetDecision, quantizer: WeightQuantizer
     gate_up = quantizer(f"{d.name}.gate_up_proj", experts.gate_up_proj.detach())  # (E, 2I, H)
     down = quantizer(f"{d.name}.down_proj", experts.down_proj.detach())  # (E, H, I)
     new = QuantExperts(gate_up, down, experts.act_fn, scale_dtype=experts.gate_up_proj.dtype)
-    _set_module(model, d.name, new)
+    set_module(model, d.name, new)
     return new
 
 
@@ -168,7 +162,7 @@ def _category(param_name: str) -> str:
         return "embeddings"
     if "norm" in param_name:
         return "norms"
-    if ".gate." in param_name or param_name.endswith(".gate.weight"):
+    if ".gate." in param_name:
         return "router"
     return "other"
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .modules import QuantExperts, QuantLinear, QuantTensor
-from .primitives import pack_int4
+from .primitives import QuantizedWeight, pack_int4, unpack_int4
 from .scheme import PerChannel, PerGroup, WeightScheme
 
 FORMAT_4BIT = "pack-quantized"
@@ -76,66 +76,51 @@ def _pack_int8(q: torch.Tensor) -> torch.Tensor:
 
 
 def compress_tensor(
-    prefix: str, qt: QuantTensor, index: int | None = None, *, packed_format: bool | None = None
+    prefix: str,
+    qt: QuantTensor,
+    index: tuple = (),
+    *,
+    packed_format: bool | None = None,
 ) -> dict[str, torch.Tensor]:
-    """compressed-tensors tensors for one quantized weight (of expert ``index``).
+    """compressed-tensors tensors for one quantized weight, or the part ``qt[index]`` of it.
 
-    ``packed_format`` forces pack-quantized layout for 8-bit weights (transformers reads
-    quantized MoE experts back only in packed form); by default 4-bit is packed and
-    8-bit is int-quantized.
+    ``index`` selects along the leading dimensions (e.g. ``(expert, rows)``); it must leave a
+    2-D ``[out, in]`` weight. ``packed_format`` forces pack-quantized layout for 8-bit weights
+    (transformers reads quantized MoE experts back only in packed form); by default 4-bit is
+    packed and 8-bit is int-quantized.
     """
-    packed = qt.packed if index is None else qt.packed[index]
-    scale = qt.scale if index is None else qt.scale[index]
-    zero = qt.zero_point
-    if zero is not None and index is not None:
-        zero = zero[index]
-    out, in_features = packed.shape[0], qt.in_features
+    packed, scale = qt.packed[index], qt.scale[index]
+    zero = qt.zero_point[index] if qt.zero_point is not None else None
+    bits = qt.scheme.bits
     tensors = {f"{prefix}.weight_scale": scale.contiguous()}
     if packed_format is None:
-        packed_format = qt.scheme.bits == 4
-    if packed_format:
-        words = _bytes_to_int32(packed) if qt.scheme.bits == 4 else _pack_int8(packed)
-        tensors[f"{prefix}.weight_packed"] = words
-        tensors[f"{prefix}.weight_shape"] = torch.tensor([out, in_features], dtype=torch.int64)
-        if zero is not None:
-            tensors[f"{prefix}.weight_zero_point"] = _pack_zero_point(zero) if qt.scheme.bits == 4 else _pack_int8(zero.t()).t().contiguous()
-    else:
+        packed_format = bits == 4
+    if not packed_format:
         tensors[f"{prefix}.weight"] = packed.contiguous()
         if zero is not None:
             tensors[f"{prefix}.weight_zero_point"] = zero.contiguous()
+        return tensors
+    tensors[f"{prefix}.weight_packed"] = _bytes_to_int32(packed) if bits == 4 else _pack_int8(packed)
+    tensors[f"{prefix}.weight_shape"] = torch.tensor([packed.shape[0], qt.in_features], dtype=torch.int64)
+    if zero is not None:
+        tensors[f"{prefix}.weight_zero_point"] = (
+            _pack_zero_point(zero) if bits == 4 else _pack_int8(zero.t()).t().contiguous()
+        )
     return tensors
 
 
-# Fused expert tensor -> per-expert projections: gate_up_proj [E, 2I, H] holds gate rows
-# then up rows (transformers chunks the output in two); down_proj [E, H, I].
-def _expert_slices(qt_gate_up: QuantTensor, e: int) -> list[tuple[str, slice]]:
-    inter = qt_gate_up.shape[1] // 2
-    return [("gate_proj", slice(0, inter)), ("up_proj", slice(inter, 2 * inter))]
-
-
-def _slice_rows(qt: QuantTensor, e: int, rows: slice) -> QuantTensor:
-    view = QuantTensor.__new__(QuantTensor)
-    nn.Module.__init__(view)
-    view.scheme = qt.scheme
-    view.shape = (rows.stop - rows.start, qt.shape[-1])
-    view.register_buffer("packed", qt.packed[e, rows])
-    view.register_buffer("scale", qt.scale[e, rows])
-    if qt.zero_point is not None:
-        view.register_buffer("zero_point", qt.zero_point[e, rows])
-    else:
-        view.zero_point = None
-    return view
-
-
 def compress_experts(prefix: str, experts: QuantExperts) -> dict[str, torch.Tensor]:
-    """Per-expert compressed tensors for a :class:`QuantExperts` module at ``prefix``."""
+    """Per-expert compressed tensors for a :class:`QuantExperts` module at ``prefix``.
+
+    ``gate_up_proj`` [E, 2I, H] holds the gate rows then the up rows (transformers chunks its
+    output in two); ``down_proj`` is [E, H, I].
+    """
+    inter = experts.intermediate_dim
     tensors: dict[str, torch.Tensor] = {}
     for e in range(experts.num_experts):
-        for proj, rows in _expert_slices(experts.gate_up_proj, e):
-            tensors |= compress_tensor(
-                f"{prefix}.{e}.{proj}", _slice_rows(experts.gate_up_proj, e, rows), packed_format=True
-            )
-        tensors |= compress_tensor(f"{prefix}.{e}.down_proj", experts.down_proj, index=e, packed_format=True)
+        for proj, rows in (("gate_proj", slice(0, inter)), ("up_proj", slice(inter, 2 * inter))):
+            tensors |= compress_tensor(f"{prefix}.{e}.{proj}", experts.gate_up_proj, (e, rows), packed_format=True)
+        tensors |= compress_tensor(f"{prefix}.{e}.down_proj", experts.down_proj, (e,), packed_format=True)
     return tensors
 
 
@@ -202,13 +187,14 @@ def compress_model(model: nn.Module, version: str) -> CompressedCheckpoint:
         elif isinstance(module, nn.Linear):
             ignore.append(name)
 
-    for key, value in model.state_dict().items():
+    state = model.state_dict()
+    for key, value in state.items():
         owner = key.rpartition(".")[0]
         if any(owner == h or owner.startswith(h + ".") for h in handled):
             continue
         if key.endswith("experts.gate_up_proj"):
             prefix = key[: -len(".gate_up_proj")]
-            tensors |= split_fused_experts(prefix, value, model.state_dict()[f"{prefix}.down_proj"])
+            tensors |= split_fused_experts(prefix, value, state[f"{prefix}.down_proj"])
             ignore.append(f"re:^{re.escape(prefix)}\\.\\d+\\.(gate_proj|up_proj|down_proj)$")
         elif key.endswith("experts.down_proj"):
             continue
@@ -264,10 +250,8 @@ def scheme_from_args(args: dict) -> WeightScheme:
     return WeightScheme(bits=int(args["num_bits"]), granularity=granularity, symmetric=bool(args.get("symmetric", True)))
 
 
-def decompress_tensor(tensors: dict[str, torch.Tensor], prefix: str, scheme: WeightScheme) -> "QuantizedWeight":
+def decompress_tensor(tensors: dict[str, torch.Tensor], prefix: str, scheme: WeightScheme) -> QuantizedWeight:
     """Integer weight and parameters of module ``prefix`` from compressed-tensors tensors."""
-    from .primitives import QuantizedWeight, unpack_int4
-
     scale = tensors[f"{prefix}.weight_scale"]
     zero = tensors.get(f"{prefix}.weight_zero_point")
     if f"{prefix}.weight_packed" in tensors:

@@ -48,9 +48,6 @@ class QuantTensor(nn.Module):
             return unpack_int4(packed, self.in_features)
         return packed
 
-    def quantized_weight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.unpacked(), self.scale, self.zero_point, self.scheme)
-
     def dequantize(self, dtype: torch.dtype, index: int | None = None) -> torch.Tensor:
         """Dequantized weight ``[out, in]`` (of expert ``index``) or ``[..., out, in]``."""
         scale = self.scale if index is None else self.scale[index]
@@ -86,6 +83,13 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule called ``name`` (dotted path) of ``model`` with ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
 
 
 def is_fused_experts(module: nn.Module) -> bool:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .scheme import PerGroup, WeightScheme
+from .scheme import WeightScheme
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,3 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     if noise == 0:
         return float("inf")
     return float(10 * torch.log10(signal / noise))
-
-
-def is_grouped(scheme: WeightScheme) -> bool:
-    return isinstance(scheme.granularity, PerGroup)

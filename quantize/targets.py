@@ -14,8 +14,9 @@ from torch import nn
 
 from .modules import is_fused_experts
 
-# Kept in high precision whatever the include patterns say (DeepSeek router and its bias).
-ALWAYS_KEPT = (r"(^|\.)mlp\.gate$", r"(^|\.)gate$")
+# Kept in high precision whatever the include patterns say: the MoE router (``mlp.gate``,
+# a Linear in some architectures; DeepSeek-V3's also holds ``e_score_correction_bias``).
+ROUTER = r"(^|\.)gate$"
 LM_HEAD = r"(^|\.)lm_head$"
 
 
@@ -60,7 +61,7 @@ def quantizable_kind(module: nn.Module) -> str | None:
 
 def decide(name: str, kind: str, spec: TargetSpec) -> tuple[bool, str]:
     """Whether module ``name`` is quantized under ``spec``, and why."""
-    if any(re.search(p, name) for p in ALWAYS_KEPT):
+    if re.search(ROUTER, name):
         return False, "router (kept in high precision)"
     if re.search(LM_HEAD, name) and not spec.lm_head:
         return False, "lm_head (kept; set lm_head: true to quantize)"

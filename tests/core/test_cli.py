@@ -1,7 +1,6 @@
 """The CLI end to end on tiny checkpoints: exit codes, messages, and no artifact on failure."""
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -147,8 +146,6 @@ def test_bad_recipe_exits_2_and_leaves_nothing(tmp_path, tiny_deepseek_v3, data,
         assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"
     else:
         assert no_artifact(tmp_path)
-    if case != "missing data file":
-        assert str(r) in err or "command-line" in err or "already exists" in err or "pattern" in err
 
 
 def test_help_and_usage(capsys):

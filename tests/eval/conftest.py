@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
+
+from dsq.testing import tiny_llama
 
 VOCAB = 300
 
@@ -20,14 +22,4 @@ def _single_thread() -> object:
 @pytest.fixture(scope="module")
 def model() -> LlamaForCausalLM:
     """A random 2-layer Llama with a 300-token vocabulary."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(VOCAB)

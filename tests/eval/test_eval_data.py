@@ -8,7 +8,6 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from dsq.testing import byte_bpe_tokenizer

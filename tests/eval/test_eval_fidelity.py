@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from dsq.eval.fidelity import compare_to_reference, fidelity_windows, reference_logprobs
 

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
-from dsq.testing import byte_bpe_tokenizer
+from dsq.testing import byte_bpe_tokenizer, tiny_llama
 from dsq.errors import RecipeError
 from dsq.eval import (
     BenchmarkSuite,
@@ -164,15 +163,7 @@ def test_evaluator_end_to_end(tmp_path: Path) -> None:
         fidelity_max_tokens=64,
     )
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-    )
-    original = LlamaForCausalLM(config)
+    original = tiny_llama(len(tokenizer))
     candidate = copy.deepcopy(original)
     with torch.no_grad():
         for parameter in candidate.model.layers.parameters():

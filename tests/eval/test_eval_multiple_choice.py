@@ -5,11 +5,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
-from dsq.testing import byte_bpe_tokenizer
+from dsq.testing import byte_bpe_tokenizer, tiny_llama
 from dsq.eval.data import MCItem
 from dsq.eval.multiple_choice import _requests, _score_batch, encode_pair, multiple_choice
 
@@ -71,17 +70,8 @@ def test_acc_norm_divides_by_choice_bytes() -> None:
 
 
 def test_right_padding_does_not_change_scores() -> None:
-    torch.manual_seed(0)
     tokenizer = _tokenizer(300)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(len(tokenizer))
     items = [
         MCItem(context="the answer is", choices=(" yes", " no", " the answer is no"), gold=0),
         MCItem(context="is the answer yes? ", choices=("no", "yes, the answer is yes"), gold=1),

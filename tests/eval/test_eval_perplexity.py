@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from dsq.errors import DataError, RecipeError
 from dsq.eval.perplexity import PerplexityConfig, perplexity, sliding_windows
