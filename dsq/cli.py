@@ -58,6 +58,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, overrides)
     result = run(recipe)
     print(format_terminal_table(result.report))
+    for candidate in result.report.candidates:
+        quantization = candidate.extra.get("quantization") or {}
+        for note in quantization.get("notes", []):
+            print(f"NOTE {candidate.name}: {note}")
+        for kept in quantization.get("kept", []):
+            if kept["reason"] != "lm_head (kept; set lm_head: true to quantize)":
+                print(f"KEPT {candidate.name}: {kept['name']} ({kept['reason']})")
     if result.reload is not None:
         r = result.reload
         if r.loaded:

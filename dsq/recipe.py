@@ -53,10 +53,71 @@ class TargetsSection(Strict):
         return patterns
 
 
+class CalibrationSection(Strict):
+    """Calibration data for gptq / awq / w8a8 (read through ``datasets``)."""
+
+    data: str | None = None  # .txt / .jsonl / .json / .parquet file or a save_to_disk dir; None: bundled sample
+    dataset: str | None = None  # hub dataset name, only when data is None and the machine is online
+    split: str = "train"
+    text_field: str = "text"
+    messages_field: str | None = None  # chat messages rendered with the tokenizer's chat template
+    samples: int = Field(128, ge=1)
+    seq_len: int = Field(256, ge=2)
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)
+
+
+class GPTQSection(Strict):
+    damp: float = Field(0.01, gt=0, lt=1)  # lambda = damp * mean(diag H)
+    block_size: int = Field(128, ge=1)
+    act_order: bool = True  # columns by decreasing diag(H); groups stay in place (static groups)
+    mse_scales: bool = True  # each group's range from a shrink search instead of min/max
+    unrouted_weight: float = Field(0.1, ge=0, le=1)  # weight of tokens not routed to an expert in its Hessian
+
+
+class AWQSection(Strict):
+    grid: int = Field(20, ge=1)  # scale exponents tried
+    clip: bool = False  # output-aware clipping search per group (raised perplexity on the bundled model)
+    mse_scales: bool = True  # each group's range from a shrink search instead of min/max
+    duo_scaling: bool = False  # candidates mean|x|^r / mean|w|^(1-r)
+    search_tokens: int = Field(4096, ge=1)
+    unrouted_weight: float = Field(1.0, ge=0, le=1)
+
+
+class W8A8Section(Strict):
+    activations: Literal["dynamic", "static"] = "dynamic"  # per-token at run time, or per-tensor from calibration
+    smoothquant_alpha: float | None = Field(0.5, ge=0, le=1)  # None: no smoothing
+
+
+class BnbSection(Strict):
+    blocksize: int = 64
+    double_quant: bool = False
+    threshold: float = Field(6.0, gt=0)  # bnb-int8 outlier threshold
+
+
+METHODS = ("rtn", "gptq", "awq", "w8a8", "bnb-nf4", "bnb-fp4", "bnb-int8")
+CALIBRATED = ("gptq", "awq", "w8a8")
+# which optional sections each method reads; any other explicitly written section is an error
+METHOD_SECTIONS = {
+    "rtn": {"weights"},
+    "gptq": {"weights", "calibration", "gptq"},
+    "awq": {"weights", "calibration", "awq"},
+    "w8a8": {"calibration", "w8a8"},
+    "bnb-nf4": {"bnb"},
+    "bnb-fp4": {"bnb"},
+    "bnb-int8": {"bnb"},
+}
+
+
 class QuantizeSection(Strict):
-    method: Literal["rtn"] = "rtn"
+    method: Literal["rtn", "gptq", "awq", "w8a8", "bnb-nf4", "bnb-fp4", "bnb-int8"] = "rtn"
     weights: WeightsSection = WeightsSection()
     targets: TargetsSection = TargetsSection()
+    calibration: CalibrationSection = CalibrationSection()
+    gptq: GPTQSection = GPTQSection()
+    awq: AWQSection = AWQSection()
+    w8a8: W8A8Section = W8A8Section()
+    bnb: BnbSection = BnbSection()
 
 
 class PerplexitySection(Strict):
@@ -208,12 +269,29 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         recipe = Recipe.model_validate(tree)
     except ValidationError as exc:
         raise RecipeError(_format_errors(exc, source)) from None
+    _check_method_sections(recipe.quantize, source)
     ppl = recipe.eval.perplexity
     if ppl is not None and ppl.stride > ppl.context:
         raise RecipeError(f"invalid value for 'eval.perplexity.stride' in {source}: stride {ppl.stride} exceeds context {ppl.context}")
     return recipe
 
 
+def _check_method_sections(section: QuantizeSection, source: str) -> None:
+    """A section written for another method is a mistake worth an error (e.g. ``gptq:`` with ``method: awq``)."""
+    allowed = METHOD_SECTIONS[section.method]
+    optional = {"weights", "calibration", "gptq", "awq", "w8a8", "bnb"}
+    stray = sorted((section.model_fields_set & optional) - allowed)
+    if stray:
+        raise RecipeError(
+            f"'quantize.{stray[0]}' in {source} is not used by quantize.method '{section.method}' "
+            f"(that method reads: {', '.join(sorted(allowed)) or 'no extra section'})"
+        )
+
+
 def dump_recipe(recipe: Recipe) -> str:
-    """The resolved recipe as YAML (every default filled in)."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    """The resolved recipe as YAML (every default filled in; only the sections its method reads)."""
+    tree = recipe.model_dump(mode="json")
+    unused = {"weights", "calibration", "gptq", "awq", "w8a8", "bnb"} - METHOD_SECTIONS[recipe.quantize.method]
+    for key in unused:
+        tree["quantize"].pop(key, None)
+    return yaml.safe_dump(tree, sort_keys=False)

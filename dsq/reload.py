@@ -41,7 +41,8 @@ def probe_ids(vocab_size: int, batch: int = 2, seq: int = 32, seed: int = 0) -> 
 
 @torch.inference_mode()
 def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids).logits.float()
+    device = next(model.parameters()).device
+    return model(input_ids=ids.to(device)).logits.float().cpu()
 
 
 def _quiet_load(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:

@@ -57,6 +57,8 @@ class QuantizationReport:
     other_params: int = 0  # embeddings, norms, router, ... never quantizable
     other_bytes: int = 0
     other_breakdown: dict[str, int] = field(default_factory=dict)  # category -> parameters
+    calibration: dict | None = None  # calibrated methods: data, per-expert token counts, per-module search results
+    notes: list[str] = field(default_factory=list)  # things the user must know (e.g. starved experts)
 
     @property
     def quantized(self) -> list[ModuleRecord]:
@@ -94,6 +96,8 @@ class QuantizationReport:
                 {"name": m.name, "kind": m.kind, "params": m.params, "reason": m.reason} for m in self.kept
             ],
             "modules": [asdict(m) for m in self.modules],
+            "calibration": self.calibration,
+            "notes": list(self.notes),
         }
 
 
@@ -130,30 +134,35 @@ def swap_experts(model: nn.Module, d: TargetDecision, quantizer: WeightQuantizer
     return new
 
 
+def start_report(model: nn.Module, decisions: list[TargetDecision], *, method: str, scheme: str) -> QuantizationReport:
+    """An empty report whose never-quantizable part (embeddings, norms, router) is filled in."""
+    report = QuantizationReport(method=method, scheme=scheme)
+    covered_params = sum(sum(p.numel() for p in d.module.parameters()) for d in decisions)
+    report.other_params = sum(p.numel() for p in model.parameters()) - covered_params
+    report.other_bytes = tensor_bytes(model) - sum(tensor_bytes(d.module) for d in decisions)
+    report.other_breakdown = _other_breakdown(model, {d.name for d in decisions})
+    return report
+
+
+def swap_decision(model: nn.Module, d: TargetDecision, quantizer: WeightQuantizer, scheme: str) -> ModuleRecord:
+    """Quantize one selected module with ``quantizer`` (or record why it is kept)."""
+    params = sum(p.numel() for p in d.module.parameters())
+    before = tensor_bytes(d.module)
+    if not d.quantize:
+        return ModuleRecord(d.name, d.kind, False, d.reason, params, before, before)
+    swap = swap_linear if d.kind == "linear" else swap_experts
+    new = swap(model, d, quantizer)
+    return ModuleRecord(d.name, d.kind, True, d.reason, params, before, tensor_bytes(new), scheme)
+
+
 def apply_weight_quantizer(
     model: nn.Module, targets: TargetSpec, quantizer: WeightQuantizer, *, method: str, scheme: WeightScheme, progress: bool = True
 ) -> QuantizationReport:
     """Swap every selected module for its quantized version using ``quantizer`` for the math."""
     decisions = select_targets(model, targets)
-    covered = sum(tensor_bytes(d.module) for d in decisions)
-    report = QuantizationReport(method=method, scheme=scheme.describe())
-    all_params = sum(p.numel() for p in model.parameters())
-    all_bytes = tensor_bytes(model)
-    covered_params = sum(sum(p.numel() for p in d.module.parameters()) for d in decisions)
+    report = start_report(model, decisions, method=method, scheme=scheme.describe())
     for d in tqdm(decisions, desc=f"quantize ({method})", disable=not progress, unit="module"):
-        params = sum(p.numel() for p in d.module.parameters())
-        before = tensor_bytes(d.module)
-        if not d.quantize:
-            report.modules.append(ModuleRecord(d.name, d.kind, False, d.reason, params, before, before))
-            continue
-        swap = swap_linear if d.kind == "linear" else swap_experts
-        new = swap(model, d, quantizer)
-        report.modules.append(
-            ModuleRecord(d.name, d.kind, True, d.reason, params, before, tensor_bytes(new), scheme.describe())
-        )
-    report.other_params = all_params - covered_params
-    report.other_bytes = all_bytes - covered
-    report.other_breakdown = _other_breakdown(model, {d.name for d in decisions})
+        report.modules.append(swap_decision(model, d, quantizer, scheme.describe()))
     return report
 
 
@@ -179,7 +188,7 @@ def _other_breakdown(model: nn.Module, covered: set[str]) -> dict[str, int]:
     return counts
 
 
-def _rtn(model: nn.Module, config: RTNConfig, progress: bool) -> QuantizationReport:
+def _rtn(model: nn.Module, config: RTNConfig, calibration: torch.Tensor | None, progress: bool) -> QuantizationReport:
     def quantizer(name: str, weight: torch.Tensor) -> QuantizedWeight:
         qw = quantize_rtn(weight, config.scheme)
         check_finite(name, qw)
@@ -188,15 +197,24 @@ def _rtn(model: nn.Module, config: RTNConfig, progress: bool) -> QuantizationRep
     return apply_weight_quantizer(model, config.targets, quantizer, method="rtn", scheme=config.scheme, progress=progress)
 
 
-_HANDLERS: dict[type, Callable[[nn.Module, object, bool], QuantizationReport]] = {RTNConfig: _rtn}
+Handler = Callable[[nn.Module, object, "torch.Tensor | None", bool], QuantizationReport]
+_HANDLERS: dict[type, Handler] = {RTNConfig: _rtn}
 
 
-def quantize_(model: nn.Module, config: RTNConfig, *, progress: bool = True) -> QuantizationReport:
+def register_handler(config_type: type, handler: Handler) -> None:
+    """Register the handler of a method's config class (one per class)."""
+    _HANDLERS[config_type] = handler
+
+
+def quantize_(
+    model: nn.Module, config: object, *, calibration: torch.Tensor | None = None, progress: bool = True
+) -> QuantizationReport:
     """Quantize ``model`` in place according to ``config``.
 
     Args:
         model: a transformers causal LM (or any module with Linears / fused experts).
-        config: a method config, e.g. :class:`RTNConfig`.
+        config: a method config, e.g. :class:`RTNConfig`, ``GPTQConfig``, ``AWQConfig``.
+        calibration: ``(samples, seq_len)`` token ids; required by calibrated methods.
         progress: show a progress bar.
 
     Returns:
@@ -206,7 +224,7 @@ def quantize_(model: nn.Module, config: RTNConfig, *, progress: bool = True) -> 
     if handler is None:
         known = ", ".join(t.__name__ for t in _HANDLERS)
         raise TypeError(f"no quantization handler for {type(config).__name__}; known configs: {known}")
-    return handler(model, config, progress)
+    return handler(model, config, calibration, progress)
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:

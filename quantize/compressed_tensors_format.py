@@ -13,6 +13,11 @@ transformers, vLLM and llm-compressor read. Per quantized Linear ``X``:
 Fused MoE experts are written one tensor set per expert, as in the original DeepSeek
 checkpoints: ``...mlp.experts.{e}.{gate_proj,up_proj,down_proj}.*``.
 
+W8A8 modules (:class:`~dsq.quantize.w8a8.W8A8Linear` / ``W8A8Experts``) are int-quantized
+(``X.weight`` int8, ``X.weight_scale`` fp32 ``[out, 1]``, channel strategy) in groups whose
+``input_activations`` are symmetric int8 ``token``/dynamic, or ``tensor``/static with an
+``X.input_scale`` fp32 ``[1]`` per module (per expert and projection for experts).
+
 A group size that does not divide a layer's input width (a ragged last group) is written as
 compressed-tensors' ``block`` strategy with block ``[1, group]``, which pads the last block
 on load; a group at least as wide as the row is written as ``channel``. Both are exact.
@@ -28,6 +33,7 @@ from torch import nn
 from .modules import QuantExperts, QuantLinear, QuantTensor
 from .primitives import QuantizedWeight, pack_int4, unpack_int4
 from .scheme import PerChannel, PerGroup, WeightScheme
+from .w8a8 import ActivationScheme, DynamicPerToken, StaticPerTensor, W8A8Experts, W8A8Linear
 
 FORMAT_4BIT = "pack-quantized"
 FORMAT_8BIT = "int-quantized"
@@ -68,6 +74,16 @@ def weight_args(scheme: WeightScheme, in_features: int) -> dict:
         "actorder": None,
         **_strategy(scheme, in_features),
     }
+
+
+def input_args(act: ActivationScheme) -> dict:
+    """compressed-tensors ``input_activations`` args of a W8A8 activation scheme (symmetric int8)."""
+    common = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "block_structure": None, "actorder": None}
+    if isinstance(act, DynamicPerToken):
+        return {**common, "strategy": "token", "dynamic": True, "observer": None}
+    if isinstance(act, StaticPerTensor):
+        return {**common, "strategy": "tensor", "dynamic": False, "observer": "minmax"}
+    raise ValueError(f"no compressed-tensors input args for activation scheme {act!r}")
 
 
 def _pack_int8(q: torch.Tensor) -> torch.Tensor:
@@ -124,6 +140,31 @@ def compress_experts(prefix: str, experts: QuantExperts) -> dict[str, torch.Tens
     return tensors
 
 
+def compress_w8a8_experts(prefix: str, experts: W8A8Experts) -> dict[str, torch.Tensor]:
+    """Per-expert int-quantized tensors of a :class:`W8A8Experts` module at ``prefix``.
+
+    Per expert and projection: ``weight`` int8 ``[rows, in]``, ``weight_scale`` fp32 ``[rows, 1]`` and,
+    for static activations, ``input_scale`` fp32 ``[1]`` (gate_proj and up_proj share their input,
+    so they carry the same value). This is the layout of a compressed-tensors W8A8 MoE (int8 channel
+    weights + int8 token activations, as vLLM's int8 MoE reads it). transformers 5.23 cannot read it:
+    its expert loader dequantizes only packed or fp8 experts and fails on int8 ``weight`` tensors;
+    writing the experts packed instead makes transformers load them but run them with unquantized
+    activations (and drop the static input scales), silently unlike this module. dsq's own reader
+    (:func:`dsq.load_artifact.load_artifact`) reads it exactly.
+    """
+    inter = experts.intermediate_dim
+    tensors: dict[str, torch.Tensor] = {}
+    for e in range(experts.num_experts):
+        for proj, rows in (("gate_proj", slice(0, inter)), ("up_proj", slice(inter, 2 * inter))):
+            tensors |= compress_tensor(f"{prefix}.{e}.{proj}", experts.gate_up_proj, (e, rows), packed_format=False)
+            if experts.gate_up_input_scale is not None:
+                tensors[f"{prefix}.{e}.{proj}.input_scale"] = experts.gate_up_input_scale[e].reshape(1).clone()
+        tensors |= compress_tensor(f"{prefix}.{e}.down_proj", experts.down_proj, (e,), packed_format=False)
+        if experts.down_input_scale is not None:
+            tensors[f"{prefix}.{e}.down_proj.input_scale"] = experts.down_input_scale[e].reshape(1).clone()
+    return tensors
+
+
 def split_fused_experts(prefix: str, gate_up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
     """Unquantized fused experts -> per-expert ``.weight`` tensors, as in DeepSeek checkpoints."""
     inter = gate_up.shape[1] // 2
@@ -149,7 +190,8 @@ def compress_model(model: nn.Module, version: str) -> CompressedCheckpoint:
     """Every tensor of a dsq-quantized transformers model in compressed-tensors layout.
 
     Args:
-        model: a model whose quantized modules are :class:`QuantLinear` / :class:`QuantExperts`.
+        model: a model whose quantized modules are :class:`QuantLinear` / :class:`QuantExperts`
+            or :class:`W8A8Linear` / :class:`W8A8Experts`.
         version: dsq version written into the config.
 
     Returns:
@@ -162,15 +204,33 @@ def compress_model(model: nn.Module, version: str) -> CompressedCheckpoint:
 
     # transformers (5.x) reads quantized fused experts only in pack-quantized form, and only
     # when every 8-bit group of the model uses that form; dense models keep int-quantized.
+    # (W8A8 experts are the exception: see compress_w8a8_experts.)
     has_experts = any(isinstance(m, QuantExperts) for m in model.modules())
     fmt8 = FORMAT_4BIT if has_experts else FORMAT_8BIT
 
-    def add_target(args: dict, target: str, fmt: str) -> None:
-        group = groups.setdefault(_group_key(args) + (fmt,), {"targets": [], "weights": args, "format": fmt})
+    def add_target(args: dict, target: str, fmt: str, inputs: dict | None = None) -> None:
+        key = _group_key(args) + (fmt,) + (_group_key(inputs) if inputs else ())
+        group = groups.setdefault(key, {"targets": [], "weights": args, "format": fmt, "input_activations": inputs})
         group["targets"].append(target)
 
     for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
+        if isinstance(module, W8A8Linear):
+            tensors |= compress_tensor(name, module.weight_q, packed_format=has_experts)
+            if module.input_scale is not None:
+                tensors[f"{name}.input_scale"] = module.input_scale.reshape(1).clone()
+            if module.bias is not None:
+                tensors[f"{name}.bias"] = module.bias.detach()
+            add_target(weight_args(module.scheme, module.in_features), f"re:^{re.escape(name)}$", fmt8, input_args(module.act))
+            handled.add(name)
+        elif isinstance(module, W8A8Experts):
+            tensors |= compress_w8a8_experts(name, module)
+            for qt, projs in ((module.gate_up_proj, "gate_proj|up_proj"), (module.down_proj, "down_proj")):
+                add_target(
+                    weight_args(qt.scheme, qt.in_features), f"re:^{re.escape(name)}\\.\\d+\\.({projs})$", FORMAT_8BIT,
+                    input_args(module.act),
+                )
+            handled.add(name)
+        elif isinstance(module, QuantLinear):
             tensors |= compress_tensor(name, module.weight_q, packed_format=has_experts or module.scheme.bits == 4)
             if module.bias is not None:
                 tensors[f"{name}.bias"] = module.bias.detach()
@@ -208,7 +268,7 @@ def compress_model(model: nn.Module, version: str) -> CompressedCheckpoint:
         config_groups[f"group_{i}"] = {
             "targets": group["targets"],
             "weights": group["weights"],
-            "input_activations": None,
+            "input_activations": group["input_activations"],
             "output_activations": None,
             "format": group_fmt,
         }

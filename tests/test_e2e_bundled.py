@@ -40,3 +40,32 @@ def test_bundled_recipe_passes_its_gates(tmp_path, capsys, recipe):
         assert cand["extra"]["quantization"]["quantized_bytes_ratio_vs_fp16"] <= 0.30
     kept = {k["name"] for k in cand["extra"]["quantization"]["kept"]}
     assert kept == {"lm_head"}  # every other Linear and every expert tensor is quantized
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, overrides", [
+    ("gptq_int4_g128.yaml", ["quantize.calibration.samples=64"]),
+    ("awq_int4_g128.yaml", ["quantize.calibration.samples=32"]),
+    ("w8a8_smoothquant.yaml", ["quantize.calibration.samples=16", "eval.perplexity.max_tokens=8192", "eval.multiple_choice.limit=100"]),
+    ("bnb_nf4.yaml", []),
+])
+def test_calibrated_and_bnb_recipes_pass_their_gates(tmp_path, capsys, recipe, overrides):
+    out = tmp_path / "art"
+    code = main(["run", str(ROOT / "recipes" / recipe), f"output={out}", *overrides, "-q"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err + captured.out
+    report = json.loads((out / "report.json").read_text())
+    cand = report["candidates"][0]
+    assert report["passed"] is True
+    q = cand["extra"]["quantization"]
+    kept = {k["name"] for k in q["kept"]}
+    if recipe.startswith("bnb"):
+        # bitsandbytes has no fused-expert layer: the experts are kept, and the report says so
+        assert "lm_head" in kept and any(name.endswith("mlp.experts") for name in kept)
+        assert cand["extra"]["reload_check"]["passed"] is True
+    else:
+        assert kept == {"lm_head"}
+        counts = q["calibration"]["expert_routed_tokens"]
+        assert len(counts) == 3 and all(len(c) == 8 for c in counts.values())
+    if recipe.startswith(("gptq", "awq")):
+        assert cand["extra"]["reload_check"]["passed"] is True

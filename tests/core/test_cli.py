@@ -164,3 +164,42 @@ def test_help_and_usage(capsys):
 def test_recipe_command_prints_resolved(capsys):
     code, out, _ = run(capsys, "recipe", "recipes/demo.yaml", "quantize.weights.bits=8")
     assert code == 0 and "bits: 8" in out and "group_size: 128" in out
+
+
+# ----------------------------------------------------------------------------- calibrated methods
+
+
+def test_gptq_run_on_tiny_llama_writes_reloadable_artifact(tmp_path, tiny_checkpoint, data, capsys):
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"text": HELD_OUT}) + "\n" for _ in range(4)))
+    p = recipe(tmp_path, tiny_checkpoint("llama"), data)
+    code, out, err = run(
+        capsys, "run", p, "quantize.method=gptq", f"quantize.calibration.data={calib}",
+        "quantize.calibration.samples=4", "quantize.calibration.seq_len=64", "-q",
+    )
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    q = report["candidates"][0]["extra"]["quantization"]
+    assert q["method"] == "gptq" and q["calibration"]["data"]["source"] == str(calib)
+    assert report["candidates"][0]["extra"]["reload_check"]["passed"] is True
+    assert "method: gptq" in (tmp_path / "out" / "recipe.yaml").read_text()
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("quantize.calibration.data=/nonexistent/calib.jsonl", "calib.jsonl"),
+    ("quantize.calibration.samples=100000", "too short"),
+])
+def test_bad_calibration_data_exits_2_without_artifact(tmp_path, tiny_checkpoint, data, capsys, problem, message):
+    p = recipe(tmp_path, tiny_checkpoint("llama"), data)
+    code, out, err = run(capsys, "run", p, "quantize.method=awq", problem, "-q")
+    assert code == 2
+    assert message in err
+    assert no_artifact(tmp_path)
+
+
+def test_section_for_another_method_is_an_error(tmp_path, tiny_checkpoint, data, capsys):
+    p = recipe(tmp_path, tiny_checkpoint("llama"), data)
+    code, out, err = run(capsys, "run", p, "quantize.method=awq", "quantize.gptq.damp=0.1", "-q")
+    assert code == 2
+    assert "'quantize.gptq'" in err and "awq" in err
+    assert no_artifact(tmp_path)

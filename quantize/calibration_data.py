@@ -1,0 +1,415 @@
+"""Calibration data for post-training quantization: token windows drawn from a text corpus.
+
+Sources, in order of precedence: a local ``path`` (``.txt``, ``.jsonl``/``.json``,
+``.parquet`` or a directory written by ``datasets``' ``save_to_disk``), else a Hub
+``dataset`` name, else the bundled ``calibration.txt``. Everything is read through the
+``datasets`` library; local files use a throw-away cache directory and stay in memory, so
+nothing is written to the user's cache and an edited file always gives fresh data.
+Nothing is unpickled and no remote code is run.
+
+Documents are tokenized without special tokens, joined with the tokenizer's EOS id (when
+it has one) into one stream, and ``samples`` non-overlapping ``seq_len`` windows are drawn
+from it with a generator seeded by ``seed``: the same spec and tokenizer always give the
+same tensor.
+
+Example:
+    >>> spec = CalibrationDataSpec(path="calib.jsonl", samples=64, seq_len=256)
+    >>> ids = load_calibration(spec, tokenizer)  # (64, 256) int64
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import datasets
+import torch
+
+from dsq.assets import data_file
+from dsq.errors import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+"""File suffixes ``path`` may have (a directory is read with ``load_from_disk``)."""
+
+_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_TOKENIZE_BATCH = 256  # documents per tokenizer call
+
+
+@dataclass(frozen=True)
+class CalibrationDataSpec:
+    """Where calibration text comes from and how many token windows to draw.
+
+    Args:
+        path: Local file (``.txt``, ``.jsonl``/``.json``, ``.parquet``) or a directory
+            written by ``Dataset.save_to_disk``/``DatasetDict.save_to_disk``. A ``.txt`` file
+            is one document (``text_field`` does not apply). Takes precedence over ``dataset``.
+        dataset: Hugging Face Hub dataset name, used only when ``path`` is None.
+        split: Split to read from a ``DatasetDict`` directory or from the Hub.
+        text_field: Column holding the text of each record.
+        messages_field: If set, column holding chat messages (a list of
+            ``{"role", "content"}``) rendered with the tokenizer's chat template;
+            ``text_field`` is then ignored.
+        samples: Number of sequences to draw (>= 1).
+        seq_len: Tokens per sequence (>= 2).
+        seed: Seed of the window choice.
+
+    Raises:
+        ValueError: A field has an invalid type or value.
+    """
+
+    path: str | None = None
+    dataset: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    messages_field: str | None = None
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.path, os.PathLike):
+            object.__setattr__(self, "path", os.fspath(self.path))
+        for name in ("path", "dataset", "messages_field"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be None or a non-empty string, got {value!r}")
+        for name in ("split", "text_field"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        for name, low in (("samples", 1), ("seq_len", 2), ("seed", None)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            if low is not None and value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+@dataclass(frozen=True)
+class CalibrationSummary:
+    """What a calibration set was drawn from, for the run report.
+
+    Attributes:
+        source: Resolved file or directory path, or ``hub:NAME``.
+        source_kind: ``"file"``, ``"directory"``, ``"hub"`` or ``"bundled"``.
+        field: Column read (``text`` for ``.txt``; the messages column for chat data).
+        chat_template: Whether records were rendered with the chat template.
+        documents: Non-empty documents tokenized.
+        tokens: Tokens in the joined stream (EOS separators included).
+        windows_available: Non-overlapping ``seq_len`` windows the stream holds.
+        samples: Windows drawn.
+        seq_len: Tokens per window.
+        seed: Seed of the window choice.
+    """
+
+    source: str
+    source_kind: str
+    field: str
+    chat_template: bool
+    documents: int
+    tokens: int
+    windows_available: int
+    samples: int
+    seq_len: int
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the summary as a JSON-ready dict."""
+        return asdict(self)
+
+
+def load_calibration(spec: CalibrationDataSpec, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """Load calibration token windows.
+
+    Args:
+        spec: Data source and window count/length.
+        tokenizer: Hugging Face tokenizer of the model being quantized.
+
+    Returns:
+        ``torch.int64`` tensor of token ids, shape ``(spec.samples, spec.seq_len)``;
+        deterministic for a given spec, data and tokenizer.
+
+    Raises:
+        DataError: The source is missing, unreadable, lacks the field, is empty or too
+            short (the message names the source and what to change).
+    """
+    ids, _ = load_calibration_with_summary(spec, tokenizer)
+    return ids
+
+
+def load_calibration_with_summary(
+    spec: CalibrationDataSpec, tokenizer: PreTrainedTokenizerBase
+) -> tuple[torch.Tensor, CalibrationSummary]:
+    """Load calibration token windows and describe where they came from.
+
+    Args:
+        spec: Data source and window count/length.
+        tokenizer: Hugging Face tokenizer of the model being quantized.
+
+    Returns:
+        ``(ids, summary)``: ids as in :func:`load_calibration`, and a
+        :class:`CalibrationSummary` (``summary.to_dict()`` for a report).
+
+    Raises:
+        DataError: As :func:`load_calibration`.
+    """
+    src = _load_source(spec)
+    if spec.messages_field is not None:
+        field = spec.messages_field
+        texts = _render_chats(src.table, field, tokenizer, src.description)
+    else:
+        field = "text" if src.is_txt else spec.text_field
+        texts = _text_column(src.table, field, src.description)
+    stream, documents = _token_stream(texts, tokenizer)  # (tokens,)
+    if documents == 0:
+        raise DataError(
+            f"calibration {src.description} holds no text in field {field!r} (0 documents, 0 tokens)"
+        )
+    windows = stream.numel() // spec.seq_len
+    _check_enough(stream.numel(), windows, spec, src.description)
+    ids = _draw_windows(stream, spec)  # (samples, seq_len)
+    summary = CalibrationSummary(
+        source=src.resolved,
+        source_kind=src.kind,
+        field=field,
+        chat_template=spec.messages_field is not None,
+        documents=documents,
+        tokens=int(stream.numel()),
+        windows_available=windows,
+        samples=spec.samples,
+        seq_len=spec.seq_len,
+        seed=spec.seed,
+    )
+    return ids, summary
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A resolved, loaded source: records plus how to name it."""
+
+    table: datasets.Dataset
+    resolved: str  # the path, or hub:NAME
+    kind: str  # file | directory | hub | bundled
+    description: str  # for messages: "file PATH", "directory PATH", "dataset 'NAME' (split 'S')"
+    is_txt: bool  # a .txt file: one document in column "text"
+
+
+def _load_source(spec: CalibrationDataSpec) -> _Source:
+    """Resolve the source of ``spec`` (path, else dataset, else bundled file) and read it."""
+    if spec.path is not None:
+        path = Path(spec.path).expanduser().resolve()
+        if path.is_dir():
+            table = _load_directory(path, spec.split)
+            return _Source(table, str(path), "directory", f"directory {path}", False)
+        return _Source(_load_file(path), str(path), "file", f"file {path}", _is_txt(path))
+    if spec.dataset is not None:
+        table = _load_hub(spec.dataset, spec.split)
+        description = f"dataset {spec.dataset!r} (split {spec.split!r})"
+        return _Source(table, f"hub:{spec.dataset}", "hub", description, False)
+    path = data_file("calibration.txt")
+    return _Source(_load_file(path), str(path), "bundled", f"file {path}", True)
+
+
+def _is_txt(path: Path) -> bool:
+    return path.suffix.lower() == ".txt"
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """Hide ``datasets`` progress bars for the duration, restoring the previous setting."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def _load_file(path: Path) -> datasets.Dataset:
+    """Read a local file with a packaged ``datasets`` builder, uncached and in memory."""
+    if not path.exists():
+        raise DataError(f"calibration file {path} does not exist")
+    if not path.is_file():
+        raise DataError(f"calibration path {path} is neither a file nor a directory")
+    suffix = path.suffix.lower()
+    if suffix not in _BUILDERS:
+        raise DataError(
+            f"calibration file {path}: unsupported suffix {suffix!r}; supported: "
+            f"{', '.join(SUPPORTED_SUFFIXES)} or a directory written by datasets' save_to_disk"
+        )
+    if path.stat().st_size == 0:
+        raise DataError(f"calibration file {path} is empty (0 documents)")
+    # A .txt file is one document; "document" sampling keeps its text byte for byte.
+    options = {"sample_by": "document"} if suffix == ".txt" else {}
+    try:
+        with _quiet_progress(), tempfile.TemporaryDirectory(prefix="dsq-calib-") as cache_dir:
+            return datasets.load_dataset(
+                _BUILDERS[suffix],
+                data_files=str(path),
+                split="train",
+                cache_dir=cache_dir,  # fresh per call: an edited file is always re-read
+                keep_in_memory=True,
+                **options,
+            )
+    except Exception as exc:  # the builders raise many unrelated types for bad files
+        raise DataError(f"cannot read calibration file {path} as {_BUILDERS[suffix]}: {exc}") from exc
+
+
+def _load_directory(path: Path, split: str) -> datasets.Dataset:
+    """Read a ``save_to_disk`` directory; pick ``split`` from a ``DatasetDict``."""
+    try:
+        with _quiet_progress():
+            loaded = datasets.load_from_disk(str(path), keep_in_memory=True)
+    except Exception as exc:  # FileNotFoundError for plain folders, others for damaged ones
+        raise DataError(
+            f"calibration directory {path} is not a dataset written by datasets' save_to_disk "
+            f"({exc}); pass a file ({', '.join(SUPPORTED_SUFFIXES)}) or such a directory"
+        ) from exc
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(
+                f"calibration directory {path} has no split {split!r} (splits: {sorted(loaded)}); set split"
+            )
+        return loaded[split]
+    return loaded
+
+
+def _load_hub(name: str, split: str) -> datasets.Dataset:
+    """Load a Hub dataset split (downloads go to the standard ``datasets`` cache)."""
+    try:
+        with _quiet_progress():
+            loaded = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # offline: ConnectionError; unknown name or split: others
+        raise DataError(
+            f"calibration dataset {name!r} (split {split!r}) could not be loaded from the Hugging Face "
+            f"Hub: {exc}. The machine may be offline: download the data and set path to a local file "
+            f"({', '.join(SUPPORTED_SUFFIXES)}) or a save_to_disk directory instead."
+        ) from exc
+    if not isinstance(loaded, datasets.Dataset):
+        raise DataError(f"calibration dataset {name!r} (split {split!r}) did not load as one table")
+    return loaded
+
+
+def _require_column(table: datasets.Dataset, field: str, source: str, key: str) -> None:
+    if field not in table.column_names:
+        raise DataError(
+            f"calibration {source} has no column {field!r} ({key}); columns: {table.column_names}"
+        )
+
+
+def _text_column(table: datasets.Dataset, field: str, source: str) -> list[str]:
+    """Return the non-empty strings of column ``field``; ``None`` cells are skipped."""
+    _require_column(table, field, source, "text_field")
+    texts: list[str] = []
+    for row, value in enumerate(table[field]):
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise DataError(
+                f"calibration {source}, row {row}: field {field!r} must be a string, "
+                f"got {type(value).__name__}"
+            )
+        if value:
+            texts.append(value)
+    return texts
+
+
+def _render_chats(
+    table: datasets.Dataset, field: str, tokenizer: PreTrainedTokenizerBase, source: str
+) -> list[str]:
+    """Render each record's messages with the tokenizer's chat template (as text)."""
+    _require_column(table, field, source, "messages_field")
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise DataError(
+            f"calibration {source}: messages_field {field!r} is set but the tokenizer {name!r} has no "
+            f"chat template; use text_field with plain text or a tokenizer that has one"
+        )
+    texts: list[str] = []
+    for row, messages in enumerate(table[field]):
+        if messages is None:
+            continue
+        _check_messages(messages, row, field, source)
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception as exc:  # jinja errors raised by the template itself
+            raise DataError(
+                f"calibration {source}, row {row}: chat template failed on {field!r}: {exc}"
+            ) from exc
+        if text:
+            texts.append(text)
+    return texts
+
+
+def _check_messages(messages: Any, row: int, field: str, source: str) -> None:
+    ok = isinstance(messages, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages
+    )
+    if not ok:
+        raise DataError(
+            f"calibration {source}, row {row}: field {field!r} must be a list of "
+            f"{{'role': str, 'content': str}} messages, got {messages!r:.200}"
+        )
+
+
+def _token_stream(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, int]:
+    """Tokenize documents without special tokens and join them with EOS.
+
+    Returns:
+        ``(stream, documents)``: 1-D int64 ids and the number of documents that gave tokens.
+    """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    separator = torch.tensor([] if eos is None else [int(eos)], dtype=torch.long)
+    pieces: list[torch.Tensor] = []
+    documents = 0
+    for start in range(0, len(texts), _TOKENIZE_BATCH):
+        batch = list(texts[start : start + _TOKENIZE_BATCH])
+        for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
+            if not ids:
+                continue
+            if documents:
+                pieces.append(separator)
+            pieces.append(torch.tensor(ids, dtype=torch.long))
+            documents += 1
+    stream = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.long)
+    return stream, documents  # (tokens,)
+
+
+def _check_enough(tokens: int, windows: int, spec: CalibrationDataSpec, source: str) -> None:
+    if windows >= spec.samples:
+        return
+    max_seq_len = tokens // spec.samples
+    lower_seq = (
+        f"seq_len to at most {max_seq_len}" if max_seq_len >= 2 else "seq_len (too few tokens even at 2)"
+    )
+    raise DataError(
+        f"calibration {source} is too short: {tokens} tokens give {windows} non-overlapping windows of "
+        f"seq_len {spec.seq_len}, but samples = {spec.samples}. Lower samples to at most {windows} or "
+        f"{lower_seq}, or provide more text."
+    )
+
+
+def _draw_windows(stream: torch.Tensor, spec: CalibrationDataSpec) -> torch.Tensor:
+    """Draw ``spec.samples`` distinct aligned windows, shifted by one random offset.
+
+    The windows sit on a grid of stride ``seq_len`` starting at a random offset within
+    the stream's slack (``tokens % seq_len``), so they never overlap and every token can
+    be reached across seeds.
+    """
+    generator = torch.Generator().manual_seed(spec.seed)
+    windows = stream.numel() // spec.seq_len
+    slack = stream.numel() - windows * spec.seq_len
+    offset = int(torch.randint(0, slack + 1, (1,), generator=generator))
+    chosen = torch.randperm(windows, generator=generator)[: spec.samples]  # (samples,)
+    starts = offset + chosen * spec.seq_len
+    index = starts[:, None] + torch.arange(spec.seq_len)  # (samples, seq_len)
+    return stream[index].to(torch.int64)

@@ -1,0 +1,153 @@
+"""Balance mappings: where a per-channel scale can move between an op and the layers that read it.
+
+AWQ (Lin et al., 2024, arXiv:2306.00978) and SmoothQuant (Xiao et al., 2023, arXiv:2211.10438)
+both rescale input channel ``j`` of some Linears by ``s_j`` and fold ``1/s_j`` into the op that
+produces those channels, which leaves the full-precision function unchanged. This module is
+the one place that says, per architecture, which ops may do that. Names are relative to a
+decoder layer.
+
+=============================  ===============================================  ======================
+smooth (divided by s)           balance (input columns multiplied by s)          compensated (kept fp)
+=============================  ===============================================  ======================
+input_layernorm                 self_attn.q_a_proj, self_attn.kv_a_proj_with_mqa  (MLA, DeepSeek-V3/V2)
+input_layernorm                 self_attn.q_proj, self_attn.kv_a_proj_with_mqa    (MLA without q LoRA, V2-Lite)
+self_attn.q_a_layernorm         self_attn.q_b_proj                               (MLA)
+self_attn.kv_a_layernorm        self_attn.kv_b_proj                              (MLA)
+input_layernorm                 self_attn.q_proj, k_proj, v_proj                 (Llama, Qwen2)
+self_attn.v_proj (rows)         self_attn.o_proj                                 (Llama, Qwen2; only without GQA)
+post_attention_layernorm        mlp.gate_proj, mlp.up_proj                       (dense MLPs)
+mlp.up_proj (rows)              mlp.down_proj                                    (dense MLPs)
+post_attention_layernorm        mlp.shared_experts.gate_proj, .up_proj,          mlp.gate (the router)
+                                mlp.experts (every expert's gate_up_proj)
+mlp.shared_experts.up_proj      mlp.shared_experts.down_proj                     (shared experts)
+mlp.experts (up rows, e)        mlp.experts (down_proj columns of expert e)      (routed experts, per expert)
+=============================  ===============================================  ======================
+
+Not balanced: MLA's ``o_proj`` (its input is the attention-weighted value part of ``kv_b_proj``,
+interleaved per head with the no-rope key part) and Llama/Qwen2 ``o_proj`` under grouped-query
+attention; those layers are quantized without a balance scale.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .modules import is_fused_experts
+
+
+@dataclass(frozen=True)
+class Balance:
+    """One balance mapping (names relative to a decoder layer).
+
+    Attributes:
+        smooth: the op whose output channels are divided by ``s`` (a norm, a Linear's rows, or the
+            up half of every expert's ``gate_up_proj`` when ``per_expert``).
+        balance: the quantized layers whose input columns are multiplied by ``s``.
+        compensate: high-precision readers of the same channels, multiplied by ``s`` too (router).
+        per_expert: one scale vector per routed expert (experts' up rows -> down columns).
+    """
+
+    smooth: str
+    balance: tuple[str, ...]
+    compensate: tuple[str, ...] = ()
+    per_expert: bool = False
+
+
+MAPPINGS: tuple[Balance, ...] = (
+    Balance("input_layernorm", ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa")),
+    Balance("input_layernorm", ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa")),
+    Balance("self_attn.q_a_layernorm", ("self_attn.q_b_proj",)),
+    Balance("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",)),
+    Balance("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    Balance("self_attn.v_proj", ("self_attn.o_proj",)),
+    Balance("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    Balance("mlp.up_proj", ("mlp.down_proj",)),
+    Balance(
+        "post_attention_layernorm",
+        ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj", "mlp.experts"),
+        compensate=("mlp.gate",),
+    ),
+    Balance("mlp.shared_experts.up_proj", ("mlp.shared_experts.down_proj",)),
+    Balance("mlp.experts", ("mlp.experts",), per_expert=True),
+)
+
+
+def _get(layer: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return layer.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _channels_match(layer: nn.Module, m: Balance) -> bool:
+    """A Linear smooth op must produce exactly the channels its balance layers read."""
+    smooth = _get(layer, m.smooth)
+    if isinstance(smooth, nn.Linear):
+        return all(
+            isinstance(b := _get(layer, name), nn.Linear) and b.in_features == smooth.out_features for name in m.balance
+        )
+    return True
+
+
+def resolve(layer: nn.Module) -> list[Balance]:
+    """The mappings that apply to ``layer``: every named module exists (and channels line up).
+
+    An ``input_layernorm`` or ``post_attention_layernorm`` may appear in several table rows
+    (one per architecture); at most one of them resolves for a given layer.
+    """
+    found: list[Balance] = []
+    smooth_taken: set[str] = set()
+    for m in MAPPINGS:
+        names = (m.smooth, *m.balance, *m.compensate)
+        if any(_get(layer, n) is None for n in names) or m.smooth in smooth_taken and not m.per_expert:
+            continue
+        if m.per_expert and not is_fused_experts(_get(layer, m.smooth)):
+            continue
+        if not _channels_match(layer, m):
+            continue
+        found.append(m)
+        smooth_taken.add(m.smooth)
+    return found
+
+
+# ----------------------------------------------------------------------------- folding
+
+
+@torch.no_grad()
+def divide_smooth(module: nn.Module, s: torch.Tensor, *, per_expert: bool) -> None:
+    """Divide the output channels of the smooth op by ``s`` (``[C]``, or ``[E, I]`` per expert)."""
+    if per_expert:  # up half of every expert's gate_up_proj: rows I..2I
+        inter = module.down_proj.shape[-1]
+        module.gate_up_proj[:, inter:, :].div_(s.to(module.gate_up_proj.dtype).unsqueeze(-1))
+    elif isinstance(module, nn.Linear):
+        module.weight.div_(s.to(module.weight.dtype).unsqueeze(1))
+        if module.bias is not None:
+            module.bias.div_(s.to(module.bias.dtype))
+    else:  # a norm: y = w * normalize(x)
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.shape[0] != s.shape[-1]:
+            raise ValueError(f"cannot fold a scale of {tuple(s.shape)} into {type(module).__name__}")
+        weight.div_(s.to(weight.dtype))
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias.div_(s.to(bias.dtype))
+
+
+@torch.no_grad()
+def multiply_consumer(module: nn.Module, s: torch.Tensor, *, per_expert: bool) -> None:
+    """Multiply the input columns of a reader of the smoothed channels by ``s``."""
+    if per_expert:  # down_proj [E, H, I] of each expert by its own s [E, I]
+        module.down_proj.mul_(s.to(module.down_proj.dtype).unsqueeze(1))
+    elif is_fused_experts(module):  # gate_up_proj [E, 2I, H] shared input channels
+        module.gate_up_proj.mul_(s.to(module.gate_up_proj.dtype))
+    else:  # nn.Linear or the router: weight [out, C]
+        module.weight.mul_(s.to(module.weight.dtype))
+
+
+def fold(layer: nn.Module, m: Balance, s: torch.Tensor) -> None:
+    """Apply scale ``s`` to mapping ``m`` of ``layer``; the full-precision function is unchanged."""
+    divide_smooth(layer.get_submodule(m.smooth), s, per_expert=m.per_expert)
+    for name in (*m.balance, *m.compensate):
+        multiply_consumer(layer.get_submodule(name), s, per_expert=m.per_expert)

@@ -1,0 +1,210 @@
+"""The layer-sequential calibration driver shared by every calibrated method and architecture.
+
+The calibration set runs through the embeddings once; the inputs of decoder layer 0 (and the
+keyword arguments transformers passes to every layer: rotary embeddings, causal mask,
+positions) are captured. Then, for each decoder layer in turn, the method's callback collects
+statistics by running the layer (with hooks of its own), quantizes the layer's modules, and
+the driver recomputes the layer's outputs *with the quantized weights*; those feed the next
+layer, so every layer is calibrated on the activations it will really see. Only one layer's
+inputs and outputs are held at a time.
+
+MoE experts (transformers' fused 3-D experts) are observed through :func:`observe_experts`:
+the forward keeps the routed mix, and for statistics every calibration token is sent through
+every expert, so a rarely routed expert still gets well-conditioned statistics. The routed
+token count of every expert is recorded for the report.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dsq.errors import QuantizationError
+
+from .modules import is_fused_experts, set_module
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once layer 0's inputs are recorded."""
+
+
+@dataclass
+class LayerInputs:
+    """Inputs of one decoder layer for every calibration batch.
+
+    Attributes:
+        hidden: ``[batch, seq, hidden]`` per batch.
+        kwargs: keyword arguments transformers passed to the layer (per batch; shared by all layers).
+    """
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict]
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Name and module list of the decoder layers (``model.layers`` in every supported architecture)."""
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.endswith("layers") and (count is None or len(module) == count):
+            return name, module
+    raise QuantizationError(f"{type(model).__name__}: no decoder layer list found (expected 'model.layers')")
+
+
+def _first_tensor(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, layer: nn.Module, batches: list[torch.Tensor]) -> LayerInputs:
+    """Run ``model`` on ``batches`` up to ``layer`` and record that layer's inputs."""
+    captured = LayerInputs(hidden=[], kwargs=[])
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.hidden.append(hidden.detach())
+        captured.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _StopForward
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for ids in batches:
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
+    """Outputs of ``layer`` for every captured batch."""
+    return [_first_tensor(layer(h, **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+
+
+LayerCallback = Callable[[str, nn.Module, Callable[[], list[torch.Tensor]]], None]
+
+
+def sequential_calibrate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    on_layer: LayerCallback,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> torch.Tensor | None:
+    """Drive ``on_layer`` over the decoder layers in order.
+
+    Args:
+        model: a transformers causal LM.
+        input_ids: ``(samples, seq_len)`` calibration tokens.
+        on_layer: ``on_layer(layer_name, layer, run)``; ``run()`` runs the layer on all calibration
+            inputs (with whatever hooks the callback installed) and returns the outputs. The callback
+            quantizes the layer in place.
+        batch_size: calibration sequences per forward.
+        progress: show a progress bar.
+
+    Returns:
+        The hidden states after the last layer (``[samples, seq, hidden]``), for a head stage.
+    """
+    prefix, layers = decoder_layers(model)
+    device = next(model.parameters()).device
+    batches = [b.to(device) for b in input_ids.split(batch_size)]
+    inputs = capture_layer_inputs(model, layers[0], batches)
+    for i in tqdm(range(len(layers)), desc="calibrate layers", disable=not progress, unit="layer"):
+        layer = layers[i]
+        on_layer(f"{prefix}.{i}", layer, lambda layer=layer, inputs=inputs: run_layer(layer, inputs))
+        outputs = run_layer(layer, inputs)  # with the quantized weights
+        inputs = LayerInputs(hidden=outputs, kwargs=inputs.kwargs)
+    return torch.cat(inputs.hidden) if inputs.hidden else None
+
+
+# ----------------------------------------------------------------------------- observation
+
+
+@contextmanager
+def observe_inputs(modules: dict[str, nn.Module], callback: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """Call ``callback(name, input)`` for every forward of each module in ``modules``."""
+    handles = []
+    for name, module in modules.items():
+        def hook(mod, args, name=name):
+            callback(name, args[0].detach())
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class ExpertObserver(Protocol):
+    """Receives every calibration token's activations for each fused MoE expert."""
+
+    def experts_input(self, name: str, x: torch.Tensor) -> None:
+        """``x`` ``(tokens, H)``: the input every expert's ``gate_up_proj`` sees (all tokens)."""
+
+    def expert_tokens(self, name: str, expert: int, x: torch.Tensor, h: torch.Tensor, routed: torch.Tensor) -> None:
+        """Expert ``expert`` on all tokens: input ``x`` ``(tokens, H)``, ``h = act(gate) * up``
+        ``(tokens, I)`` (its ``down_proj`` input), ``routed`` ``(tokens,)`` bool: routed to it."""
+
+
+@dataclass
+class ExpertTokenCounts:
+    """Routed calibration tokens per expert, per experts module."""
+
+    counts: dict[str, list[int]] = field(default_factory=dict)
+
+    def add(self, name: str, top_k_index: torch.Tensor, num_experts: int) -> None:
+        new = torch.bincount(top_k_index.reshape(-1).cpu(), minlength=num_experts)[:num_experts].tolist()
+        old = self.counts.get(name, [0] * num_experts)
+        self.counts[name] = [a + b for a, b in zip(old, new)]
+
+    def starved(self) -> dict[str, list[int]]:
+        """Experts that received no routed calibration token, per module."""
+        return {n: [e for e, c in enumerate(cs) if c == 0] for n, cs in self.counts.items() if 0 in cs}
+
+
+class ObservedExperts(nn.Module):
+    """Wraps fused experts: the routed forward is unchanged; statistics see every token in every expert."""
+
+    def __init__(self, experts: nn.Module, name: str, observer: ExpertObserver, counts: ExpertTokenCounts) -> None:
+        super().__init__()
+        self.inner = experts
+        self.name = name
+        self.observer = observer
+        self.counts = counts
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        experts = self.inner
+        num_experts = experts.gate_up_proj.shape[0]
+        self.counts.add(self.name, top_k_index, num_experts)
+        x = hidden_states.detach()  # (tokens, H)
+        self.observer.experts_input(self.name, x)
+        for e in range(num_experts):
+            gate, up = torch.nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+            routed = (top_k_index == e).any(dim=-1)  # (tokens,)
+            self.observer.expert_tokens(self.name, e, x, experts.act_fn(gate) * up, routed)
+        return experts(hidden_states, top_k_index, top_k_weights)
+
+
+def fused_experts_in(layer: nn.Module, prefix: str) -> dict[str, nn.Module]:
+    """Full name -> fused experts module, for every fused experts module inside ``layer``."""
+    return {f"{prefix}.{n}": m for n, m in layer.named_modules() if n and is_fused_experts(m)}
+
+
+@contextmanager
+def observe_experts(layer: nn.Module, prefix: str, observer: ExpertObserver, counts: ExpertTokenCounts) -> Iterator[None]:
+    """Swap every fused experts module of ``layer`` for an :class:`ObservedExperts` while inside."""
+    originals = {n: m for n, m in layer.named_modules() if n and is_fused_experts(m)}
+    for n, m in originals.items():
+        set_module(layer, n, ObservedExperts(m, f"{prefix}.{n}", observer, counts))
+    try:
+        yield
+    finally:
+        for n, m in originals.items():
+            set_module(layer, n, m)

@@ -1,0 +1,105 @@
+"""Calibration statistics of module inputs, accumulated in fp32 whatever the model's dtype.
+
+One :class:`InputStats` per observed input: mean and max ``|x|`` per channel, optionally the
+GPTQ Hessian, and a bounded sample of rows for searches (AWQ). :class:`StatsCollector` feeds
+them from Linear forward hooks and from :class:`~.sequential.ObservedExperts`. Keys are
+module names; fused experts use ``NAME.gate_up_proj`` (shared input of every expert) and
+``NAME.gate_up_proj.E`` / ``NAME.down_proj.E`` (expert ``E``'s input and ``act(gate) * up``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .gptq import accumulate_hessian
+
+
+@dataclass
+class InputStats:
+    """Running statistics of one module input ``(..., C)``."""
+
+    count: float = 0.0  # total row weight
+    abs_sum: torch.Tensor | None = None  # (C,) fp32, weighted
+    abs_max: torch.Tensor | None = None  # (C,) fp32, over rows of positive weight
+    hessian: torch.Tensor | None = None  # (C, C) fp32, 2/n X^T W X
+    samples: list[torch.Tensor] = field(default_factory=list)  # rows kept for searches
+    sampled_rows: int = 0
+
+    def add(self, x: torch.Tensor, *, hessian: bool, sample_rows: int, weights: torch.Tensor | None = None) -> None:
+        """Fold rows ``x`` ``(..., C)``; ``weights`` ``(rows,)`` down-weights rows (e.g. unrouted tokens)."""
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        w = torch.ones(x.shape[0], device=x.device) if weights is None else weights.reshape(-1).to(torch.float32)
+        a = x.abs()
+        weighted_sum = (a * w.unsqueeze(1)).sum(0)
+        kept = a[w > 0]
+        row_max = kept.amax(0) if kept.shape[0] else torch.zeros(x.shape[-1], device=x.device)
+        if self.abs_sum is None:
+            self.abs_sum, self.abs_max = weighted_sum, row_max
+        else:
+            self.abs_sum += weighted_sum
+            self.abs_max = torch.maximum(self.abs_max, row_max)
+        if hessian:
+            if self.hessian is None:
+                self.hessian = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+            self.hessian, _ = accumulate_hessian(self.hessian, self.count, x, w if weights is not None else None)
+        self.count += float(w.sum())
+        if sample_rows > 0 and x.shape[0]:
+            # prefer the rows that matter most (full weight), then fill with the others
+            heavy = torch.nonzero(w >= w.max()).reshape(-1)
+            light = torch.nonzero(w < w.max()).reshape(-1)
+            pick = heavy[:: max(1, heavy.shape[0] // sample_rows)][:sample_rows]
+            if pick.shape[0] < sample_rows and light.shape[0]:
+                need = sample_rows - pick.shape[0]
+                pick = torch.cat([pick, light[:: max(1, light.shape[0] // need)][:need]])
+            rows = x[pick]
+            self.samples.append(rows.clone())
+            self.sampled_rows += rows.shape[0]
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / max(1, self.count)
+
+    def sample(self) -> torch.Tensor:
+        return torch.cat(self.samples)
+
+
+class StatsCollector:
+    """Collects :class:`InputStats` for Linears (``linear_input``) and fused experts (observer protocol).
+
+    Expert ``e`` gets its own statistics (``NAME.gate_up_proj.E``, ``NAME.down_proj.E``) from
+    every calibration token; tokens not routed to ``e`` count with weight ``unrouted_weight``
+    (1 = all tokens equal; small values focus on the routed tokens while a starved expert
+    still gets full-rank statistics).
+    """
+
+    def __init__(
+        self, *, hessian: bool = False, sample_rows: int = 0, unrouted_weight: float = 1.0, keys: set[str] | None = None
+    ) -> None:
+        self.hessian = hessian
+        self.sample_rows = sample_rows  # rows kept per forward call
+        self.unrouted_weight = unrouted_weight
+        self.keys = keys  # None: everything
+        self.stats: dict[str, InputStats] = {}
+
+    def _add(self, key: str, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        if self.keys is not None and key not in self.keys:
+            return
+        self.stats.setdefault(key, InputStats()).add(
+            x, hessian=self.hessian, sample_rows=self.sample_rows, weights=weights
+        )
+
+    def linear_input(self, name: str, x: torch.Tensor) -> None:
+        self._add(name, x)
+
+    def experts_input(self, name: str, x: torch.Tensor) -> None:
+        self._add(f"{name}.gate_up_proj", x)
+
+    def expert_tokens(self, name: str, expert: int, x: torch.Tensor, h: torch.Tensor, routed: torch.Tensor) -> None:
+        """Expert ``expert``: input ``x`` (tokens, H), inner ``h`` (tokens, I), ``routed`` (tokens,) bool."""
+        w = torch.where(routed, 1.0, self.unrouted_weight).to(torch.float32)
+        self._add(f"{name}.gate_up_proj.{expert}", x, w)
+        self._add(f"{name}.down_proj.{expert}", h, w)
+
+    def __getitem__(self, key: str) -> InputStats:
+        return self.stats[key]
