@@ -62,6 +62,7 @@ def test_calibrated_and_bnb_recipes_pass_their_gates(tmp_path, capsys, recipe, o
     if recipe.startswith("bnb"):
         # bitsandbytes has no fused-expert layer: the experts are kept, and the report says so
         assert "lm_head" in kept and any(name.endswith("mlp.experts") for name in kept)
+        assert "KEPT bnb-nf4: model.layers.1.mlp.experts (fused MoE experts" in captured.out
         assert cand["extra"]["reload_check"]["passed"] is True
     else:
         assert kept == {"lm_head"}
