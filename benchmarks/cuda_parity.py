@@ -7,6 +7,7 @@ CUDA difference, the int8 matmul that ran, and peak CUDA memory. Needs a CUDA de
     python benchmarks/cuda_parity.py
 """
 import copy
+import importlib.util
 import tempfile
 import time
 
@@ -42,9 +43,7 @@ for arch in ["deepseek_v3", "llama"]:
                 print("   matmul calls", w8a8_matmul_calls(m))
         agree = float((out["cpu"].argmax(-1) == out["cuda"].argmax(-1)).float().mean())
         print(f"{arch} {name}: cpu vs cuda max|dlogit| {float((out['cpu']-out['cuda']).abs().max()):.2e} top1 agree {agree:.3f}", flush=True)
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("bitsandbytes") is None:
         print("bitsandbytes not installed: bnb-nf4 skipped")
         continue
     m = copy.deepcopy(base).to("cuda")

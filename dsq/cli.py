@@ -63,7 +63,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for note in quantization.get("notes", []):
             print(f"NOTE {candidate.name}: {note}")
         for kept in quantization.get("kept", []):
-            if kept["reason"] != "lm_head (kept; set lm_head: true to quantize)":
+            if not kept["name"].endswith("lm_head"):
                 print(f"KEPT {candidate.name}: {kept['name']} ({kept['reason']})")
     if result.reload is not None:
         r = result.reload

@@ -20,7 +20,7 @@ from .checkpoint import LoadedModel, inspect_checkpoint, source_info
 from .errors import CheckpointError
 from dsq.quantize.compressed_tensors_format import decompress_tensor, scheme_from_args
 from dsq.quantize.modules import QuantExperts, QuantLinear, is_fused_experts, set_module
-from dsq.quantize.primitives import QuantizedWeight
+from dsq.quantize.primitives import QuantizedWeight, stack_weights
 from dsq.quantize.w8a8 import WEIGHT_SCHEME as W8A8_WEIGHT_SCHEME
 from dsq.quantize.w8a8 import DynamicPerToken, StaticPerTensor, W8A8Experts, W8A8Linear
 
@@ -68,11 +68,6 @@ def _activation_scheme(group: dict, root: Path):
         f"{root}: unsupported input_activations strategy {strategy!r} with dynamic={dynamic!r} "
         "(dsq reads token/dynamic and tensor/static)"
     )
-
-
-def _stack(qws: list[QuantizedWeight]) -> QuantizedWeight:
-    zero = torch.stack([q.zero for q in qws]) if qws[0].zero is not None else None
-    return QuantizedWeight(torch.stack([q.qweight for q in qws]), torch.stack([q.scale for q in qws]), zero, qws[0].scheme)
 
 
 def _cat_rows(a: QuantizedWeight, b: QuantizedWeight) -> QuantizedWeight:
@@ -165,7 +160,7 @@ def _load_experts(tensors: dict, name: str, module: nn.Module, scheme, root: Pat
         gate_up.append(gu)
         down.append(dn)
     scale_dtype = gate_up[0].scale.dtype
-    return QuantExperts(_stack(gate_up), _stack(down), module.act_fn, scale_dtype)
+    return QuantExperts(stack_weights(gate_up), stack_weights(down), module.act_fn, scale_dtype)
 
 
 def _input_scale(tensors: dict, prefix: str, act, root: Path) -> torch.Tensor | None:
@@ -189,7 +184,7 @@ def _load_w8a8_experts(tensors: dict, name: str, module: nn.Module, scheme, act,
             dn_scales.append(_input_scale(tensors, f"{name}.{e}.down_proj", act, root).reshape(()))
     gu = torch.stack(gu_scales) if gu_scales else None
     dn = torch.stack(dn_scales) if dn_scales else None
-    return W8A8Experts(_stack(gate_up), _stack(down), module.act_fn, act, gu, dn)
+    return W8A8Experts(stack_weights(gate_up), stack_weights(down), module.act_fn, act, gu, dn)
 
 
 def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], root: Path) -> None:

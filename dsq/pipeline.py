@@ -17,7 +17,7 @@ from .artifact import atomic_directory, save_quantized_model, write_manifest
 from .assets import data_file
 from .checkpoint import LoadedModel, bundled_model_path, load_checkpoint
 from .errors import QuantizationError
-from .recipe import CALIBRATED, QuantizeSection, Recipe, WeightsSection, dump_recipe
+from .recipe import QuantizeSection, Recipe, WeightsSection, dump_recipe
 from .reload import TOLERANCE, ReloadCheck, transformers_reload_check
 from dsq.eval import BenchmarkSuite, Evaluator, Gates, GateResult, PerplexityConfig, Report, check_gates, write_report
 from dsq.eval.memory import PeakRSS
@@ -25,7 +25,8 @@ from dsq.quantize import (
     AWQConfig, BnbFP4Config, BnbInt8Config, BnbNF4Config, GPTQConfig, PerChannel, PerGroup, QuantizationReport,
     RTNConfig, TargetSpec, W8A8Config, WeightScheme, quantize_,
 )
-from dsq.quantize.bnb import save_bnb_model
+from dsq.quantize.bnb import BNB_CONFIGS, save_bnb_model
+from dsq.quantize.calibrated import needs_calibration
 from dsq.quantize.calibration_data import CalibrationDataSpec, load_calibration_with_summary
 from dsq.quantize.w8a8 import DynamicPerToken, StaticPerTensor
 
@@ -109,8 +110,8 @@ def candidate_name(section: QuantizeSection) -> str:
 W8A8_RELOAD_TOLERANCE = 5e-2
 
 
-def reload_tolerance(section: QuantizeSection) -> float:
-    return W8A8_RELOAD_TOLERANCE if section.method == "w8a8" else TOLERANCE
+def reload_tolerance(config: object) -> float:
+    return W8A8_RELOAD_TOLERANCE if isinstance(config, W8A8Config) else TOLERANCE
 
 
 def benchmark_suite(recipe: Recipe) -> BenchmarkSuite:
@@ -139,9 +140,9 @@ def model_path(recipe: Recipe) -> Path:
     return Path(recipe.model).expanduser() if recipe.model else bundled_model_path()
 
 
-def save_artifact(root: Path, loaded: LoadedModel, recipe: Recipe) -> None:
-    """Weights (compressed-tensors), config, tokenizer and the resolved recipe into ``root``."""
-    if recipe.quantize.method.startswith("bnb-"):
+def save_artifact(root: Path, loaded: LoadedModel, recipe: Recipe, config: object) -> None:
+    """Weights (compressed-tensors, or bitsandbytes for its methods), config, tokenizer and the resolved recipe."""
+    if isinstance(config, BNB_CONFIGS):
         save_bnb_model(loaded.model, loaded.tokenizer, root)
     else:
         save_quantized_model(loaded.model, loaded.tokenizer, root, dtype_name=recipe.dtype)
@@ -167,7 +168,7 @@ def run(recipe: Recipe) -> RunResult:
     src = model_path(recipe)
     loaded = load_checkpoint(src, dtype=DTYPES[recipe.dtype], trust_remote_code=recipe.trust_remote_code)
     calibration, calibration_summary = None, None
-    if recipe.quantize.method in CALIBRATED:
+    if needs_calibration(config):
         calibration, calibration_summary = load_calibration_with_summary(calibration_spec(recipe.quantize), loaded.tokenizer)
     evaluator = Evaluator(suite, loaded.tokenizer, progress=recipe.progress)
     with atomic_directory(output, recipe.overwrite) as tmp:
@@ -178,12 +179,12 @@ def run(recipe: Recipe) -> RunResult:
         if calibration_summary is not None:
             qreport.calibration = {"data": calibration_summary.to_dict(), **(qreport.calibration or {})}
         quant_seconds = time.perf_counter() - started
-        save_artifact(tmp, loaded, recipe)
+        save_artifact(tmp, loaded, recipe, config)
         reload = None
         if recipe.eval.reload_check:
             reload = transformers_reload_check(
                 tmp, loaded.model, dtype=DTYPES[recipe.dtype], trust_remote_code=recipe.trust_remote_code,
-                tolerance=reload_tolerance(recipe.quantize),
+                tolerance=reload_tolerance(config),
             )
             if reload.loaded and not reload.passed:
                 raise QuantizationError(

@@ -95,9 +95,8 @@ class BnbSection(Strict):
     threshold: float = Field(6.0, gt=0)  # bnb-int8 outlier threshold
 
 
-METHODS = ("rtn", "gptq", "awq", "w8a8", "bnb-nf4", "bnb-fp4", "bnb-int8")
-CALIBRATED = ("gptq", "awq", "w8a8")
 # which optional sections each method reads; any other explicitly written section is an error
+OPTIONAL_SECTIONS = frozenset({"weights", "calibration", "gptq", "awq", "w8a8", "bnb"})
 METHOD_SECTIONS = {
     "rtn": {"weights"},
     "gptq": {"weights", "calibration", "gptq"},
@@ -279,8 +278,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 def _check_method_sections(section: QuantizeSection, source: str) -> None:
     """A section written for another method is a mistake worth an error (e.g. ``gptq:`` with ``method: awq``)."""
     allowed = METHOD_SECTIONS[section.method]
-    optional = {"weights", "calibration", "gptq", "awq", "w8a8", "bnb"}
-    stray = sorted((section.model_fields_set & optional) - allowed)
+    stray = sorted((section.model_fields_set & OPTIONAL_SECTIONS) - allowed)
     if stray:
         raise RecipeError(
             f"'quantize.{stray[0]}' in {source} is not used by quantize.method '{section.method}' "
@@ -291,7 +289,7 @@ def _check_method_sections(section: QuantizeSection, source: str) -> None:
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML (every default filled in; only the sections its method reads)."""
     tree = recipe.model_dump(mode="json")
-    unused = {"weights", "calibration", "gptq", "awq", "w8a8", "bnb"} - METHOD_SECTIONS[recipe.quantize.method]
+    unused = OPTIONAL_SECTIONS - METHOD_SECTIONS[recipe.quantize.method]
     for key in unused:
         tree["quantize"].pop(key, None)
     return yaml.safe_dump(tree, sort_keys=False)

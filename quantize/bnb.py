@@ -62,7 +62,7 @@ from tqdm.auto import tqdm
 
 from dsq.errors import DsqInputError, QuantizationError
 
-from .api import ModuleRecord, QuantizationReport, _other_breakdown, register_handler, tensor_bytes
+from .api import ModuleRecord, QuantizationReport, register_handler, start_report, tensor_bytes
 from .modules import set_module
 from .targets import TargetDecision, TargetSpec, select_targets
 
@@ -223,11 +223,7 @@ def quantize_bnb_(model: nn.Module, config: BnbConfig, *, progress: bool = True)
     _refuse_quantized(model, bnb)
 
     decisions = select_targets(model, config.targets)
-    report = QuantizationReport(method=method, scheme=config.describe())
-    all_params = sum(p.numel() for p in model.parameters())
-    all_bytes = tensor_bytes(model)
-    covered_params = sum(sum(p.numel() for p in d.module.parameters()) for d in decisions)
-    covered_bytes = sum(tensor_bytes(d.module) for d in decisions)
+    report = start_report(model, decisions, method=method, scheme=config.describe())
     keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
 
     skip: list[str] = []
@@ -244,9 +240,6 @@ def quantize_bnb_(model: nn.Module, config: BnbConfig, *, progress: bool = True)
         report.modules.append(
             ModuleRecord(d.name, d.kind, True, d.reason, params, before, saved_bytes(new), config.describe())
         )
-    report.other_params = all_params - covered_params
-    report.other_bytes = all_bytes - covered_bytes
-    report.other_breakdown = _other_breakdown(model, {d.name for d in decisions})
     _mark_as_transformers_bnb(model, config, skip)
     return report
 
@@ -444,11 +437,14 @@ def _mark_as_transformers_bnb(model: nn.Module, config: BnbConfig, skip: list[st
         model.is_loaded_in_4bit = True
 
 
+BNB_CONFIGS = (BnbNF4Config, BnbFP4Config, BnbInt8Config)
+
+
 def _handler(model: nn.Module, config: BnbConfig, calibration: torch.Tensor | None, progress: bool) -> QuantizationReport:
     return quantize_bnb_(model, config, progress=progress)
 
 
-for _config_type in (BnbNF4Config, BnbFP4Config, BnbInt8Config):
+for _config_type in BNB_CONFIGS:
     register_handler(_config_type, _handler)
 """Handlers in the shape of ``dsq.quantize.api._HANDLERS`` (config type -> handler)."""
 

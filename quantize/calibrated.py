@@ -13,9 +13,9 @@ Example:
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -25,13 +25,15 @@ from dsq.errors import QuantizationError
 from .api import QuantizationReport, check_finite, register_handler, start_report, swap_decision
 from .awq import ScaleSearch, candidate_scales, fake_quantize, search_clip, search_scale, weight_mean
 from .gptq import gptq_quantize, static_qparams
-from .mappings import Balance, fold, resolve
-from .primitives import QuantizedWeight, quantize_rtn, quantize_with_qparams
+from .mappings import Balance, balance_weight, find, fold, input_key, resolve
+from .primitives import QuantizedWeight, quantize_rtn, quantize_with_qparams, stack_weights
 from .scheme import PerGroup, WeightScheme
-from .sequential import ExpertTokenCounts, decoder_layers, observe_experts, observe_inputs, sequential_calibrate
+from .sequential import (
+    ExpertTokenCounts, capture_calls, decoder_layers, first_tensor, observe_experts, observe_inputs, sequential_calibrate,
+)
 from .smoothquant import smoothing_factors
 from .w8a8 import ActivationScheme, DynamicPerToken, StaticPerTensor, quantize_w8a8_
-from .stats import StatsCollector
+from .stats import InputStats, StatsCollector
 from .targets import TargetDecision, TargetSpec, select_targets
 
 
@@ -121,9 +123,13 @@ def _in_layer(decisions: list[TargetDecision], prefix: str) -> list[TargetDecisi
     return [d for d in decisions if d.name.startswith(prefix + ".")]
 
 
-def _stack(qws: list[QuantizedWeight]) -> QuantizedWeight:
-    zero = torch.stack([q.zero for q in qws]) if qws[0].zero is not None else None
-    return QuantizedWeight(torch.stack([q.qweight for q in qws]), torch.stack([q.scale for q in qws]), zero, qws[0].scheme)
+def _collect(layer: nn.Module, prefix: str, forward: Callable, linears: dict[str, nn.Module], collector: StatsCollector,
+             counts: ExpertTokenCounts | None) -> StatsCollector:
+    """Run the layer once with ``collector`` observing ``linears`` and, when ``counts`` is given, the experts."""
+    experts = observe_experts(layer, prefix, collector, counts) if counts is not None else nullcontext()
+    with observe_inputs(linears, collector.linear_input), experts:
+        forward()
+    return collector
 
 
 def _lookup(results: dict[str, QuantizedWeight]) -> Callable[[str, torch.Tensor], QuantizedWeight]:
@@ -204,22 +210,19 @@ def _gptq_layer(run: _Run, config: GPTQConfig, prefix: str, layer: nn.Module, fo
     for stage in _stages(_in_layer(run.decisions, prefix)):
         quantized = [d for d in stage if d.quantize]
         linears = {d.name: d.module for d in quantized if d.kind == "linear"}
+        experts = [d for d in quantized if d.kind == "experts"]
         collector = StatsCollector(hessian=True, unrouted_weight=config.unrouted_weight)
-        counts = run.counts if any(d.kind == "experts" for d in stage) else ExpertTokenCounts()
-        with observe_inputs(linears, collector.linear_input), observe_experts(layer, prefix, collector, counts):
-            forward()
+        _collect(layer, prefix, forward, linears, collector, run.counts if experts else None)
         results: dict[str, QuantizedWeight] = {}
         for name, linear in linears.items():
             results[f"{name}.weight"] = _gptq_one(run, config, name, linear.weight, collector[name].hessian)
-        for d in quantized:
-            if d.kind != "experts":
-                continue
+        for d in experts:
             gate_up, down = [], []
             for e in range(d.module.gate_up_proj.shape[0]):
                 gate_up.append(_gptq_one(run, config, f"{d.name}.{e}.gate_up_proj", d.module.gate_up_proj[e], collector[f"{d.name}.gate_up_proj.{e}"].hessian))
                 down.append(_gptq_one(run, config, f"{d.name}.{e}.down_proj", d.module.down_proj[e], collector[f"{d.name}.down_proj.{e}"].hessian))
-            results[f"{d.name}.gate_up_proj"] = _stack(gate_up)
-            results[f"{d.name}.down_proj"] = _stack(down)
+            results[f"{d.name}.gate_up_proj"] = stack_weights(gate_up)
+            results[f"{d.name}.down_proj"] = stack_weights(down)
         run.swap(stage, results)
 
 
@@ -278,42 +281,41 @@ def _awq_layer(run: _Run, config: AWQConfig, prefix: str, layer: nn.Module, forw
     decisions = _in_layer(run.decisions, prefix)
     quantized = {d.name for d in decisions if d.quantize}
     n_batches = -(-run.calibration.shape[0] // config.batch_size)
-    rows = -(-config.search_tokens // n_batches)
+    rows = -(-config.search_tokens // n_batches)  # sample rows kept per forward call
+    calls = -(-config.search_tokens // (config.batch_size * run.calibration.shape[1]))  # parent calls kept
     linears = {d.name: d.module for d in decisions if d.kind == "linear"}
 
     # 1. balance scales, searched on the layer's full-precision inputs
     collector = StatsCollector(sample_rows=rows, unrouted_weight=config.unrouted_weight)
-    seq_tokens = run.calibration.shape[0] and config.batch_size * run.calibration.shape[1]
-    calls = max(1, -(-config.search_tokens // seq_tokens))
-    parents = {n: layer.get_submodule(n) for n in ("self_attn", "mlp") if _has(layer, n)}
-    with observe_inputs(linears, collector.linear_input), observe_experts(layer, prefix, collector, run.counts), \
-            capture_calls(parents, calls) as captured:
-        forward()
+    parents = {n: m for n in ("self_attn", "mlp") if (m := find(layer, n)) is not None}
+    with capture_calls(parents, calls) as captured:
+        _collect(layer, prefix, forward, linears, collector, run.counts)
     for m in resolve(layer):
         _balance(run, config, prefix, layer, m, collector, quantized, captured)
 
-    # 2. clipping and rounding, on the inputs the rescaled layer really sees
-    collector = StatsCollector(sample_rows=rows if config.clip else 0, unrouted_weight=config.unrouted_weight)
-    with observe_inputs(linears, collector.linear_input), observe_experts(layer, prefix, collector, ExpertTokenCounts()):
-        forward()
+    # 2. clipping needs the inputs the rescaled layer really sees
+    if config.clip:
+        collector = _collect(layer, prefix, forward, linears,
+                             StatsCollector(sample_rows=rows, unrouted_weight=config.unrouted_weight), ExpertTokenCounts())
     results: dict[str, QuantizedWeight] = {}
     for d in decisions:
         if not d.quantize:
             continue
         if d.kind == "linear":
-            results[f"{d.name}.weight"] = _awq_round(config, d.module.weight, collector[d.name], d.name)
+            results[f"{d.name}.weight"] = _awq_round(config, d.module.weight, collector[d.name])
         else:
             E = d.module.gate_up_proj.shape[0]
-            results[f"{d.name}.gate_up_proj"] = _stack(
+            results[f"{d.name}.gate_up_proj"] = stack_weights(
                 [_awq_round(config, d.module.gate_up_proj[e], collector[f"{d.name}.gate_up_proj.{e}"]) for e in range(E)]
             )
-            results[f"{d.name}.down_proj"] = _stack(
+            results[f"{d.name}.down_proj"] = stack_weights(
                 [_awq_round(config, d.module.down_proj[e], collector[f"{d.name}.down_proj.{e}"]) for e in range(E)]
             )
     run.swap(decisions, results)
 
 
-def _awq_round(config: AWQConfig, weight: torch.Tensor, stats, name: str = "") -> QuantizedWeight:
+def _awq_round(config: AWQConfig, weight: torch.Tensor, stats: InputStats) -> QuantizedWeight:
+    """Round the (rescaled) weight: optional output-aware clipping, then min/max or range-searched scales."""
     w = weight.detach().float()
     if config.clip:
         w = search_clip(w, stats.sample(), config.scheme, grid=config.clip_grid, max_shrink=config.max_shrink)
@@ -321,31 +323,6 @@ def _awq_round(config: AWQConfig, weight: torch.Tensor, stats, name: str = "") -
         scale, zero = static_qparams(w, config.scheme, mse=True)
         return quantize_with_qparams(w, scale, zero, config.scheme)
     return quantize_rtn(w, config.scheme)
-
-
-def _has(layer: nn.Module, name: str) -> bool:
-    try:
-        layer.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
-
-
-@contextmanager
-def capture_calls(modules: dict[str, nn.Module], limit: int) -> Iterator[dict[str, list[tuple[tuple, dict]]]]:
-    """Record the first ``limit`` ``(args, kwargs)`` each module is called with."""
-    captured: dict[str, list[tuple[tuple, dict]]] = {n: [] for n in modules}
-    handles = []
-    for name, module in modules.items():
-        def hook(mod, args, kwargs, name=name):
-            if len(captured[name]) < limit:
-                captured[name].append((args, dict(kwargs)))
-        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        yield captured
-    finally:
-        for h in handles:
-            h.remove()
 
 
 _OUTSIDE = ("input_layernorm", "post_attention_layernorm")  # smooth ops that feed the parent from outside
@@ -373,18 +350,17 @@ def _block_search(layer: nn.Module, m: Balance, config: AWQConfig, x_mean: torch
     parent = layer.get_submodule(_parent_name(m))
     touched = [layer.get_submodule(n) for n in (m.smooth, *m.balance, *m.compensate)]
     saved = [(p, p.detach().clone()) for mod in touched for p in mod.parameters(recurse=False)]
-    refs = [_first(parent(*a, **k)).float() for a, k in calls]
+    refs = [first_tensor(parent(*a, **k)).float() for a, k in calls]
 
     def loss_of(s: torch.Tensor) -> float:
         fold(layer, m, s)
         for name in quantized_names:
-            mod = layer.get_submodule(name)
-            w = mod.gate_up_proj if hasattr(mod, "gate_up_proj") else mod.weight
+            w = balance_weight(layer.get_submodule(name))
             w.copy_(fake_quantize(w, config.scheme).to(w.dtype))  # min/max: measured better than the range search here
         loss = 0.0
         for (a, k), ref in zip(calls, refs):
             a, k = _scaled_call(a, k, s if m.smooth in _OUTSIDE else None)
-            loss += float((_first(parent(*a, **k)).float() - ref).pow(2).mean())
+            loss += float((first_tensor(parent(*a, **k)).float() - ref).pow(2).mean())
         for p, value in saved:
             p.copy_(value)
         return loss / max(1, len(calls))
@@ -394,17 +370,12 @@ def _block_search(layer: nn.Module, m: Balance, config: AWQConfig, x_mean: torch
     best = ScaleSearch(s=one, ratio=float("nan"), loss=unscaled, loss_unscaled=unscaled)
     w_mean = None
     if config.duo_scaling:
-        weights = [layer.get_submodule(n) for n in quantized_names]
-        w_mean = weight_mean([w.gate_up_proj if hasattr(w, "gate_up_proj") else w.weight for w in weights], config.scheme)
+        w_mean = weight_mean([balance_weight(layer.get_submodule(n)) for n in quantized_names], config.scheme)
     for ratio, s in candidate_scales(x_mean, w_mean, config.grid):
         loss = loss_of(s)
         if loss < best.loss:
             best = ScaleSearch(s=s, ratio=ratio, loss=loss, loss_unscaled=unscaled)
     return best
-
-
-def _first(output) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def _balance(
@@ -426,12 +397,10 @@ def _balance(
         fold(layer, m, torch.stack(scales))
         run.per_module[f"{name}.down_proj"] = {"awq_ratio_per_expert": ratios}
         return
-    first = f"{prefix}.{m.balance[0]}"
-    st = collector[f"{first}.gate_up_proj" if first.endswith("experts") else first]
     targets = [b for b in m.balance if f"{prefix}.{b}" in quantized]
     if not targets:
         return
-    found = _block_search(layer, m, config, st.mean_abs, captured[_parent_name(m)], targets)
+    found = _block_search(layer, m, config, collector[input_key(prefix, m)].mean_abs, captured[_parent_name(m)], targets)
     fold(layer, m, found.s)
     run.per_module[f"{prefix}.{m.smooth}"] = {
         "awq_balances": list(m.balance),
@@ -444,7 +413,7 @@ def _balance(
 def _awq_head(run: _Run, config: AWQConfig, d: TargetDecision, x: torch.Tensor) -> QuantizedWeight:
     collector = StatsCollector(sample_rows=config.search_tokens)
     collector.linear_input(d.name, x)
-    return _awq_round(config, d.module.weight, collector[d.name], d.name)
+    return _awq_round(config, d.module.weight, collector[d.name])
 
 
 def _awq(model: nn.Module, config: AWQConfig, calibration: torch.Tensor | None, progress: bool) -> QuantizationReport:
@@ -483,10 +452,6 @@ class W8A8Config:
         return self.smoothquant_alpha is not None or isinstance(self.activations, StaticPerTensor)
 
 
-def _absmax_of(collector: StatsCollector, key: str) -> torch.Tensor:
-    return collector[key].abs_max
-
-
 def _smooth_layer(config: W8A8Config, prefix: str, layer: nn.Module, collector: StatsCollector, quantized: set[str], log: dict) -> None:
     """Fold SmoothQuant factors into every balance mapping of ``layer`` whose layers are quantized."""
     alpha = config.smoothquant_alpha
@@ -497,20 +462,15 @@ def _smooth_layer(config: W8A8Config, prefix: str, layer: nn.Module, collector: 
             if name not in quantized:
                 continue
             s = torch.stack([
-                smoothing_factors(_absmax_of(collector, f"{name}.down_proj.{e}"), [experts.down_proj[e]], alpha)
+                smoothing_factors(collector[f"{name}.down_proj.{e}"].abs_max, [experts.down_proj[e]], alpha)
                 for e in range(experts.down_proj.shape[0])
             ])
         else:
             targets = [b for b in m.balance if f"{prefix}.{b}" in quantized]
             if not targets:
                 continue
-            first = f"{prefix}.{m.balance[0]}"
-            absmax = _absmax_of(collector, f"{first}.gate_up_proj" if first.endswith("experts") else first)
-            weights = []
-            for b in targets:
-                mod = layer.get_submodule(b)
-                weights.append(mod.gate_up_proj if hasattr(mod, "gate_up_proj") else mod.weight)
-            s = smoothing_factors(absmax, weights, alpha)
+            weights = [balance_weight(layer.get_submodule(b)) for b in targets]
+            s = smoothing_factors(collector[input_key(prefix, m)].abs_max, weights, alpha)
         fold(layer, m, s)
         log[f"{prefix}.{m.smooth}"] = {"smoothquant_balances": list(m.balance), "s_min": float(s.min()), "s_max": float(s.max())}
 
@@ -527,14 +487,15 @@ def _w8a8(model: nn.Module, config: W8A8Config, calibration: torch.Tensor | None
 
     def on_layer(prefix: str, layer: nn.Module, forward: Callable) -> None:
         linears = {d.name: d.module for d in _in_layer(decisions, prefix) if d.kind == "linear"}
-        passes = [True, False] if config.smoothquant_alpha is not None else [False]
-        for smoothing_pass in passes:
+        layer_counts = counts  # routed tokens are counted on the first pass only
+        if config.smoothquant_alpha is not None:
             # unrouted_weight 0: an expert's statistics are over the tokens routed to it
-            collector = StatsCollector(unrouted_weight=0.0)
-            with observe_inputs(linears, collector.linear_input), observe_experts(layer, prefix, collector, counts if smoothing_pass or len(passes) == 1 else ExpertTokenCounts()):
-                forward()
-            if smoothing_pass:
-                _smooth_layer(config, prefix, layer, collector, quantized, smoothing)
+            collector = _collect(layer, prefix, forward, linears, StatsCollector(unrouted_weight=0.0), layer_counts)
+            _smooth_layer(config, prefix, layer, collector, quantized, smoothing)
+            layer_counts = ExpertTokenCounts()
+        if not isinstance(config.activations, StaticPerTensor):
+            return
+        collector = _collect(layer, prefix, forward, linears, StatsCollector(unrouted_weight=0.0), layer_counts)
         for d in _in_layer(decisions, prefix):
             if d.kind == "linear":
                 absmax[d.name] = collector[d.name].abs_max.max()
@@ -544,7 +505,8 @@ def _w8a8(model: nn.Module, config: W8A8Config, calibration: torch.Tensor | None
                 absmax[f"{d.name}.down_proj"] = torch.stack([collector[f"{d.name}.down_proj.{e}"].abs_max.max() for e in range(E)])
 
     sequential_calibrate(model, ids, on_layer, batch_size=config.batch_size, progress=progress)
-    head = [d for d in decisions if d.quantize and d.name not in absmax and not d.name.startswith(decoder_layers(model)[0] + ".")]
+    layers_prefix = decoder_layers(model)[0] + "."
+    head = [d for d in decisions if d.quantize and not d.name.startswith(layers_prefix)]
     if head and isinstance(config.activations, StaticPerTensor):
         raise QuantizationError(
             f"static W8A8 calibrates inputs inside the decoder layers only; {', '.join(d.name for d in head)} "
@@ -566,6 +528,13 @@ def _w8a8(model: nn.Module, config: W8A8Config, calibration: torch.Tensor | None
             "their activation scale falls back to the layer's largest (finite) value"
         )
     return report
+
+
+def needs_calibration(config: object) -> bool:
+    """Whether ``quantize_(model, config)`` needs calibration token ids."""
+    if isinstance(config, W8A8Config):
+        return config.needs_calibration
+    return isinstance(config, (GPTQConfig, AWQConfig))
 
 
 register_handler(GPTQConfig, _gptq)

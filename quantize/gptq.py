@@ -125,7 +125,7 @@ def static_qparams(W: torch.Tensor, scheme: WeightScheme, mse: bool) -> tuple[to
 
 
 def _round_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: WeightScheme):
-    """Integer and dequantized value of one column ``w`` ``[out]``."""
+    """Integer and dequantized values of ``w`` (a column ``[out]`` or a group ``[out, width]``)."""
     q = torch.round(w / scale)
     if zero is not None:
         q = q + zero.float()
@@ -215,6 +215,5 @@ def gptq_quantize(
 
     inverse = torch.argsort(perm)
     qweight = Q[:, inverse].to(torch.int8)
-    out_dtype_scale = scale.to(torch.float32)
-    qw = QuantizedWeight(qweight=qweight, scale=out_dtype_scale, zero=zero, scheme=scheme)
+    qw = QuantizedWeight(qweight=qweight, scale=scale, zero=zero, scheme=scheme)
     return GPTQResult(qweight=qw, loss=float(losses.sum()))

@@ -74,7 +74,8 @@ MAPPINGS: tuple[Balance, ...] = (
 )
 
 
-def _get(layer: nn.Module, name: str) -> nn.Module | None:
+def find(layer: nn.Module, name: str) -> nn.Module | None:
+    """Submodule ``name`` of ``layer``, or None."""
     try:
         return layer.get_submodule(name)
     except AttributeError:
@@ -83,10 +84,10 @@ def _get(layer: nn.Module, name: str) -> nn.Module | None:
 
 def _channels_match(layer: nn.Module, m: Balance) -> bool:
     """A Linear smooth op must produce exactly the channels its balance layers read."""
-    smooth = _get(layer, m.smooth)
+    smooth = find(layer, m.smooth)
     if isinstance(smooth, nn.Linear):
         return all(
-            isinstance(b := _get(layer, name), nn.Linear) and b.in_features == smooth.out_features for name in m.balance
+            isinstance(b := find(layer, name), nn.Linear) and b.in_features == smooth.out_features for name in m.balance
         )
     return True
 
@@ -101,9 +102,9 @@ def resolve(layer: nn.Module) -> list[Balance]:
     smooth_taken: set[str] = set()
     for m in MAPPINGS:
         names = (m.smooth, *m.balance, *m.compensate)
-        if any(_get(layer, n) is None for n in names) or m.smooth in smooth_taken and not m.per_expert:
+        if any(find(layer, n) is None for n in names) or (m.smooth in smooth_taken and not m.per_expert):
             continue
-        if m.per_expert and not is_fused_experts(_get(layer, m.smooth)):
+        if m.per_expert and not is_fused_experts(find(layer, m.smooth)):
             continue
         if not _channels_match(layer, m):
             continue
@@ -116,34 +117,48 @@ def resolve(layer: nn.Module) -> list[Balance]:
 
 
 @torch.no_grad()
+def _rescale(t: torch.Tensor, factor: torch.Tensor, *, divide: bool) -> None:
+    """``t /= factor`` or ``t *= factor`` computed in fp32 and written back in ``t``'s dtype (bf16 safe)."""
+    factor = factor.to(device=t.device, dtype=torch.float32)
+    t.copy_((t.float() / factor if divide else t.float() * factor).to(t.dtype))
+
+
 def divide_smooth(module: nn.Module, s: torch.Tensor, *, per_expert: bool) -> None:
     """Divide the output channels of the smooth op by ``s`` (``[C]``, or ``[E, I]`` per expert)."""
     if per_expert:  # up half of every expert's gate_up_proj: rows I..2I
         inter = module.down_proj.shape[-1]
-        module.gate_up_proj[:, inter:, :].div_(s.to(module.gate_up_proj.dtype).unsqueeze(-1))
+        _rescale(module.gate_up_proj[:, inter:, :], s.unsqueeze(-1), divide=True)
     elif isinstance(module, nn.Linear):
-        module.weight.div_(s.to(module.weight.dtype).unsqueeze(1))
+        _rescale(module.weight, s.unsqueeze(1), divide=True)
         if module.bias is not None:
-            module.bias.div_(s.to(module.bias.dtype))
+            _rescale(module.bias, s, divide=True)
     else:  # a norm: y = w * normalize(x)
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.shape[0] != s.shape[-1]:
             raise ValueError(f"cannot fold a scale of {tuple(s.shape)} into {type(module).__name__}")
-        weight.div_(s.to(weight.dtype))
+        _rescale(weight, s, divide=True)
         bias = getattr(module, "bias", None)
         if isinstance(bias, torch.Tensor):
-            bias.div_(s.to(bias.dtype))
+            _rescale(bias, s, divide=True)
 
 
-@torch.no_grad()
 def multiply_consumer(module: nn.Module, s: torch.Tensor, *, per_expert: bool) -> None:
     """Multiply the input columns of a reader of the smoothed channels by ``s``."""
     if per_expert:  # down_proj [E, H, I] of each expert by its own s [E, I]
-        module.down_proj.mul_(s.to(module.down_proj.dtype).unsqueeze(1))
-    elif is_fused_experts(module):  # gate_up_proj [E, 2I, H] shared input channels
-        module.gate_up_proj.mul_(s.to(module.gate_up_proj.dtype))
-    else:  # nn.Linear or the router: weight [out, C]
-        module.weight.mul_(s.to(module.weight.dtype))
+        _rescale(module.down_proj, s.unsqueeze(1), divide=False)
+    else:  # fused gate_up_proj [E, 2I, H], a Linear's or the router's weight [out, C]
+        _rescale(balance_weight(module), s, divide=False)
+
+
+def balance_weight(module: nn.Module) -> torch.Tensor:
+    """The weight whose input columns a balance scale multiplies: fused experts' ``gate_up_proj``, else ``weight``."""
+    return module.gate_up_proj if is_fused_experts(module) else module.weight
+
+
+def input_key(prefix: str, m: Balance) -> str:
+    """Statistics key of the smoothed channels: the first balance layer's input."""
+    first = f"{prefix}.{m.balance[0]}"
+    return f"{first}.gate_up_proj" if first.endswith("experts") else first
 
 
 def fold(layer: nn.Module, m: Balance, s: torch.Tensor) -> None:

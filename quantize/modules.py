@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -104,6 +106,28 @@ def is_fused_experts(module: nn.Module) -> bool:
     )
 
 
+def route_tokens(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    num_experts: int,
+    expert_forward: Callable[[int, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """The routed mix ``sum_k w_k * expert_k(x)`` over the experts that received tokens.
+
+    ``hidden_states`` (tokens, H), ``top_k_index`` / ``top_k_weights`` (tokens, k); an index
+    outside ``[0, num_experts)`` (transformers' marker of a dropped slot) is skipped.
+    """
+    out = torch.zeros_like(hidden_states)
+    for expert in torch.unique(top_k_index).tolist():
+        if not 0 <= expert < num_experts:
+            continue
+        token_idx, slot = torch.where(top_k_index == expert)
+        y = expert_forward(expert, hidden_states[token_idx])  # (n, H)
+        out.index_add_(0, token_idx, (y * top_k_weights[token_idx, slot, None]).to(out.dtype))
+    return out
+
+
 class QuantExperts(nn.Module):
     """Quantized fused experts with the call signature of transformers' experts modules.
 
@@ -122,12 +146,10 @@ class QuantExperts(nn.Module):
         self.act_fn = act_fn
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(hidden_states)
         dtype = hidden_states.dtype
-        for expert in torch.unique(top_k_index).tolist():
-            token_idx, slot = torch.where(top_k_index == expert)
-            x = hidden_states[token_idx]  # (n, H)
+
+        def expert_forward(expert: int, x: torch.Tensor) -> torch.Tensor:  # (n, H) -> (n, H)
             gate, up = F.linear(x, self.gate_up_proj.dequantize(dtype, expert)).chunk(2, dim=-1)
-            y = F.linear(self.act_fn(gate) * up, self.down_proj.dequantize(dtype, expert))  # (n, H)
-            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, slot, None]).to(out.dtype))
-        return out
+            return F.linear(self.act_fn(gate) * up, self.down_proj.dequantize(dtype, expert))
+
+        return route_tokens(hidden_states, top_k_index, top_k_weights, self.num_experts, expert_forward)

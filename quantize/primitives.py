@@ -118,6 +118,12 @@ def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -
     return dequantize(qw.qweight, qw.scale, qw.zero, qw.scheme, dtype)
 
 
+def stack_weights(qws: list[QuantizedWeight]) -> QuantizedWeight:
+    """Stack per-expert weights ``[out, in]`` into one ``[E, out, in]`` (scales and zero points too)."""
+    zero = torch.stack([q.zero for q in qws]) if qws[0].zero is not None else None
+    return QuantizedWeight(torch.stack([q.qweight for q in qws]), torch.stack([q.scale for q in qws]), zero, qws[0].scheme)
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """Pack signed int4 values ``[..., n]`` into bytes ``[..., ceil(n/2)]``.
 

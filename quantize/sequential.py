@@ -54,7 +54,7 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise QuantizationError(f"{type(model).__name__}: no decoder layer list found (expected 'model.layers')")
 
 
-def _first_tensor(output) -> torch.Tensor:
+def first_tensor(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
@@ -84,7 +84,7 @@ def capture_layer_inputs(model: nn.Module, layer: nn.Module, batches: list[torch
 @torch.no_grad()
 def run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
     """Outputs of ``layer`` for every captured batch."""
-    return [_first_tensor(layer(h, **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+    return [first_tensor(layer(h, **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs)]
 
 
 LayerCallback = Callable[[str, nn.Module, Callable[[], list[torch.Tensor]]], None]
@@ -137,6 +137,23 @@ def observe_inputs(modules: dict[str, nn.Module], callback: Callable[[str, torch
         handles.append(module.register_forward_pre_hook(hook))
     try:
         yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def capture_calls(modules: dict[str, nn.Module], limit: int) -> Iterator[dict[str, list[tuple[tuple, dict]]]]:
+    """Record the first ``limit`` ``(args, kwargs)`` each module in ``modules`` is called with."""
+    captured: dict[str, list[tuple[tuple, dict]]] = {n: [] for n in modules}
+    handles = []
+    for name, module in modules.items():
+        def hook(mod, args, kwargs, name=name):
+            if len(captured[name]) < limit:
+                captured[name].append((args, dict(kwargs)))
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        yield captured
     finally:
         for h in handles:
             h.remove()

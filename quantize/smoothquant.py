@@ -8,12 +8,12 @@ paper picks per-channel factors
 
 and rewrites ``Y = X W^T`` as ``(X diag(s)^-1) (W diag(s))^T``: the op that produces ``X`` (a norm's
 weight, or the output rows of the previous Linear) divides by ``s``, and every consumer's input
-column ``j`` multiplies by ``s_j``. The model's fp function is unchanged; the activation's outlier
-channels shrink, so per-token / per-tensor int8 activation quantization loses less.
+column ``j`` multiplies by ``s_j`` (folded by :func:`dsq.quantize.mappings.fold`, the same table
+AWQ uses). The model's fp function is unchanged; the activation's outlier channels shrink, so
+per-token / per-tensor int8 activation quantization loses less.
 
 Example:
     >>> s = smoothing_factors(act_absmax, [q.weight, k.weight, v.weight], alpha=0.5)
-    >>> fold_smoothing(s, prev_scale=norm.weight, consumers=[q.weight, k.weight, v.weight])
 """
 from __future__ import annotations
 
@@ -65,61 +65,4 @@ def smoothing_factors(act_absmax: torch.Tensor, weights: Sequence[torch.Tensor],
     return s.clamp(1.0 / S_MAX, S_MAX)
 
 
-def _as_list(t: torch.Tensor | Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
-    if t is None:
-        return []
-    if isinstance(t, torch.Tensor):
-        return [t]
-    return list(t)
-
-
-@torch.no_grad()
-def fold_smoothing(
-    s: torch.Tensor,
-    *,
-    prev_scale: torch.Tensor | None = None,
-    prev_rows: torch.Tensor | Sequence[torch.Tensor] | None = None,
-    consumers: Sequence[torch.Tensor],
-) -> None:
-    """Fold smoothing factors into a model in place; its fp function is unchanged.
-
-    Args:
-        s: ``[C]`` factors from :func:`smoothing_factors`.
-        prev_scale: ``[C]`` elementwise scale of the op producing the activation (an RMSNorm /
-            LayerNorm weight); divided by ``s``. (A LayerNorm's bias is ``[C]`` too: pass it here as
-            well via ``prev_rows``.)
-        prev_rows: tensor(s) whose dim 0 indexes the produced channels, divided by ``s`` along it:
-            the previous Linear's weight ``[C, in]`` and bias ``[C]`` (e.g. ``v_proj`` before
-            ``o_proj``, ``up_proj`` before ``down_proj``).
-        consumers: weights ``[..., out, C]`` reading the activation; column ``j`` is multiplied by ``s_j``.
-
-    Each tensor is updated in fp32 and written back in its own dtype.
-
-    Raises:
-        ValueError: no producer given, no consumer, or a shape that does not match ``C``.
-    """
-    s = s.detach().float().reshape(-1)
-    channels = s.numel()
-    rows = _as_list(prev_rows)
-    if prev_scale is None and not rows:
-        raise ValueError("fold_smoothing needs the producing op: prev_scale (a norm weight) and/or prev_rows")
-    if not consumers:
-        raise ValueError("fold_smoothing needs at least one consumer weight")
-    if not torch.isfinite(s).all() or (s <= 0).any():
-        raise ValueError("smoothing factors must be finite and positive")
-    if prev_scale is not None:
-        if prev_scale.shape != (channels,):
-            raise ValueError(f"prev_scale must be [{channels}], got {tuple(prev_scale.shape)}")
-        prev_scale.copy_((prev_scale.float() / s.to(prev_scale.device)).to(prev_scale.dtype))
-    for r in rows:
-        if r.shape[0] != channels:
-            raise ValueError(f"prev_rows tensor must have {channels} rows (dim 0), got {tuple(r.shape)}")
-        view = s.to(r.device).reshape(channels, *([1] * (r.dim() - 1)))
-        r.copy_((r.float() / view).to(r.dtype))
-    for w in consumers:
-        if w.shape[-1] != channels:
-            raise ValueError(f"consumer weight must have {channels} input columns, got {tuple(w.shape)}")
-        w.copy_((w.float() * s.to(w.device)).to(w.dtype))
-
-
-__all__ = ["fold_smoothing", "smoothing_factors"]
+__all__ = ["smoothing_factors"]

@@ -24,7 +24,6 @@ class InputStats:
     abs_max: torch.Tensor | None = None  # (C,) fp32, over rows of positive weight
     hessian: torch.Tensor | None = None  # (C, C) fp32, 2/n X^T W X
     samples: list[torch.Tensor] = field(default_factory=list)  # rows kept for searches
-    sampled_rows: int = 0
 
     def add(self, x: torch.Tensor, *, hessian: bool, sample_rows: int, weights: torch.Tensor | None = None) -> None:
         """Fold rows ``x`` ``(..., C)``; ``weights`` ``(rows,)`` down-weights rows (e.g. unrouted tokens)."""
@@ -52,13 +51,11 @@ class InputStats:
             if pick.shape[0] < sample_rows and light.shape[0]:
                 need = sample_rows - pick.shape[0]
                 pick = torch.cat([pick, light[:: max(1, light.shape[0] // need)][:need]])
-            rows = x[pick]
-            self.samples.append(rows.clone())
-            self.sampled_rows += rows.shape[0]
+            self.samples.append(x[pick].clone())
 
     @property
     def mean_abs(self) -> torch.Tensor:
-        return self.abs_sum / max(1, self.count)
+        return self.abs_sum / self.count if self.count > 0 else self.abs_sum
 
     def sample(self) -> torch.Tensor:
         return torch.cat(self.samples)

@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 
 from dsq.errors import QuantizationError
 
-from .api import ModuleRecord, QuantizationReport, _other_breakdown, check_finite, tensor_bytes
-from .modules import QuantTensor, set_module
+from .api import ModuleRecord, QuantizationReport, check_finite, start_report, tensor_bytes
+from .modules import QuantTensor, route_tokens, set_module
 from .primitives import QuantizedWeight, quantize_rtn
 from .scheme import PerChannel, WeightScheme
 from .targets import TargetSpec, select_targets
@@ -374,23 +374,20 @@ class W8A8Experts(_MatmulCounter, nn.Module):
         return cls(gate_up, down, experts.act_fn, act, gu_scale, dn_scale)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(hidden_states)
         static = isinstance(self.act, StaticPerTensor)
-        for expert in torch.unique(top_k_index).tolist():
-            if not 0 <= expert < self.num_experts:
-                continue  # transformers marks dropped slots with index num_experts
-            token_idx, slot = torch.where(top_k_index == expert)
-            x = hidden_states[token_idx]  # (n, H)
+
+        def expert_forward(expert: int, x: torch.Tensor) -> torch.Tensor:  # (n, H) -> (n, H) fp32
             gu_s = self.gate_up_input_scale[expert] if static else None
             h, backend = _int8_linear(x, self.gate_up_proj.packed[expert], self.gate_up_proj.scale[expert], self.act, gu_s)
             self._count(backend)
             gate, up = h.chunk(2, dim=-1)  # (n, I) each
-            mid = (self.act_fn(gate.to(x.dtype)) * up.to(x.dtype))  # in the model's dtype, like transformers
+            mid = self.act_fn(gate.to(x.dtype)) * up.to(x.dtype)  # in the model's dtype, like transformers
             dn_s = self.down_input_scale[expert] if static else None
             y, backend = _int8_linear(mid, self.down_proj.packed[expert], self.down_proj.scale[expert], self.act, dn_s)
             self._count(backend)
-            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, slot, None].float()).to(out.dtype))
-        return out
+            return y
+
+        return route_tokens(hidden_states, top_k_index, top_k_weights, self.num_experts, expert_forward)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, {self.act.describe()}"
@@ -460,11 +457,7 @@ def quantize_w8a8_(
                 )
     backend = int8_matmul_backend(_model_device(model))
     scheme_text = describe_w8a8(act, backend)
-    report = QuantizationReport(method="w8a8", scheme=scheme_text)
-    all_params = sum(p.numel() for p in model.parameters())
-    all_bytes = tensor_bytes(model)
-    covered = sum(tensor_bytes(d.module) for d in decisions)
-    covered_params = sum(sum(p.numel() for p in d.module.parameters()) for d in decisions)
+    report = start_report(model, decisions, method="w8a8", scheme=scheme_text)
     for d in tqdm(decisions, desc="quantize (w8a8)", disable=not progress, unit="module"):
         params = sum(p.numel() for p in d.module.parameters())
         before = tensor_bytes(d.module)
@@ -484,9 +477,6 @@ def quantize_w8a8_(
         new.to(_model_device(model))
         set_module(model, d.name, new)
         report.modules.append(ModuleRecord(d.name, d.kind, True, reason, params, before, tensor_bytes(new), scheme_text))
-    report.other_params = all_params - covered_params
-    report.other_bytes = all_bytes - covered
-    report.other_breakdown = _other_breakdown(model, {d.name for d in decisions})
     return report
 
 

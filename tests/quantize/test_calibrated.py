@@ -14,7 +14,7 @@ from dsq.quantize import (
 )
 from dsq.quantize.awq import search_clip, search_scale
 from dsq.quantize.gptq import accumulate_hessian, gptq_quantize
-from dsq.quantize.mappings import fold, resolve
+from dsq.quantize.mappings import Balance, fold, resolve
 from dsq.quantize.primitives import dequantize_weight, quantize_with_qparams
 from dsq.quantize.sequential import decoder_layers
 from dsq.quantize.w8a8 import StaticPerTensor, W8A8Experts, W8A8Linear
@@ -144,6 +144,21 @@ def test_balance_mappings_fold_exactly(tiny_checkpoint, arch):
         assert "self_attn.kv_a_layernorm" in applied and "mlp.experts" in applied
     else:
         assert "input_layernorm" in applied and "mlp.up_proj" in applied
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fold_into_linear_rows_with_bias(dtype, tol):
+    """A Linear (with bias) as the smooth op, in fp32 and bf16: the scale is applied in fp32."""
+    torch.manual_seed(0)
+    block = nn.Module()
+    block.up, block.down = nn.Linear(64, 96), nn.Linear(96, 64)
+    block = block.to(dtype)
+    x = torch.randn(16, 64, dtype=dtype)
+    with torch.no_grad():
+        ref = block.down(block.up(x)).float()
+        fold(block, Balance("up", ("down",)), torch.rand(96) * 4 + 0.25)
+        out = block.down(block.up(x)).float()
+    assert float((out - ref).abs().max() / ref.abs().max()) < tol
 
 
 # ----------------------------------------------------------------------------- whole models
