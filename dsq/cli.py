@@ -57,6 +57,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["progress=false"] if args.quiet else [])
     recipe = load_recipe(args.recipe, overrides)
     result = run(recipe)
+    if result is None:  # a non-main process of a multi-process training run: the main one reports
+        return EXIT_OK
     print(format_terminal_table(result.report))
     for candidate in result.report.candidates:
         quantization = candidate.extra.get("quantization") or {}

@@ -14,7 +14,7 @@ import torch
 
 from . import __version__
 from .artifact import atomic_directory, save_quantized_model, write_manifest
-from .assets import data_file
+from .assets import data_file, resolve_data_path
 from .checkpoint import LoadedModel, bundled_model_path, load_checkpoint
 from .errors import QuantizationError
 from .recipe import QuantizeSection, Recipe, WeightsSection, dump_recipe
@@ -57,7 +57,7 @@ def weight_scheme(w: WeightsSection) -> WeightScheme:
 def calibration_spec(section: QuantizeSection) -> CalibrationDataSpec:
     c = section.calibration
     return CalibrationDataSpec(
-        path=c.data, dataset=c.dataset, split=c.split, text_field=c.text_field, messages_field=c.messages_field,
+        path=str(resolve_data_path(c.data)) if c.data else None, dataset=c.dataset, split=c.split, text_field=c.text_field, messages_field=c.messages_field,
         samples=c.samples, seq_len=c.seq_len, seed=c.seed,
     )
 
@@ -119,8 +119,8 @@ def benchmark_suite(recipe: Recipe) -> BenchmarkSuite:
     ev = recipe.eval
     ppl = ev.perplexity
     mc = ev.multiple_choice
-    text_path = Path(ppl.data) if ppl and ppl.data else (data_file("heldout.txt") if ppl else None)
-    mc_path = Path(mc.data) if mc and mc.data else (data_file("mc.jsonl") if mc else None)
+    text_path = resolve_data_path(ppl.data) if ppl and ppl.data else (data_file("heldout.txt") if ppl else None)
+    mc_path = resolve_data_path(mc.data) if mc and mc.data else (data_file("mc.jsonl") if mc else None)
     ppl_config = PerplexityConfig(context=ppl.context, stride=ppl.stride, max_tokens=ppl.max_tokens) if ppl else PerplexityConfig()
     return BenchmarkSuite(
         text_path=text_path,
@@ -157,9 +157,14 @@ def run(recipe: Recipe) -> RunResult:
 
     Returns:
         A :class:`RunResult`; ``gates_passed`` is False when a gate failed (the artifact
-        is still written). Input problems raise :class:`dsq.errors.DsqInputError` and leave
+        is still written). Recipes with a ``finetune:`` section go through
+        :func:`dsq.train_pipeline.run_finetune` (None on non-main processes of a multi-process run). Input problems raise :class:`dsq.errors.DsqInputError` and leave
         no artifact behind.
     """
+    if recipe.finetune is not None:
+        from .train_pipeline import run_finetune
+
+        return run_finetune(recipe)
     torch.manual_seed(recipe.seed)
     output = Path(recipe.output).expanduser()
     suite = benchmark_suite(recipe)

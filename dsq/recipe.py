@@ -119,6 +119,71 @@ class QuantizeSection(Strict):
     bnb: BnbSection = BnbSection()
 
 
+class TrainDataSection(Strict):
+    """Fine-tuning data (read through ``datasets``); ``bundled:NAME`` names a file shipped with dsq."""
+
+    train: str = "bundled:calibration.txt"  # .txt / .jsonl / .json / .parquet file or a save_to_disk dir
+    validation: str | None = None  # None: hold out val_fraction of the train documents
+    split: str = "train"
+    text_field: str = "text"
+    prompt_field: str | None = None  # with response_field: instruction data, prompts not scored
+    response_field: str | None = None
+    messages_field: str | None = None  # chat messages rendered with the tokenizer's chat template
+    seq_len: int = Field(256, ge=2)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    pack: bool = True
+    seed: int = 0
+
+
+class TrainingSection(Strict):
+    """The training loop (accelerate): one optimizer step = batch_size x grad_accum x processes blocks."""
+
+    max_steps: int = Field(200, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "bf16"] = "no"
+    eval_every: int = Field(50, ge=0)
+    save_every: int = Field(50, ge=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    checkpoint_dir: str | None = None  # None: <output>.checkpoints
+    resume: bool = True  # continue from the last complete checkpoint there
+    seed: int = 0
+
+
+class QATSection(Strict):
+    """Quantization-aware training to the ``quantize:`` section's format (method rtn, gptq or awq)."""
+
+    learnable_scales: bool = False  # LSQ-style trained per-group scales
+    mse_init: bool = False  # learnable scales start from the |w - Q(w)|^2.4 range search instead of min/max
+    distill_weight: float = Field(1.0, ge=0, le=1)  # share of KL(original || student) in the loss
+
+
+class LoraSection(Strict):
+    """LoRA through peft on the FP base (no ``quantize:``) or the quantized base (QLoRA)."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] | None = None  # module-name regexes; None: MLA projections, dense and shared-expert MLPs
+    routed_experts: bool = False  # also adapt the fused routed experts (FP base only)
+    merge: bool = True  # merge into the base (re-quantized with the same scheme on a quantized base)
+
+
+class FinetuneSection(Strict):
+    """QAT or LoRA (exactly one of ``qat:`` / ``lora:``)."""
+
+    data: TrainDataSection = TrainDataSection()
+    training: TrainingSection = TrainingSection()
+    qat: QATSection | None = None
+    lora: LoraSection | None = None
+
+
 class PerplexitySection(Strict):
     data: str | None = None  # text / JSONL / parquet file; None: bundled held-out split
     context: int = Field(256, ge=2)
@@ -166,7 +231,8 @@ class Recipe(Strict):
     overwrite: bool = False
     seed: int = 0
     progress: bool = True
-    quantize: QuantizeSection = QuantizeSection()
+    quantize: QuantizeSection | None = QuantizeSection()  # null: no quantization (LoRA on the FP base)
+    finetune: FinetuneSection | None = None
     eval: EvalSection = EvalSection()
 
     @field_validator("output")
@@ -268,7 +334,9 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         recipe = Recipe.model_validate(tree)
     except ValidationError as exc:
         raise RecipeError(_format_errors(exc, source)) from None
-    _check_method_sections(recipe.quantize, source)
+    if recipe.quantize is not None:
+        _check_method_sections(recipe.quantize, source)
+    _check_finetune(recipe, source)
     ppl = recipe.eval.perplexity
     if ppl is not None and ppl.stride > ppl.context:
         raise RecipeError(f"invalid value for 'eval.perplexity.stride' in {source}: stride {ppl.stride} exceeds context {ppl.context}")
@@ -286,10 +354,44 @@ def _check_method_sections(section: QuantizeSection, source: str) -> None:
         )
 
 
+QAT_METHODS = ("rtn", "gptq", "awq")  # dsq's weight-only formats: QAT starts from FP (rtn) or the PTQ result
+LORA_BASES = ("rtn", "gptq", "awq", "bnb-nf4", "bnb-fp4")
+
+
+def _check_finetune(recipe: Recipe, source: str) -> None:
+    ft = recipe.finetune
+    if ft is None:
+        if recipe.quantize is None:
+            raise RecipeError(f"{source}: 'quantize' is null and there is no 'finetune' section: nothing to do")
+        return
+    if (ft.qat is None) == (ft.lora is None):
+        raise RecipeError(f"'finetune' in {source} needs exactly one of 'finetune.qat' and 'finetune.lora'")
+    method = recipe.quantize.method if recipe.quantize is not None else None
+    if ft.qat is not None and method not in QAT_METHODS:
+        raise RecipeError(
+            f"'finetune.qat' in {source} trains towards the 'quantize' section's format: quantize.method must be one of "
+            f"{', '.join(QAT_METHODS)} (rtn: from the FP base; gptq/awq: from that PTQ result), got {method!r}"
+        )
+    if ft.lora is not None and method is not None and method not in LORA_BASES:
+        raise RecipeError(
+            f"'finetune.lora' in {source}: LoRA runs on the FP base (quantize: null) or a quantized base made by one of "
+            f"{', '.join(LORA_BASES)}, not quantize.method {method!r}"
+        )
+    if ft.lora is not None and ft.lora.routed_experts and method is not None:
+        raise RecipeError(f"'finetune.lora.routed_experts' in {source} needs the FP base (quantize: null)")
+    d = ft.data
+    if (d.prompt_field is None) != (d.response_field is None):
+        raise RecipeError(f"'finetune.data' in {source}: prompt_field and response_field go together")
+    if d.messages_field is not None and d.prompt_field is not None:
+        raise RecipeError(f"'finetune.data' in {source}: use messages_field or prompt_field/response_field, not both")
+
+
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML (every default filled in; only the sections its method reads)."""
     tree = recipe.model_dump(mode="json")
-    unused = OPTIONAL_SECTIONS - METHOD_SECTIONS[recipe.quantize.method]
-    for key in unused:
-        tree["quantize"].pop(key, None)
+    if recipe.quantize is not None:
+        for key in OPTIONAL_SECTIONS - METHOD_SECTIONS[recipe.quantize.method]:
+            tree["quantize"].pop(key, None)
+    if recipe.finetune is None:
+        tree.pop("finetune")
     return yaml.safe_dump(tree, sort_keys=False)

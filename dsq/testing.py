@@ -274,3 +274,12 @@ def _balanced_groups(names: Sequence[str], sizes: Sequence[int], groups: int) ->
         result[-1].append(name)
         filled += size
     return result
+
+
+def randomize_lora(peft_model: torch.nn.Module, std: float = 0.05, seed: int = 3) -> None:
+    """Give every LoRA matrix random values (peft initialises B to zero), so the adapter acts."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)

@@ -18,10 +18,8 @@ Example:
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,14 +29,11 @@ import torch
 
 from dsq.assets import data_file
 from dsq.errors import DataError
+from dsq.local_data import SUPPORTED_SUFFIXES, load_directory, load_file, quiet_progress
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
-"""File suffixes ``path`` may have (a directory is read with ``load_from_disk``)."""
-
-_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _TOKENIZE_BATCH = 256  # documents per tokenizer call
 
 
@@ -206,86 +201,25 @@ def _load_source(spec: CalibrationDataSpec) -> _Source:
     if spec.path is not None:
         path = Path(spec.path).expanduser().resolve()
         if path.is_dir():
-            table = _load_directory(path, spec.split)
+            table = load_directory(path, spec.split, f"calibration directory {path}")
             return _Source(table, str(path), "directory", f"directory {path}", False)
-        return _Source(_load_file(path), str(path), "file", f"file {path}", _is_txt(path))
+        return _Source(load_file(path, f"calibration file {path}"), str(path), "file", f"file {path}", _is_txt(path))
     if spec.dataset is not None:
         table = _load_hub(spec.dataset, spec.split)
         description = f"dataset {spec.dataset!r} (split {spec.split!r})"
         return _Source(table, f"hub:{spec.dataset}", "hub", description, False)
     path = data_file("calibration.txt")
-    return _Source(_load_file(path), str(path), "bundled", f"file {path}", True)
+    return _Source(load_file(path, f"calibration file {path}"), str(path), "bundled", f"file {path}", True)
 
 
 def _is_txt(path: Path) -> bool:
     return path.suffix.lower() == ".txt"
 
 
-@contextlib.contextmanager
-def _quiet_progress() -> Iterator[None]:
-    """Hide ``datasets`` progress bars for the duration, restoring the previous setting."""
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
-
-
-def _load_file(path: Path) -> datasets.Dataset:
-    """Read a local file with a packaged ``datasets`` builder, uncached and in memory."""
-    if not path.exists():
-        raise DataError(f"calibration file {path} does not exist")
-    if not path.is_file():
-        raise DataError(f"calibration path {path} is neither a file nor a directory")
-    suffix = path.suffix.lower()
-    if suffix not in _BUILDERS:
-        raise DataError(
-            f"calibration file {path}: unsupported suffix {suffix!r}; supported: "
-            f"{', '.join(SUPPORTED_SUFFIXES)} or a directory written by datasets' save_to_disk"
-        )
-    if path.stat().st_size == 0:
-        raise DataError(f"calibration file {path} is empty (0 documents)")
-    # A .txt file is one document; "document" sampling keeps its text byte for byte.
-    options = {"sample_by": "document"} if suffix == ".txt" else {}
-    try:
-        with _quiet_progress(), tempfile.TemporaryDirectory(prefix="dsq-calib-") as cache_dir:
-            return datasets.load_dataset(
-                _BUILDERS[suffix],
-                data_files=str(path),
-                split="train",
-                cache_dir=cache_dir,  # fresh per call: an edited file is always re-read
-                keep_in_memory=True,
-                **options,
-            )
-    except Exception as exc:  # the builders raise many unrelated types for bad files
-        raise DataError(f"cannot read calibration file {path} as {_BUILDERS[suffix]}: {exc}") from exc
-
-
-def _load_directory(path: Path, split: str) -> datasets.Dataset:
-    """Read a ``save_to_disk`` directory; pick ``split`` from a ``DatasetDict``."""
-    try:
-        with _quiet_progress():
-            loaded = datasets.load_from_disk(str(path), keep_in_memory=True)
-    except Exception as exc:  # FileNotFoundError for plain folders, others for damaged ones
-        raise DataError(
-            f"calibration directory {path} is not a dataset written by datasets' save_to_disk "
-            f"({exc}); pass a file ({', '.join(SUPPORTED_SUFFIXES)}) or such a directory"
-        ) from exc
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise DataError(
-                f"calibration directory {path} has no split {split!r} (splits: {sorted(loaded)}); set split"
-            )
-        return loaded[split]
-    return loaded
-
-
 def _load_hub(name: str, split: str) -> datasets.Dataset:
     """Load a Hub dataset split (downloads go to the standard ``datasets`` cache)."""
     try:
-        with _quiet_progress():
+        with quiet_progress():
             loaded = datasets.load_dataset(name, split=split)
     except Exception as exc:  # offline: ConnectionError; unknown name or split: others
         raise DataError(

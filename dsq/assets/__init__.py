@@ -19,3 +19,13 @@ def tiny_model_dir() -> Path:
 def data_file(name: str) -> Path:
     """A bundled data file: ``heldout.txt``, ``mc.jsonl`` or ``calibration.txt``."""
     return ASSETS / "data" / name
+
+
+BUNDLED_PREFIX = "bundled:"
+
+
+def resolve_data_path(text: str) -> Path:
+    """A recipe's data path: ``bundled:NAME`` is a file shipped in ``data/``, anything else a local path."""
+    if text.startswith(BUNDLED_PREFIX):
+        return data_file(text[len(BUNDLED_PREFIX):])
+    return Path(text).expanduser()

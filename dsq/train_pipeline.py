@@ -1,0 +1,345 @@
+"""The pipeline's training road: QAT or LoRA from a recipe's ``finetune:`` section.
+
+QAT: the ``quantize:`` section names the target format and the starting point (``rtn``: the FP
+base, which at step 0 is exactly round-to-nearest; ``gptq`` / ``awq``: that PTQ result). The
+model is fake-quantized, trained (distilled from the original by default), converted with the
+same scheme and saved in the same compressed-tensors artifact as PTQ. The report has a row for
+the starting point and one for the QAT model, so the recovered share of the gap is read off it.
+
+LoRA: on the FP base (``quantize: null``) or on the quantized base (QLoRA). The adapter is saved
+in PEFT format under ``adapter/`` with the base's identity; with ``merge: true`` it is merged
+(exactly on FP; dequantize, merge, re-quantize with the same scheme on a quantized base) and
+the merged model is the artifact, with its drift against the adapter model in the report.
+
+Several processes (``torchrun --nproc_per_node N -m dsq run RECIPE``): every rank loads the
+model and data and trains; the main process alone evaluates and writes the artifact.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .artifact import atomic_directory, write_manifest
+from .assets import resolve_data_path
+from .checkpoint import LoadedModel, load_checkpoint
+from .errors import QuantizationError
+from .recipe import FinetuneSection, LoraSection, Recipe, TrainDataSection, TrainingSection
+from .reload import ReloadCheck, transformers_reload_check
+from dsq.eval import Evaluator, Report, check_gates, write_report
+from dsq.eval.harness import ModelMetrics
+from dsq.eval.memory import PeakRSS
+from dsq.finetune.data import InstructionFields, TextFields, TrainDataSpec, TrainingData, load_training_data
+from dsq.finetune.qat import QATConfig, convert_qat, prepare_qat
+from dsq.finetune.trainer import Constant, Cosine, Linear, TrainConfig, TrainResult, make_accelerator, train
+from dsq.quantize import QuantizationReport, quantize_
+from dsq.quantize.calibrated import needs_calibration
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- recipe -> configs
+
+
+def train_config(section: TrainingSection, distill_weight: float = 0.0) -> TrainConfig:
+    schedules = {"cosine": Cosine(section.min_lr_ratio), "linear": Linear(section.min_lr_ratio), "constant": Constant()}
+    return TrainConfig(
+        max_steps=section.max_steps, batch_size=section.batch_size, grad_accum=section.grad_accum, lr=section.lr,
+        warmup_steps=section.warmup_steps, schedule=schedules[section.schedule], weight_decay=section.weight_decay,
+        max_grad_norm=section.max_grad_norm, mixed_precision=section.mixed_precision, distill_weight=distill_weight,
+        eval_every=section.eval_every, save_every=section.save_every, keep_checkpoints=section.keep_checkpoints,
+        seed=section.seed,
+    )
+
+
+def data_spec(section: TrainDataSection) -> TrainDataSpec:
+    if section.prompt_field is not None or section.messages_field is not None:
+        fields = InstructionFields(
+            prompt_field=section.prompt_field or "prompt", response_field=section.response_field or "response",
+            messages_field=section.messages_field,
+        )
+    else:
+        fields = TextFields(text_field=section.text_field)
+    return TrainDataSpec(
+        train=resolve_data_path(section.train),
+        validation=resolve_data_path(section.validation) if section.validation else None,
+        split=section.split, fields=fields, seq_len=section.seq_len, val_fraction=section.val_fraction,
+        seed=section.seed, pack=section.pack,
+    )
+
+
+def lora_spec(section: LoraSection):
+    from dsq.finetune.lora import LoraSpec
+
+    targets = tuple(section.targets) if section.targets is not None else None
+    return LoraSpec(r=section.r, alpha=section.alpha, dropout=section.dropout, targets=targets,
+                    routed_experts=section.routed_experts)
+
+
+def checkpoint_dir(recipe: Recipe, output: Path) -> Path:
+    section = recipe.finetune.training
+    return Path(section.checkpoint_dir).expanduser() if section.checkpoint_dir else output.with_name(output.name + ".checkpoints")
+
+
+# ----------------------------------------------------------------------------- shared steps
+
+
+@dataclass
+class _Context:
+    """What every step of a training run shares."""
+
+    recipe: Recipe
+    loaded: LoadedModel
+    data: TrainingData
+    accelerator: object
+    evaluator: Evaluator | None  # main process only
+    output: Path
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def finetune(self) -> FinetuneSection:
+        return self.recipe.finetune
+
+
+def _ptq(ctx: _Context, model: nn.Module) -> tuple[object, QuantizationReport, float]:
+    """Run the recipe's ``quantize:`` section on ``model`` (the QAT start or the QLoRA base)."""
+    from .pipeline import DTYPES, calibration_spec, quant_config
+    from dsq.quantize.calibration_data import load_calibration_with_summary
+
+    config = quant_config(ctx.recipe.quantize, DTYPES[ctx.recipe.dtype])
+    calibration, summary = None, None
+    if needs_calibration(config):
+        calibration, summary = load_calibration_with_summary(calibration_spec(ctx.recipe.quantize), ctx.loaded.tokenizer)
+    started = time.perf_counter()
+    qreport = quantize_(model, config, calibration=calibration, progress=ctx.recipe.progress and ctx.main)
+    if summary is not None:
+        qreport.calibration = {"data": summary.to_dict(), **(qreport.calibration or {})}
+    return config, qreport, time.perf_counter() - started
+
+
+def _train(ctx: _Context, model: nn.Module, distill_weight: float, teacher: nn.Module | None) -> TrainResult:
+    config = train_config(ctx.finetune.training, distill_weight)
+    with PeakRSS() as rss:
+        result = train(
+            model, ctx.data, config, checkpoint_dir=checkpoint_dir(ctx.recipe, ctx.output),
+            resume=ctx.finetune.training.resume, teacher=teacher, accelerator=ctx.accelerator,
+            progress=ctx.recipe.progress and ctx.main,
+        )
+    _leave_process_group(ctx.accelerator)
+    d = result.to_dict()
+    d["peak_rss_bytes"] = rss.peak_bytes
+    d["data"] = ctx.data.summary.to_dict()
+    result.extra = d
+    return result
+
+
+def _leave_process_group(accelerator) -> None:
+    """After training only the main process works: end the process group so that libraries it
+    calls (compressed-tensors, transformers) do not wait on collectives the other ranks never join."""
+    if accelerator.num_processes > 1 and torch.distributed.is_initialized():
+        accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
+
+
+def _reload_check(ctx: _Context, root: Path, model: nn.Module, config: object | None) -> ReloadCheck | None:
+    from .pipeline import DTYPES, reload_tolerance
+
+    if not ctx.recipe.eval.reload_check:
+        return None
+    check = transformers_reload_check(
+        root, model, dtype=DTYPES[ctx.recipe.dtype], trust_remote_code=ctx.recipe.trust_remote_code,
+        tolerance=reload_tolerance(config),
+    )
+    if check.loaded and not check.passed:
+        raise QuantizationError(
+            f"transformers reloads the artifact with logits differing by {check.max_abs_diff:.3g} "
+            f"(tolerance {check.tolerance:g}); the artifact does not match dsq's model"
+        )
+    return check
+
+
+def _save(ctx: _Context, root: Path, model: nn.Module, config: object | None) -> None:
+    """Quantized models as PTQ artifacts are saved; an FP model as a plain transformers checkpoint."""
+    from .pipeline import save_artifact
+    from .recipe import dump_recipe
+
+    if config is None:
+        model.save_pretrained(str(root))
+        ctx.loaded.tokenizer.save_pretrained(str(root))
+        (root / "recipe.yaml").write_text(dump_recipe(ctx.recipe))
+        return
+    save_artifact(root, LoadedModel(model=model, tokenizer=ctx.loaded.tokenizer, source=ctx.loaded.source), ctx.recipe, config)
+
+
+def _evaluate(ctx: _Context, name: str, model: nn.Module, root: Path | None = None, **extra) -> ModelMetrics:
+    metrics = ctx.evaluator.evaluate(name, model, disk_path=root)
+    metrics.extra.update(extra)
+    return metrics
+
+
+def _finish(ctx: _Context, tmp: Path, original: ModelMetrics, rows: list[ModelMetrics], manifest_extra: dict,
+            reload: ReloadCheck | None):
+    from .pipeline import RunResult, gates_of, run_meta
+
+    results = check_gates(gates_of(ctx.recipe), original, rows[-1:])  # the artifact's row is gated
+    report = Report(original, rows, results, meta=run_meta(ctx.recipe, ctx.loaded))
+    write_report(report, tmp)
+    write_manifest(tmp, source=ctx.loaded.source.to_dict(), extra=manifest_extra)
+    return RunResult(output=ctx.output, report=report, gates=results, reload=reload)
+
+
+# ----------------------------------------------------------------------------- QAT
+
+
+def _qat(ctx: _Context, tmp: Path | None, original: ModelMetrics | None):
+    from .pipeline import candidate_name, summary, weight_scheme
+
+    recipe, model = ctx.recipe, ctx.loaded.model
+    section = ctx.finetune.qat
+    teacher = copy.deepcopy(model) if section.distill_weight > 0 else None
+    ptq_report = None
+    if recipe.quantize.method != "rtn":
+        _, ptq_report, _ = _ptq(ctx, model)  # QAT starts from this PTQ result
+    t = recipe.quantize.targets
+    from dsq.quantize import TargetSpec
+
+    config = QATConfig(weight_scheme(recipe.quantize.weights), TargetSpec(tuple(t.include), tuple(t.exclude), t.lm_head),
+                       learnable_scales=section.learnable_scales, mse_init=section.mse_init)
+    prepare_qat(model, config)
+    start_row = None
+    if ctx.main:  # the starting point, converted exactly as the trained model will be
+        start = copy.deepcopy(model)
+        convert_qat(start)
+        start_row = _evaluate(ctx, f"qat step 0 ({_start_name(recipe)})", start)
+        del start
+    result = _train(ctx, model, section.distill_weight, teacher)
+    if not ctx.main:
+        return None
+    started = time.perf_counter()
+    qreport = convert_qat(model, method=f"qat-from-{recipe.quantize.method}")
+    if ptq_report is not None:
+        qreport.calibration = ptq_report.calibration
+    save_artifact_config = _rtn_like_config(config)
+    _save(ctx, tmp, model, save_artifact_config)
+    reload = _reload_check(ctx, tmp, model, save_artifact_config)
+    row = _evaluate(ctx, f"qat-{candidate_name(recipe.quantize)}", model, tmp,
+                    quantization=summary(qreport, time.perf_counter() - started, None),
+                    training=result.extra, reload_check=reload.to_dict() if reload else None)
+    return _finish(ctx, tmp, original, [start_row, row],
+                   {"quantization": qreport.to_dict(), "training": result.extra}, reload)
+
+
+def _start_name(recipe: Recipe) -> str:
+    """What step 0 of QAT is: the PTQ result, or round-to-nearest with min/max or searched ranges."""
+    from .pipeline import candidate_name
+
+    section = recipe.finetune.qat
+    if recipe.quantize.method == "rtn" and section.learnable_scales and section.mse_init:
+        return candidate_name(recipe.quantize) + " range-searched"
+    return candidate_name(recipe.quantize)
+
+
+def _rtn_like_config(config: QATConfig):
+    """The PTQ config whose artifact layout a QAT model shares (compressed-tensors, same scheme)."""
+    from dsq.quantize import RTNConfig
+
+    return RTNConfig(scheme=config.scheme, targets=config.targets)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+def _base_identity(ctx: _Context, ptq_config: object | None) -> dict:
+    from .pipeline import candidate_name
+
+    source = ctx.loaded.source.to_dict()
+    return {
+        "model": source.get("path"),
+        "model_type": source.get("model_type"),
+        "fingerprint": source.get("fingerprint"),
+        "quantization": candidate_name(ctx.recipe.quantize) if ptq_config is not None else "none",
+    }
+
+
+def _lora(ctx: _Context, tmp: Path | None, original: ModelMetrics | None):
+    from .pipeline import candidate_name, summary
+    from dsq.finetune.lora import apply_lora, save_adapter, trainable_share
+    from dsq.finetune.merge import measure_merge_drift, merge_into_fp, merge_requantize
+
+    recipe, model = ctx.recipe, ctx.loaded.model
+    section = ctx.finetune.lora
+    rows: list[ModelMetrics] = []
+    ptq_config, ptq_report, base_name = None, None, "fp"
+    if recipe.quantize is not None:
+        ptq_config, ptq_report, seconds = _ptq(ctx, model)
+        base_name = candidate_name(recipe.quantize)
+        if ctx.main:
+            rows.append(_evaluate(ctx, f"{base_name} (QLoRA base)", model,
+                                  quantization=summary(ptq_report, seconds, None)))
+    peft_model = apply_lora(model, lora_spec(section))
+    trainable, total = trainable_share(peft_model)
+    result = _train(ctx, peft_model, 0.0, None)
+    if not ctx.main:
+        return None
+    lora_facts = {"base": base_name, "trainable_params": trainable, "total_params": total,
+                  "trainable_share": trainable / total, "r": section.r, "alpha": section.alpha}
+    identity = _base_identity(ctx, ptq_config)
+    save_adapter(peft_model, tmp / "adapter", identity)
+    rows.append(_evaluate(ctx, f"lora-{base_name}", peft_model, tmp / "adapter", training=result.extra, lora=lora_facts))
+    manifest_extra = {"training": result.extra, "lora": lora_facts, "adapter_base": identity}
+    if ptq_report is not None:
+        manifest_extra["quantization"] = ptq_report.to_dict()
+    if not section.merge:
+        base = peft_model.get_base_model()
+        _save(ctx, tmp, base, ptq_config)
+        return _finish(ctx, tmp, original, rows, manifest_extra, None)
+    if ptq_config is None:
+        merged = merge_into_fp(peft_model)
+        merge_facts = {"exact": True}
+    else:
+        adapter_model = copy.deepcopy(peft_model)
+        merged, records = merge_requantize(peft_model)
+        drift = measure_merge_drift(adapter_model, merged, ctx.evaluator.token_ids)
+        del adapter_model
+        merge_facts = {"exact": False, "drift_vs_adapter": drift.to_dict(), "modules": [r.to_dict() for r in records]}
+    _save(ctx, tmp, merged, ptq_config)
+    reload = _reload_check(ctx, tmp, merged, ptq_config)
+    rows.append(_evaluate(ctx, f"lora-merged-{base_name}", merged, tmp, merge=merge_facts,
+                          reload_check=reload.to_dict() if reload else None))
+    manifest_extra["merge"] = merge_facts
+    return _finish(ctx, tmp, original, rows, manifest_extra, reload)
+
+
+# ----------------------------------------------------------------------------- entry
+
+
+def run_finetune(recipe: Recipe):
+    """Run a recipe with a ``finetune:`` section; returns the pipeline's ``RunResult``.
+
+    On a non-main process of a multi-process run it returns None after training.
+    """
+    from .pipeline import DTYPES, benchmark_suite, model_path
+
+    torch.manual_seed(recipe.seed)
+    output = Path(recipe.output).expanduser()
+    accelerator = make_accelerator(train_config(recipe.finetune.training))
+    suite = benchmark_suite(recipe)
+    src = model_path(recipe)
+    loaded = load_checkpoint(src, dtype=DTYPES[recipe.dtype], trust_remote_code=recipe.trust_remote_code)
+    data = load_training_data(data_spec(recipe.finetune.data), loaded.tokenizer)
+    main = accelerator.is_main_process
+    evaluator = Evaluator(suite, loaded.tokenizer, progress=recipe.progress) if main else None
+    ctx = _Context(recipe, loaded, data, accelerator, evaluator, output)
+    step = _qat if recipe.finetune.qat is not None else _lora
+    with (atomic_directory(output, recipe.overwrite) if main else contextlib.nullcontext(None)) as tmp:
+        original = evaluator.evaluate("original", loaded.model, reference=True, disk_path=src) if main else None
+        return step(ctx, tmp, original)
