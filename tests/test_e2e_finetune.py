@@ -84,7 +84,7 @@ def test_finetune_recipe_errors_name_the_section(tmp_path):
     from dsq.recipe import load_recipe
 
     with pytest.raises(RecipeError, match="quantize.method must be one of rtn, gptq, awq"):
-        load_recipe(ROOT / "recipes" / "qat_int4_g128.yaml", ["quantize.method=bnb-nf4"])
+        load_recipe(ROOT / "recipes" / "qlora_nf4_domain.yaml", ["finetune.lora=null", "finetune.qat.learnable_scales=false"])
     with pytest.raises(RecipeError, match="exactly one of 'finetune.qat' and 'finetune.lora'"):
         load_recipe(ROOT / "recipes" / "qat_int4_g128.yaml", ["finetune.lora.r=4"])
     with pytest.raises(RecipeError, match="nothing to do"):
