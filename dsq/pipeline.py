@@ -62,10 +62,14 @@ def calibration_spec(section: QuantizeSection) -> CalibrationDataSpec:
     )
 
 
+def target_spec(section: QuantizeSection) -> TargetSpec:
+    t = section.targets
+    return TargetSpec(include=tuple(t.include), exclude=tuple(t.exclude), lm_head=t.lm_head)
+
+
 def quant_config(section: QuantizeSection, dtype: torch.dtype = torch.float32) -> object:
     """Recipe ``quantize:`` section -> the method's typed config (dispatched on by ``quantize_``)."""
-    t = section.targets
-    targets = TargetSpec(include=tuple(t.include), exclude=tuple(t.exclude), lm_head=t.lm_head)
+    targets = target_spec(section)
     scheme = weight_scheme(section.weights)
     batch = section.calibration.batch_size
     method = section.method
@@ -108,6 +112,32 @@ def candidate_name(section: QuantizeSection) -> str:
 # runs an integer matmul with absmax/127: each module agrees to ~1e-2 and single int8 steps of later
 # activations can flip, so W8A8 artifacts are compared at a looser logit tolerance (said in the report).
 W8A8_RELOAD_TOLERANCE = 5e-2
+
+
+@dataclass
+class QuantizeStep:
+    """The recipe's ``quantize:`` section made ready: its config and calibration tokens (loaded up front,
+    so bad data fails before any evaluation)."""
+
+    config: object
+    calibration: torch.Tensor | None = None
+    calibration_summary: object | None = None
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, tokenizer) -> "QuantizeStep":
+        config = quant_config(recipe.quantize, DTYPES[recipe.dtype])
+        if not needs_calibration(config):
+            return cls(config)
+        return cls(config, *load_calibration_with_summary(calibration_spec(recipe.quantize), tokenizer))
+
+    def apply(self, model, *, progress: bool) -> tuple[QuantizationReport, float, int | None]:
+        """Quantize ``model`` in place; returns the report, wall seconds and peak RSS."""
+        started = time.perf_counter()
+        with PeakRSS() as rss:
+            qreport = quantize_(model, self.config, calibration=self.calibration, progress=progress)
+        if self.calibration_summary is not None:
+            qreport.calibration = {"data": self.calibration_summary.to_dict(), **(qreport.calibration or {})}
+        return qreport, time.perf_counter() - started, rss.peak_bytes
 
 
 def reload_tolerance(config: object) -> float:
@@ -169,21 +199,14 @@ def run(recipe: Recipe) -> RunResult:
     output = Path(recipe.output).expanduser()
     suite = benchmark_suite(recipe)
     gates = gates_of(recipe)
-    config = quant_config(recipe.quantize, DTYPES[recipe.dtype])
     src = model_path(recipe)
     loaded = load_checkpoint(src, dtype=DTYPES[recipe.dtype], trust_remote_code=recipe.trust_remote_code)
-    calibration, calibration_summary = None, None
-    if needs_calibration(config):
-        calibration, calibration_summary = load_calibration_with_summary(calibration_spec(recipe.quantize), loaded.tokenizer)
+    step = QuantizeStep.from_recipe(recipe, loaded.tokenizer)
+    config = step.config
     evaluator = Evaluator(suite, loaded.tokenizer, progress=recipe.progress)
     with atomic_directory(output, recipe.overwrite) as tmp:
         original = evaluator.evaluate("original", loaded.model, reference=True, disk_path=src)
-        started = time.perf_counter()
-        with PeakRSS() as rss:
-            qreport = quantize_(loaded.model, config, calibration=calibration, progress=recipe.progress)
-        if calibration_summary is not None:
-            qreport.calibration = {"data": calibration_summary.to_dict(), **(qreport.calibration or {})}
-        quant_seconds = time.perf_counter() - started
+        qreport, quant_seconds, peak_rss = step.apply(loaded.model, progress=recipe.progress)
         save_artifact(tmp, loaded, recipe, config)
         reload = None
         if recipe.eval.reload_check:
@@ -197,7 +220,7 @@ def run(recipe: Recipe) -> RunResult:
                     f"(tolerance {reload.tolerance:g}); the artifact does not match dsq's model"
                 )
         candidate = evaluator.evaluate(candidate_name(recipe.quantize), loaded.model, disk_path=tmp)
-        candidate.extra["quantization"] = summary(qreport, quant_seconds, rss.peak_bytes)
+        candidate.extra["quantization"] = summary(qreport, quant_seconds, peak_rss)
         candidate.extra["reload_check"] = reload.to_dict() if reload else None
         results = check_gates(gates, original, [candidate])
         report = Report(original, [candidate], results, meta=run_meta(recipe, loaded))

@@ -38,8 +38,7 @@ from dsq.eval.memory import PeakRSS
 from dsq.finetune.data import InstructionFields, TextFields, TrainDataSpec, TrainingData, load_training_data
 from dsq.finetune.qat import QATConfig, convert_qat, prepare_qat
 from dsq.finetune.trainer import Constant, Cosine, Linear, TrainConfig, TrainResult, make_accelerator, train
-from dsq.quantize import QuantizationReport, quantize_
-from dsq.quantize.calibrated import needs_calibration
+from dsq.quantize import QuantizationReport
 
 log = logging.getLogger(__name__)
 
@@ -112,18 +111,11 @@ class _Context:
 
 def _ptq(ctx: _Context, model: nn.Module) -> tuple[object, QuantizationReport, float]:
     """Run the recipe's ``quantize:`` section on ``model`` (the QAT start or the QLoRA base)."""
-    from .pipeline import DTYPES, calibration_spec, quant_config
-    from dsq.quantize.calibration_data import load_calibration_with_summary
+    from .pipeline import QuantizeStep
 
-    config = quant_config(ctx.recipe.quantize, DTYPES[ctx.recipe.dtype])
-    calibration, summary = None, None
-    if needs_calibration(config):
-        calibration, summary = load_calibration_with_summary(calibration_spec(ctx.recipe.quantize), ctx.loaded.tokenizer)
-    started = time.perf_counter()
-    qreport = quantize_(model, config, calibration=calibration, progress=ctx.recipe.progress and ctx.main)
-    if summary is not None:
-        qreport.calibration = {"data": summary.to_dict(), **(qreport.calibration or {})}
-    return config, qreport, time.perf_counter() - started
+    step = QuantizeStep.from_recipe(ctx.recipe, ctx.loaded.tokenizer)
+    qreport, seconds, _ = step.apply(model, progress=ctx.recipe.progress and ctx.main)
+    return step.config, qreport, seconds
 
 
 def _train(ctx: _Context, model: nn.Module, distill_weight: float, teacher: nn.Module | None) -> TrainResult:
@@ -201,7 +193,7 @@ def _finish(ctx: _Context, tmp: Path, original: ModelMetrics, rows: list[ModelMe
 
 
 def _qat(ctx: _Context, tmp: Path | None, original: ModelMetrics | None):
-    from .pipeline import candidate_name, summary, weight_scheme
+    from .pipeline import candidate_name, summary, target_spec, weight_scheme
 
     recipe, model = ctx.recipe, ctx.loaded.model
     section = ctx.finetune.qat
@@ -209,10 +201,7 @@ def _qat(ctx: _Context, tmp: Path | None, original: ModelMetrics | None):
     ptq_report = None
     if recipe.quantize.method != "rtn":
         _, ptq_report, _ = _ptq(ctx, model)  # QAT starts from this PTQ result
-    t = recipe.quantize.targets
-    from dsq.quantize import TargetSpec
-
-    config = QATConfig(weight_scheme(recipe.quantize.weights), TargetSpec(tuple(t.include), tuple(t.exclude), t.lm_head),
+    config = QATConfig(weight_scheme(recipe.quantize.weights), target_spec(recipe.quantize),
                        learnable_scales=section.learnable_scales, mse_init=section.mse_init)
     prepare_qat(model, config)
     start_row = None
@@ -331,7 +320,7 @@ def run_finetune(recipe: Recipe):
 
     torch.manual_seed(recipe.seed)
     output = Path(recipe.output).expanduser()
-    accelerator = make_accelerator(train_config(recipe.finetune.training))
+    accelerator = make_accelerator()
     suite = benchmark_suite(recipe)
     src = model_path(recipe)
     loaded = load_checkpoint(src, dtype=DTYPES[recipe.dtype], trust_remote_code=recipe.trust_remote_code)

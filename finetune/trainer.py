@@ -370,7 +370,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, accelerator, config
 # ----------------------------------------------------------------------------- loop
 
 
-def make_accelerator(config: TrainConfig | None = None):
+def make_accelerator():
     """An ``Accelerator`` for this process (CPU when no accelerator device is present).
 
     Mixed precision is applied by :func:`autocast` rather than by accelerate, whose state is
@@ -378,7 +378,6 @@ def make_accelerator(config: TrainConfig | None = None):
     """
     from accelerate import Accelerator
 
-    del config
     return Accelerator(cpu=not torch.cuda.is_available())
 
 
@@ -434,7 +433,7 @@ def train(
     """
     if config.distill_weight > 0 and teacher is None:
         raise ValueError("distill_weight > 0 needs a teacher model")
-    accelerator = accelerator or make_accelerator(config)
+    accelerator = accelerator or make_accelerator()
     world, rank = accelerator.num_processes, accelerator.process_index
     _check_data(data)
     torch.manual_seed(config.seed + rank)

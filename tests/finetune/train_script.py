@@ -45,7 +45,7 @@ def main() -> None:
     prepare_qat(model, QATConfig(WeightScheme(4, PerGroup(32)), learnable_scales=True))
     config = TrainConfig(max_steps=args.steps, batch_size=2, grad_accum=2, lr=args.lr, warmup_steps=2,
                          eval_every=8, save_every=2, keep_checkpoints=2)
-    accelerator = make_accelerator(config)
+    accelerator = make_accelerator()
     result = train(model, _Data(blocks(64, 32, 0), blocks(8, 32, 1)), config, checkpoint_dir=Path(args.checkpoints),
                    accelerator=accelerator, progress=False)
     if accelerator.is_main_process:
