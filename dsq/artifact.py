@@ -107,22 +107,25 @@ def save_weights(tensors: dict[str, torch.Tensor], root: Path, *, max_shard_byte
     return names
 
 
-def prepare_output(output: Path, overwrite: bool) -> None:
-    """Refuse to clobber an existing directory unless asked; never clobber a non-artifact."""
+def prepare_output(output: Path, overwrite: bool, marker: str = MANIFEST) -> None:
+    """Refuse to clobber an existing directory unless asked; never clobber one without ``marker``."""
     if not output.exists():
         return
     if not output.is_dir():
         raise DsqInputError(f"output {output} exists and is not a directory")
     if not overwrite:
         raise DsqInputError(f"output directory {output} already exists; pass overwrite=true to replace it")
-    if output.is_dir() and not (output / MANIFEST).exists() and any(output.iterdir()):
-        raise DsqInputError(f"output directory {output} exists and is not a dsq artifact; refusing to replace it")
+    if output.is_dir() and not (output / marker).exists() and any(output.iterdir()):
+        raise DsqInputError(f"output directory {output} exists and has no {marker} (not written by dsq); refusing to replace it")
 
 
 @contextlib.contextmanager
-def atomic_directory(output: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``output`` only if the block succeeds."""
-    prepare_output(output, overwrite)
+def atomic_directory(output: Path, overwrite: bool, marker: str = MANIFEST) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``output`` only if the block succeeds.
+
+    An existing ``output`` is replaced only with ``overwrite`` and only if it holds ``marker``.
+    """
+    prepare_output(output, overwrite, marker)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:

@@ -1,4 +1,4 @@
-"""Command line: ``dsq run RECIPE [key.path=value ...]``.
+"""Command line: ``dsq run RECIPE [key.path=value ...]``, ``dsq export ARTIFACT``, ``dsq recipe``.
 
 Exit codes: 0 success; 1 a quality gate failed (the artifact is written and names the
 failing metric); 2 unusable input (recipe, checkpoint, data) or usage error, with no artifact.
@@ -23,6 +23,14 @@ exit codes: 0 ok, 1 a gate failed, 2 bad input (nothing written)
 """
 
 
+EXPORT_EPILOG = """\
+examples:
+  dsq export runs/int4                      # -> runs/int4-onnx/model.onnx (+ .data, manifest, genai_config)
+  dsq export runs/int4 -o deploy/int4 --accuracy-level 4 --evaluate --speed
+exit codes: 0 ok, 2 bad input or an export that does not match PyTorch (nothing written)
+"""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # usage errors exit 2, as input errors do
         self.print_usage(sys.stderr)
@@ -42,6 +50,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="recipe YAML file")
     run.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    export = sub.add_parser(
+        "export", help="export an fp checkpoint or a dsq artifact to ONNX (KV cache), validated against PyTorch",
+        description="Export a model directory to an ONNX decoder with KV cache and check it in ONNX Runtime.",
+        epilog=EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_argument("artifact", help="fp HF checkpoint directory or dsq artifact (compressed-tensors)")
+    export.add_argument("-o", "--output", help="export directory (default: ARTIFACT-onnx beside it)")
+    export.add_argument("--accuracy-level", type=int, choices=range(5), default=0,
+                        help="MatMulNBits compute: 0/1 fp32 (default), 4 int8 activations")
+    export.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    export.add_argument("--tolerance", type=float, default=None,
+                        help="max |delta logit| vs PyTorch (default 1e-4 fp, 1e-3 weight-only, 0.25 W8A8)")
+    export.add_argument("--evaluate", action="store_true",
+                        help="also run the bundled benchmark suite on the torch model and the ONNX model")
+    export.add_argument("--speed", action="store_true", help="with --evaluate: measure prefill/decode tokens/s")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
+    export.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     show = sub.add_parser("recipe", help="print a recipe fully resolved (defaults filled in, overrides applied)",
                           description="Validate a recipe and print it resolved.")
     show.add_argument("recipe", nargs="?", help="recipe YAML file (default: all defaults)")
@@ -89,7 +114,29 @@ def _cmd_recipe(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": _cmd_run, "recipe": _cmd_recipe}
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .export_step import run_export
+
+    source = Path(args.artifact).expanduser()
+    output = Path(args.output).expanduser() if args.output else source.parent / f"{source.name}-onnx"
+    outcome = run_export(
+        source, output, accuracy_level=args.accuracy_level, threads=args.threads, tolerance=args.tolerance,
+        evaluate=args.evaluate, speed=args.speed, overwrite=args.overwrite, progress=not args.quiet,
+    )
+    v = outcome.result.validation
+    print(f"ONNX export: {outcome.result.onnx_path} ({outcome.result.onnx_bytes / 2**20:.1f} MiB)")
+    print(f"validation vs PyTorch: max |delta logit| = {v.max_abs_diff:.2e} (tolerance {v.tolerance:g}), "
+          f"{'identical' if v.greedy_equal else 'DIFFERENT'} greedy tokens, {len(v.cases)} cases")
+    if outcome.report is not None:
+        from dsq.eval import format_terminal_table
+
+        print(format_terminal_table(outcome.report))
+    return EXIT_OK
+
+
+COMMANDS = {"run": _cmd_run, "recipe": _cmd_recipe, "export": _cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,3 +29,7 @@ class DataError(DsqInputError):
 
 class QuantizationError(DsqError):
     """Quantization produced an invalid result (e.g. a NaN scale); names the tensor."""
+
+
+class ExportError(DsqError):
+    """An ONNX export cannot be built, or does not match PyTorch; names the layer or the figure."""

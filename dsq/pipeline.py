@@ -21,6 +21,7 @@ from .recipe import QuantizeSection, Recipe, WeightsSection, dump_recipe
 from .reload import TOLERANCE, ReloadCheck, transformers_reload_check
 from dsq.eval import BenchmarkSuite, Evaluator, Gates, GateResult, PerplexityConfig, Report, check_gates, write_report
 from dsq.eval.memory import PeakRSS
+from dsq.eval.speed import SpeedConfig
 from dsq.quantize import (
     AWQConfig, BnbFP4Config, BnbInt8Config, BnbNF4Config, GPTQConfig, PerChannel, PerGroup, QuantizationReport,
     RTNConfig, TargetSpec, W8A8Config, WeightScheme, quantize_,
@@ -152,6 +153,8 @@ def benchmark_suite(recipe: Recipe) -> BenchmarkSuite:
     text_path = resolve_data_path(ppl.data) if ppl and ppl.data else (data_file("heldout.txt") if ppl else None)
     mc_path = resolve_data_path(mc.data) if mc and mc.data else (data_file("mc.jsonl") if mc else None)
     ppl_config = PerplexityConfig(context=ppl.context, stride=ppl.stride, max_tokens=ppl.max_tokens) if ppl else PerplexityConfig()
+    sp = ev.speed
+    speed = SpeedConfig(batch=sp.batch, prompt_len=sp.prompt_len, new_tokens=sp.new_tokens, repeats=sp.repeats) if sp else None
     return BenchmarkSuite(
         text_path=text_path,
         mc_path=mc_path,
@@ -159,6 +162,7 @@ def benchmark_suite(recipe: Recipe) -> BenchmarkSuite:
         mc_limit=mc.limit if mc else None,
         fidelity_seq_len=ev.fidelity.seq_len,
         fidelity_max_tokens=ev.fidelity.max_tokens,
+        speed=speed,
     )
 
 
@@ -219,14 +223,32 @@ def run(recipe: Recipe) -> RunResult:
                     f"transformers reloads the artifact with logits differing by {reload.max_abs_diff:.3g} "
                     f"(tolerance {reload.tolerance:g}); the artifact does not match dsq's model"
                 )
-        candidate = evaluator.evaluate(candidate_name(recipe.quantize), loaded.model, disk_path=tmp)
+        name = candidate_name(recipe.quantize)
+        candidate = evaluator.evaluate(name, loaded.model, disk_path=tmp)
         candidate.extra["quantization"] = summary(qreport, quant_seconds, peak_rss)
         candidate.extra["reload_check"] = reload.to_dict() if reload else None
-        results = check_gates(gates, original, [candidate])
-        report = Report(original, [candidate], results, meta=run_meta(recipe, loaded))
+        candidates = [candidate, *export_rows(recipe, loaded, tmp, evaluator, name, candidate)]
+        results = check_gates(gates, original, candidates)
+        report = Report(original, candidates, results, meta=run_meta(recipe, loaded))
         write_report(report, tmp)
         write_manifest(tmp, source=loaded.source.to_dict(), extra={"quantization": qreport.to_dict()})
     return RunResult(output=output, report=report, gates=results, reload=reload)
+
+
+ONNX_DIR = "onnx"
+
+
+def export_rows(recipe: Recipe, loaded: LoadedModel, root: Path, evaluator: Evaluator, name: str, torch_row) -> list:
+    """The recipe's ``export:`` step: ONNX under ``root/onnx`` (validated), and its report row if asked."""
+    if recipe.export is None:
+        return []
+    from .export_step import export_and_evaluate
+
+    outcome = export_and_evaluate(
+        loaded.model, loaded.tokenizer, root / ONNX_DIR, recipe.export, evaluator=evaluator, name=name,
+        torch_row=torch_row, source=loaded.source.to_dict(),
+    )
+    return [outcome.row] if outcome.row is not None else []
 
 
 def summary(qreport: QuantizationReport, seconds: float, peak_rss: int | None) -> dict:

@@ -213,12 +213,41 @@ class GatesSection(Strict):
     max_size_ratio: float | None = None
 
 
+class SpeedSection(Strict):
+    """Prefill and decode tokens/s with a KV cache (torch and ONNX Runtime rows alike)."""
+
+    batch: int = Field(1, ge=1)
+    prompt_len: int = Field(128, ge=1)
+    new_tokens: int = Field(32, ge=1)
+    repeats: int = Field(3, ge=1)
+
+
 class EvalSection(Strict):
     perplexity: PerplexitySection | None = PerplexitySection()
     multiple_choice: MultipleChoiceSection | None = MultipleChoiceSection()
     fidelity: FidelitySection = FidelitySection()
+    speed: SpeedSection | None = None
     gates: GatesSection = GatesSection()
     reload_check: bool = True  # reload the artifact with transformers and compare logits
+
+
+class ExportValidationSection(Strict):
+    """Shapes of the ONNX Runtime vs PyTorch check run inside every export."""
+
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 3], min_length=1)
+    seq_lens: list[int] = Field(default_factory=lambda: [1, 17, 64], min_length=1)
+    decode_steps: int = Field(8, ge=1)
+    greedy_tokens: int = Field(32, ge=1)
+    tolerance: float | None = Field(None, gt=0)  # None: 1e-4 fp, 1e-3 weight-only, 0.25 int8 activations
+
+
+class ExportSection(Strict):
+    """ONNX export of the artifact to ``<output>/onnx``, validated against PyTorch; a mismatch fails the run."""
+
+    accuracy_level: Literal[0, 1, 2, 3, 4] = 0  # MatMulNBits compute: 0/1 fp32, 4 int8 activations
+    evaluate: bool = True  # run the benchmark suite on the ONNX model too (an "-onnx" report row)
+    threads: int | None = Field(None, ge=1)  # ONNX Runtime intra-op threads (None: its default)
+    validation: ExportValidationSection = ExportValidationSection()
 
 
 class Recipe(Strict):
@@ -233,6 +262,7 @@ class Recipe(Strict):
     progress: bool = True
     quantize: QuantizeSection | None = QuantizeSection()  # null: no quantization (LoRA on the FP base)
     finetune: FinetuneSection | None = None
+    export: ExportSection | None = None  # ONNX decoder with KV cache (dsq formats only)
     eval: EvalSection = EvalSection()
 
     @field_validator("output")
@@ -337,6 +367,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if recipe.quantize is not None:
         _check_method_sections(recipe.quantize, source)
     _check_finetune(recipe, source)
+    _check_export(recipe, source)
     ppl = recipe.eval.perplexity
     if ppl is not None and ppl.stride > ppl.context:
         raise RecipeError(f"invalid value for 'eval.perplexity.stride' in {source}: stride {ppl.stride} exceeds context {ppl.context}")
@@ -386,6 +417,25 @@ def _check_finetune(recipe: Recipe, source: str) -> None:
         raise RecipeError(f"'finetune.data' in {source}: use messages_field or prompt_field/response_field, not both")
 
 
+EXPORT_METHODS = ("rtn", "gptq", "awq", "w8a8")  # formats with an ONNX form (bitsandbytes layers have none)
+
+
+def _check_export(recipe: Recipe, source: str) -> None:
+    if recipe.export is None:
+        return
+    method = recipe.quantize.method if recipe.quantize is not None else None
+    if method is not None and method not in EXPORT_METHODS:
+        raise RecipeError(
+            f"'export' in {source}: quantize.method {method!r} has no ONNX form; export works for "
+            f"{', '.join(EXPORT_METHODS)}"
+        )
+    if recipe.finetune is not None and recipe.finetune.lora is not None:
+        raise RecipeError(
+            f"'export' in {source}: a LoRA run's artifact is an adapter; merge it and export the merged model "
+            "with `dsq export`, or drop the 'export' section"
+        )
+
+
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML (every default filled in; only the sections its method reads)."""
     tree = recipe.model_dump(mode="json")
@@ -394,4 +444,6 @@ def dump_recipe(recipe: Recipe) -> str:
             tree["quantize"].pop(key, None)
     if recipe.finetune is None:
         tree.pop("finetune")
+    if recipe.export is None:
+        tree.pop("export")
     return yaml.safe_dump(tree, sort_keys=False)

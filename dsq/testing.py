@@ -276,6 +276,13 @@ def _balanced_groups(names: Sequence[str], sizes: Sequence[int], groups: int) ->
     return result
 
 
+def fast_export_config():
+    """An export whose validation uses few, short shapes (tests of the tiny models)."""
+    from dsq.export import ExportConfig, ValidationConfig
+
+    return ExportConfig(validation=ValidationConfig(batch_sizes=(1, 2), seq_lens=(1, 9), decode_steps=4, greedy_tokens=16))
+
+
 def randomize_lora(peft_model: torch.nn.Module, std: float = 0.05, seed: int = 3) -> None:
     """Give every LoRA matrix random values (peft initialises B to zero), so the adapter acts."""
     gen = torch.Generator().manual_seed(seed)

@@ -179,10 +179,11 @@ def _evaluate(ctx: _Context, name: str, model: nn.Module, root: Path | None = No
 
 
 def _finish(ctx: _Context, tmp: Path, original: ModelMetrics, rows: list[ModelMetrics], manifest_extra: dict,
-            reload: ReloadCheck | None):
+            reload: ReloadCheck | None, gated: list[ModelMetrics] | None = None):
     from .pipeline import RunResult, gates_of, run_meta
 
-    results = check_gates(gates_of(ctx.recipe), original, rows[-1:])  # the artifact's row is gated
+    # the artifact's row (and its ONNX row) is gated, not the intermediate ones
+    results = check_gates(gates_of(ctx.recipe), original, gated if gated is not None else rows[-1:])
     report = Report(original, rows, results, meta=run_meta(ctx.recipe, ctx.loaded))
     write_report(report, tmp)
     write_manifest(tmp, source=ctx.loaded.source.to_dict(), extra=manifest_extra)
@@ -193,7 +194,7 @@ def _finish(ctx: _Context, tmp: Path, original: ModelMetrics, rows: list[ModelMe
 
 
 def _qat(ctx: _Context, tmp: Path | None, original: ModelMetrics | None):
-    from .pipeline import candidate_name, summary, target_spec, weight_scheme
+    from .pipeline import candidate_name, export_rows, summary, target_spec, weight_scheme
 
     recipe, model = ctx.recipe, ctx.loaded.model
     section = ctx.finetune.qat
@@ -220,11 +221,12 @@ def _qat(ctx: _Context, tmp: Path | None, original: ModelMetrics | None):
     save_artifact_config = _rtn_like_config(config)
     _save(ctx, tmp, model, save_artifact_config)
     reload = _reload_check(ctx, tmp, model, save_artifact_config)
-    row = _evaluate(ctx, f"qat-{candidate_name(recipe.quantize)}", model, tmp,
-                    quantization=summary(qreport, time.perf_counter() - started, None),
+    name = f"qat-{candidate_name(recipe.quantize)}"
+    row = _evaluate(ctx, name, model, tmp, quantization=summary(qreport, time.perf_counter() - started, None),
                     training=result.extra, reload_check=reload.to_dict() if reload else None)
-    return _finish(ctx, tmp, original, [start_row, row],
-                   {"quantization": qreport.to_dict(), "training": result.extra}, reload)
+    onnx_rows = export_rows(recipe, ctx.loaded, tmp, ctx.evaluator, name, row)
+    return _finish(ctx, tmp, original, [start_row, row, *onnx_rows],
+                   {"quantization": qreport.to_dict(), "training": result.extra}, reload, gated=[row, *onnx_rows])
 
 
 def _start_name(recipe: Recipe) -> str:

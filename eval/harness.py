@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -14,6 +14,14 @@ from dsq.eval.fidelity import FidelityResult, ReferenceLogprobs, compare_to_refe
 from dsq.eval.memory import PeakRSS, dir_bytes, files_bytes, weight_bytes_in_memory
 from dsq.eval.multiple_choice import MCResult, multiple_choice
 from dsq.eval.perplexity import PerplexityConfig, PerplexityResult, perplexity
+from dsq.eval.speed import CachedLM, SpeedConfig, SpeedResult, TorchCachedLM, measure_speed
+
+
+@runtime_checkable
+class SizedModel(Protocol):
+    """A model that is not an ``nn.Module`` (an ONNX Runtime session) and reports its weight bytes."""
+
+    def weight_bytes(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -27,6 +35,7 @@ class BenchmarkSuite:
         mc_limit: Use only the first ``mc_limit`` items.
         fidelity_seq_len: Window length for fidelity.
         fidelity_max_tokens: Token budget for fidelity (first tokens of the held-out text).
+        speed: Prefill/decode throughput settings (``None``: not measured).
     """
 
     text_path: Path | None
@@ -35,6 +44,7 @@ class BenchmarkSuite:
     mc_limit: int | None = None
     fidelity_seq_len: int = 128
     fidelity_max_tokens: int = 4096
+    speed: SpeedConfig | None = None
 
 
 @dataclass
@@ -54,6 +64,7 @@ class ModelMetrics:
         extra: Free-form facts (e.g. a quantization summary); must be JSON-serializable.
         peak_rss_reset_supported: ``False`` when ``peak_rss_bytes`` is the process-lifetime
             peak because the high-water mark could not be reset.
+        speed: Prefill and decode tokens/s with a KV cache, if the suite asks for it.
     """
 
     name: str
@@ -67,6 +78,7 @@ class ModelMetrics:
     eval_seconds: float
     extra: dict = field(default_factory=dict)
     peak_rss_reset_supported: bool = True
+    speed: SpeedResult | None = None
 
     def to_dict(self) -> dict:
         """Plain-data form (nested results become dicts, missing ones ``None``).
@@ -93,7 +105,7 @@ class Evaluator:
         progress: bool = True,
         add_bos: bool = True,
         batch_size: int = 8,
-        weight_suffixes: tuple[str, ...] = (".safetensors",),
+        weight_suffixes: tuple[str, ...] = (".safetensors", ".onnx", ".onnx.data"),
         reference_dtype: torch.dtype = torch.float32,
     ) -> None:
         """Load and tokenize the suite's data.
@@ -169,6 +181,12 @@ class Evaluator:
             return None
         return compare_to_reference(model, self.reference, batch_size=self.batch_size, progress=self.progress)
 
+    def _speed(self, model) -> SpeedResult | None:
+        if self.suite.speed is None:
+            return None
+        lm = model if isinstance(model, CachedLM) else TorchCachedLM(model)
+        return measure_speed(lm, self.suite.speed, vocab_size=len(self.tokenizer))
+
     def evaluate(
         self,
         name: str,
@@ -182,7 +200,8 @@ class Evaluator:
 
         Args:
             name: Row label for the report.
-            model: Causal LM (put in eval mode here).
+            model: Causal LM (put in eval mode here): a torch module, or any object called the same
+                way that reports ``weight_bytes()`` and drives its own cache (``dsq.export.OrtCausalLM``).
             reference: This is the original: keep its log-probs for later candidates
                 (its own ``fidelity`` is ``None``).
             disk_path: Saved artifact (directory or file) whose size is reported.
@@ -208,16 +227,19 @@ class Evaluator:
                 fidelity = None
             else:
                 fidelity = self._fidelity(model)
+        speed = self._speed(model)
+        weight_bytes = model.weight_bytes() if isinstance(model, SizedModel) else weight_bytes_in_memory(model)
         return ModelMetrics(
             name=name,
             ppl=ppl,
             mc=mc,
             fidelity=fidelity,
-            weight_bytes_memory=weight_bytes_in_memory(model),
+            weight_bytes_memory=weight_bytes,
             weight_bytes_disk=weight_bytes_disk,
             artifact_bytes_disk=artifact_bytes_disk,
             peak_rss_bytes=peak.peak_bytes,
             eval_seconds=time.perf_counter() - started,
             extra=dict(extra or {}),
             peak_rss_reset_supported=peak.reset_supported,
+            speed=speed,
         )

@@ -63,8 +63,19 @@ def _methods(report: Report) -> dict[str, str]:
             "top1 = fraction of positions with the same argmax next token; KL = "
             "sum_v p_orig(v) * (log p_orig(v) - log p_cand(v)) per position in nats (float32), mean and max"
         ),
-        "weights_memory": "bytes of all parameters and buffers (packed quantized weights included), shared tensors once",
-        "weights_disk": "bytes of the weight files (.safetensors) in the saved artifact; artifact = all its files",
+        "weights_memory": (
+            "bytes of all parameters and buffers (packed quantized weights included), shared tensors once; "
+            "for ONNX rows the bytes of the graph and its external weight data"
+        ),
+        "weights_disk": (
+            "bytes of the weight files (.safetensors; .onnx and .onnx.data for ONNX rows) in the saved artifact; "
+            "artifact = all its files"
+        ),
+        "speed": (
+            "tokens/s with a KV cache on a random prompt: prefill = batch x prompt tokens / seconds of one prompt "
+            "pass from an empty cache; decode = batch x new tokens / seconds of the greedy single-token steps after "
+            "it; median of the timed runs, same settings for torch and ONNX Runtime rows"
+        ),
         "size_ratio": "candidate weight bytes on disk / original weight bytes on disk",
         "peak_rss": (
             "peak resident set size of the whole process while the model was evaluated (kernel high-water "
@@ -158,8 +169,28 @@ def _row_cells(original: ModelMetrics, row: ModelMetrics) -> list[str]:
 _COLUMNS = ("model", "ppl", "Δppl%", "acc", "acc_norm", "top1", "KL", "weights MiB", "disk MiB", "peak RSS MiB")
 
 
+_SPEED_COLUMNS = ("prefill tok/s", "decode tok/s")
+
+
+def _has_speed(report: Report) -> bool:
+    return any(row.speed is not None for row in (report.original, *report.candidates))
+
+
+def _columns(report: Report) -> tuple[str, ...]:
+    return _COLUMNS + (_SPEED_COLUMNS if _has_speed(report) else ())
+
+
+def _speed_cells(row: ModelMetrics) -> list[str]:
+    s = row.speed
+    return [_num(s.prefill_tokens_per_s if s else None, ".1f"), _num(s.decode_tokens_per_s if s else None, ".1f")]
+
+
 def _rows(report: Report) -> list[list[str]]:
-    return [_row_cells(report.original, row) for row in (report.original, *report.candidates)]
+    speed = _has_speed(report)
+    return [
+        _row_cells(report.original, row) + (_speed_cells(row) if speed else [])
+        for row in (report.original, *report.candidates)
+    ]
 
 
 def _rss_note(report: Report) -> str | None:
@@ -183,14 +214,15 @@ def format_terminal_table(report: Report) -> str:
         The table as a multi-line string (no trailing newline).
     """
     rows = _rows(report)
-    widths = [max(len(column), *(len(row[i]) for row in rows)) for i, column in enumerate(_COLUMNS)]
+    columns = _columns(report)
+    widths = [max(len(column), *(len(row[i]) for row in rows)) for i, column in enumerate(columns)]
 
     def line(cells: list[str] | tuple[str, ...]) -> str:
         first = cells[0].ljust(widths[0])
         rest = [cell.rjust(width) for cell, width in zip(cells[1:], widths[1:])]
         return "  ".join([first, *rest])
 
-    lines = [line(_COLUMNS), "  ".join("-" * width for width in widths), *(line(row) for row in rows)]
+    lines = [line(columns), "  ".join("-" * width for width in widths), *(line(row) for row in rows)]
     note = _rss_note(report)
     if note:
         lines.append(note)
@@ -264,7 +296,7 @@ def _markdown(report: Report, data: dict) -> str:
     out = ["# Evaluation report", ""]
     out += [f"- **{key}**: {_md_value(value)}" for key, value in data["meta"].items()]
     out += ["", "## Results", ""]
-    out += _md_table(_COLUMNS, _rows(report))
+    out += _md_table(_columns(report), _rows(report))
     note = _rss_note(report)
     if note:
         out += ["", note.replace("*", "\\*", 1)]

@@ -1,0 +1,141 @@
+"""The export stage at the pipeline's edge: recipe ``export:`` section and ``dsq export`` -> ONNX + report row."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import LoadedModel, load_checkpoint
+from .errors import CheckpointError
+from .load_artifact import load_artifact
+from .recipe import ExportSection
+from dsq.eval import Evaluator, ModelMetrics
+from dsq.export import ExportConfig, ExportResult, OrtCausalLM, ValidationConfig, export_onnx
+
+
+def export_config(section: ExportSection) -> ExportConfig:
+    v = section.validation
+    validation = ValidationConfig(
+        batch_sizes=tuple(v.batch_sizes), seq_lens=tuple(v.seq_lens), decode_steps=v.decode_steps,
+        greedy_tokens=v.greedy_tokens, tolerance=v.tolerance,
+    )
+    return ExportConfig(accuracy_level=section.accuracy_level, validation=validation, threads=section.threads)
+
+
+def export_summary(result: ExportResult) -> dict:
+    """The facts of an export a report row carries."""
+    v = result.validation
+    return {
+        "path": str(result.path),
+        "accuracy_level": result.accuracy_level,
+        "max_abs_logit_diff": v.max_abs_diff,
+        "tolerance": v.tolerance,
+        "greedy_tokens_equal": v.greedy_equal,
+        "matmul_nbits": result.ops.get("com.microsoft::MatMulNBits", 0),
+        "int8_matmul": result.ops.get("MatMulInteger", 0),
+        "experts_in_graph": sum(result.plan.experts.values()),
+        "onnx_bytes": result.onnx_bytes,
+        "seconds": round(result.seconds, 2),
+    }
+
+
+@dataclass
+class ExportOutcome:
+    result: ExportResult
+    row: ModelMetrics | None
+
+
+def export_and_evaluate(
+    model: torch.nn.Module, tokenizer, directory: Path, section: ExportSection, *,
+    evaluator: Evaluator | None, name: str, torch_row: ModelMetrics | None, source: dict | None = None,
+    overwrite: bool = False,
+) -> ExportOutcome:
+    """Export ``model`` to ``directory`` and (if asked) evaluate the ONNX model as row ``<name>-onnx``.
+
+    The row's ``extra["onnx"]`` holds the export's validation figures and, when ``torch_row`` is given,
+    the perplexity of ONNX Runtime relative to torch's for the same model (``ppl_vs_torch_pct``).
+
+    Raises:
+        ExportError: the export failed or does not match PyTorch (nothing is left at ``directory``).
+    """
+    config = export_config(section)
+    result = export_onnx(model, tokenizer, directory, config, source=source, overwrite=overwrite)
+    row = None
+    if section.evaluate and evaluator is not None:
+        ort_lm = OrtCausalLM(result.path, threads=section.threads)
+        row = evaluator.evaluate(f"{name}-onnx", ort_lm, disk_path=result.path)
+        facts = export_summary(result)
+        if torch_row is not None and torch_row.ppl is not None and row.ppl is not None:
+            facts["ppl_vs_torch_pct"] = 100.0 * (row.ppl.ppl / torch_row.ppl.ppl - 1.0)
+        row.extra["onnx"] = facts
+    return ExportOutcome(result, row)
+
+
+def load_for_export(path: Path) -> LoadedModel:
+    """An fp checkpoint (transformers) or a dsq compressed-tensors artifact (dsq's own modules)."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path}: no config.json; not a model directory")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_file}: not valid JSON ({exc})") from exc
+    qconfig = config.get("quantization_config")
+    if not qconfig:
+        return load_checkpoint(path)
+    method = qconfig.get("quant_method")
+    if method != "compressed-tensors":
+        raise CheckpointError(
+            f"{config_file}: quantization_config.quant_method {method!r} has no ONNX form; "
+            "dsq exports fp checkpoints and dsq (compressed-tensors) artifacts"
+        )
+    return load_artifact(path)
+
+
+@dataclass
+class StandaloneExport:
+    """What ``dsq export`` produced: the export, and a report (torch row vs ONNX row) if evaluated."""
+
+    result: ExportResult
+    report: object | None
+
+
+def run_export(
+    source: Path, output: Path, *, accuracy_level: int = 0, threads: int | None = None, tolerance: float | None = None,
+    evaluate: bool = False, speed: bool = False, overwrite: bool = False, progress: bool = True,
+) -> StandaloneExport:
+    """``dsq export``: load ``source`` (fp checkpoint or dsq artifact), export to ``output``, validate.
+
+    With ``evaluate`` the bundled benchmark suite runs on the torch model (the reference row) and on
+    the ONNX model; the report goes to ``output/report.{json,md}``.
+    """
+    import time
+
+    from dsq.eval import Report, write_report
+
+    from .pipeline import benchmark_suite
+    from .recipe import ExportValidationSection, Recipe
+
+    loaded = load_for_export(source)
+    section = ExportSection(
+        accuracy_level=accuracy_level, evaluate=evaluate, threads=threads,
+        validation=ExportValidationSection(tolerance=tolerance),
+    )
+    evaluator = torch_row = None
+    if evaluate:
+        recipe = Recipe.model_validate({"eval": {"speed": {} if speed else None}})
+        evaluator = Evaluator(benchmark_suite(recipe), loaded.tokenizer, progress=progress)
+        torch_row = evaluator.evaluate(f"{source.name} (torch)", loaded.model, reference=True, disk_path=source)
+    name = source.name
+    outcome = export_and_evaluate(
+        loaded.model, loaded.tokenizer, output, section, evaluator=evaluator, name=name, torch_row=torch_row,
+        source=loaded.source.to_dict(), overwrite=overwrite,
+    )
+    report = None
+    if outcome.row is not None:
+        meta = {"model": str(source), "export": str(output), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        report = Report(torch_row, [outcome.row], [], meta=meta)
+        write_report(report, output)
+    return StandaloneExport(outcome.result, report)

@@ -1,0 +1,260 @@
+"""Export-time modules: dsq's quantized layers rewritten as the ops ONNX Runtime runs.
+
+:func:`prepare_for_export` swaps, in place on a model that is about to be exported:
+
+* ``QuantLinear`` -> :class:`NBitsLinear` (``MatMulNBits`` from dsq's own packed integers, scales
+  and zero points: nothing is re-quantized);
+* ``W8A8Linear`` -> :class:`Int8Linear` (int8 activations + integer matmul);
+* fused MoE experts (fp ``gate_up_proj``/``down_proj``, ``QuantExperts``, ``W8A8Experts``) ->
+  :class:`DenseRoutedExperts`: one small module per expert, every expert in the graph, mixed with a
+  dense routing weight ``[tokens, E]`` built at run time from the router's top-k.
+
+DeepSeek's routed experts are stored fused ([E, 2I, H]); exporters that trace the eager
+``for expert in routed_experts`` loop keep only the experts the example input happened to reach.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsq.errors import ExportError
+from dsq.quantize.modules import QuantExperts, QuantLinear, QuantTensor, is_fused_experts, set_module
+from dsq.quantize.scheme import PerChannel, WeightScheme
+from dsq.quantize.w8a8 import DynamicPerToken, W8A8Experts, W8A8Linear
+
+from . import ops
+
+MIN_BLOCK = 16  # MatMulNBits: block_size is a power of two >= 16
+
+
+@dataclass(frozen=True)
+class NBitsLayout:
+    """How one weight becomes a MatMulNBits node: ``k`` inputs, ``n`` outputs, block size."""
+
+    k: int
+    n: int
+    bits: int
+    block_size: int
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.k // self.block_size)
+
+    @property
+    def blob(self) -> int:
+        return self.block_size * self.bits // 8
+
+
+def nbits_layout(scheme: WeightScheme, n: int, k: int, name: str) -> NBitsLayout:
+    """The MatMulNBits layout of a dsq scheme; per-channel becomes one block of ``2**ceil(log2 K)``.
+
+    Raises:
+        ExportError: a group size MatMulNBits cannot express (not a power of two >= 16).
+    """
+    if isinstance(scheme.granularity, PerChannel):
+        block = max(MIN_BLOCK, 1 << (k - 1).bit_length())
+    else:
+        block = scheme.granularity.size
+        if block < MIN_BLOCK or block & (block - 1):
+            raise ExportError(
+                f"{name}: group size {block} cannot be a MatMulNBits block (a power of two >= {MIN_BLOCK}); "
+                "re-quantize with group 16, 32, 64, 128 or 256"
+            )
+    return NBitsLayout(k=k, n=n, bits=scheme.bits, block_size=block)
+
+
+def _pack_blocks(u: torch.Tensor, layout: NBitsLayout) -> torch.Tensor:
+    """Unsigned values ``[N, K]`` -> uint8 ``[N, blocks, blob]`` (4-bit: low nibble first)."""
+    pad = layout.blocks * layout.block_size - layout.k
+    u = F.pad(u.to(torch.int16), (0, pad), value=1 << (layout.bits - 1)).to(torch.uint8)  # padded values are 0
+    if layout.bits == 4:
+        u = u[:, 0::2] | (u[:, 1::2] << 4)
+    return u.reshape(layout.n, layout.blocks, layout.blob).contiguous()
+
+
+def _pack_zero_points(zero: torch.Tensor, layout: NBitsLayout) -> torch.Tensor:
+    """Signed zero points ``[N, blocks]`` -> MatMulNBits uint8 ``[N, ceil(blocks * bits / 8)]``."""
+    u = (zero.to(torch.int16) + (1 << (layout.bits - 1))).to(torch.uint8)
+    if layout.bits == 4:
+        if u.shape[-1] % 2:
+            u = F.pad(u, (0, 1), value=8)
+        u = u[:, 0::2] | (u[:, 1::2] << 4)
+    return u.contiguous()
+
+
+class NBitsLinear(nn.Module):
+    """A weight-only quantized Linear as ``com.microsoft::MatMulNBits``.
+
+    Buffers: ``b`` uint8 ``[N, blocks, blob]``, ``scales`` fp32 ``[N, blocks]``, ``zero_points`` uint8
+    (asymmetric schemes only), ``bias`` fp32 ``[N]`` if the Linear had one.
+    """
+
+    def __init__(self, qt: QuantTensor, bias: torch.Tensor | None, name: str, accuracy_level: int, index: int | None = None) -> None:
+        super().__init__()
+        n, k = qt.shape[-2:]
+        self.layout = nbits_layout(qt.scheme, n, k, name)
+        self.accuracy_level = accuracy_level
+        q = qt.unpacked(index).to(torch.int16)  # (N, K) signed
+        self.register_buffer("b", _pack_blocks(q + (1 << (qt.scheme.bits - 1)), self.layout))
+        scale = qt.scale if index is None else qt.scale[index]  # (N, groups)
+        if scale.shape[-1] != self.layout.blocks:
+            # per-channel: one scale per row is one block
+            raise ExportError(f"{name}: {scale.shape[-1]} scale groups do not match {self.layout.blocks} MatMulNBits blocks")
+        self.register_buffer("scales", scale.float().contiguous())
+        zero = qt.zero_point if index is None or qt.zero_point is None else qt.zero_point[index]
+        self.register_buffer("zero_points", _pack_zero_points(zero, self.layout) if zero is not None else None)
+        self.register_buffer("bias", bias.detach().float().clone() if bias is not None else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lay = self.layout
+        y = ops.matmul_nbits(x, self.b, self.scales, self.zero_points, lay.k, lay.n, lay.bits, lay.block_size, self.accuracy_level)
+        return y + self.bias if self.bias is not None else y
+
+
+class Int8Linear(nn.Module):
+    """W8A8: int8 activations (per token, or one calibrated scale) times int8 weights, int32 accumulate.
+
+    Buffers: ``w_t`` int8 ``[K, N]`` (transposed for MatMulInteger), ``w_scale`` fp32 ``[N]``,
+    ``x_scale`` fp32 scalar (static only), ``bias``.
+    """
+
+    def __init__(self, packed: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("w_t", packed.t().contiguous())
+        self.register_buffer("w_scale", w_scale.float().reshape(-1).contiguous())
+        self.register_buffer("x_scale", x_scale.float().reshape(()).clone() if x_scale is not None else None)
+        self.register_buffer("bias", bias.detach().float().clone() if bias is not None else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.x_scale is None:
+            y = ops.matmul_int8_token(x, self.w_t, self.w_scale)
+        else:
+            y = ops.matmul_int8_static(x, self.x_scale, self.w_t, self.w_scale)
+        return y + self.bias if self.bias is not None else y
+
+
+class _Expert(nn.Module):
+    """One SwiGLU expert: ``down(act(gate(x)) * up(x))`` with ``gate_up`` producing ``[.., 2I]``."""
+
+    def __init__(self, gate_up: nn.Module, down: nn.Module, act_fn: nn.Module) -> None:
+        super().__init__()
+        self.gate_up = gate_up
+        self.down = down
+        self.act_fn = act_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(self.act_fn(gate) * up)
+
+
+def _plain_linear(weight: torch.Tensor) -> nn.Linear:
+    out_f, in_f = weight.shape
+    linear = nn.Linear(in_f, out_f, bias=False, dtype=weight.dtype)
+    linear.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    return linear
+
+
+class DenseRoutedExperts(nn.Module):
+    """Every expert in the graph; routing decided at run time.
+
+    ``forward(hidden (T, H), top_k_index (T, k), top_k_weights (T, k))``: the dense routing weight
+    ``R = scatter(zeros(T, E), index, weights)`` and ``sum_e R[:, e] * expert_e(hidden)``. Experts a
+    token was not routed to contribute exactly 0, so the result equals the sparse mix; the cost is every
+    expert on every token (E / k times the routed FLOPs).
+    """
+
+    def __init__(self, experts: list[_Expert]) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(experts)
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        dense = torch.zeros(hidden.shape[0], len(self.experts), dtype=top_k_weights.dtype)
+        dense = dense.scatter(1, top_k_index, top_k_weights)  # (T, E)
+        out = torch.zeros_like(hidden)
+        for e, expert in enumerate(self.experts):
+            out = out + (expert(hidden) * dense[:, e : e + 1]).to(hidden.dtype)
+        return out
+
+
+def _experts_from_fp(module: nn.Module) -> DenseRoutedExperts:
+    return DenseRoutedExperts([
+        _Expert(_plain_linear(module.gate_up_proj[e]), _plain_linear(module.down_proj[e]), module.act_fn)
+        for e in range(module.gate_up_proj.shape[0])
+    ])
+
+
+def _experts_from_quant(module: QuantExperts, name: str, accuracy_level: int) -> DenseRoutedExperts:
+    return DenseRoutedExperts([
+        _Expert(
+            NBitsLinear(module.gate_up_proj, None, f"{name}.{e}.gate_up_proj", accuracy_level, index=e),
+            NBitsLinear(module.down_proj, None, f"{name}.{e}.down_proj", accuracy_level, index=e),
+            module.act_fn,
+        )
+        for e in range(module.num_experts)
+    ])
+
+
+def _experts_from_w8a8(module: W8A8Experts) -> DenseRoutedExperts:
+    static = not isinstance(module.act, DynamicPerToken)
+    experts = []
+    for e in range(module.num_experts):
+        gu_s = module.gate_up_input_scale[e] if static else None
+        dn_s = module.down_input_scale[e] if static else None
+        experts.append(_Expert(
+            Int8Linear(module.gate_up_proj.packed[e], module.gate_up_proj.scale[e], gu_s, None),
+            Int8Linear(module.down_proj.packed[e], module.down_proj.scale[e], dn_s, None),
+            module.act_fn,
+        ))
+    return DenseRoutedExperts(experts)
+
+
+@dataclass
+class ExportPlan:
+    """What :func:`prepare_for_export` did, by module name (for the export manifest)."""
+
+    nbits: dict[str, str] = field(default_factory=dict)  # name -> scheme description
+    int8: dict[str, str] = field(default_factory=dict)
+    experts: dict[str, int] = field(default_factory=dict)  # name -> number of experts in the graph
+
+    def to_dict(self) -> dict:
+        return {"matmul_nbits": self.nbits, "int8_matmul": self.int8, "dense_routed_experts": self.experts}
+
+
+def prepare_for_export(model: nn.Module, accuracy_level: int = 0) -> ExportPlan:
+    """Swap dsq's modules (and fused experts) for their export forms, in place.
+
+    Args:
+        model: a causal LM as the spine loads it (fp, or with dsq's quantized modules).
+        accuracy_level: MatMulNBits ``accuracy_level`` (0: fp32 compute; 4: int8 compute).
+
+    Returns:
+        The :class:`ExportPlan` naming every swapped module.
+
+    Raises:
+        ExportError: a module no export form exists for (e.g. bitsandbytes layers), named.
+    """
+    plan = ExportPlan()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            set_module(model, name, NBitsLinear(module.weight_q, module.bias, name, accuracy_level))
+            plan.nbits[name] = module.scheme.describe()
+        elif isinstance(module, W8A8Linear):
+            set_module(model, name, Int8Linear(module.weight_q.packed, module.weight_q.scale, module.input_scale, module.bias))
+            plan.int8[name] = module.act.describe()
+        elif isinstance(module, QuantExperts):
+            set_module(model, name, _experts_from_quant(module, name, accuracy_level))
+            plan.experts[name] = module.num_experts
+            plan.nbits[name] = module.gate_up_proj.scheme.describe()
+        elif isinstance(module, W8A8Experts):
+            set_module(model, name, _experts_from_w8a8(module))
+            plan.experts[name] = module.num_experts
+            plan.int8[name] = module.act.describe()
+        elif is_fused_experts(module):
+            set_module(model, name, _experts_from_fp(module))
+            plan.experts[name] = module.gate_up_proj.shape[0]
+        elif type(module).__module__.startswith("bitsandbytes"):
+            raise ExportError(f"{name}: bitsandbytes layers have no ONNX form; export a dsq (RTN/GPTQ/AWQ/QAT) artifact instead")
+    return plan

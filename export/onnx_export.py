@@ -1,0 +1,224 @@
+"""Export a causal LM (fp or dsq-quantized) to an ONNX decoder with KV cache, and prove it matches.
+
+``export_onnx(model, tokenizer, output, ExportConfig())``:
+
+1. copies the model and swaps its quantized modules and fused experts for export forms
+   (:func:`dsq.export.modules.prepare_for_export`: ``MatMulNBits`` from dsq's own integers, int8
+   matmuls, every routed expert in the graph);
+2. traces :class:`~dsq.export.decoder.FlatDecoder` with ``torch.onnx.export(dynamo=True)`` (dynamic
+   batch, sequence and past lengths), writing the weights as external data (no 2 GB protobuf limit);
+3. opens the graph in ONNX Runtime and validates it against the original torch model
+   (:mod:`dsq.export.validate`); a mismatch raises :class:`~dsq.errors.ExportError`;
+4. writes ``export_manifest.json`` (layout, ops, validation figures), ``genai_config.json`` and the
+   tokenizer, all in a temporary directory renamed into place at the end.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dsq import __version__
+from dsq.artifact import atomic_directory, versions
+from dsq.errors import ExportError
+
+from . import ops
+from .decoder import CacheLayout, FlatDecoder, cache_layout, empty_past, input_names, output_names
+from .genai import write_genai_config
+from .modules import ExportPlan, prepare_for_export
+from .patches import traceable
+from .runtime import EXPORT_MANIFEST, ONNX_FILE, OrtCausalLM
+from .validate import ACTIVATION_QUANTIZED_TOLERANCE, FP_TOLERANCE, QUANTIZED_TOLERANCE, ValidationConfig, ValidationReport, validate_export
+
+log = logging.getLogger(__name__)
+
+OPSET = 21
+DATA_FILE = ONNX_FILE + ".data"
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How to export.
+
+    Attributes:
+        accuracy_level: ``MatMulNBits`` compute type (ONNX Runtime: 0 unset = fp32 inputs, 1 fp32,
+            2 fp16, 3 bf16, 4 int8 activations). Parity figures are stated at this level.
+        validation: shapes and tolerance of the ORT-vs-torch check.
+        threads: ORT intra-op threads for validation (None: ORT's default).
+    """
+
+    accuracy_level: int = 0
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise ValueError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {self.accuracy_level!r}")
+
+
+@dataclass
+class ExportResult:
+    """What an export produced: where, which ops, the validation figures and how long it took."""
+
+    path: Path
+    layout: CacheLayout
+    plan: ExportPlan
+    validation: ValidationReport
+    seconds: float
+    onnx_bytes: int
+    accuracy_level: int
+    ops: dict[str, int]
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / ONNX_FILE
+
+
+def _example_inputs(layout: CacheLayout, vocab: int) -> tuple:
+    """A decode-like example (past 3, seq 5, batch 2): every axis is traced as dynamic."""
+    batch, seq, past = 2, 5, 3
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    pos = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+    return ids, mask, pos, *[torch.randn_like(t) for t in empty_past(layout, batch, past)]
+
+
+def _dynamic_shapes(layout: CacheLayout) -> tuple:
+    dim = torch.export.Dim
+    batch, seq, past, total = dim("batch"), dim("sequence"), dim("past_sequence"), dim("total_sequence")
+    cache = tuple({0: batch, 2: past} for _ in range(2 * layout.num_layers))
+    return ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, cache)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch's exporter logs a warning per optional op library it lacks (torchvision); keep errors only."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _trace(model: nn.Module, layout: CacheLayout, vocab: int, path: Path) -> None:
+    decoder = FlatDecoder(model, layout).eval()
+    with torch.no_grad(), _quiet_exporter(), traceable(model):
+        try:
+            program = torch.onnx.export(
+                decoder, _example_inputs(layout, vocab), None, dynamo=True, opset_version=OPSET,
+                input_names=input_names(layout), output_names=output_names(layout),
+                dynamic_shapes=_dynamic_shapes(layout), custom_translation_table=ops.translation_table(), verbose=False,
+            )
+        except Exception as exc:  # torch's exporter raises many types; name the stage
+            raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc)[:2000]}") from exc
+    program.save(str(path), external_data=True)
+
+
+def _op_counts(path: Path) -> dict[str, int]:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        key = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _check_plan_in_graph(plan: ExportPlan, counts: dict[str, int]) -> None:
+    """Every module the plan swapped must have reached the graph as its op."""
+    for op, modules in (("com.microsoft::MatMulNBits", plan.nbits), ("MatMulInteger", plan.int8)):
+        # a fused experts module becomes 2 matmuls (gate_up, down) per expert
+        needed = sum(2 * plan.experts[name] if name in plan.experts else 1 for name in modules)
+        got = counts.get(op, 0)
+        if got != needed:
+            raise ExportError(f"the graph has {got} {op} nodes where {needed} quantized weights were exported")
+
+
+def default_tolerance(plan: ExportPlan) -> float:
+    """Max |delta logit| an export is held to: fp 1e-4, weight-only 1e-3, int8 activations 0.25."""
+    if plan.int8:
+        return ACTIVATION_QUANTIZED_TOLERANCE
+    return QUANTIZED_TOLERANCE if plan.nbits else FP_TOLERANCE
+
+
+def _files_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.iterdir() if p.is_file() and p.name.startswith(ONNX_FILE))
+
+
+def export_onnx(
+    model: nn.Module,
+    tokenizer,
+    output: Path,
+    config: ExportConfig = ExportConfig(),
+    *,
+    source: dict | None = None,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Export ``model`` to ``output`` (a directory) and validate it in ONNX Runtime.
+
+    Args:
+        model: causal LM as the spine loads it (fp32, or with dsq's quantized modules). Not modified.
+        tokenizer: saved beside the graph (needed by onnxruntime-genai).
+        output: directory to create; written atomically.
+        config: :class:`ExportConfig`.
+        source: facts about the exported artifact, copied into the manifest.
+        overwrite: replace an existing export directory.
+
+    Returns:
+        An :class:`ExportResult`.
+
+    Raises:
+        ExportError: a module has no ONNX form, the exporter failed, or ORT does not match torch
+            (the message lists the failing cases); nothing is left at ``output``.
+    """
+    started = time.perf_counter()
+    model.eval()
+    layout = cache_layout(model.config)
+    vocab = model.config.vocab_size
+    export_model = copy.deepcopy(model)
+    plan = prepare_for_export(export_model, config.accuracy_level)
+    tolerance = config.validation.tolerance or default_tolerance(plan)
+    with atomic_directory(output, overwrite, marker=EXPORT_MANIFEST) as tmp:
+        _trace(export_model, layout, vocab, tmp / ONNX_FILE)
+        del export_model
+        counts = _op_counts(tmp / ONNX_FILE)
+        _check_plan_in_graph(plan, counts)
+        ort_lm = OrtCausalLM(tmp / ONNX_FILE, threads=config.threads)
+        validation = validate_export(ort_lm, model, layout, vocab, config.validation, tolerance)
+        if not validation.passed:
+            raise ExportError("the ONNX export does not match PyTorch: " + "; ".join(validation.failures()))
+        tokenizer.save_pretrained(str(tmp))
+        write_genai_config(tmp, model.config, tokenizer, layout)
+        manifest = {
+            "format": "dsq-onnx-decoder",
+            "version": 1,
+            "dsq_version": __version__,
+            "versions": versions(),
+            "opset": OPSET,
+            "files": sorted(p.name for p in tmp.iterdir() if p.name.startswith(ONNX_FILE)),
+            "inputs": input_names(layout),
+            "outputs": output_names(layout),
+            "cache": layout.to_dict(),
+            "accuracy_level": config.accuracy_level,
+            "ops": counts,
+            "quantized_modules": plan.to_dict(),
+            "validation": validation.to_dict(),
+            "source": source or {},
+        }
+        (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        onnx_bytes = _files_bytes(tmp)
+    return ExportResult(output, layout, plan, validation, time.perf_counter() - started, onnx_bytes, config.accuracy_level, counts)

@@ -1,0 +1,179 @@
+"""Torch custom ops that become ONNX Runtime's quantized operators on export.
+
+Each op has an eager implementation (used to check the export against torch, and by
+``fake``-tensor tracing through its meta kernel) and an onnxscript translation used by
+``torch.onnx.export(dynamo=True, custom_translation_table=...)``:
+
+* ``dsq::matmul_nbits`` -> ``com.microsoft::MatMulNBits`` (weight-only 4/8-bit, block-wise);
+* ``dsq::matmul_int8_token`` -> per-token symmetric int8 activation quantization
+  (``ReduceMax(|x|) / 127``, ``Round``, ``Clip``) + ``MatInteger`` int8 x int8 -> int32 + rescale;
+* ``dsq::matmul_int8_static`` -> the same with one calibrated activation scale.
+
+``MatMulNBits`` layout (ONNX Runtime contrib op): ``B`` uint8 ``[N, blocks, block_size * bits / 8]``
+holding unsigned values (``q + 2**(bits-1)``), 4-bit low nibble first; ``scales`` ``[N * blocks]``;
+``zero_points`` uint8 packed like ``B`` along blocks, unsigned; absent means ``2**(bits-1)``.
+``y = x @ ((B - zero) * scale)^T``.
+"""
+from __future__ import annotations
+
+import torch
+
+from dsq.quantize.primitives import unpack_int4
+
+_LIB = "dsq"
+
+
+def unpack_nbits(b: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Unsigned values ``[N, K]`` (int16) of a MatMulNBits ``B`` ``[N, blocks, blob]``."""
+    flat = b.reshape(b.shape[0], -1)
+    if bits == 4:
+        values = unpack_int4(flat, 2 * flat.shape[-1]).to(torch.int16) + 8
+    else:
+        values = flat.to(torch.int16)
+    return values[:, :k]
+
+
+def nbits_dequantize(
+    b: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, k: int, bits: int, block_size: int
+) -> torch.Tensor:
+    """The fp32 weight ``[N, K]`` a MatMulNBits node computes with."""
+    n = b.shape[0]
+    blocks = b.shape[1]
+    u = unpack_nbits(b, bits, k).float()  # (N, K)
+    if zero_points is None:
+        zero = torch.full((n, blocks), float(1 << (bits - 1)))
+    else:
+        zero = unpack_nbits(zero_points.reshape(n, 1, -1), bits, blocks).float()  # (N, blocks)
+    scale = scales.reshape(n, blocks).float()
+    expand = lambda t: t.repeat_interleave(block_size, dim=-1)[:, :k]  # noqa: E731
+    return (u - expand(zero)) * expand(scale)
+
+
+@torch.library.custom_op(f"{_LIB}::matmul_nbits", mutates_args=())
+def matmul_nbits(
+    x: torch.Tensor,
+    b: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor | None,
+    k: int,
+    n: int,
+    bits: int,
+    block_size: int,
+    accuracy_level: int,
+) -> torch.Tensor:
+    """``x [..., K] @ W^T`` with ``W [N, K]`` stored as MatMulNBits blocks; returns ``[..., N]``."""
+    w = nbits_dequantize(b, scales, zero_points, k, bits, block_size)
+    return torch.matmul(x.float(), w.t()).to(x.dtype)
+
+
+@matmul_nbits.register_fake
+def _(x, b, scales, zero_points, k, n, bits, block_size, accuracy_level):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def _token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric int8: ``scale = max|x| / 127`` per row (``[..., 1]``), as dsq's W8A8."""
+    from dsq.quantize.w8a8 import DYNAMIC_DIVISOR
+
+    tiny = torch.finfo(torch.float32).tiny
+    scale = (x.abs().amax(dim=-1, keepdim=True) / DYNAMIC_DIVISOR).clamp_min(tiny)
+    return torch.round(x / scale).clamp(-128, 127), scale
+
+
+@torch.library.custom_op(f"{_LIB}::matmul_int8_token", mutates_args=())
+def matmul_int8_token(x: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """W8A8 with dynamic per-token activations: ``x [..., K]``, ``w_t`` int8 ``[K, N]``, ``w_scale [N]``."""
+    q, scale = _token_int8(x.float())
+    acc = torch.matmul(q.double(), w_t.double()).float()  # exact int32 accumulation
+    return (acc * scale * w_scale).to(x.dtype)
+
+
+@matmul_int8_token.register_fake
+def _(x, w_t, w_scale):
+    return x.new_empty((*x.shape[:-1], w_t.shape[1]))
+
+
+@torch.library.custom_op(f"{_LIB}::matmul_int8_static", mutates_args=())
+def matmul_int8_static(x: torch.Tensor, x_scale: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """W8A8 with one calibrated activation scale ``x_scale`` (scalar)."""
+    q = torch.round(x.float() / x_scale).clamp(-128, 127)
+    acc = torch.matmul(q.double(), w_t.double()).float()
+    return (acc * x_scale * w_scale).to(x.dtype)
+
+
+@matmul_int8_static.register_fake
+def _(x, x_scale, w_t, w_scale):
+    return x.new_empty((*x.shape[:-1], w_t.shape[1]))
+
+
+def _matmul_nbits_schema():
+    """The ``com.microsoft::MatMulNBits`` schema (inputs and attributes as ONNX Runtime defines them).
+
+    The onnx package knows only the standard domain; onnxscript needs a schema to build the node.
+    Registered once, on first export.
+    """
+    import onnx
+    from onnx.defs import OpSchema
+
+    try:
+        return onnx.defs.get_schema("MatMulNBits", 1, "com.microsoft")
+    except onnx.defs.SchemaError:
+        pass
+    param, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    attr, ints = OpSchema.Attribute, OpSchema.AttrType.INT
+    schema = OpSchema(
+        "MatMulNBits", "com.microsoft", 1,
+        inputs=[
+            param("A", "T1"), param("B", "T2"), param("scales", "T1"),
+            param("zero_points", "T3", param_option=optional), param("g_idx", "T4", param_option=optional),
+            param("bias", "T1", param_option=optional),
+        ],
+        outputs=[param("Y", "T1")],
+        type_constraints=[
+            ("T1", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations and scales"),
+            ("T2", ["tensor(uint8)", "tensor(int32)"], "packed weights"),
+            ("T3", ["tensor(uint8)", "tensor(int32)", "tensor(float)", "tensor(float16)"], "zero points"),
+            ("T4", ["tensor(int32)"], "group index"),
+        ],
+        attributes=[
+            attr("K", ints), attr("N", ints), attr("bits", ints), attr("block_size", ints),
+            attr("accuracy_level", ints, required=False),
+        ],
+    )
+    onnx.defs.register_schema(schema)
+    return schema
+
+
+def translation_table() -> dict:
+    """``custom_translation_table`` for ``torch.onnx.export``: dsq ops -> ONNX (Runtime) ops."""
+    from onnxscript import opset21 as op
+    from onnxscript import values
+
+    # contrib ops have no schema in the onnx package: build the Op without one
+    matmul_nbits_op = values.Op(values.Opset("com.microsoft", 1), "MatMulNBits", _matmul_nbits_schema())
+
+    def nbits(x, b, scales, zero_points, k: int, n: int, bits: int, block_size: int, accuracy_level: int):
+        inputs = [x, b, scales] + ([zero_points] if zero_points is not None else [])
+        return matmul_nbits_op(
+            *inputs, K=k, N=n, bits=bits, block_size=block_size, accuracy_level=accuracy_level
+        )
+
+    def int8_matmul(q, w_t):
+        # int8 x int8 -> int32 is exact; the rescale happens in fp32 like dsq's torch forward
+        return op.Cast(op.MatMulInteger(op.Cast(q, to=3), w_t), to=1)
+
+    def token(x, w_t, w_scale):
+        amax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
+        scale = op.Max(op.Div(amax, op.Constant(value_float=127.0)), op.Constant(value_float=torch.finfo(torch.float32).tiny))
+        q = op.Clip(op.Round(op.Div(x, scale)), op.Constant(value_float=-128.0), op.Constant(value_float=127.0))
+        return op.Mul(op.Mul(int8_matmul(q, w_t), scale), w_scale)
+
+    def static(x, x_scale, w_t, w_scale):
+        q = op.Clip(op.Round(op.Div(x, x_scale)), op.Constant(value_float=-128.0), op.Constant(value_float=127.0))
+        return op.Mul(op.Mul(int8_matmul(q, w_t), x_scale), w_scale)
+
+    return {
+        torch.ops.dsq.matmul_nbits.default: nbits,
+        torch.ops.dsq.matmul_int8_token.default: token,
+        torch.ops.dsq.matmul_int8_static.default: static,
+    }

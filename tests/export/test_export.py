@@ -1,0 +1,149 @@
+"""Whole-model ONNX exports with KV cache: every architecture, fp and quantized, checked against torch."""
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+
+from dsq.checkpoint import load_checkpoint
+from dsq.errors import DsqInputError, ExportError
+from dsq.export import ExportConfig, OrtCausalLM, SamplingConfig, ValidationConfig, export_onnx
+from dsq.quantize import TargetSpec, quantize_
+
+from dsq.testing import fast_export_config
+
+FAST = fast_export_config()
+
+def _node_counts(path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "deepseek_v2", "deepseek_v3"])
+def test_fp_export_matches_torch_and_generates_like_transformers(exported, arch):
+    loaded, result = exported(arch)
+    v = result.validation
+    assert v.passed and v.max_abs_diff <= 1e-4 and v.greedy_equal
+    assert {c.kind for c in v.cases} == {"prefill", "decode", "greedy"}
+    manifest = json.loads((result.path / "export_manifest.json").read_text())
+    assert manifest["inputs"][:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert manifest["outputs"][1:3] == ["present.0.key", "present.0.value"]
+    assert manifest["validation"]["passed"] is True
+    assert (result.path / "model.onnx.data").is_file() and (result.path / "genai_config.json").is_file()
+    # one graph, prefill from an empty cache then decode steps: the same tokens as transformers' generate
+    lm = OrtCausalLM(result.path)
+    prompt = torch.tensor([[0, 17, 42, 99, 7, 300]])
+    ours = lm.generate(prompt, max_new_tokens=24)
+    reference = loaded.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24,
+                                      do_sample=False, eos_token_id=None, pad_token_id=2)
+    assert torch.equal(ours, reference)
+
+
+def test_mla_cache_holds_the_compressed_latent(exported):
+    loaded, result = exported("deepseek_v3")
+    c = loaded.model.config
+    lay = result.layout
+    assert lay.mla and lay.kv_heads == 1 and (lay.key_dim, lay.value_dim) == (c.kv_lora_rank, c.qk_rope_head_dim)
+    inputs = {i.name: i.shape for i in OrtCausalLM(result.path).session.get_inputs()}
+    assert inputs["past_key_values.0.key"][1:] == [1, "past_sequence", c.kv_lora_rank]
+
+
+def test_quantized_deepseek_carries_every_expert_as_matmul_nbits(exported):
+    loaded, result = exported("deepseek_v3", "int4")
+    v = result.validation
+    assert v.passed and v.max_abs_diff <= 1e-3 and v.greedy_equal
+    c = loaded.model.config
+    moe_layers = c.num_hidden_layers - c.first_k_dense_replace
+    assert set(result.plan.experts.values()) == {c.n_routed_experts} and len(result.plan.experts) == moe_layers
+    counts = _node_counts(result.onnx_path)
+    linears = len(result.plan.nbits) - moe_layers
+    assert counts["MatMulNBits"] == linears + 2 * c.n_routed_experts * moe_layers
+    assert counts.get("TopK", 0) >= moe_layers  # routing is computed in the graph, at run time
+    names = {t.name for t in onnx.load(str(result.onnx_path), load_external_data=False).graph.initializer}
+    for e in range(c.n_routed_experts):
+        assert any(f"experts.experts.{e}.down.b" in n for n in names), f"expert {e} is missing from the graph"
+    fp_bytes = exported("deepseek_v3")[1].onnx_bytes
+    assert result.onnx_bytes < 0.6 * fp_bytes
+
+
+def test_w8a8_export_uses_integer_matmuls(exported):
+    loaded, result = exported("llama", "w8a8")
+    assert result.validation.passed and result.validation.greedy_equal
+    counts = _node_counts(result.onnx_path)
+    assert counts["MatMulInteger"] == len(result.plan.int8)
+    assert counts.get("MatMulNBits", 0) == 0
+
+
+def test_ort_model_is_evaluated_like_a_torch_model(exported):
+    from dsq.eval.perplexity import PerplexityConfig, perplexity
+
+    loaded, result = exported("llama")
+    ids = torch.randint(3, 500, (300,), generator=torch.Generator().manual_seed(1))
+    config = PerplexityConfig(context=64, stride=32)
+    ours = perplexity(OrtCausalLM(result.path), ids, config, batch_size=4, progress=False)
+    theirs = perplexity(loaded.model, ids, config, batch_size=4, progress=False)
+    assert abs(ours.ppl / theirs.ppl - 1) < 1e-5
+    assert OrtCausalLM(result.path).weight_bytes() == pytest.approx(
+        sum(p.numel() * 4 for p in loaded.model.parameters()), rel=0.01)
+
+
+def test_left_padded_batch_generates_what_each_row_generates_alone(exported):
+    _, result = exported("qwen2")
+    lm = OrtCausalLM(result.path)
+    short, long = [5, 9, 200], [0, 17, 42, 99, 7]
+    batch = torch.tensor([[2, 2] + short, long])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    together = lm.generate(batch, attention_mask=mask, max_new_tokens=12)
+    alone = [lm.generate(torch.tensor([row]), max_new_tokens=12) for row in (short, long)]
+    assert torch.equal(together[0, 2:], alone[0][0]) and torch.equal(together[1], alone[1][0])
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(exported):
+    _, result = exported("llama")
+    lm = OrtCausalLM(result.path)
+    prompt = torch.tensor([[0, 17, 42]])
+    a = lm.generate(prompt, max_new_tokens=16, sampling=SamplingConfig(do_sample=True, temperature=1.5, seed=3))
+    b = lm.generate(prompt, max_new_tokens=16, sampling=SamplingConfig(do_sample=True, temperature=1.5, seed=3))
+    c = lm.generate(prompt, max_new_tokens=16, sampling=SamplingConfig(do_sample=True, temperature=1.5, seed=4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    greedy = lm.generate(prompt, max_new_tokens=16)
+    assert torch.equal(lm.generate(prompt, max_new_tokens=16, sampling=SamplingConfig(do_sample=True, top_k=1)), greedy)
+    eos = int(greedy[0, 5])
+    first = 3 + greedy[0, 3:].tolist().index(eos)  # the first generated position holding it
+    stopped = lm.generate(prompt, max_new_tokens=16, eos_token_id=eos)
+    assert torch.equal(stopped[0], greedy[0, : first + 1])
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(do_sample=True, top_p=0.0)
+
+
+def test_export_that_does_not_match_fails_and_leaves_nothing(tiny_checkpoint, tmp_path):
+    loaded = load_checkpoint(tiny_checkpoint("llama"))
+    strict = ExportConfig(validation=ValidationConfig(batch_sizes=(1,), seq_lens=(9,), tolerance=1e-30))
+    with pytest.raises(ExportError, match=r"does not match PyTorch: prefill batch 1 x 9: max \|delta logit\|"):
+        export_onnx(loaded.model, loaded.tokenizer, tmp_path / "out", strict)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_not_replaced_without_overwrite(exported, tiny_checkpoint):
+    loaded, result = exported("llama")
+    with pytest.raises(DsqInputError, match="already exists"):
+        export_onnx(loaded.model, loaded.tokenizer, result.path, FAST)
+    (result.path.parent / "other").mkdir()
+    (result.path.parent / "other" / "x.txt").write_text("mine")
+    with pytest.raises(DsqInputError, match="export_manifest.json"):
+        export_onnx(loaded.model, loaded.tokenizer, result.path.parent / "other", FAST, overwrite=True)
+    assert (result.path.parent / "other" / "x.txt").read_text() == "mine"
+
+
+def test_bitsandbytes_layers_are_refused_by_name(tiny_checkpoint, tmp_path):
+    from dsq.quantize import BnbNF4Config
+
+    loaded = load_checkpoint(tiny_checkpoint("llama"))
+    quantize_(loaded.model, BnbNF4Config(targets=TargetSpec()), progress=False)
+    with pytest.raises(ExportError, match=r"model\.layers\.0\.self_attn\.q_proj: bitsandbytes layers have no ONNX form"):
+        export_onnx(loaded.model, loaded.tokenizer, tmp_path / "out", FAST)
+    assert not (tmp_path / "out").exists()
