@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--accuracy-level", type=int, choices=range(5), default=0,
                         help="MatMulNBits compute: 0/1 fp32 (default), 4 int8 activations")
     export.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    export.add_argument("--weight-op", choices=("matmul_nbits", "dequantize_linear"), default="matmul_nbits",
+                        help="weight-only layers as ORT's MatMulNBits (default) or standard opset-21 DequantizeLinear + MatMul")
+    export.add_argument("--quantize-embeddings", action="store_true", help="store the input embedding int8 (per-row scales)")
     export.add_argument("--tolerance", type=float, default=None,
                         help="max |delta logit| vs PyTorch (default 1e-4 fp, 1e-3 weight-only, 0.25 W8A8)")
     export.add_argument("--evaluate", action="store_true",
@@ -124,6 +127,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     outcome = run_export(
         source, output, accuracy_level=args.accuracy_level, threads=args.threads, tolerance=args.tolerance,
         evaluate=args.evaluate, speed=args.speed, overwrite=args.overwrite, progress=not args.quiet,
+        weight_op=args.weight_op, quantize_embeddings=args.quantize_embeddings,
     )
     v = outcome.result.validation
     print(f"ONNX export: {outcome.result.onnx_path} ({outcome.result.onnx_bytes / 2**20:.1f} MiB)")

@@ -12,7 +12,9 @@ from .errors import CheckpointError
 from .load_artifact import load_artifact
 from .recipe import ExportSection
 from dsq.eval import Evaluator, ModelMetrics
-from dsq.export import ExportConfig, ExportResult, OrtCausalLM, ValidationConfig, export_onnx
+from dsq.export import (
+    DequantizeLinearWeights, ExportConfig, ExportResult, MatMulNBitsWeights, OrtCausalLM, ValidationConfig, export_onnx,
+)
 
 
 def export_config(section: ExportSection) -> ExportConfig:
@@ -21,7 +23,9 @@ def export_config(section: ExportSection) -> ExportConfig:
         batch_sizes=tuple(v.batch_sizes), seq_lens=tuple(v.seq_lens), decode_steps=v.decode_steps,
         greedy_tokens=v.greedy_tokens, tolerance=v.tolerance,
     )
-    return ExportConfig(accuracy_level=section.accuracy_level, validation=validation, threads=section.threads)
+    weights = DequantizeLinearWeights() if section.weight_op == "dequantize_linear" else MatMulNBitsWeights()
+    return ExportConfig(accuracy_level=section.accuracy_level, validation=validation, threads=section.threads,
+                        weights=weights, quantize_embeddings=section.quantize_embeddings)
 
 
 def export_summary(result: ExportResult) -> dict:
@@ -30,6 +34,8 @@ def export_summary(result: ExportResult) -> dict:
     return {
         "path": str(result.path),
         "accuracy_level": result.accuracy_level,
+        "weight_op": result.weight_op,
+        "embedding": result.plan.embedding,
         "max_abs_logit_diff": v.max_abs_diff,
         "tolerance": v.tolerance,
         "greedy_tokens_equal": v.greedy_equal,
@@ -105,6 +111,7 @@ class StandaloneExport:
 def run_export(
     source: Path, output: Path, *, accuracy_level: int = 0, threads: int | None = None, tolerance: float | None = None,
     evaluate: bool = False, speed: bool = False, overwrite: bool = False, progress: bool = True,
+    weight_op: str = "matmul_nbits", quantize_embeddings: bool = False,
 ) -> StandaloneExport:
     """``dsq export``: load ``source`` (fp checkpoint or dsq artifact), export to ``output``, validate.
 
@@ -120,8 +127,8 @@ def run_export(
 
     loaded = load_for_export(source)
     section = ExportSection(
-        accuracy_level=accuracy_level, evaluate=evaluate, threads=threads,
-        validation=ExportValidationSection(tolerance=tolerance),
+        accuracy_level=accuracy_level, evaluate=evaluate, threads=threads, weight_op=weight_op,
+        quantize_embeddings=quantize_embeddings, validation=ExportValidationSection(tolerance=tolerance),
     )
     evaluator = torch_row = None
     if evaluate:

@@ -4,11 +4,11 @@
 MoE expert in the graph), checks it against PyTorch and writes a manifest; ``OrtCausalLM`` runs it.
 """
 from .decoder import CacheLayout, cache_layout
-from .onnx_export import ExportConfig, ExportResult, export_onnx
+from .onnx_export import DequantizeLinearWeights, ExportConfig, ExportResult, MatMulNBitsWeights, export_onnx
 from .runtime import OrtCausalLM, SamplingConfig
 from .validate import ValidationConfig, ValidationReport
 
 __all__ = [
-    "CacheLayout", "ExportConfig", "ExportResult", "OrtCausalLM", "SamplingConfig", "ValidationConfig",
+    "CacheLayout", "DequantizeLinearWeights", "ExportConfig", "MatMulNBitsWeights", "ExportResult", "OrtCausalLM", "SamplingConfig", "ValidationConfig",
     "ValidationReport", "cache_layout", "export_onnx",
 ]

@@ -22,6 +22,7 @@ from torch import nn
 
 from dsq.errors import ExportError
 from dsq.quantize.modules import QuantExperts, QuantLinear, QuantTensor, is_fused_experts, set_module
+from dsq.quantize.primitives import dequantize_weight, quantize_rtn
 from dsq.quantize.scheme import PerChannel, WeightScheme
 from dsq.quantize.w8a8 import DynamicPerToken, W8A8Experts, W8A8Linear
 
@@ -211,6 +212,30 @@ def _experts_from_w8a8(module: W8A8Experts) -> DenseRoutedExperts:
     return DenseRoutedExperts(experts)
 
 
+class Int8Embedding(nn.Module):
+    """An embedding table stored int8, one symmetric scale per row (token): ``[V, H]`` + ``[V, 1]``."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("table", q.contiguous())
+        self.register_buffer("scale", scale.float().contiguous())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return ops.embedding_int8(ids, self.table, self.scale)
+
+
+def quantize_embedding_(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round ``model``'s input embedding to int8 per row, in place (the weight becomes its dequantized
+    value, so the torch model is the reference of the exported one). Returns ``(q [V, H], scale [V, 1])``.
+    A tied output projection sees the same values.
+    """
+    weight = model.get_input_embeddings().weight
+    qw = quantize_rtn(weight.detach().float(), WeightScheme(8, PerChannel(), True))
+    with torch.no_grad():
+        weight.copy_(dequantize_weight(qw).to(weight.dtype))
+    return qw.qweight, qw.scale
+
+
 @dataclass
 class ExportPlan:
     """What :func:`prepare_for_export` did, by module name (for the export manifest)."""
@@ -218,17 +243,21 @@ class ExportPlan:
     nbits: dict[str, str] = field(default_factory=dict)  # name -> scheme description
     int8: dict[str, str] = field(default_factory=dict)
     experts: dict[str, int] = field(default_factory=dict)  # name -> number of experts in the graph
+    embedding: str | None = None  # description of a quantized input embedding
 
     def to_dict(self) -> dict:
-        return {"matmul_nbits": self.nbits, "int8_matmul": self.int8, "dense_routed_experts": self.experts}
+        return {"matmul_nbits": self.nbits, "int8_matmul": self.int8, "dense_routed_experts": self.experts,
+                "embedding": self.embedding}
 
 
-def prepare_for_export(model: nn.Module, accuracy_level: int = 0) -> ExportPlan:
+def prepare_for_export(model: nn.Module, accuracy_level: int = 0, embedding: tuple[torch.Tensor, torch.Tensor] | None = None) -> ExportPlan:
     """Swap dsq's modules (and fused experts) for their export forms, in place.
 
     Args:
         model: a causal LM as the spine loads it (fp, or with dsq's quantized modules).
         accuracy_level: MatMulNBits ``accuracy_level`` (0: fp32 compute; 4: int8 compute).
+        embedding: ``(q, scale)`` from :func:`quantize_embedding_`: the input embedding becomes
+            :class:`Int8Embedding`.
 
     Returns:
         The :class:`ExportPlan` naming every swapped module.
@@ -237,6 +266,9 @@ def prepare_for_export(model: nn.Module, accuracy_level: int = 0) -> ExportPlan:
         ExportError: a module no export form exists for (e.g. bitsandbytes layers), named.
     """
     plan = ExportPlan()
+    if embedding is not None:
+        model.set_input_embeddings(Int8Embedding(*embedding))
+        plan.embedding = "int8 per-row symmetric"
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear):
             set_module(model, name, NBitsLinear(module.weight_q, module.bias, name, accuracy_level))

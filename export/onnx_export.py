@@ -33,8 +33,9 @@ from dsq.errors import ExportError
 from . import ops
 from .decoder import CacheLayout, FlatDecoder, cache_layout, empty_past, input_names, output_names
 from .genai import write_genai_config
-from .modules import ExportPlan, prepare_for_export
+from .modules import ExportPlan, prepare_for_export, quantize_embedding_
 from .patches import traceable
+from .portable import rewrite_matmul_nbits
 from .runtime import EXPORT_MANIFEST, ONNX_FILE, OrtCausalLM
 from .validate import ACTIVATION_QUANTIZED_TOLERANCE, FP_TOLERANCE, QUANTIZED_TOLERANCE, ValidationConfig, ValidationReport, validate_export
 
@@ -46,6 +47,23 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
 
 @dataclass(frozen=True)
+class MatMulNBitsWeights:
+    """Weight-only layers as ``com.microsoft::MatMulNBits`` (ONNX Runtime; fast kernels)."""
+
+    op: str = "com.microsoft::MatMulNBits"
+
+
+@dataclass(frozen=True)
+class DequantizeLinearWeights:
+    """Weight-only layers as opset-21 blocked ``DequantizeLinear`` (uint4/uint8) + ``MatMul``: standard ONNX."""
+
+    op: str = "DequantizeLinear"
+
+
+WeightFormat = MatMulNBitsWeights | DequantizeLinearWeights
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     """How to export.
 
@@ -54,15 +72,22 @@ class ExportConfig:
             2 fp16, 3 bf16, 4 int8 activations). Parity figures are stated at this level.
         validation: shapes and tolerance of the ORT-vs-torch check.
         threads: ORT intra-op threads for validation (None: ORT's default).
+        weights: :class:`MatMulNBitsWeights` (default) or :class:`DequantizeLinearWeights` (portable).
+        quantize_embeddings: store the input embedding int8 (one scale per row); the validation
+            reference gets the same rounded table, and the evaluation measures the change.
     """
 
     accuracy_level: int = 0
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     threads: int | None = None
+    weights: WeightFormat = MatMulNBitsWeights()
+    quantize_embeddings: bool = False
 
     def __post_init__(self) -> None:
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise ValueError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {self.accuracy_level!r}")
+        if not isinstance(self.weights, (MatMulNBitsWeights, DequantizeLinearWeights)):
+            raise ValueError(f"weights must be MatMulNBitsWeights() or DequantizeLinearWeights(), got {self.weights!r}")
 
 
 @dataclass
@@ -77,6 +102,7 @@ class ExportResult:
     onnx_bytes: int
     accuracy_level: int
     ops: dict[str, int]
+    weight_op: str
 
     @property
     def onnx_path(self) -> Path:
@@ -138,9 +164,22 @@ def _op_counts(path: Path) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _check_plan_in_graph(plan: ExportPlan, counts: dict[str, int]) -> None:
+def _to_portable(path: Path) -> None:
+    """Rewrite the saved graph's MatMulNBits nodes as DequantizeLinear + MatMul, in place."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=True)
+    rewrite_matmul_nbits(model)
+    for p in path.parent.iterdir():
+        if p.name.startswith(ONNX_FILE):
+            p.unlink()
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+
+
+def _check_plan_in_graph(plan: ExportPlan, counts: dict[str, int], weights: WeightFormat) -> None:
     """Every module the plan swapped must have reached the graph as its op."""
-    for op, modules in (("com.microsoft::MatMulNBits", plan.nbits), ("MatMulInteger", plan.int8)):
+    for op, modules in ((weights.op, plan.nbits), ("MatMulInteger", plan.int8)):
         # a fused experts module becomes 2 matmuls (gate_up, down) per expert
         needed = sum(2 * plan.experts[name] if name in plan.experts else 1 for name in modules)
         got = counts.get(op, 0)
@@ -153,6 +192,10 @@ def default_tolerance(plan: ExportPlan) -> float:
     if plan.int8:
         return ACTIVATION_QUANTIZED_TOLERANCE
     return QUANTIZED_TOLERANCE if plan.nbits else FP_TOLERANCE
+
+
+def _is_fp32(model: nn.Module) -> bool:
+    return all(t.dtype == torch.float32 for t in (*model.parameters(), *model.buffers()) if t.is_floating_point())
 
 
 def _files_bytes(root: Path) -> int:
@@ -171,7 +214,8 @@ def export_onnx(
     """Export ``model`` to ``output`` (a directory) and validate it in ONNX Runtime.
 
     Args:
-        model: causal LM as the spine loads it (fp32, or with dsq's quantized modules). Not modified.
+        model: causal LM as the spine loads it (fp32 or bf16, with or without dsq's quantized modules).
+            Not modified. The graph computes in fp32 and is validated against an fp32 copy.
         tokenizer: saved beside the graph (needed by onnxruntime-genai).
         output: directory to create; written atomically.
         config: :class:`ExportConfig`.
@@ -189,16 +233,21 @@ def export_onnx(
     model.eval()
     layout = cache_layout(model.config)
     vocab = model.config.vocab_size
-    export_model = copy.deepcopy(model)
-    plan = prepare_for_export(export_model, config.accuracy_level)
+    # the graph computes in fp32 (activations, router, norms); quantized weights stay integers
+    reference = model if _is_fp32(model) and not config.quantize_embeddings else copy.deepcopy(model).float()
+    embedding = quantize_embedding_(reference) if config.quantize_embeddings else None
+    export_model = copy.deepcopy(reference)
+    plan = prepare_for_export(export_model, config.accuracy_level, embedding)
     tolerance = config.validation.tolerance or default_tolerance(plan)
     with atomic_directory(output, overwrite, marker=EXPORT_MANIFEST) as tmp:
         _trace(export_model, layout, vocab, tmp / ONNX_FILE)
         del export_model
+        if isinstance(config.weights, DequantizeLinearWeights):
+            _to_portable(tmp / ONNX_FILE)
         counts = _op_counts(tmp / ONNX_FILE)
-        _check_plan_in_graph(plan, counts)
-        ort_lm = OrtCausalLM(tmp / ONNX_FILE, threads=config.threads)
-        validation = validate_export(ort_lm, model, layout, vocab, config.validation, tolerance)
+        _check_plan_in_graph(plan, counts, config.weights)
+        ort_lm = OrtCausalLM(tmp / ONNX_FILE, threads=config.threads, accuracy_level=config.accuracy_level)
+        validation = validate_export(ort_lm, reference, layout, vocab, config.validation, tolerance)
         if not validation.passed:
             raise ExportError("the ONNX export does not match PyTorch: " + "; ".join(validation.failures()))
         tokenizer.save_pretrained(str(tmp))
@@ -214,6 +263,7 @@ def export_onnx(
             "outputs": output_names(layout),
             "cache": layout.to_dict(),
             "accuracy_level": config.accuracy_level,
+            "weight_op": config.weights.op,
             "ops": counts,
             "quantized_modules": plan.to_dict(),
             "validation": validation.to_dict(),
@@ -221,4 +271,4 @@ def export_onnx(
         }
         (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         onnx_bytes = _files_bytes(tmp)
-    return ExportResult(output, layout, plan, validation, time.perf_counter() - started, onnx_bytes, config.accuracy_level, counts)
+    return ExportResult(output, layout, plan, validation, time.perf_counter() - started, onnx_bytes, config.accuracy_level, counts, config.weights.op)

@@ -7,7 +7,8 @@ Each op has an eager implementation (used to check the export against torch, and
 * ``dsq::matmul_nbits`` -> ``com.microsoft::MatMulNBits`` (weight-only 4/8-bit, block-wise);
 * ``dsq::matmul_int8_token`` -> per-token symmetric int8 activation quantization
   (``ReduceMax(|x|) / 127``, ``Round``, ``Clip``) + ``MatInteger`` int8 x int8 -> int32 + rescale;
-* ``dsq::matmul_int8_static`` -> the same with one calibrated activation scale.
+* ``dsq::matmul_int8_static`` -> the same with one calibrated activation scale;
+* ``dsq::embedding_int8`` -> ``Gather`` of int8 rows and of their scales, ``Cast``, ``Mul``.
 
 ``MatMulNBits`` layout (ONNX Runtime contrib op): ``B`` uint8 ``[N, blocks, block_size * bits / 8]``
 holding unsigned values (``q + 2**(bits-1)``), 4-bit low nibble first; ``scales`` ``[N * blocks]``;
@@ -69,6 +70,17 @@ def matmul_nbits(
 @matmul_nbits.register_fake
 def _(x, b, scales, zero_points, k, n, bits, block_size, accuracy_level):
     return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.custom_op(f"{_LIB}::embedding_int8", mutates_args=())
+def embedding_int8(ids: torch.Tensor, table: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Rows of an int8 table ``[V, H]`` times their scales ``[V, 1]``: ``[..., H]`` fp32."""
+    return table[ids].float() * scale[ids]
+
+
+@embedding_int8.register_fake
+def _(ids, table, scale):
+    return scale.new_empty((*ids.shape, table.shape[1]))
 
 
 def _token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +184,11 @@ def translation_table() -> dict:
         q = op.Clip(op.Round(op.Div(x, x_scale)), op.Constant(value_float=-128.0), op.Constant(value_float=127.0))
         return op.Mul(op.Mul(int8_matmul(q, w_t), x_scale), w_scale)
 
+    def embedding(ids, table, scale):
+        return op.Mul(op.Cast(op.Gather(table, ids, axis=0), to=1), op.Gather(scale, ids, axis=0))
+
     return {
+        torch.ops.dsq.embedding_int8.default: embedding,
         torch.ops.dsq.matmul_nbits.default: nbits,
         torch.ops.dsq.matmul_int8_token.default: token,
         torch.ops.dsq.matmul_int8_static.default: static,

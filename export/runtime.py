@@ -91,9 +91,12 @@ class OrtCausalLM:
             ``.onnx`` file itself.
         threads: intra-op threads (default: ORT's choice).
         providers: execution providers (default: CPU).
+        accuracy_level: compute type ORT may use when it fuses DequantizeLinear + MatMul (the
+            manifest's ``accuracy_level`` wins when there is one).
     """
 
-    def __init__(self, path: str | Path, *, threads: int | None = None, providers: list[str] | None = None) -> None:
+    def __init__(self, path: str | Path, *, threads: int | None = None, providers: list[str] | None = None,
+                 accuracy_level: int = 0) -> None:
         ort = _ort()
         path = Path(path)
         self.onnx_path = path / ONNX_FILE if path.is_dir() else path
@@ -103,6 +106,10 @@ class OrtCausalLM:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        # ORT fuses DequantizeLinear + MatMul (the portable weight form) into MatMulNBits with int8
+        # compute (accuracy level 4) unless told otherwise: keep the export's stated level
+        level = self.manifest.get("accuracy_level", accuracy_level)
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
         self.session = ort.InferenceSession(str(self.onnx_path), options, providers=providers or ["CPUExecutionProvider"])
         self.layout = self._layout_from_inputs()
         self.dtype = np.float32

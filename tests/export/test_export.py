@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import onnx
 import pytest
@@ -9,8 +10,8 @@ import torch
 
 from dsq.checkpoint import load_checkpoint
 from dsq.errors import DsqInputError, ExportError
-from dsq.export import ExportConfig, OrtCausalLM, SamplingConfig, ValidationConfig, export_onnx
-from dsq.quantize import TargetSpec, quantize_
+from dsq.export import DequantizeLinearWeights, ExportConfig, OrtCausalLM, SamplingConfig, ValidationConfig, export_onnx
+from dsq.quantize import PerChannel, PerGroup, RTNConfig, TargetSpec, WeightScheme, quantize_
 
 from dsq.testing import fast_export_config
 
@@ -147,3 +148,41 @@ def test_bitsandbytes_layers_are_refused_by_name(tiny_checkpoint, tmp_path):
     with pytest.raises(ExportError, match=r"model\.layers\.0\.self_attn\.q_proj: bitsandbytes layers have no ONNX form"):
         export_onnx(loaded.model, loaded.tokenizer, tmp_path / "out", FAST)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("scheme", [WeightScheme(4, PerGroup(32), False), WeightScheme(8, PerChannel(), True)],
+                         ids=lambda s: s.describe())
+def test_portable_weights_are_standard_dequantize_linear(tiny_checkpoint, tmp_path, scheme):
+    loaded = load_checkpoint(tiny_checkpoint("deepseek_v3"))
+    quantize_(loaded.model, RTNConfig(scheme, TargetSpec()), progress=False)
+    config = replace(FAST, weights=DequantizeLinearWeights())
+    result = export_onnx(loaded.model, loaded.tokenizer, tmp_path / "out", config)
+    assert result.validation.passed and result.validation.max_abs_diff <= 1e-3
+    graph = onnx.load(str(result.onnx_path), load_external_data=False)
+    assert all(node.domain in ("", "ai.onnx") for node in graph.graph.node)  # no contrib op left
+    assert {o.domain for o in graph.opset_import} <= {"", "ai.onnx"}
+    expected = onnx.TensorProto.UINT4 if scheme.bits == 4 else onnx.TensorProto.UINT8
+    q = [t for t in graph.graph.initializer if t.name.endswith(".q")]
+    assert q and all(t.data_type == expected for t in q)
+    assert result.ops["DequantizeLinear"] == sum(2 * e for e in result.plan.experts.values()) + len(result.plan.nbits) - len(result.plan.experts)
+
+
+def test_bf16_model_exports_an_fp32_graph_checked_against_an_fp32_copy(tiny_checkpoint, tmp_path):
+    loaded = load_checkpoint(tiny_checkpoint("llama"), dtype=torch.bfloat16)
+    quantize_(loaded.model, RTNConfig(WeightScheme(4, PerGroup(32), True), TargetSpec()), progress=False)
+    result = export_onnx(loaded.model, loaded.tokenizer, tmp_path / "out", FAST)
+    assert result.validation.passed and result.validation.max_abs_diff <= 1e-3
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16  # the caller's model is untouched
+    assert OrtCausalLM(result.path).session.get_outputs()[0].type == "tensor(float)"
+
+
+def test_quantized_embedding_is_int8_and_the_reference_gets_the_same_table(tiny_checkpoint, tmp_path):
+    loaded = load_checkpoint(tiny_checkpoint("qwen2"))
+    before = loaded.model.get_input_embeddings().weight.clone()
+    result = export_onnx(loaded.model, loaded.tokenizer, tmp_path / "out", replace(FAST, quantize_embeddings=True))
+    assert result.validation.passed and result.validation.max_abs_diff <= 1e-4
+    assert torch.equal(loaded.model.get_input_embeddings().weight, before)
+    graph = onnx.load(str(result.onnx_path), load_external_data=False).graph
+    vocab, hidden = before.shape
+    tables = [t for t in graph.initializer if list(t.dims) == [vocab, hidden] and t.data_type == onnx.TensorProto.INT8]
+    assert len(tables) == 1 and result.plan.embedding == "int8 per-row symmetric"
