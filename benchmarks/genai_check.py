@@ -28,6 +28,7 @@ import torch
 import transformers
 from dsq.checkpoint import load_checkpoint
 from dsq.export import OrtCausalLM, export_onnx
+from dsq.export.genai import genai_greedy as _genai_greedy
 from dsq.quantize import PerGroup, RTNConfig, TargetSpec, WeightScheme, quantize_
 from dsq.testing import make_tiny_checkpoint
 
@@ -39,18 +40,7 @@ logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
 
 def genai_greedy(directory: Path, prompt: list[int], new_tokens: int) -> list[int]:
-    config = og.Config(str(directory))
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": THREADS}}}}))
-    model = og.Model(config)
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + new_tokens)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    out = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        out.append(int(generator.get_next_tokens()[0]))
-    return out
+    return _genai_greedy(directory, prompt, new_tokens, threads=THREADS)
 
 
 def ort_greedy(directory: Path, prompt: list[int], new_tokens: int, eos: set[int]) -> list[int]:

@@ -131,8 +131,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     )
     v = outcome.result.validation
     print(f"ONNX export: {outcome.result.onnx_path} ({outcome.result.onnx_bytes / 2**20:.1f} MiB)")
+    greedy = "identical greedy tokens" if v.greedy_equal else (
+        "greedy tokens differ only where PyTorch's top two logits tie within the tolerance")
     print(f"validation vs PyTorch: max |delta logit| = {v.max_abs_diff:.2e} (tolerance {v.tolerance:g}), "
-          f"{'identical' if v.greedy_equal else 'DIFFERENT'} greedy tokens, {len(v.cases)} cases")
+          f"{greedy}, {len(v.cases)} cases")
     if outcome.report is not None:
         from dsq.eval import format_terminal_table
 

@@ -39,6 +39,7 @@ def export_summary(result: ExportResult) -> dict:
         "max_abs_logit_diff": v.max_abs_diff,
         "tolerance": v.tolerance,
         "greedy_tokens_equal": v.greedy_equal,
+        "greedy_tie_margins": [c.tie_margin for c in v.cases if c.tie_margin is not None],
         "matmul_nbits": result.ops.get("com.microsoft::MatMulNBits", 0),
         "int8_matmul": result.ops.get("MatMulInteger", 0),
         "experts_in_graph": sum(result.plan.experts.values()),

@@ -91,3 +91,26 @@ def write_genai_config(root: Path, config, tokenizer, layout: CacheLayout) -> Pa
     path = root / GENAI_CONFIG
     path.write_text(json.dumps(genai_config(config, tokenizer, layout), indent=2) + "\n")
     return path
+
+
+def genai_greedy(directory: Path, prompt: list[int], new_tokens: int, *, threads: int | None = None) -> list[int]:
+    """Greedy tokens from onnxruntime-genai for an export directory (stops at its eos ids).
+
+    Raises:
+        ImportError: onnxruntime-genai is not installed (``pip install dsq[genai]``).
+    """
+    import onnxruntime_genai as og
+
+    config = og.Config(str(directory))
+    if threads:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + new_tokens)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    out = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        out.append(int(generator.get_next_tokens()[0]))
+    return out

@@ -118,13 +118,14 @@ class NBitsLinear(nn.Module):
 class Int8Linear(nn.Module):
     """W8A8: int8 activations (per token, or one calibrated scale) times int8 weights, int32 accumulate.
 
-    Buffers: ``w_t`` int8 ``[K, N]`` (transposed for MatMulInteger), ``w_scale`` fp32 ``[N]``,
+    Buffers: ``w_t`` uint8 ``[K, N]`` = int8 weight + 128 (transposed for MatMulInteger, zero point 128),
+    ``w_scale`` fp32 ``[N]``,
     ``x_scale`` fp32 scalar (static only), ``bias``.
     """
 
     def __init__(self, packed: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor | None, bias: torch.Tensor | None) -> None:
         super().__init__()
-        self.register_buffer("w_t", packed.t().contiguous())
+        self.register_buffer("w_t", (packed.t().to(torch.int16) + ops.W8_OFFSET).to(torch.uint8).contiguous())
         self.register_buffer("w_scale", w_scale.float().reshape(-1).contiguous())
         self.register_buffer("x_scale", x_scale.float().reshape(()).clone() if x_scale is not None else None)
         self.register_buffer("bias", bias.detach().float().clone() if bias is not None else None)

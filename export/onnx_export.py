@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 OPSET = 21
 DATA_FILE = ONNX_FILE + ".data"
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+INT8_COMPUTE_LEVEL = 4
 
 
 @dataclass(frozen=True)
@@ -187,9 +188,10 @@ def _check_plan_in_graph(plan: ExportPlan, counts: dict[str, int], weights: Weig
             raise ExportError(f"the graph has {got} {op} nodes where {needed} quantized weights were exported")
 
 
-def default_tolerance(plan: ExportPlan) -> float:
-    """Max |delta logit| an export is held to: fp 1e-4, weight-only 1e-3, int8 activations 0.25."""
-    if plan.int8:
+def default_tolerance(plan: ExportPlan, accuracy_level: int = 0) -> float:
+    """Max |delta logit| an export is held to: fp 1e-4, weight-only 1e-3, int8 activations 0.25
+    (W8A8, or MatMulNBits at accuracy level 4, which quantizes its inputs to int8 per block)."""
+    if plan.int8 or (plan.nbits and accuracy_level == INT8_COMPUTE_LEVEL):
         return ACTIVATION_QUANTIZED_TOLERANCE
     return QUANTIZED_TOLERANCE if plan.nbits else FP_TOLERANCE
 
@@ -238,7 +240,7 @@ def export_onnx(
     embedding = quantize_embedding_(reference) if config.quantize_embeddings else None
     export_model = copy.deepcopy(reference)
     plan = prepare_for_export(export_model, config.accuracy_level, embedding)
-    tolerance = config.validation.tolerance or default_tolerance(plan)
+    tolerance = config.validation.tolerance or default_tolerance(plan, config.accuracy_level)
     with atomic_directory(output, overwrite, marker=EXPORT_MANIFEST) as tmp:
         _trace(export_model, layout, vocab, tmp / ONNX_FILE)
         del export_model

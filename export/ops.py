@@ -6,7 +6,8 @@ Each op has an eager implementation (used to check the export against torch, and
 
 * ``dsq::matmul_nbits`` -> ``com.microsoft::MatMulNBits`` (weight-only 4/8-bit, block-wise);
 * ``dsq::matmul_int8_token`` -> per-token symmetric int8 activation quantization
-  (``ReduceMax(|x|) / 127``, ``Round``, ``Clip``) + ``MatInteger`` int8 x int8 -> int32 + rescale;
+  (``ReduceMax(|x|) / 127``, ``Round``, ``Clip``) + ``MatMulInteger`` (int8 values carried as uint8
+  with zero point 128) -> exact int32 + rescale;
 * ``dsq::matmul_int8_static`` -> the same with one calibrated activation scale;
 * ``dsq::embedding_int8`` -> ``Gather`` of int8 rows and of their scales, ``Cast``, ``Mul``.
 
@@ -22,6 +23,10 @@ import torch
 from dsq.quantize.primitives import unpack_int4
 
 _LIB = "dsq"
+# int8 operands travel as uint8 with zero point 128: ORT's CPU MatMulInteger has fast u8 kernels
+# (u8 x u8 is exact; u8 x s8 saturates int16 pair sums on AVX2 without VNNI, and s8 x s8 is ~5x
+# slower than fp32 there). (q + 128) - 128 = q, so the int32 accumulator is the same.
+W8_OFFSET = 128
 
 
 def unpack_nbits(b: torch.Tensor, bits: int, k: int) -> torch.Tensor:
@@ -83,6 +88,10 @@ def _(ids, table, scale):
     return scale.new_empty((*ids.shape, table.shape[1]))
 
 
+def _signed(w_u8: torch.Tensor) -> torch.Tensor:
+    return w_u8.double() - W8_OFFSET
+
+
 def _token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token symmetric int8: ``scale = max|x| / 127`` per row (``[..., 1]``), as dsq's W8A8."""
     from dsq.quantize.w8a8 import DYNAMIC_DIVISOR
@@ -94,9 +103,10 @@ def _token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.library.custom_op(f"{_LIB}::matmul_int8_token", mutates_args=())
 def matmul_int8_token(x: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """W8A8 with dynamic per-token activations: ``x [..., K]``, ``w_t`` int8 ``[K, N]``, ``w_scale [N]``."""
+    """W8A8 with dynamic per-token activations: ``x [..., K]``, ``w_t`` ``[K, N]`` uint8 holding
+    int8 + 128, ``w_scale [N]``."""
     q, scale = _token_int8(x.float())
-    acc = torch.matmul(q.double(), w_t.double()).float()  # exact int32 accumulation
+    acc = torch.matmul(q.double(), _signed(w_t)).float()  # exact int32 accumulation
     return (acc * scale * w_scale).to(x.dtype)
 
 
@@ -109,7 +119,7 @@ def _(x, w_t, w_scale):
 def matmul_int8_static(x: torch.Tensor, x_scale: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """W8A8 with one calibrated activation scale ``x_scale`` (scalar)."""
     q = torch.round(x.float() / x_scale).clamp(-128, 127)
-    acc = torch.matmul(q.double(), w_t.double()).float()
+    acc = torch.matmul(q.double(), _signed(w_t)).float()
     return (acc * x_scale * w_scale).to(x.dtype)
 
 
@@ -158,6 +168,7 @@ def _matmul_nbits_schema():
 
 def translation_table() -> dict:
     """``custom_translation_table`` for ``torch.onnx.export``: dsq ops -> ONNX (Runtime) ops."""
+    from onnx import helper as onnx_helper
     from onnxscript import opset21 as op
     from onnxscript import values
 
@@ -171,8 +182,11 @@ def translation_table() -> dict:
         )
 
     def int8_matmul(q, w_t):
-        # int8 x int8 -> int32 is exact; the rescale happens in fp32 like dsq's torch forward
-        return op.Cast(op.MatMulInteger(op.Cast(q, to=3), w_t), to=1)
+        # (q + 128) as uint8 times (w + 128) with both zero points 128: the exact int32 of q x w; the
+        # rescale happens in fp32 like dsq's torch forward
+        offset = op.Constant(value=onnx_helper.make_tensor("offset", 2, [], [W8_OFFSET]))  # uint8 zero point
+        q_u8 = op.Cast(op.Add(q, op.Constant(value_float=float(W8_OFFSET))), to=2)
+        return op.Cast(op.MatMulInteger(q_u8, w_t, offset, offset), to=1)
 
     def token(x, w_t, w_scale):
         amax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)

@@ -6,7 +6,9 @@ Three checks, each at several shapes:
 * decode: a prompt, then single-token steps, each side carrying its own cache;
 * greedy: 32 greedy tokens from both sides, which must be identical.
 
-An export whose max |delta logit| exceeds the tolerance, or whose greedy tokens differ, fails.
+An export whose max |delta logit| exceeds the tolerance, or whose greedy tokens differ, fails. One
+exception, recorded in the report: where the sequences first differ, PyTorch's own two best logits
+are within the tolerance of each other (a tie that an allowed logit difference may break either way).
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ class CaseResult:
     seq: int
     max_abs_diff: float
     tokens_equal: bool | None = None
+    tie_margin: float | None = None  # PyTorch's top-1 minus top-2 logit where greedy tokens first differ
 
 
 @dataclass
@@ -73,21 +76,26 @@ class ValidationReport:
     def greedy_equal(self) -> bool:
         return all(c.tokens_equal for c in self.cases if c.tokens_equal is not None)
 
+    def _greedy_ok(self, c: CaseResult) -> bool:
+        return c.tokens_equal is not False or (c.tie_margin is not None and c.tie_margin <= self.tolerance)
+
     @property
     def passed(self) -> bool:
-        return self.max_abs_diff <= self.tolerance and self.greedy_equal
+        return self.max_abs_diff <= self.tolerance and all(self._greedy_ok(c) for c in self.cases)
 
     def failures(self) -> list[str]:
         out = [f"{c.kind} batch {c.batch} x {c.seq}: max |delta logit| {c.max_abs_diff:.3g} > {self.tolerance:g}"
                for c in self.cases if c.max_abs_diff > self.tolerance]
-        out += [f"greedy batch {c.batch}: the {c.seq} generated tokens differ from PyTorch's"
-                for c in self.cases if c.tokens_equal is False]
+        out += [f"greedy batch {c.batch}: the {c.seq} generated tokens differ from PyTorch's "
+                f"(PyTorch's top-2 logit margin there {c.tie_margin:.3g})"
+                for c in self.cases if not self._greedy_ok(c)]
         return out
 
     def to_dict(self) -> dict:
         return {
             "tolerance": self.tolerance, "max_abs_logit_diff": self.max_abs_diff,
             "greedy_tokens_equal": self.greedy_equal, "passed": self.passed,
+            "greedy_tie_margins": [c.tie_margin for c in self.cases if c.tie_margin is not None],
             "cases": [asdict(c) for c in self.cases],
         }
 
@@ -152,16 +160,28 @@ def _decode_case(ort_lm, ref, ids, steps: int) -> float:
     return worst
 
 
-def _greedy(lm, ids: torch.Tensor, tokens: int) -> torch.Tensor:
+def _greedy(lm, ids: torch.Tensor, tokens: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Greedy tokens ``[1, tokens]`` and the last-position logits each was chosen from."""
     mask = torch.ones_like(ids)
     logits, past = lm.step(ids, mask, lm.empty_past(ids.shape[0]))
-    out = []
+    out, chosen_from = [], []
     for _ in range(tokens):
+        chosen_from.append(logits[0, -1])
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         out.append(nxt)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
         logits, past = lm.step(nxt, mask, past)
-    return torch.cat(out, dim=1)
+    return torch.cat(out, dim=1), chosen_from
+
+
+def _greedy_case(ort_lm, ref, ids: torch.Tensor, tokens: int) -> CaseResult:
+    ort_tokens, _ = _greedy(ort_lm, ids, tokens)
+    ref_tokens, ref_logits = _greedy(ref, ids, tokens)
+    if torch.equal(ort_tokens, ref_tokens):
+        return CaseResult("greedy", 1, tokens, 0.0, tokens_equal=True)
+    first = int((ort_tokens[0] != ref_tokens[0]).nonzero()[0])
+    top2 = torch.topk(ref_logits[first].float(), 2).values
+    return CaseResult("greedy", 1, tokens, 0.0, tokens_equal=False, tie_margin=float(top2[0] - top2[1]))
 
 
 def validate_export(ort_lm: OrtCausalLM, model: nn.Module, layout: CacheLayout, vocab: int,
@@ -182,7 +202,6 @@ def validate_export(ort_lm: OrtCausalLM, model: nn.Module, layout: CacheLayout, 
         ids = _prompt(gen, vocab, batch, config.decode_prompt)
         report.cases.append(CaseResult("decode", batch, config.decode_steps, _decode_case(ort_lm, ref, ids, config.decode_steps)))
     ids = _prompt(gen, vocab, 1, config.decode_prompt)
-    ort_tokens, ref_tokens = _greedy(ort_lm, ids, config.greedy_tokens), _greedy(ref, ids, config.greedy_tokens)
-    report.cases.append(CaseResult("greedy", 1, config.greedy_tokens, 0.0, tokens_equal=bool(torch.equal(ort_tokens, ref_tokens))))
+    report.cases.append(_greedy_case(ort_lm, ref, ids, config.greedy_tokens))
     return report
 

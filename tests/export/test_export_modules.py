@@ -80,3 +80,13 @@ def test_int8_linear_in_onnxruntime_is_bit_exact(act, tmp_path):
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     # integer matmul and the same rounding: identical bits, not merely close
     np.testing.assert_array_equal(got, w(x).detach().numpy())
+
+
+def test_greedy_mismatch_passes_only_at_a_tie_within_the_tolerance():
+    from dsq.export.validate import CaseResult, ValidationReport
+
+    tie = ValidationReport(0.25, [CaseResult("prefill", 1, 9, 0.01), CaseResult("greedy", 1, 32, 0.0, False, 0.1)])
+    assert tie.passed and not tie.greedy_equal
+    real = ValidationReport(0.25, [CaseResult("prefill", 1, 9, 0.01), CaseResult("greedy", 1, 32, 0.0, False, 2.0)])
+    assert not real.passed and "top-2 logit margin there 2" in real.failures()[0]
+    assert not ValidationReport(1e-3, [CaseResult("prefill", 1, 9, 0.01)]).passed
