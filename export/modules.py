@@ -49,14 +49,28 @@ class NBitsLayout:
         return self.block_size * self.bits // 8
 
 
+MAX_CHANNEL_BLOCK = 1024
+
+
+def _channel_block(k: int) -> int:
+    """Block for a per-channel weight: the largest power of two in [16, 1024] dividing K (the row's one
+    scale is repeated per block: no padding); else one padded block of ``2**ceil(log2 K)``."""
+    block = MAX_CHANNEL_BLOCK
+    while block >= MIN_BLOCK:
+        if k % block == 0:
+            return block
+        block //= 2
+    return max(MIN_BLOCK, 1 << (k - 1).bit_length())
+
+
 def nbits_layout(scheme: WeightScheme, n: int, k: int, name: str) -> NBitsLayout:
-    """The MatMulNBits layout of a dsq scheme; per-channel becomes one block of ``2**ceil(log2 K)``.
+    """The MatMulNBits layout of a dsq scheme (per-channel: see :func:`_channel_block`).
 
     Raises:
         ExportError: a group size MatMulNBits cannot express (not a power of two >= 16).
     """
     if isinstance(scheme.granularity, PerChannel):
-        block = max(MIN_BLOCK, 1 << (k - 1).bit_length())
+        block = _channel_block(k)
     else:
         block = scheme.granularity.size
         if block < MIN_BLOCK or block & (block - 1):
@@ -101,11 +115,13 @@ class NBitsLinear(nn.Module):
         q = qt.unpacked(index).to(torch.int16)  # (N, K) signed
         self.register_buffer("b", _pack_blocks(q + (1 << (qt.scheme.bits - 1)), self.layout))
         scale = qt.scale if index is None else qt.scale[index]  # (N, groups)
+        zero = qt.zero_point if index is None or qt.zero_point is None else qt.zero_point[index]
+        if isinstance(qt.scheme.granularity, PerChannel):  # the row's scale (and zero) in every block
+            scale = scale.expand(-1, self.layout.blocks)
+            zero = zero.expand(-1, self.layout.blocks) if zero is not None else None
         if scale.shape[-1] != self.layout.blocks:
-            # per-channel: one scale per row is one block
             raise ExportError(f"{name}: {scale.shape[-1]} scale groups do not match {self.layout.blocks} MatMulNBits blocks")
         self.register_buffer("scales", scale.float().contiguous())
-        zero = qt.zero_point if index is None or qt.zero_point is None else qt.zero_point[index]
         self.register_buffer("zero_points", _pack_zero_points(zero, self.layout) if zero is not None else None)
         self.register_buffer("bias", bias.detach().float().clone() if bias is not None else None)
 

@@ -55,6 +55,18 @@ def test_qat_recipe_lands_in_the_ptq_artifact(tmp_path, capsys, recipe, override
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_qat_model_exports_to_onnx_for_serving(tmp_path, capsys):
+    out = tmp_path / "art"
+    code, _, report = _run("qat_int4_g128.yaml", out, "export={evaluate: false}", "eval.gates.max_ppl_increase_pct=null",
+                           "eval.gates.min_top1_agreement=null")
+    assert code == 0, capsys.readouterr().err
+    manifest = json.loads((out / "onnx" / "export_manifest.json").read_text())
+    assert manifest["validation"]["passed"] and manifest["validation"]["max_abs_logit_diff"] <= 1e-3
+    assert manifest["ops"]["com.microsoft::MatMulNBits"] > 0 and manifest["quantized_modules"]["dense_routed_experts"]
+    assert [c["name"] for c in report["candidates"]][-1].startswith("qat-")  # no ONNX row without evaluate
+
+
 def test_resume_continues_a_recipe_from_its_checkpoint(tmp_path, capsys):
     out = tmp_path / "art"
     assert _run("qat_int4_g128.yaml", out, "finetune.training.max_steps=4")[0] == 0

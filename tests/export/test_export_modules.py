@@ -49,7 +49,10 @@ def test_nbits_linear_equals_quant_linear_in_torch(scheme):
     # in_features 200: ragged last group for group 64/128 and a padded per-channel block (256)
     q = _quant_linear(scheme)
     e = NBitsLinear(q.weight_q, q.bias, "layer", accuracy_level=0)
-    assert e.layout.blocks == q.weight_q.scale.shape[-1]
+    if isinstance(scheme.granularity, PerGroup):
+        assert e.layout.blocks == q.weight_q.scale.shape[-1]
+    else:  # 200 = 8 x 25: blocks of 8 are too small, so one padded block of 256
+        assert (e.layout.block_size, e.layout.blocks) == (256, 1)
     x = torch.randn(2, 5, 200)
     torch.testing.assert_close(e(x), q(x), atol=1e-5, rtol=1e-5)
 
@@ -63,6 +66,14 @@ def test_matmul_nbits_in_onnxruntime_matches_quant_linear(scheme, tmp_path):
     assert "MatMulNBits" in ops_in_graph and "MatMul" not in ops_in_graph
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     np.testing.assert_allclose(got, q(x).detach().numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_per_channel_uses_the_largest_dividing_block_without_padding():
+    q = _quant_linear(WeightScheme(8, PerChannel(), True), in_f=1408)  # 1408 = 128 x 11
+    e = NBitsLinear(q.weight_q, q.bias, "layer", accuracy_level=0)
+    assert (e.layout.block_size, e.layout.blocks) == (128, 11) and e.b.numel() == 48 * 1408
+    x = torch.randn(3, 1408)
+    torch.testing.assert_close(e(x), q(x), atol=1e-5, rtol=1e-5)
 
 
 def test_group_size_matmul_nbits_cannot_express_names_the_layer():
