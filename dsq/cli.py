@@ -31,6 +31,15 @@ exit codes: 0 ok, 2 bad input or an export that does not match PyTorch (nothing 
 """
 
 
+VALIDATE_EPILOG = """\
+examples:
+  dsq validate runs/int4 --baseline /models/DeepSeek-V3 --gates ci/gates.yaml -o ci-out
+  dsq validate runs/int4/onnx --gates ci/gates.yaml
+exit codes: 0 every gate passed, 1 a gate failed (named), 2 unusable input: a file missing or changed
+since the manifest was written (named), bad gates file, unloadable model
+"""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # usage errors exit 2, as input errors do
         self.print_usage(sys.stderr)
@@ -70,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--speed", action="store_true", help="with --evaluate: measure prefill/decode tokens/s")
     export.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
     export.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    val = sub.add_parser(
+        "validate", help="CI gate: verify an artifact's manifest, re-run the benchmarks, apply gates, write JUnit",
+        description="Verify, evaluate and gate a dsq artifact (torch) or ONNX export.", epilog=VALIDATE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    val.add_argument("artifact", help="dsq artifact directory or ONNX export directory")
+    val.add_argument("--baseline", help="the original model (fp checkpoint, artifact or ONNX export) for relative gates")
+    val.add_argument("--gates", help="YAML shaped like a recipe's eval: section (benchmark sets, speed, gates); "
+                                     "default: the artifact's recipe.yaml eval section")
+    val.add_argument("-o", "--output", help="where report.{json,md}, junit.xml and summary.md go (default: ARTIFACT-validation)")
+    val.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     show = sub.add_parser("recipe", help="print a recipe fully resolved (defaults filled in, overrides applied)",
                           description="Validate a recipe and print it resolved.")
     show.add_argument("recipe", nargs="?", help="recipe YAML file (default: all defaults)")
@@ -142,7 +162,31 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": _cmd_run, "recipe": _cmd_recipe, "export": _cmd_export}
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dsq.eval import format_terminal_table
+
+    from .validate import validate
+
+    result = validate(
+        Path(args.artifact).expanduser(), baseline=Path(args.baseline).expanduser() if args.baseline else None,
+        gates_file=Path(args.gates).expanduser() if args.gates else None,
+        output=Path(args.output).expanduser() if args.output else None, progress=not args.quiet,
+    )
+    for check in result.checks:
+        print(f"{'PASS' if check.passed else 'FAIL'}  {check.name}: {check.message}")
+    print(format_terminal_table(result.report))
+    print(f"junit: {result.output / 'junit.xml'}  summary: {result.output / 'summary.md'}")
+    if not result.passed:
+        for g in result.gates:
+            if not g.passed:
+                print(f"GATE FAILED: {g.message}", file=sys.stderr)
+        return EXIT_GATE_FAILED
+    return EXIT_OK
+
+
+COMMANDS = {"run": _cmd_run, "recipe": _cmd_recipe, "export": _cmd_export, "validate": _cmd_validate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,10 @@ class Gates:
         min_top1_agreement: Smallest allowed top-1 agreement with the original (0..1).
         max_mean_kl: Largest allowed mean KL(original || candidate), in nats.
         max_size_ratio: Largest allowed ratio of weight bytes on disk, candidate / original.
+        min_mc_recovery_pct: Smallest allowed multiple-choice accuracy as a % of the original's
+            (the "recovery" of llm-compressor's model cards: 100 = no loss).
+        min_prefill_speed_ratio / min_decode_speed_ratio: Smallest allowed tokens/s, candidate /
+            original (needs ``eval.speed``).
     """
 
     max_ppl_increase_pct: float | None = None
@@ -35,13 +39,16 @@ class Gates:
     min_top1_agreement: float | None = None
     max_mean_kl: float | None = None
     max_size_ratio: float | None = None
+    min_mc_recovery_pct: float | None = None
+    min_prefill_speed_ratio: float | None = None
+    min_decode_speed_ratio: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("min_mc_acc", "min_top1_agreement"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise RecipeError(f"gate {name} is a fraction between 0 and 1, got {value}")
-        for name in ("max_ppl", "max_size_ratio"):
+        for name in ("max_ppl", "max_size_ratio", "min_mc_recovery_pct", "min_prefill_speed_ratio", "min_decode_speed_ratio"):
             value = getattr(self, name)
             if value is not None and not value > 0.0:
                 raise RecipeError(f"gate {name} must be positive, got {value}")
@@ -130,6 +137,22 @@ def _mean_kl(original: ModelMetrics, candidate: ModelMetrics) -> float | None:
     return candidate.fidelity.mean_kl if candidate.fidelity is not None else None
 
 
+def mc_recovery_pct(original: ModelMetrics, candidate: ModelMetrics) -> float | None:
+    """Candidate multiple-choice accuracy as a percentage of the original's."""
+    if original.mc is None or candidate.mc is None or not original.mc.acc:
+        return None
+    return 100.0 * candidate.mc.acc / original.mc.acc
+
+
+def _speed_ratio(attr: str) -> Callable[[ModelMetrics, ModelMetrics], float | None]:
+    def measure(original: ModelMetrics, candidate: ModelMetrics) -> float | None:
+        if original.speed is None or candidate.speed is None:
+            return None
+        return getattr(candidate.speed, attr) / getattr(original.speed, attr)
+
+    return measure
+
+
 @dataclass(frozen=True)
 class _GateSpec:
     """How one gate is measured: metric name, measurement, bound direction, what it needs."""
@@ -157,6 +180,15 @@ _SPECS: dict[str, _GateSpec] = {
     ),
     "max_size_ratio": _GateSpec(
         "size_ratio", disk_size_ratio, True, "weight bytes on disk of the original and the candidate"
+    ),
+    "min_mc_recovery_pct": _GateSpec(
+        "mc_recovery_pct", mc_recovery_pct, False, "multiple-choice accuracy of the original and the candidate"
+    ),
+    "min_prefill_speed_ratio": _GateSpec(
+        "prefill_speed_ratio", _speed_ratio("prefill_tokens_per_s"), False, "eval.speed on the original and the candidate"
+    ),
+    "min_decode_speed_ratio": _GateSpec(
+        "decode_speed_ratio", _speed_ratio("decode_tokens_per_s"), False, "eval.speed on the original and the candidate"
     ),
 }
 

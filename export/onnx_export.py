@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from dsq import __version__
-from dsq.artifact import atomic_directory, versions
+from dsq.artifact import atomic_directory, sha256_file, versions
 from dsq.errors import ExportError
 
 from . import ops
@@ -260,7 +260,7 @@ def export_onnx(
             "dsq_version": __version__,
             "versions": versions(),
             "opset": OPSET,
-            "files": sorted(p.name for p in tmp.iterdir() if p.name.startswith(ONNX_FILE)),
+            "files": {},  # filled below: sha256 of every file in the directory
             "inputs": input_names(layout),
             "outputs": output_names(layout),
             "cache": layout.to_dict(),
@@ -271,6 +271,7 @@ def export_onnx(
             "validation": validation.to_dict(),
             "source": source or {},
         }
+        manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         onnx_bytes = _files_bytes(tmp)
     return ExportResult(output, layout, plan, validation, time.perf_counter() - started, onnx_bytes, config.accuracy_level, counts, config.weights.op)

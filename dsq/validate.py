@@ -1,0 +1,140 @@
+"""``dsq validate``: the CI gate for a quantized artifact (torch or ONNX).
+
+1. Integrity: every file the manifest lists (``manifest.json`` of an artifact, ``export_manifest.json``
+   of an ONNX export) exists and has its sha256; otherwise :class:`ArtifactIntegrityError` (exit 2)
+   naming the file.
+2. Evaluation: the benchmark sets of the gates file's ``eval`` settings (default: the bundled sets)
+   on the baseline (if given) and the artifact.
+3. Gates: absolute ones (``max_ppl``, ``min_mc_acc``) and, with a baseline, relative ones
+   (perplexity increase, accuracy drop, recovery, size and speed ratios, top-1, KL).
+4. Outputs: report.{json,md}, junit.xml and summary.md in the output directory.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from .artifact import MANIFEST, sha256_file
+from .errors import DsqInputError, RecipeError
+from .recipe import EvalSection, _format_errors, read_yaml
+from dsq.eval import Evaluator, Gates, GateResult, Report, check_gates, write_report
+from dsq.eval.ci import Check, summary_markdown, write_junit
+
+EXPORT_MANIFEST = "export_manifest.json"
+RELATIVE_GATES = (
+    "max_ppl_increase_pct", "max_mc_acc_drop_pts", "min_top1_agreement", "max_mean_kl", "max_size_ratio",
+    "min_mc_recovery_pct", "min_prefill_speed_ratio", "min_decode_speed_ratio",
+)
+
+
+class ArtifactIntegrityError(DsqInputError):
+    """A file listed in the manifest is missing or its bytes changed."""
+
+
+def verify_manifest(root: Path) -> Check:
+    """Check the sha256 of every file the manifest lists.
+
+    Raises:
+        ArtifactIntegrityError: no manifest, a missing file or a changed one (named).
+    """
+    manifest_path = next((root / m for m in (MANIFEST, EXPORT_MANIFEST) if (root / m).is_file()), None)
+    if manifest_path is None:
+        raise ArtifactIntegrityError(f"{root}: no {MANIFEST} or {EXPORT_MANIFEST}; not a dsq artifact")
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ArtifactIntegrityError(f"{manifest_path}: unreadable manifest ({exc})") from exc
+    if not isinstance(files, dict) or not files:
+        raise ArtifactIntegrityError(f"{manifest_path}: 'files' must map file names to sha256 digests")
+    for name, digest in sorted(files.items()):
+        path = root / name
+        if not path.is_file():
+            raise ArtifactIntegrityError(f"{path}: listed in {manifest_path.name} but missing")
+        if sha256_file(path) != digest:
+            raise ArtifactIntegrityError(f"{path}: sha256 differs from {manifest_path.name} (the file changed after it was written)")
+    return Check(f"integrity ({manifest_path.name})", True, f"sha256 of all {len(files)} listed files match")
+
+
+def load_gates_file(path: Path | None, artifact: Path) -> EvalSection:
+    """The ``eval`` settings and gates: a YAML file shaped like a recipe's ``eval:`` section.
+
+    Without a file: the artifact's own recipe (``recipe.yaml`` beside the weights) if it has one, else
+    the defaults (bundled benchmark sets, no gates).
+    """
+    if path is None:
+        recipe = artifact / "recipe.yaml"
+        tree = read_yaml(recipe).get("eval", {}) if recipe.is_file() else {}
+        source = f"{recipe} (eval section)" if recipe.is_file() else "(defaults)"
+    else:
+        tree, source = read_yaml(path), str(path)
+    try:
+        return EvalSection.model_validate(tree)
+    except ValidationError as exc:
+        raise RecipeError(_format_errors(exc, source)) from None
+
+
+def _load(path: Path):
+    """``(model, tokenizer)``: an ONNX export runs in ONNX Runtime, anything else in torch."""
+    if (path / "model.onnx").is_file():
+        from transformers import AutoTokenizer
+
+        from dsq.export import OrtCausalLM
+
+        return OrtCausalLM(path), AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    from .export_step import load_for_export
+
+    loaded = load_for_export(path)
+    return loaded.model, loaded.tokenizer
+
+
+@dataclass
+class ValidateResult:
+    report: Report
+    checks: list[Check]
+    gates: list[GateResult]
+    output: Path
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks) and all(g.passed for g in self.gates)
+
+
+def validate(artifact: Path, *, baseline: Path | None = None, gates_file: Path | None = None,
+             output: Path | None = None, progress: bool = True) -> ValidateResult:
+    """Verify, evaluate and gate ``artifact``; write the CI outputs into ``output``.
+
+    Raises:
+        ArtifactIntegrityError: the manifest check failed (before anything is loaded).
+        DsqInputError: unusable gates file, artifact or baseline; a relative gate without a baseline.
+    """
+    from .pipeline import benchmark_suite
+    from .recipe import Recipe
+
+    integrity = verify_manifest(artifact)
+    section = load_gates_file(gates_file, artifact)
+    gates = Gates(**section.gates.model_dump())
+    relative = [g for g in RELATIVE_GATES if getattr(gates, g) is not None]
+    if relative and baseline is None:
+        raise DsqInputError(f"gate {relative[0]} compares with a baseline: pass --baseline (the original model)")
+    model, tokenizer = _load(artifact)
+    evaluator = Evaluator(benchmark_suite(Recipe(eval=section)), tokenizer, progress=progress)
+    reference = None
+    if baseline is not None:
+        base_model, _ = _load(baseline)
+        reference = evaluator.evaluate(f"baseline ({baseline.name})", base_model, reference=True, disk_path=baseline)
+        del base_model
+    row = evaluator.evaluate(artifact.name, model, disk_path=artifact)
+    original = reference if reference is not None else row
+    results = check_gates(gates, original, [row])
+    report = Report(original, [row] if reference is not None else [], results,
+                    meta={"artifact": str(artifact), "baseline": str(baseline) if baseline else None})
+    output = output or artifact.parent / f"{artifact.name}-validation"
+    output.mkdir(parents=True, exist_ok=True)
+    write_report(report, output)
+    title = f"dsq validate {artifact}"
+    write_junit(output / "junit.xml", title, [integrity], results, report)
+    (output / "summary.md").write_text(summary_markdown(title, [integrity], results, report))
+    return ValidateResult(report, [integrity], results, output)
