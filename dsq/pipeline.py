@@ -21,6 +21,7 @@ from .recipe import QuantizeSection, Recipe, WeightsSection, dump_recipe
 from .reload import TOLERANCE, ReloadCheck, transformers_reload_check
 from dsq.eval import BenchmarkSuite, Evaluator, Gates, GateResult, PerplexityConfig, Report, check_gates, write_report
 from dsq.eval.memory import PeakRSS
+from dsq.eval.plots import write_plots_if_installed
 from dsq.eval.speed import SpeedConfig
 from dsq.quantize import (
     AWQConfig, BnbFP4Config, BnbInt8Config, BnbNF4Config, GPTQConfig, PerChannel, PerGroup, QuantizationReport,
@@ -231,6 +232,7 @@ def run(recipe: Recipe) -> RunResult:
         results = check_gates(gates, original, candidates)
         report = Report(original, candidates, results, meta=run_meta(recipe, loaded))
         write_report(report, tmp)
+        write_plots_if_installed(tmp, qreport.to_dict())
         write_manifest(tmp, source=loaded.source.to_dict(), extra={"quantization": qreport.to_dict()})
     return RunResult(output=output, report=report, gates=results, reload=reload)
 

@@ -22,6 +22,7 @@ from .errors import DsqInputError, RecipeError
 from .recipe import EvalSection, _format_errors, read_yaml
 from dsq.eval import Evaluator, Gates, GateResult, Report, check_gates, write_report
 from dsq.eval.ci import Check, summary_markdown, write_junit
+from dsq.eval.plots import write_plots_if_installed
 
 EXPORT_MANIFEST = "export_manifest.json"
 RELATIVE_GATES = (
@@ -134,6 +135,7 @@ def validate(artifact: Path, *, baseline: Path | None = None, gates_file: Path |
     output = output or artifact.parent / f"{artifact.name}-validation"
     output.mkdir(parents=True, exist_ok=True)
     write_report(report, output)
+    write_plots_if_installed(output)
     title = f"dsq validate {artifact}"
     write_junit(output / "junit.xml", title, [integrity], results, report)
     (output / "summary.md").write_text(summary_markdown(title, [integrity], results, report))
