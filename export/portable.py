@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
+
+from .ops import unpack_nbits
 
 
 def _unpack_blocks(b: np.ndarray, bits: int, k: int) -> np.ndarray:
     """MatMulNBits ``B`` ``[N, blocks, blob]`` -> unsigned values ``[N, K]`` (uint8)."""
-    flat = b.reshape(b.shape[0], -1)
-    if bits == 4:
-        flat = np.stack([flat & 0x0F, flat >> 4], axis=-1).reshape(b.shape[0], -1)
-    return flat[:, :k].astype(np.uint8)
+    return unpack_nbits(torch.from_numpy(np.ascontiguousarray(b)), bits, k).numpy().astype(np.uint8)
 
 
 def _zero_points(node_inputs: list[str], inits: dict, n: int, blocks: int, bits: int) -> np.ndarray:

@@ -111,3 +111,12 @@ def test_onnx_export_is_validated_in_onnxruntime(setup, tmp_path, capsys):
     assert "integrity (export_manifest.json)" in out
     report = json.loads((tmp_path / "ci" / "report.json").read_text())
     assert report["candidates"][0]["fidelity"]["top1_agreement"] > 0.9
+
+
+def test_unknown_key_in_gates_file_exits_2_naming_key_and_file(setup, tmp_path, capsys):
+    base, art, gates = setup
+    bad = tmp_path / "bad_gates.yaml"
+    bad.write_text("gates: {max_ppl_increse_pct: 1}\n")
+    code, _, err = _run(capsys, "validate", art, "--baseline", base, "--gates", bad, "-o", tmp_path / "ci", "-q")
+    assert code == 2 and "unknown key 'gates.max_ppl_increse_pct'" in err and str(bad) in err
+    assert not (tmp_path / "ci").exists()
