@@ -21,7 +21,7 @@ from .ops import unpack_nbits
 
 def _unpack_blocks(b: np.ndarray, bits: int, k: int) -> np.ndarray:
     """MatMulNBits ``B`` ``[N, blocks, blob]`` -> unsigned values ``[N, K]`` (uint8)."""
-    return unpack_nbits(torch.from_numpy(np.ascontiguousarray(b)), bits, k).numpy().astype(np.uint8)
+    return unpack_nbits(torch.from_numpy(np.array(b)), bits, k).numpy().astype(np.uint8)  # a writable copy
 
 
 def _zero_points(node_inputs: list[str], inits: dict, n: int, blocks: int, bits: int) -> np.ndarray:
