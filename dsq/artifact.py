@@ -142,7 +142,9 @@ def copy_tokenizer(tokenizer, root: Path) -> None:
     tokenizer.save_pretrained(str(root))
 
 
-def save_quantized_model(model, tokenizer, root: Path, *, dtype_name: str = "float32") -> list[str]:
+def save_quantized_model(
+    model, tokenizer, root: Path, *, dtype_name: str = "float32", max_shard_bytes: int = 4 << 30
+) -> list[str]:
     """Write a dsq-quantized transformers model as a compressed-tensors HF directory.
 
     Args:
@@ -150,6 +152,7 @@ def save_quantized_model(model, tokenizer, root: Path, *, dtype_name: str = "flo
         tokenizer: saved beside the weights.
         root: an existing, empty directory.
         dtype_name: the dtype recorded in config.json for the unquantized tensors.
+        max_shard_bytes: weight files of at most this size (with an index when more than one).
 
     Returns:
         The weight file names written.
@@ -162,7 +165,7 @@ def save_quantized_model(model, tokenizer, root: Path, *, dtype_name: str = "flo
     for name, tensor in checkpoint.tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise QuantizationError(f"tensor {name} has NaN or inf values; refusing to write the artifact")
-    files = save_weights(checkpoint.tensors, root)
+    files = save_weights(checkpoint.tensors, root, max_shard_bytes=max_shard_bytes)
     config = model.config.to_dict()
     config["quantization_config"] = checkpoint.quantization_config
     config["dtype"] = dtype_name

@@ -615,14 +615,42 @@ def load_checkpoint(
         CheckpointError: The checkpoint is invalid, a tensor the model needs is missing
             or has the wrong shape, or the tokenizer cannot be loaded.
     """
-    root = _checkpoint_dir(path)
-    config = _read_config(root)
-    files = inspect_checkpoint(root, allow_unsupported=trust_remote_code and "auto_map" in config)
+    files = validate_checkpoint(path, trust_remote_code=trust_remote_code)
     remote_code = {"trust_remote_code": True} if trust_remote_code else {}
-    tokenizer = _load_tokenizer(root, remote_code)
-    model = _load_model(files, dtype=dtype, device=device, remote_code=remote_code)
+    tokenizer = _load_tokenizer(files.root, remote_code)
+    if is_fp8_checkpoint(files.config):
+        # transformers 5.23 on CPU infers the block from the scale grid (rows // scale_rows): it fails on
+        # DeepSeek-V3's ragged kv_a_proj_with_mqa (576 rows) and is silently wrong when a ragged size divides.
+        # dsq dequantizes by the declared weight_block_size, block by block.
+        from .streaming import load_model_by_layers
+
+        model = load_model_by_layers(files, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
+    else:
+        model = _load_model(files, dtype=dtype, device=device, remote_code=remote_code)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=source_info(files))
+
+
+def validate_checkpoint(path: str | Path, *, trust_remote_code: bool = False) -> CheckpointFiles:
+    """Check a checkpoint directory (config, weights, index, experts) without loading any weight.
+
+    Raises:
+        CheckpointError: naming the file, key or tensor at fault.
+    """
+    root = _checkpoint_dir(path)
+    config = _read_config(root)
+    return inspect_checkpoint(root, allow_unsupported=trust_remote_code and "auto_map" in config)
+
+
+def load_tokenizer(root: Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer of the checkpoint in ``root`` (local files only)."""
+    return _load_tokenizer(root, {"trust_remote_code": True} if trust_remote_code else {})
+
+
+def is_fp8_checkpoint(config: Mapping[str, Any]) -> bool:
+    """A block-scaled FP8 checkpoint (DeepSeek-V3/R1's official weights); its format is checked on use."""
+    qconfig = config.get("quantization_config")
+    return isinstance(qconfig, Mapping) and qconfig.get("quant_method") == "fp8"
 
 
 def _load_tokenizer(root: Path, remote_code: Mapping[str, bool]) -> PreTrainedTokenizerBase:

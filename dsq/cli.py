@@ -1,4 +1,4 @@
-"""Command line: ``dsq run RECIPE [key.path=value ...]``, ``dsq export ARTIFACT``, ``dsq recipe``.
+"""Command line: ``dsq run RECIPE [key.path=value ...]``, ``dsq export ARTIFACT``, ``dsq recipe``, ``dsq plan CHECKPOINT [RECIPE]``.
 
 Exit codes: 0 success; 1 a quality gate failed (the artifact is written and names the
 failing metric); 2 unusable input (recipe, checkpoint, data) or usage error, with no artifact.
@@ -38,6 +38,27 @@ examples:
 exit codes: 0 every gate passed, 1 a gate failed (named), 2 unusable input: a file missing or changed
 since the manifest was written (named), bad gates file, unloadable model
 """
+
+
+PLAN_EPILOG = """\
+examples:
+  dsq plan /models/DeepSeek-V3                                  # the default recipe (rtn int8 g128, float32)
+  dsq plan /models/DeepSeek-V3 recipes/gptq_int4_g128.yaml dtype=bfloat16 --tflops 200
+  dsq plan dsq/assets/public_configs/deepseek-v3 --json         # a directory with only config.json
+no tensor data is read: parameters and bytes are exact, peak memory and calibration time are estimates
+(time at --tflops, default 50 for a GPU and 1 for a CPU)
+exit codes: 0 ok, 2 bad input (missing directory or config.json, unreadable weights, invalid recipe)
+"""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,6 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
                                      "default: the artifact's recipe.yaml eval section")
     val.add_argument("-o", "--output", help="where report.{json,md}, junit.xml and summary.md go (default: ARTIFACT-validation)")
     val.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    plan = sub.add_parser(
+        "plan", help="estimate parameters, weight bytes, peak memory and calibration time without loading weights",
+        description="Plan a recipe on a checkpoint from its config.json and safetensors headers alone.",
+        epilog=PLAN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plan.add_argument("checkpoint", help="HF checkpoint directory (config.json; safetensors weights optional)")
+    plan.add_argument("recipe", nargs="?", help="recipe YAML file (default: all defaults)")
+    plan.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--tflops", type=_positive_float, default=None,
+                      help="throughput for the calibration time (default: both 50 for a GPU and 1 for a CPU)")
     show = sub.add_parser("recipe", help="print a recipe fully resolved (defaults filled in, overrides applied)",
                           description="Validate a recipe and print it resolved.")
     show.add_argument("recipe", nargs="?", help="recipe YAML file (default: all defaults)")
@@ -107,14 +139,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = run(recipe)
     if result is None:  # a non-main process of a multi-process training run: the main one reports
         return EXIT_OK
-    print(format_terminal_table(result.report))
-    for candidate in result.report.candidates:
-        quantization = candidate.extra.get("quantization") or {}
+    if result.report is not None:
+        print(format_terminal_table(result.report))
+        rows = [(c.name, c.extra.get("quantization") or {}) for c in result.report.candidates]
+    else:
+        print("evaluation not run: the model does not fit in memory here (see report.md)")
+        rows = [("artifact", result.quantization or {})]
+    for name, quantization in rows:
         for note in quantization.get("notes", []):
-            print(f"NOTE {candidate.name}: {note}")
+            print(f"NOTE {name}: {note}")
         for kept in quantization.get("kept", []):
             if not kept["name"].endswith("lm_head"):
-                print(f"KEPT {candidate.name}: {kept['name']} ({kept['reason']})")
+                print(f"KEPT {name}: {kept['name']} ({kept['reason']})")
     if result.reload is not None:
         r = result.reload
         if r.loaded:
@@ -186,7 +222,19 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": _cmd_run, "recipe": _cmd_recipe, "export": _cmd_export, "validate": _cmd_validate}
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from .plan import plan_checkpoint
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides) if args.recipe or args.overrides else None
+    plan = plan_checkpoint(args.checkpoint, recipe, tflops=args.tflops)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.to_markdown(), end="\n" if args.json else "")
+    return EXIT_OK
+
+
+COMMANDS = {"run": _cmd_run, "recipe": _cmd_recipe, "export": _cmd_export, "validate": _cmd_validate, "plan": _cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ place that turns recipe sections into stage configs. It never prints: the CLI do
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -13,15 +14,20 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .artifact import atomic_directory, save_quantized_model, write_manifest
+from .artifact import atomic_directory, copy_tokenizer, save_quantized_model, write_config, write_manifest
 from .assets import data_file, resolve_data_path
-from .checkpoint import LoadedModel, bundled_model_path, load_checkpoint
-from .errors import QuantizationError
+from .checkpoint import (
+    CheckpointFiles, LoadedModel, bundled_model_path, load_checkpoint, load_tokenizer, source_info, validate_checkpoint,
+)
+from .errors import QuantizationError, RecipeError
+from .load_artifact import load_artifact
+from .streaming import StreamingDecision, decide_streaming
 from .recipe import QuantizeSection, Recipe, WeightsSection, dump_recipe
 from .reload import TOLERANCE, ReloadCheck, transformers_reload_check
 from dsq.eval import BenchmarkSuite, Evaluator, Gates, GateResult, PerplexityConfig, Report, check_gates, write_report
 from dsq.eval.memory import PeakRSS
 from dsq.eval.plots import write_plots_if_installed
+from dsq.eval.report import SQNR_KEY, weight_sqnr_summary, write_html_report
 from dsq.eval.speed import SpeedConfig
 from dsq.quantize import (
     AWQConfig, BnbFP4Config, BnbInt8Config, BnbNF4Config, GPTQConfig, PerChannel, PerGroup, QuantizationReport,
@@ -30,6 +36,7 @@ from dsq.quantize import (
 from dsq.quantize.bnb import BNB_CONFIGS, save_bnb_model
 from dsq.quantize.calibrated import needs_calibration
 from dsq.quantize.calibration_data import CalibrationDataSpec, load_calibration_with_summary
+from dsq.quantize.sequential import RESIDENT, LayerLifecycle, OnDevice
 from dsq.quantize.w8a8 import DynamicPerToken, StaticPerTensor
 
 log = logging.getLogger(__name__)
@@ -42,9 +49,10 @@ class RunResult:
     """What a run produced."""
 
     output: Path
-    report: Report
+    report: Report | None  # None: a streamed run too large to evaluate on this machine
     gates: list[GateResult] = field(default_factory=list)
     reload: ReloadCheck | None = None
+    quantization: dict | None = None  # the quantization summary when there is no report
 
     @property
     def gates_passed(self) -> bool:
@@ -124,22 +132,40 @@ class QuantizeStep:
     config: object
     calibration: torch.Tensor | None = None
     calibration_summary: object | None = None
+    device: str | None = None  # where each decoder layer is calibrated and quantized (None: where the model is)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, tokenizer) -> "QuantizeStep":
         config = quant_config(recipe.quantize, DTYPES[recipe.dtype])
+        device = layer_device(recipe.quantize, config)
         if not needs_calibration(config):
-            return cls(config)
-        return cls(config, *load_calibration_with_summary(calibration_spec(recipe.quantize), tokenizer))
+            return cls(config, device=device)
+        return cls(config, *load_calibration_with_summary(calibration_spec(recipe.quantize), tokenizer), device=device)
+
+    def lifecycle(self, inner: LayerLifecycle = RESIDENT) -> LayerLifecycle:
+        """``inner``, with each layer moved to :attr:`device` while it is quantized when one is set."""
+        return OnDevice(inner, self.device) if self.device is not None else inner
 
     def apply(self, model, *, progress: bool) -> tuple[QuantizationReport, float, int | None]:
         """Quantize ``model`` in place; returns the report, wall seconds and peak RSS."""
         started = time.perf_counter()
         with PeakRSS() as rss:
-            qreport = quantize_(model, self.config, calibration=self.calibration, progress=progress)
+            qreport = quantize_(model, self.config, calibration=self.calibration, progress=progress, lifecycle=self.lifecycle())
         if self.calibration_summary is not None:
             qreport.calibration = {"data": self.calibration_summary.to_dict(), **(qreport.calibration or {})}
         return qreport, time.perf_counter() - started, rss.peak_bytes
+
+
+def layer_device(section: QuantizeSection, config: object) -> str | None:
+    """``quantize.device`` checked: it must exist here, and bitsandbytes methods quantize where the model is."""
+    if section.device is None:
+        return None
+    if isinstance(config, BNB_CONFIGS):
+        raise RecipeError(f"quantize.device is not used by {section.method} (it quantizes where the model is loaded); remove it")
+    device = torch.device(section.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"quantize.device: {section.device!r} but CUDA is not available on this machine")
+    return section.device
 
 
 def reload_tolerance(config: object) -> float:
@@ -161,6 +187,10 @@ def benchmark_suite(recipe: Recipe) -> BenchmarkSuite:
         mc_path=mc_path,
         perplexity=ppl_config,
         mc_limit=mc.limit if mc else None,
+        mc_num_fewshot=mc.num_fewshot if mc else 0,
+        mc_fewshot_seed=mc.fewshot_seed if mc else 1234,
+        mc_fewshot_data=resolve_data_path(mc.fewshot_data) if mc and mc.fewshot_data else None,
+        mc_fewshot_delimiter=mc.fewshot_delimiter if mc else "\n\n",
         fidelity_seq_len=ev.fidelity.seq_len,
         fidelity_max_tokens=ev.fidelity.max_tokens,
         speed=speed,
@@ -180,7 +210,7 @@ def save_artifact(root: Path, loaded: LoadedModel, recipe: Recipe, config: objec
     if isinstance(config, BNB_CONFIGS):
         save_bnb_model(loaded.model, loaded.tokenizer, root)
     else:
-        save_quantized_model(loaded.model, loaded.tokenizer, root, dtype_name=recipe.dtype)
+        save_quantized_model(loaded.model, loaded.tokenizer, root, dtype_name=recipe.dtype, max_shard_bytes=recipe.max_shard_mb << 20)
     (root / "recipe.yaml").write_text(dump_recipe(recipe))
 
 
@@ -194,47 +224,148 @@ def run(recipe: Recipe) -> RunResult:
         A :class:`RunResult`; ``gates_passed`` is False when a gate failed (the artifact
         is still written). Recipes with a ``finetune:`` section go through
         :func:`dsq.train_pipeline.run_finetune` (None on non-main processes of a multi-process run). Input problems raise :class:`dsq.errors.DsqInputError` and leave
-        no artifact behind.
+        no artifact behind. A checkpoint is quantized one decoder layer at a time
+        (:func:`run_streamed`) when the recipe says ``streaming: true``, or when it leaves
+        ``streaming`` unset and the model needs more than half the available memory.
     """
     if recipe.finetune is not None:
         from .train_pipeline import run_finetune
 
         return run_finetune(recipe)
     torch.manual_seed(recipe.seed)
+    files = validate_checkpoint(model_path(recipe), trust_remote_code=recipe.trust_remote_code)
+    decision = decide_streaming(recipe.streaming, files, DTYPES[recipe.dtype])
+    if decision.stream:
+        (log.warning if recipe.streaming is None else log.info)("%s", decision.reason)
+        return run_streamed(recipe, files, decision)
     output = Path(recipe.output).expanduser()
-    suite = benchmark_suite(recipe)
-    gates = gates_of(recipe)
-    src = model_path(recipe)
-    loaded = load_checkpoint(src, dtype=DTYPES[recipe.dtype], trust_remote_code=recipe.trust_remote_code)
+    evaluator_suite = benchmark_suite(recipe)
+    loaded = load_checkpoint(files.root, dtype=DTYPES[recipe.dtype], trust_remote_code=recipe.trust_remote_code)
     step = QuantizeStep.from_recipe(recipe, loaded.tokenizer)
     config = step.config
-    evaluator = Evaluator(suite, loaded.tokenizer, progress=recipe.progress)
+    evaluator = Evaluator(evaluator_suite, loaded.tokenizer, progress=recipe.progress)
     with atomic_directory(output, recipe.overwrite) as tmp:
-        original = evaluator.evaluate("original", loaded.model, reference=True, disk_path=src)
+        original = evaluator.evaluate("original", loaded.model, reference=True, disk_path=files.root)
         qreport, quant_seconds, peak_rss = step.apply(loaded.model, progress=recipe.progress)
         save_artifact(tmp, loaded, recipe, config)
-        reload = None
-        if recipe.eval.reload_check:
-            reload = transformers_reload_check(
-                tmp, loaded.model, dtype=DTYPES[recipe.dtype], trust_remote_code=recipe.trust_remote_code,
-                tolerance=reload_tolerance(config),
-            )
-            if reload.loaded and not reload.passed:
-                raise QuantizationError(
-                    f"transformers reloads the artifact with logits differing by {reload.max_abs_diff:.3g} "
-                    f"(tolerance {reload.tolerance:g}); the artifact does not match dsq's model"
-                )
+        reload = _reload_check(recipe, tmp, loaded.model, config)
         name = candidate_name(recipe.quantize)
         candidate = evaluator.evaluate(name, loaded.model, disk_path=tmp)
         candidate.extra["quantization"] = summary(qreport, quant_seconds, peak_rss)
-        candidate.extra["reload_check"] = reload.to_dict() if reload else None
-        candidates = [candidate, *export_rows(recipe, loaded, tmp, evaluator, name, candidate)]
-        results = check_gates(gates, original, candidates)
-        report = Report(original, candidates, results, meta=run_meta(recipe, loaded))
-        write_report(report, tmp)
-        write_plots_if_installed(tmp, qreport.to_dict())
-        write_manifest(tmp, source=loaded.source.to_dict(), extra={"quantization": qreport.to_dict()})
+        report, results = _finish(recipe, tmp, loaded, evaluator, original, candidate, qreport, reload, decision)
     return RunResult(output=output, report=report, gates=results, reload=reload)
+
+
+def _reload_check(recipe: Recipe, root: Path, model, config: object) -> ReloadCheck | None:
+    """transformers reloads the artifact and must agree with ``model``; a loaded mismatch fails the run."""
+    if not recipe.eval.reload_check:
+        return None
+    reload = transformers_reload_check(
+        root, model, dtype=DTYPES[recipe.dtype], trust_remote_code=recipe.trust_remote_code, tolerance=reload_tolerance(config),
+    )
+    if reload.loaded and not reload.passed:
+        raise QuantizationError(
+            f"transformers reloads the artifact with logits differing by {reload.max_abs_diff:.3g} "
+            f"(tolerance {reload.tolerance:g}); the artifact does not match dsq's model"
+        )
+    return reload
+
+
+def _finish(recipe: Recipe, tmp: Path, loaded: LoadedModel, evaluator: Evaluator, original, candidate, qreport: QuantizationReport,
+            reload: ReloadCheck | None, decision: StreamingDecision) -> tuple[Report, list[GateResult]]:
+    """Export rows, gates, report, plots and manifest of a quantized run (in memory or streamed)."""
+    candidate.extra["reload_check"] = reload.to_dict() if reload else None
+    candidates = [candidate, *export_rows(recipe, loaded, tmp, evaluator, candidate.name, candidate)]
+    results = check_gates(gates_of(recipe), original, candidates)
+    meta = run_meta(recipe, loaded)
+    meta["streaming"] = {"streamed": decision.stream, "reason": decision.reason}
+    report = Report(original, candidates, results, meta=meta)
+    write_report(report, tmp)
+    write_plots_if_installed(tmp, qreport.to_dict())
+    write_html_report(report, tmp)  # again, now with the plots embedded
+    write_manifest(tmp, source=loaded.source.to_dict(), extra={"quantization": qreport.to_dict()})
+    return report, results
+
+
+def _require_streamable(config: object) -> None:
+    if not isinstance(config, (RTNConfig, GPTQConfig, AWQConfig)):
+        raise RecipeError(
+            f"streaming supports quantize.method rtn, gptq and awq; {type(config).__name__} needs the whole model "
+            "in memory (set streaming: false on a machine where it fits)"
+        )
+
+
+def run_streamed(recipe: Recipe, files: CheckpointFiles, decision: StreamingDecision) -> RunResult:
+    """Quantize one decoder layer at a time from the checkpoint's shards, then evaluate when the model fits.
+
+    The artifact's tensors are identical to the in-memory path's. Evaluation loads the original
+    and the artifact in memory; when the model does not fit (the reason streaming was chosen),
+    it is not run: the report says so, and every gate the recipe sets fails as not evaluated.
+    """
+    from .streaming import quantize_streaming
+
+    dtype = DTYPES[recipe.dtype]
+    output = Path(recipe.output).expanduser()
+    tokenizer = load_tokenizer(files.root, trust_remote_code=recipe.trust_remote_code)
+    step = QuantizeStep.from_recipe(recipe, tokenizer)
+    _require_streamable(step.config)
+    source = source_info(files)
+    evaluate = not decide_streaming(None, files, dtype).stream
+    with atomic_directory(output, recipe.overwrite) as tmp:
+        with PeakRSS() as rss:
+            streamed = quantize_streaming(
+                files.root, tmp, step.config, calibration=step.calibration, dtype=dtype,
+                trust_remote_code=recipe.trust_remote_code, max_shard_bytes=recipe.max_shard_mb << 20, progress=recipe.progress,
+                device=step.device,
+            )
+        qreport = streamed.report
+        if step.calibration_summary is not None:
+            qreport.calibration = {"data": step.calibration_summary.to_dict(), **(qreport.calibration or {})}
+        write_config(streamed.config, tmp)
+        copy_tokenizer(tokenizer, tmp)
+        (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
+        quant = summary(qreport, streamed.seconds, rss.peak_bytes)
+        quant["streaming"] = {
+            "seconds_reading": round(streamed.seconds_reading, 3), "seconds_writing": round(streamed.seconds_writing, 3),
+            "unused_checkpoint_tensors": len(streamed.unused_tensors), "weight_files": len(streamed.files),
+        }
+        if not evaluate:
+            results = _not_evaluated(recipe, tmp, quant, decision, source)
+            write_manifest(tmp, source=source.to_dict(), extra={"quantization": qreport.to_dict()})
+            return RunResult(output=output, report=None, gates=results, reload=None, quantization=quant)
+        evaluator = Evaluator(benchmark_suite(recipe), tokenizer, progress=recipe.progress)
+        original_model = load_checkpoint(files.root, dtype=dtype, trust_remote_code=recipe.trust_remote_code).model
+        original = evaluator.evaluate("original", original_model, reference=True, disk_path=files.root)
+        del original_model
+        artifact = load_artifact(tmp, dtype=dtype)
+        loaded = LoadedModel(model=artifact.model, tokenizer=tokenizer, source=source)
+        reload = _reload_check(recipe, tmp, loaded.model, step.config)
+        candidate = evaluator.evaluate(candidate_name(recipe.quantize), loaded.model, disk_path=tmp)
+        candidate.extra["quantization"] = quant
+        report, results = _finish(recipe, tmp, loaded, evaluator, original, candidate, qreport, reload, decision)
+    return RunResult(output=output, report=report, gates=results, reload=reload)
+
+
+def _not_evaluated(recipe: Recipe, root: Path, quant: dict, decision: StreamingDecision, source) -> list[GateResult]:
+    """report.json / report.md of a streamed run too large to evaluate here; every set gate fails as not evaluated."""
+    reason = f"not evaluated: {decision.reason}; run `dsq validate` on a machine where the model fits"
+    name = candidate_name(recipe.quantize)
+    results = [
+        GateResult(gate=g, candidate=name, metric=g, value=float("nan"), threshold=float(t), passed=False, message=f"{g}: {reason}")
+        for g, t in recipe.eval.gates.model_dump().items() if t is not None
+    ]
+    data = {
+        "candidate": name, "evaluation": reason, "quantization": quant,
+        "gates": [{"gate": r.gate, "passed": r.passed, "message": r.message} for r in results],
+        "meta": {"model": source.path, "model_type": source.model_type, "streaming": {"streamed": True, "reason": decision.reason}},
+    }
+    (root / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    lines = [f"# dsq report: {name}", "", f"Evaluation {reason}.", "",
+             f"Quantized {quant['quantized_params']:,} parameters in {quant['seconds']:.1f} s; peak RSS {quant['peak_rss_bytes'] or 0:,} bytes."]
+    lines += [f"- NOTE: {n}" for n in quant.get("notes", [])]
+    lines += [f"- GATE NOT EVALUATED: {r.message}" for r in results]
+    (root / "report.md").write_text("\n".join(lines) + "\n")
+    return results
 
 
 ONNX_DIR = "onnx"
@@ -255,7 +386,9 @@ def export_rows(recipe: Recipe, loaded: LoadedModel, root: Path, evaluator: Eval
 
 def summary(qreport: QuantizationReport, seconds: float, peak_rss: int | None) -> dict:
     d = qreport.to_dict()
-    d.pop("modules")
+    sqnr = weight_sqnr_summary(d.pop("modules"))
+    if sqnr is not None:
+        d[SQNR_KEY] = sqnr  # the report's Worst layers section
     d["seconds"] = round(seconds, 3)
     d["peak_rss_bytes"] = peak_rss
     return d

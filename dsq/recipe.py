@@ -117,6 +117,19 @@ class QuantizeSection(Strict):
     awq: AWQSection = AWQSection()
     w8a8: W8A8Section = W8A8Section()
     bnb: BnbSection = BnbSection()
+    device: str | None = None  # e.g. "cuda": each decoder layer is moved there to be calibrated and quantized; the rest stays on CPU
+
+    @field_validator("device")
+    @classmethod
+    def _device_parses(cls, v: str | None) -> str | None:
+        if v is not None:
+            import torch
+
+            try:
+                torch.device(v)
+            except RuntimeError as exc:
+                raise ValueError(f"not a torch device: {v!r} ({exc})") from exc
+        return v
 
 
 class TrainDataSection(Strict):
@@ -154,6 +167,7 @@ class TrainingSection(Strict):
     checkpoint_dir: str | None = None  # None: <output>.checkpoints
     resume: bool = True  # continue from the last complete checkpoint there
     seed: int = 0
+    fsdp: bool = False  # several processes: shard parameters, gradients and AdamW state (FSDP2) instead of DDP
 
 
 class QATSection(Strict):
@@ -194,6 +208,10 @@ class PerplexitySection(Strict):
 class MultipleChoiceSection(Strict):
     data: str | None = None  # JSONL {context, choices, gold}; None: bundled set
     limit: int | None = Field(None, ge=1)
+    num_fewshot: int = Field(0, ge=0)  # solved exemplars (context + gold choice) before each item's context
+    fewshot_seed: int = 1234  # item i draws its exemplars with random.Random(f"{fewshot_seed}-{i}")
+    fewshot_data: str | None = None  # JSONL of the same form to draw from; None: the data file, the item itself left out
+    fewshot_delimiter: str = "\n\n"  # after every exemplar (lm-evaluation-harness's fewshot_delimiter)
 
 
 class FidelitySection(Strict):
@@ -262,6 +280,8 @@ class Recipe(Strict):
     overwrite: bool = False
     seed: int = 0
     progress: bool = True
+    streaming: bool | None = None  # one decoder layer in memory at a time; None: when the model exceeds half the free memory
+    max_shard_mb: int = Field(4096, ge=1)  # artifact weight shards of at most this size
     quantize: QuantizeSection | None = QuantizeSection()  # null: no quantization (LoRA on the FP base)
     finetune: FinetuneSection | None = None
     export: ExportSection | None = None  # ONNX decoder with KV cache (dsq formats only)

@@ -12,7 +12,9 @@ in PEFT format under ``adapter/`` with the base's identity; with ``merge: true``
 the merged model is the artifact, with its drift against the adapter model in the report.
 
 Several processes (``torchrun --nproc_per_node N -m dsq run RECIPE``): every rank loads the
-model and data and trains; the main process alone evaluates and writes the artifact.
+model and data and trains; the main process alone evaluates and writes the artifact. With
+``finetune.training.fsdp: true`` the ranks train a sharded model (FSDP2) and get the full, plain
+model back before the main process converts, merges and saves it.
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ def train_config(section: TrainingSection, distill_weight: float = 0.0) -> Train
         warmup_steps=section.warmup_steps, schedule=schedules[section.schedule], weight_decay=section.weight_decay,
         max_grad_norm=section.max_grad_norm, mixed_precision=section.mixed_precision, distill_weight=distill_weight,
         eval_every=section.eval_every, save_every=section.save_every, keep_checkpoints=section.keep_checkpoints,
-        seed=section.seed,
+        seed=section.seed, fsdp=section.fsdp,
     )
 
 

@@ -23,6 +23,7 @@ from .recipe import EvalSection, _format_errors, read_yaml
 from dsq.eval import Evaluator, Gates, GateResult, Report, check_gates, write_report
 from dsq.eval.ci import Check, summary_markdown, write_junit
 from dsq.eval.plots import write_plots_if_installed
+from dsq.eval.report import SQNR_KEY, weight_sqnr_summary, write_html_report
 
 EXPORT_MANIFEST = "export_manifest.json"
 RELATIVE_GATES = (
@@ -91,6 +92,15 @@ def _load(path: Path):
     return loaded.model, loaded.tokenizer
 
 
+def _quantization_record(artifact: Path) -> dict | None:
+    """The artifact's quantization record (``manifest.json["quantization"]``), if it has one."""
+    try:
+        record = json.loads((artifact / MANIFEST).read_text()).get("quantization")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 @dataclass
 class ValidateResult:
     report: Report
@@ -128,6 +138,10 @@ def validate(artifact: Path, *, baseline: Path | None = None, gates_file: Path |
         reference = evaluator.evaluate(f"baseline ({baseline.name})", base_model, reference=True, disk_path=baseline)
         del base_model
     row = evaluator.evaluate(artifact.name, model, disk_path=artifact)
+    quant_record = _quantization_record(artifact)
+    sqnr = weight_sqnr_summary((quant_record or {}).get("modules") or [])
+    if sqnr is not None:  # the report's Worst layers section
+        row.extra["quantization"] = {"method": quant_record.get("method"), "scheme": quant_record.get("scheme"), SQNR_KEY: sqnr}
     original = reference if reference is not None else row
     results = check_gates(gates, original, [row])
     report = Report(original, [row] if reference is not None else [], results,
@@ -135,7 +149,8 @@ def validate(artifact: Path, *, baseline: Path | None = None, gates_file: Path |
     output = output or artifact.parent / f"{artifact.name}-validation"
     output.mkdir(parents=True, exist_ok=True)
     write_report(report, output)
-    write_plots_if_installed(output)
+    write_plots_if_installed(output, quant_record)
+    write_html_report(report, output)  # again, now with the plots embedded
     title = f"dsq validate {artifact}"
     write_junit(output / "junit.xml", title, [integrity], results, report)
     (output / "summary.md").write_text(summary_markdown(title, [integrity], results, report))

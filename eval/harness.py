@@ -11,8 +11,8 @@ from torch import nn
 
 from dsq.eval.data import MCItem, load_multiple_choice, load_text, tokenize_text
 from dsq.eval.fidelity import FidelityResult, ReferenceLogprobs, compare_to_reference, reference_logprobs
-from dsq.eval.memory import PeakRSS, dir_bytes, files_bytes, weight_bytes_in_memory
-from dsq.eval.multiple_choice import MCResult, multiple_choice
+from dsq.eval.memory import PeakCUDA, PeakRSS, dir_bytes, files_bytes, model_device, weight_bytes_in_memory
+from dsq.eval.multiple_choice import FewShot, MCResult, fewshot_prompts, multiple_choice
 from dsq.eval.perplexity import PerplexityConfig, PerplexityResult, perplexity
 from dsq.eval.speed import CachedLM, SpeedConfig, SpeedResult, TorchCachedLM, measure_speed
 
@@ -36,6 +36,11 @@ class BenchmarkSuite:
         fidelity_seq_len: Window length for fidelity.
         fidelity_max_tokens: Token budget for fidelity (first tokens of the held-out text).
         speed: Prefill/decode throughput settings (``None``: not measured).
+        mc_num_fewshot: Solved exemplars before each multiple-choice context (0: zero-shot).
+        mc_fewshot_seed: Seed of the exemplar draw (item ``i``: ``random.Random(f"{seed}-{i}")``).
+        mc_fewshot_data: JSONL the exemplars are drawn from (``None``: the whole ``mc_path``
+            file, ``mc_limit`` not applied, the item itself left out).
+        mc_fewshot_delimiter: Text after every exemplar.
     """
 
     text_path: Path | None
@@ -45,6 +50,10 @@ class BenchmarkSuite:
     fidelity_seq_len: int = 128
     fidelity_max_tokens: int = 4096
     speed: SpeedConfig | None = None
+    mc_num_fewshot: int = 0
+    mc_fewshot_seed: int = 1234
+    mc_fewshot_data: Path | None = None
+    mc_fewshot_delimiter: str = "\n\n"
 
 
 @dataclass
@@ -65,6 +74,9 @@ class ModelMetrics:
         peak_rss_reset_supported: ``False`` when ``peak_rss_bytes`` is the process-lifetime
             peak because the high-water mark could not be reset.
         speed: Prefill and decode tokens/s with a KV cache, if the suite asks for it.
+        peak_cuda_allocated_bytes: Peak ``torch.cuda.max_memory_allocated`` of the model's device
+            during its evaluation (high-water mark reset first); ``None`` for a model not on CUDA.
+        peak_cuda_reserved_bytes: Peak ``torch.cuda.max_memory_reserved`` likewise.
     """
 
     name: str
@@ -79,6 +91,8 @@ class ModelMetrics:
     extra: dict = field(default_factory=dict)
     peak_rss_reset_supported: bool = True
     speed: SpeedResult | None = None
+    peak_cuda_allocated_bytes: int | None = None
+    peak_cuda_reserved_bytes: int | None = None
 
     def to_dict(self) -> dict:
         """Plain-data form (nested results become dicts, missing ones ``None``).
@@ -133,7 +147,26 @@ class Evaluator:
         self.mc_items: list[MCItem] | None = (
             load_multiple_choice(suite.mc_path, suite.mc_limit) if suite.mc_path is not None else None
         )
+        self.mc_fewshot: FewShot | None = self._load_fewshot()
         self.reference: ReferenceLogprobs | None = None
+        # Context window for multiple choice: the model's own; a model that states none (an ONNX
+        # Runtime session) gets the last one seen, so its prompts are cut as its torch original's.
+        self.window: int | None = None
+
+    def _load_fewshot(self) -> FewShot | None:
+        """The few-shot settings with their exemplar set; checked here, before any model runs."""
+        suite = self.suite
+        if self.mc_items is None or suite.mc_num_fewshot == 0:
+            return None
+        if suite.mc_fewshot_data is not None:
+            source = suite.mc_fewshot_data
+            pool: tuple[MCItem, ...] | None = tuple(load_multiple_choice(source))
+        else:
+            source = suite.mc_path
+            pool = tuple(load_multiple_choice(source)) if suite.mc_limit is not None else None
+        fewshot = FewShot(suite.mc_num_fewshot, suite.mc_fewshot_seed, suite.mc_fewshot_delimiter, pool, str(source))
+        fewshot_prompts(self.mc_items, fewshot)  # raises DataError, naming the file, when exemplars are too few
+        return fewshot
 
     def _load_tokens(self) -> torch.Tensor | None:
         """Tokenize the held-out text up to the largest budget any benchmark needs."""
@@ -161,7 +194,13 @@ class Evaluator:
             progress=self.progress,
             batch_size=self.batch_size,
             add_bos=self.add_bos,
+            max_length=self._mc_window(model),
+            fewshot=self.mc_fewshot,
         )
+
+    def _mc_window(self, model: object) -> int | None:
+        self.window = _window(model) or self.window
+        return self.window
 
     def _build_reference(self, model: nn.Module) -> None:
         if self.token_ids is None:
@@ -219,7 +258,7 @@ class Evaluator:
         artifact_bytes_disk = files_bytes(disk_path) if disk_path is not None else None
         model.eval()
         started = time.perf_counter()
-        with PeakRSS() as peak:
+        with PeakRSS() as peak, PeakCUDA(model_device(model)) as cuda:
             ppl = self._perplexity(model)
             mc = self._multiple_choice(model)
             if reference:
@@ -242,4 +281,12 @@ class Evaluator:
             extra=dict(extra or {}),
             peak_rss_reset_supported=peak.reset_supported,
             speed=speed,
+            peak_cuda_allocated_bytes=cuda.allocated_bytes,
+            peak_cuda_reserved_bytes=cuda.reserved_bytes,
         )
+
+
+def _window(model: object) -> int | None:
+    """The model's context window (``config.max_position_embeddings``), or ``None`` when it has none."""
+    window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return window if isinstance(window, int) and window > 0 else None

@@ -1,4 +1,4 @@
-"""Memory and size measurements: weight bytes in RAM and on disk, peak RSS, machine facts."""
+"""Memory and size measurements: weight bytes in RAM and on disk, peak RSS and CUDA memory, machine facts."""
 from __future__ import annotations
 
 import os
@@ -170,6 +170,51 @@ class PeakRSS:
     ) -> None:
         peak = _status_bytes("VmHWM") if self.reset_supported else None
         self.peak_bytes = peak if peak is not None else _lifetime_peak_bytes()
+
+
+def model_device(model: object) -> torch.device | None:
+    """Device of a model's first parameter (or buffer); ``None`` when it has neither or is no module."""
+    if not isinstance(model, nn.Module):
+        return None
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return None
+
+
+class PeakCUDA:
+    """Context manager measuring the peak CUDA memory of one device during a block.
+
+    On entry ``torch.cuda.reset_peak_memory_stats(device)``; on exit
+    ``torch.cuda.max_memory_allocated`` and ``max_memory_reserved`` of that device. For a device
+    that is not CUDA (or ``None``) nothing is measured and both figures stay ``None``.
+
+    Attributes:
+        allocated_bytes: Peak bytes held by tensors (the caching allocator's ``allocated``).
+        reserved_bytes: Peak bytes the caching allocator held from the driver (``reserved``).
+    """
+
+    def __init__(self, device: torch.device | str | None) -> None:
+        device = torch.device(device) if device is not None else None
+        self.device = device if device is not None and device.type == "cuda" else None
+        self.allocated_bytes: int | None = None
+        self.reserved_bytes: int | None = None
+
+    def __enter__(self) -> PeakCUDA:
+        if self.device is not None:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self.device is not None:
+            torch.cuda.synchronize(self.device)
+            self.allocated_bytes = torch.cuda.max_memory_allocated(self.device)
+            self.reserved_bytes = torch.cuda.max_memory_reserved(self.device)
 
 
 def _cpu_model() -> str:

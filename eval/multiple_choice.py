@@ -1,4 +1,4 @@
-"""Zero-shot multiple-choice accuracy by log-likelihood, following lm-evaluation-harness.
+"""Multiple-choice accuracy by log-likelihood (zero- or few-shot), following lm-evaluation-harness.
 
 Each choice is scored by the summed log-probability of its tokens given the context.
 Context and continuation are tokenized the way lm-evaluation-harness does it: trailing
@@ -8,11 +8,22 @@ first ``len(encode(context))`` tokens, so a BPE merge across the boundary is kep
 
 ``acc`` picks the choice with the highest summed log-probability; ``acc_norm`` divides
 that sum by the choice's length in UTF-8 bytes first.
+
+Few-shot (:class:`FewShot`): each item's context is preceded by ``k`` exemplars, each an other
+item's context followed by its gold choice, joined and closed by the delimiter (``"\\n\\n"``, as
+lm-evaluation-harness's default ``fewshot_delimiter``). The exemplars of item ``i`` are drawn
+without replacement by ``random.Random(f"{seed}-{i}")`` from the exemplar set, leaving out every
+exemplar equal to the item itself, so prompts do not depend on the run, the process or the
+order in which items are scored.
+
+An input longer than the model's window loses tokens from the left of its context (exemplars
+first); the continuation is never truncated.
 """
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -31,11 +42,93 @@ class MCResult:
         acc: Fraction of items whose highest-likelihood choice is the gold one (0..1).
         acc_norm: Same with log-likelihood divided by the choice's UTF-8 byte length.
         n: Number of items.
+        num_fewshot: Exemplars before each item's context (0: zero-shot).
+        truncated: (item, choice) inputs whose context was cut from the left to fit the model's window.
     """
 
     acc: float
     acc_norm: float
     n: int
+    num_fewshot: int = 0
+    truncated: int = 0
+
+
+@dataclass(frozen=True)
+class FewShot:
+    """Few-shot prompting of multiple-choice items.
+
+    Attributes:
+        num_fewshot: Exemplars ``k`` put before each item's context (0: zero-shot).
+        seed: Seed of the exemplar draw; item ``i`` uses ``random.Random(f"{seed}-{i}")``.
+        delimiter: Text after every exemplar (lm-evaluation-harness's ``fewshot_delimiter``).
+        pool: Items the exemplars are drawn from (``None``: the evaluated items themselves).
+            Exemplars equal to the item being prompted are never drawn.
+        source: Where the exemplars come from (a file name), for error messages.
+
+    Example:
+        >>> prompts = fewshot_prompts(items, FewShot(num_fewshot=2, source="mc.jsonl"))
+    """
+
+    num_fewshot: int = 0
+    seed: int = 1234
+    delimiter: str = "\n\n"
+    pool: tuple[MCItem, ...] | None = None
+    source: str = "the multiple-choice items"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_fewshot, bool) or not isinstance(self.num_fewshot, int) or self.num_fewshot < 0:
+            raise ValueError(f"num_fewshot must be an integer >= 0, got {self.num_fewshot!r}")
+
+
+def _exemplar(item: MCItem) -> str:
+    """An item rendered as a solved example: its context followed by its gold choice."""
+    return item.context + item.choices[item.gold]
+
+
+def fewshot_prompts(items: Sequence[MCItem], fewshot: FewShot) -> list[MCItem]:
+    """The items with ``fewshot.num_fewshot`` solved exemplars prepended to each context.
+
+    Args:
+        items: Items to prompt (item ``i`` draws with ``random.Random(f"{seed}-{i}")``).
+        fewshot: Number of exemplars, seed, delimiter and exemplar set.
+
+    Returns:
+        New items whose context is ``ex_1 + delim + ... + ex_k + delim + context``; choices and
+        gold unchanged. With ``num_fewshot == 0`` the items themselves.
+
+    Raises:
+        DataError: The exemplar set holds fewer than ``num_fewshot`` items other than the one
+            prompted (the message names ``fewshot.source``).
+    """
+    k = fewshot.num_fewshot
+    if k == 0:
+        return list(items)
+    pool = list(items) if fewshot.pool is None else list(fewshot.pool)
+    positions: dict[MCItem, list[int]] = {}
+    for j, example in enumerate(pool):
+        positions.setdefault(example, []).append(j)
+    prompts: list[MCItem] = []
+    for index, item in enumerate(items):
+        excluded = positions.get(item, [])  # ascending
+        available = len(pool) - len(excluded)
+        if available < k:
+            raise DataError(
+                f"multiple-choice num_fewshot={k}: {fewshot.source} has {len(pool)} item(s), {available} of them "
+                f"usable as exemplars of item {index} (the item itself and its copies are left out); "
+                "lower num_fewshot or give a larger fewshot_data file"
+            )
+        rng = random.Random(f"{fewshot.seed}-{index}")
+        chosen = []
+        for pick in rng.sample(range(available), k):
+            for position in excluded:  # compacted index -> pool index, skipping the excluded positions
+                if pick >= position:
+                    pick += 1
+                else:
+                    break
+            chosen.append(pool[pick])
+        prefix = "".join(_exemplar(example) + fewshot.delimiter for example in chosen)
+        prompts.append(replace(item, context=prefix + item.context))
+    return prompts
 
 
 @dataclass(frozen=True)
@@ -46,6 +139,7 @@ class _Request:
     choice: int
     input_ids: tuple[int, ...]
     continuation: tuple[int, ...]
+    truncated: bool = False  # context tokens were cut from the left to fit the window
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -82,7 +176,11 @@ def _prefix_ids(tokenizer: Any, add_bos: bool) -> list[int]:
 def _requests(
     tokenizer: Any, items: Sequence[MCItem], add_bos: bool, max_length: int | None
 ) -> list[_Request]:
-    """Tokenize every (item, choice) pair into a scoring request."""
+    """Tokenize every (item, choice) pair into a scoring request.
+
+    With ``max_length`` an input longer than that loses context tokens from the left; a
+    continuation longer than ``max_length`` cannot be scored whole and is an error.
+    """
     prefix = _prefix_ids(tokenizer, add_bos)
     fallback = getattr(tokenizer, "eos_token_id", None)
     requests: list[_Request] = []
@@ -100,8 +198,14 @@ def _requests(
             if not continuation_ids:
                 raise DataError(f"multiple-choice item {item_index}, choice {choice_index} produced no tokens")
             full = context_ids + continuation_ids
+            whole_length = len(full)
             if max_length is not None:
-                full = full[-(max_length + 1) :]
+                if len(continuation_ids) > max_length:
+                    raise DataError(
+                        f"multiple-choice item {item_index}, choice {choice_index}: its {len(continuation_ids)} "
+                        f"tokens do not fit the model's window of {max_length} tokens"
+                    )
+                full = full[-(max_length + 1) :]  # the input is full[:-1]: at most max_length tokens
             n_scored = min(len(continuation_ids), len(full) - 1)
             requests.append(
                 _Request(
@@ -109,6 +213,7 @@ def _requests(
                     choice=choice_index,
                     input_ids=tuple(full[:-1]),
                     continuation=tuple(continuation_ids[len(continuation_ids) - n_scored :]),
+                    truncated=len(full) < whole_length,
                 )
             )
     return requests
@@ -153,6 +258,7 @@ def multiple_choice(
     batch_size: int = 16,
     add_bos: bool = True,
     max_length: int | None = None,
+    fewshot: FewShot | None = None,
 ) -> MCResult:
     """Score multiple-choice items by continuation log-likelihood.
 
@@ -163,19 +269,24 @@ def multiple_choice(
         progress: Show a tqdm progress bar.
         batch_size: (item, choice) pairs per forward pass; pairs are right-padded.
         add_bos: Prepend the tokenizer's BOS token to every context when it has one.
-        max_length: Truncate each input from the left to this many tokens (``None``: no limit).
+        max_length: The model's window: an input longer than this loses context tokens from
+            the left (few-shot exemplars first); the continuation is never cut (``None``: no limit).
+        fewshot: Exemplars to put before each context (``None``: zero-shot).
 
     Returns:
-        ``acc``, ``acc_norm`` and the number of items.
+        ``acc``, ``acc_norm``, the number of items, ``num_fewshot`` and how many inputs were truncated.
 
     Raises:
-        DataError: No items, or a pair cannot be tokenized into a scorable request.
+        DataError: No items, too few exemplars for ``fewshot``, or a pair cannot be tokenized
+            into a scorable request (e.g. a choice longer than ``max_length``).
     """
     if not items:
         raise DataError("multiple-choice evaluation needs at least one item")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    requests = _requests(tokenizer, items, add_bos, max_length)
+    fewshot = fewshot or FewShot()
+    requests = _requests(tokenizer, fewshot_prompts(items, fewshot), add_bos, max_length)
+    truncated = sum(r.truncated for r in requests)
     # Longest first: batches hold similar lengths, and an out-of-memory shows up at once.
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i].input_ids))
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
@@ -190,4 +301,6 @@ def multiple_choice(
         acc=_accuracy(items, loglik, normalize=False),
         acc_norm=_accuracy(items, loglik, normalize=True),
         n=len(items),
+        num_fewshot=fewshot.num_fewshot,
+        truncated=truncated,
     )

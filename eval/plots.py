@@ -1,4 +1,5 @@
-"""PNG plots of a dsq run: accuracy versus size, per-module quantization error, per-expert tokens.
+"""PNG plots of a dsq run: accuracy versus size, per-module weight SQNR, calibration losses,
+per-expert SQNR, per-expert tokens.
 
 Every plot is drawn on a :class:`matplotlib.figure.Figure` with the Agg canvas (no pyplot, no
 global state, no display needed). matplotlib is imported only when a plot is drawn, so this
@@ -10,13 +11,14 @@ Data read:
   ``original`` and ``candidates[*]`` ``name``, ``weight_bytes_disk``, ``ppl.ppl``, ``mc.acc``,
   ``mc.acc_norm``, ``mc.n``, ``extra.onnx`` (ONNX rows get their own marker),
   ``deltas.disk_size_ratio``; ``perplexity_settings`` and ``meta.model`` for the titles.
-* :func:`layer_error` and :func:`expert_tokens`: a quantization record, i.e.
-  ``QuantizationReport.to_dict()`` as in ``manifest.json["quantization"]`` (or the
-  ``candidates[*].extra["quantization"]`` summary of ``report.json``, which lacks only the
-  ``modules`` list). Per-module errors are read from ``calibration.modules[name]``
-  (``gptq_loss`` for GPTQ; ``awq_loss`` and ``awq_loss_without_scaling`` for AWQ) or from
-  ``modules[*]`` entries; token counts from ``calibration.expert_routed_tokens`` and
-  ``calibration.experts_without_routed_tokens``.
+* :func:`layer_error`, :func:`calibration_loss`, :func:`expert_sqnr` and :func:`expert_tokens`:
+  a quantization record, i.e. ``QuantizationReport.to_dict()`` as in
+  ``manifest.json["quantization"]`` (or the ``candidates[*].extra["quantization"]`` summary of
+  ``report.json``, which lacks the ``modules`` list). Per-module weight SQNR is read from
+  ``modules[*].sqnr_db`` (every weight method: RTN, GPTQ, AWQ, W8A8), per-expert SQNR from
+  ``modules[*].expert_sqnr_db``; calibration losses from ``calibration.modules[name]``
+  (``gptq_loss`` for GPTQ; ``awq_loss`` and ``awq_loss_without_scaling`` for AWQ); token counts
+  from ``calibration.expert_routed_tokens`` and ``calibration.experts_without_routed_tokens``.
 
 A plot whose data is absent raises :class:`MissingPlotData` with the reason;
 :func:`write_plots` turns that into a logged skip listed in the result's ``skipped``.
@@ -93,6 +95,17 @@ def _layer_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _expert_axes(ax, names: list[str], rows: int, cols: int) -> None:
+    """Ticks and labels of a layers x experts heatmap (at most ~32 expert and ~40 layer ticks)."""
+    xstep = max(1, math.ceil(cols / 32))
+    ax.set_xticks(range(0, cols, xstep))
+    ax.set_xlabel("expert index")
+    ystep = max(1, math.ceil(rows / 40))
+    ax.set_yticks(range(0, rows, ystep))
+    ax.set_yticklabels([_short(n) for n in names][::ystep], fontsize=8)
+    ax.set_ylabel("MoE layer (experts module)")
+
+
 def _short(name: str) -> str:
     """``model.layers.3.mlp.experts.0.down_proj`` -> ``L3 mlp.experts.0.down_proj``."""
     match = re.match(r"^(?:.*\.)?layers\.(\d+)\.(.*)$", name)
@@ -163,6 +176,17 @@ def _collect_rows(reports: list[dict]) -> tuple[list[_Row], list[str]]:
             ))
     _disambiguate(rows)
     return rows, unplaced
+
+
+def _shots(reports: list[dict]) -> str:
+    """``zero-shot`` / ``k-shot`` from the rows' ``mc.num_fewshot`` (absent in older reports: zero-shot)."""
+    ks = set()
+    for report in reports:
+        for row in [report.get("original"), *(report.get("candidates") or [])]:
+            mc = row.get("mc") if isinstance(row, dict) else None
+            if isinstance(mc, dict):
+                ks.add(int(mc.get("num_fewshot") or 0))
+    return "/".join("zero-shot" if k == 0 else f"{k}-shot" for k in sorted(ks)) or "zero-shot"
 
 
 def _mc_n(row: dict) -> int | None:
@@ -312,7 +336,8 @@ def accuracy_vs_size(reports: list[dict], out: Path, *, mc_metric: str = "acc", 
                 ax.axhline(base, color="0.5", lw=0.8, ls="--", zorder=1)
         else:
             ns = {r.mc_n for r in rows if r.mc_n}
-            n_text = f"\n{ns.pop()} items, zero-shot log-likelihood" if len(ns) == 1 else ""
+            shots = _shots(reports)
+            n_text = f"\n{ns.pop()} items, {shots} log-likelihood" if len(ns) == 1 else f"\n{shots} log-likelihood"
             ax.set_title(f"Multiple-choice {mc_metric} (higher is better){n_text}", fontsize=10)
             ax.set_ylabel(f"{mc_metric} (%)")
             if ref is not None and mc_of(ref) is not None:
@@ -360,7 +385,7 @@ class _ErrorMetric:
 
 # Searched in this order; the first with a finite value in the record is plotted.
 _ERROR_METRICS = (
-    _ErrorMetric("sqnr_db", "weight SQNR (dB)", True),
+    _ErrorMetric("sqnr_db", "weight SQNR  10·log10(|W|² / |W − Q(W)|²)  (dB, higher is better)", True),
     _ErrorMetric("relative_error", "relative weight error", False),
     _ErrorMetric("gptq_loss", "GPTQ proxy loss  Σ err² / [H⁻¹]ᵢᵢ / 2  (a.u., lower is better)", False),
     _ErrorMetric("awq_loss", "AWQ block-output MSE with the chosen scales (lower is better)", False,
@@ -409,9 +434,14 @@ def _module_entries(record: dict) -> list[tuple[str, dict]]:
     return entries
 
 
-def _error_entries(record: dict) -> tuple[_ErrorMetric, list[_ErrorEntry]]:
+_LOSS_KEYS = ("gptq_loss", "awq_loss")
+_WEIGHT_ERROR_KEYS = ("sqnr_db", "relative_error")  # what write_plots' layer_error shows; losses get their own plot
+
+
+def _error_entries(record: dict, keys: tuple[str, ...] | None = None) -> tuple[_ErrorMetric, list[_ErrorEntry]]:
     entries = _module_entries(record)
-    for metric in _ERROR_METRICS:
+    metrics = [m for m in _ERROR_METRICS if keys is None or m.key in keys]
+    for metric in metrics:
         found: list[_ErrorEntry] = []
         seen: set[str] = set()
         for name, fields in entries:
@@ -433,7 +463,10 @@ def _error_entries(record: dict) -> tuple[_ErrorMetric, list[_ErrorEntry]]:
         if found:
             return metric, found
     method = record.get("method", "?")
-    known = ", ".join(m.key for m in _ERROR_METRICS)
+    known = ", ".join(m.key for m in metrics)
+    if keys is not None and set(keys) <= set(_LOSS_KEYS):
+        raise MissingPlotData(f"the {method} quantization record holds no calibration loss ({known}): "
+                              "only GPTQ and AWQ record one")
     if not entries:
         raise MissingPlotData(f"the {method} quantization record holds no per-module entries (calibration is "
                               f"{'null' if record.get('calibration') is None else 'without modules'})")
@@ -445,14 +478,24 @@ def _worst(entries: list[_ErrorEntry], metric: _ErrorMetric, k: int) -> list[_Er
     return sorted(entries, key=lambda e: e.value, reverse=not metric.higher_is_better)[:k]
 
 
+def _scheme_text(record: dict) -> str:
+    """The record's scheme, without the method name when the scheme already starts with it (``w8a8 ...``)."""
+    method, scheme = str(record.get("method", "")), str(record.get("scheme") or "")
+    return scheme[len(method):].lstrip() if method and scheme.startswith(method + " ") else scheme
+
+
 def _use_log(values: list[float], metric: _ErrorMetric) -> bool:
     positive = [v for v in values if v > 0]
     return (not metric.higher_is_better and len(positive) == len(values)
             and max(positive) / min(positive) > 100)
 
 
-def layer_error(quant_record: dict, out: Path, *, max_bars: int = 120, highlight: int = 5) -> Path:
+def layer_error(quant_record: dict, out: Path, *, max_bars: int = 120, highlight: int = 5,
+                metrics: tuple[str, ...] | None = None) -> Path:
     """Per-module quantization error as bars, the worst modules highlighted and labelled.
+
+    The metric is the first of weight SQNR (``sqnr_db``, every weight method), relative error,
+    GPTQ loss and AWQ loss that the record holds (``metrics`` restricts the choice).
 
     Up to ``max_bars`` modules: one horizontal bar per module in model order, coloured by
     component (attention, dense MLP, shared experts, routed experts). More modules (a full
@@ -464,24 +507,38 @@ def layer_error(quant_record: dict, out: Path, *, max_bars: int = 120, highlight
         out: The PNG path (or a directory: ``layer_error.png`` inside it).
         max_bars: Most per-module bars before grouping by layer.
         highlight: How many of the worst modules are highlighted.
+        metrics: Metric keys to choose from (``None``: all).
 
     Returns:
         The PNG path.
 
     Raises:
-        MissingPlotData: the record holds no per-module error metric (RTN, bitsandbytes and
-            W8A8 records hold none; GPTQ holds ``gptq_loss``, AWQ ``awq_loss``).
+        MissingPlotData: the record holds none of the metrics (bitsandbytes records hold none;
+            RTN, GPTQ, AWQ and W8A8 records hold ``sqnr_db``; GPTQ also ``gptq_loss``, AWQ ``awq_loss``).
     """
-    metric, entries = _error_entries(quant_record)
+    metric, entries = _error_entries(quant_record, metrics)
     out = _png_path(out, "layer_error.png")
     method = quant_record.get("method", "?")
-    scheme = quant_record.get("scheme", "")
-    title = f"Per-module quantization error — {method} {scheme}".rstrip()
+    scheme = _scheme_text(quant_record)
+    what = {"sqnr_db": "weight SQNR", "gptq_loss": "GPTQ calibration loss", "awq_loss": "AWQ calibration loss"}.get(
+        metric.key, "quantization error")
+    title = f"Per-module {what} — {method} {scheme}".rstrip()
     if len(entries) <= max_bars:
         fig = _per_module_bars(metric, entries, title, highlight)
     else:
         fig = _per_layer_bars(metric, entries, title, highlight)
     return _save(fig, out)
+
+
+def _zoom_db(ax: Any, values: list[float], metric: _ErrorMetric, axis: str) -> None:
+    """SQNR axes start just below the lowest value (0 dB is no natural baseline), so small differences show."""
+    if metric.key != "sqnr_db" or not values:
+        return
+    low, high = min(values), max(values)
+    pad = max(1.0, 0.25 * (high - low))
+    start = max(0.0, math.floor(low - pad)) if low > 0 else math.floor(low - pad)
+    end = high + max(0.6, 0.12 * (high - start))
+    (ax.set_xlim if axis == "x" else ax.set_ylim)(start, end)
 
 
 def _per_module_bars(metric: _ErrorMetric, entries: list[_ErrorEntry], title: str, highlight: int) -> Any:
@@ -523,6 +580,7 @@ def _per_module_bars(metric: _ErrorMetric, entries: list[_ErrorEntry], title: st
         previous = e.layer
     ax.set_ylim(n - 0.5, -0.5)
     ax.margins(x=0.12)
+    _zoom_db(ax, values, metric, "x")
     ax.grid(True, axis="x", alpha=0.3)
     ax.set_xlabel(metric.label)
     ax.set_title(f"{title}\n{n} modules in model order ({'higher' if metric.higher_is_better else 'lower'} is better)",
@@ -562,6 +620,7 @@ def _per_layer_bars(metric: _ErrorMetric, entries: list[_ErrorEntry], title: str
         ax.bar(xs, vs, width=width, color=_COMPONENTS[comp], edgecolor=edges, linewidth=1.5, label=comp)
     if _use_log(all_values, metric):
         ax.set_yscale("log")
+    _zoom_db(ax, all_values, metric, "y")
     step = max(1, math.ceil(len(slots) / 40))
     ax.set_xticks(range(0, len(slots), step))
     ax.set_xticklabels(["head" if s is None else str(s) for s in slots][::step], fontsize=8)
@@ -575,9 +634,102 @@ def _per_layer_bars(metric: _ErrorMetric, entries: list[_ErrorEntry], title: str
     ax.text(1.01, 1.0, f"worst modules\n{lines}", transform=ax.transAxes, va="top", ha="left", fontsize=9,
             color="darkred", family="monospace")
     handles = [Patch(color=_COMPONENTS[c], label=c) for c in components]
-    ax.legend(handles=handles, fontsize=8, loc="upper left", framealpha=0.9)
+    ax.legend(handles=handles, fontsize=8, loc="lower left", bbox_to_anchor=(1.01, 0.0), framealpha=0.9)  # beside the bars
     fig.tight_layout()
     return fig
+
+
+def calibration_loss(quant_record: dict, out: Path, *, max_bars: int = 120, highlight: int = 5) -> Path:
+    """Per-module loss of the calibrated method (GPTQ proxy loss, AWQ block-output MSE) as bars.
+
+    Args:
+        quant_record: A GPTQ or AWQ quantization record (``calibration.modules``).
+        out: The PNG path (or a directory: ``calibration_loss.png`` inside it).
+        max_bars: Most per-module bars before grouping by layer.
+        highlight: How many of the worst modules are highlighted.
+
+    Returns:
+        The PNG path.
+
+    Raises:
+        MissingPlotData: the record holds no ``gptq_loss`` / ``awq_loss`` (RTN, W8A8, bitsandbytes).
+    """
+    return layer_error(quant_record, _png_path(out, "calibration_loss.png"), max_bars=max_bars, highlight=highlight,
+                       metrics=_LOSS_KEYS)
+
+
+# ----------------------------------------------------------------------------- per-expert SQNR
+
+
+def expert_sqnr(quant_record: dict, out: Path) -> Path:
+    """Heatmap of weight SQNR per routed expert (MoE layers x experts); the worst expert of each layer ringed.
+
+    Args:
+        quant_record: A quantization record whose ``modules[*]`` fused-experts entries carry
+            ``expert_sqnr_db`` (per expert, the lower of its gate_up and down SQNRs).
+        out: The PNG path (or a directory: ``expert_sqnr.png`` inside it).
+
+    Returns:
+        The PNG path.
+
+    Raises:
+        MissingPlotData: no module has per-expert SQNRs (dense model, experts kept, or a method
+            that does not measure them).
+    """
+    import numpy as np
+
+    method = quant_record.get("method", "?")
+    modules = [m for m in quant_record.get("modules") or [] if isinstance(m, dict)]
+    rows = {str(m.get("name")): [_finite(v) for v in m["expert_sqnr_db"]]
+            for m in modules if isinstance(m.get("expert_sqnr_db"), list) and m["expert_sqnr_db"]}
+    if not rows:
+        where = "no modules list" if not modules else "no fused-experts module with expert_sqnr_db"
+        raise MissingPlotData(f"the {method} quantization record has no per-expert SQNR ({where})")
+    out = _png_path(out, "expert_sqnr.png")
+    names = sorted(rows, key=lambda n: (_layer_of(n) is None, _layer_of(n) or 0, n))
+    width = max(len(rows[n]) for n in names)
+    grid = np.full((len(names), width), np.nan)
+    for i, name in enumerate(names):
+        grid[i, : len(rows[name])] = [np.nan if v is None else v for v in rows[name]]
+    finite = grid[np.isfinite(grid)]
+    if finite.size == 0:
+        raise MissingPlotData(f"the {method} quantization record has per-expert SQNRs but none is finite")
+    n_rows, cols = grid.shape
+    annotate = n_rows * cols <= 400
+    fig = _new_figure(min(16.0, max(9.0, 3.5 + 0.6 * cols)), min(11.0, max(3.9, 2.7 + 0.42 * n_rows)))
+    ax = fig.subplots()
+    low, high = float(finite.min()), float(finite.max())
+    digits = 2 if high - low < 3 else 1
+    if high - low < 0.5:  # a flat field still gets a readable colour scale
+        low, high = low - 0.25, high + 0.25
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=low, vmax=high, interpolation="nearest")
+    bar = fig.colorbar(image, ax=ax, pad=0.02, fraction=0.05 if cols <= 32 else 0.025)
+    bar.set_label("weight SQNR (dB, higher is better)")
+    worst_cols = [int(np.nanargmin(row)) if np.isfinite(row).any() else None for row in grid]
+    for i, j in enumerate(worst_cols):
+        if j is not None:
+            ax.add_patch(_ring(j, i))
+    if annotate:
+        mid = low + 0.5 * (high - low)
+        for (i, j), value in np.ndenumerate(grid):
+            if np.isfinite(value):
+                ax.text(j, i, f"{value:.{digits}f}", ha="center", va="center", fontsize=8 if cols <= 16 else 6.5,
+                        color="white" if value < mid else "black",
+                        fontweight="bold" if worst_cols[i] == j else "normal")
+    _expert_axes(ax, names, n_rows, cols)
+    i, j = np.unravel_index(int(np.nanargmin(grid)), grid.shape)
+    scheme = _scheme_text(quant_record)
+    ax.set_title(f"Weight SQNR per routed expert — {method} {scheme}\n"
+                 "each cell: the lower of the expert's gate_up and down SQNR; worst expert of each layer outlined red\n"
+                 f"lowest: {_short(names[i])} expert {j} ({grid[i, j]:.2f} dB)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def _ring(x: float, y: float) -> Any:
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x - 0.48, y - 0.48), 0.96, 0.96, fill=False, edgecolor="red", linewidth=2.0)
 
 
 # ----------------------------------------------------------------------------- per-expert tokens
@@ -646,13 +798,7 @@ def expert_tokens(quant_record: dict, out: Path) -> Path:
     elif n_zero:  # cells too small to read: ring the 0-token cells
         ii, jj = np.nonzero(zero)
         ax.scatter(jj, ii, s=90, facecolors="none", edgecolors="red", linewidths=1.5)
-    xstep = max(1, math.ceil(cols / 32))
-    ax.set_xticks(range(0, cols, xstep))
-    ax.set_xlabel("expert index")
-    ystep = max(1, math.ceil(rows / 40))
-    ax.set_yticks(range(0, rows, ystep))
-    ax.set_yticklabels([_short(n) for n in names][::ystep], fontsize=8)
-    ax.set_ylabel("MoE layer (experts module)")
+    _expert_axes(ax, names, rows, cols)
     tokens = calibration.get("tokens")
     total = f"{tokens} calibration tokens" if tokens is not None else "calibration tokens"
     routed = [sum(counts[n]) for n in names]
@@ -689,7 +835,8 @@ def write_plots(artifact_dir: Path, quant_record: dict | None = None) -> Written
     """Write the plots that apply to an artifact into ``artifact_dir/plots/``.
 
     Reads ``report.json`` (accuracy vs size) and ``manifest.json`` (``quantization``: per-module
-    error, per-expert tokens; the report's ``extra.quantization`` when the manifest has none).
+    weight SQNR, calibration loss, per-expert SQNR, per-expert tokens; the report's
+    ``extra.quantization`` when the manifest has none).
     A plot whose data is absent is skipped: the reason is logged (warning) and kept in the
     result's ``skipped``, and a stale PNG of that name is removed.
 
@@ -709,7 +856,9 @@ def write_plots(artifact_dir: Path, quant_record: dict | None = None) -> Written
                  if manifest is not None or report is not None else f"neither report.json nor manifest.json in {artifact_dir}")
     jobs: list[tuple[str, Callable[[Path], Path] | None, str]] = [
         ("accuracy_vs_size", (lambda p: accuracy_vs_size([report], p)) if report else None, "no report.json"),
-        ("layer_error", (lambda p: layer_error(record, p)) if record else None, no_record),
+        ("layer_error", (lambda p: layer_error(record, p, metrics=_WEIGHT_ERROR_KEYS)) if record else None, no_record),
+        ("calibration_loss", (lambda p: calibration_loss(record, p)) if record else None, no_record),
+        ("expert_sqnr", (lambda p: expert_sqnr(record, p)) if record else None, no_record),
         ("expert_tokens", (lambda p: expert_tokens(record, p)) if record else None, no_record),
     ]
     result = WrittenPlots()
@@ -742,4 +891,7 @@ def write_plots_if_installed(directory: Path, quant_record: dict | None = None) 
     return write_plots(directory, quant_record)
 
 
-__all__ = ["MissingPlotData", "WrittenPlots", "accuracy_vs_size", "expert_tokens", "layer_error", "write_plots", "write_plots_if_installed"]
+__all__ = [
+    "MissingPlotData", "WrittenPlots", "accuracy_vs_size", "calibration_loss", "expert_sqnr", "expert_tokens", "layer_error",
+    "write_plots", "write_plots_if_installed",
+]

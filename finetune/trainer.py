@@ -17,6 +17,16 @@ Several processes: launch with ``torchrun --nproc_per_node N`` (or ``accelerate 
 --num_processes N``); on CPU the ranks use gloo. At the end every rank hashes its trainable
 weights and the run fails if any two differ.
 
+Sharded (``fsdp=True``, several processes): instead of DDP, torch's FSDP2 ``fully_shard`` is
+applied to every decoder layer and then to the root, on a device mesh of the accelerator's device
+type (CPU with gloo, CUDA with NCCL); each rank holds 1/N of every parameter, its gradient and its
+AdamW state, and one layer's parameters are gathered at a time for forward and backward. The
+optimizer is built over the sharded parameters. Gradients are reduce-scattered after every
+micro-batch (sharded accumulation: full-size gradients are never kept), clipping sees the global
+norm of the sharded gradients, checkpoints hold full tensors in the same layout as unsharded runs,
+and after training the model is made plain again (full tensors, no FSDP hooks) on the device it
+came on.
+
 Example:
     >>> result = train(model, data, TrainConfig(max_steps=100, lr=1e-4), checkpoint_dir=Path("runs/x.ckpt"))
 """
@@ -100,6 +110,8 @@ class TrainConfig:
         keep_checkpoints: how many recent checkpoints to keep.
         seed: data order and initial RNG state.
         eval_batch_size: blocks per validation forward.
+        fsdp: shard parameters, gradients and optimizer state across the processes (FSDP2)
+            instead of replicating them (DDP); no effect with one process.
     """
 
     max_steps: int = 100
@@ -117,6 +129,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     eval_batch_size: int = 16
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints"):
@@ -140,10 +153,11 @@ class TrainConfig:
         return self.lr * self.schedule.factor(min(1.0, (step - self.warmup_steps) / span))
 
     def fingerprint(self) -> dict:
-        """The fields a resumed run must share with its checkpoint (all but the intervals)."""
+        """The fields a resumed run must share with its checkpoint (all but the intervals and the
+        parameter layout: checkpoints hold full tensors, sharded or not)."""
         d = asdict(self)
         d["schedule"] = {type(self.schedule).__name__: asdict(self.schedule)}
-        for key in ("eval_every", "save_every", "keep_checkpoints", "eval_batch_size"):
+        for key in ("eval_every", "save_every", "keep_checkpoints", "eval_batch_size", "fsdp"):
             d.pop(key)
         return d
 
@@ -162,6 +176,8 @@ class TrainResult:
     train_loss: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss since last log)
     validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
     rank_weight_digests: list[str] = field(default_factory=list)
+    step_log: list[tuple[int, float, float | None]] = field(default_factory=list)  # (step, loss, grad norm before clipping)
+    sharding: dict | None = None  # FSDP runs: what each rank held (see :func:`shard_model`)
 
     @property
     def final_validation_loss(self) -> float | None:
@@ -202,8 +218,9 @@ def micro_batches(indices: torch.Tensor, rank: int, world: int, accum: int, batc
     return [chunks[m, rank] for m in range(accum)]
 
 
-def _take(blocks: TokenBlocks, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"input_ids": blocks.input_ids[idx], "attention_mask": blocks.attention_mask[idx], "labels": blocks.labels[idx]}
+def _take(blocks: TokenBlocks, idx: torch.Tensor, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    batch = {"input_ids": blocks.input_ids[idx], "attention_mask": blocks.attention_mask[idx], "labels": blocks.labels[idx]}
+    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
 
 # ----------------------------------------------------------------------------- loss
@@ -232,20 +249,37 @@ def _loss(model: nn.Module, batch: dict, teacher: nn.Module | None, config: Trai
     return loss
 
 
+def validation_shares(n_blocks: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's validation blocks, padded so that every rank runs the same number of forwards.
+
+    Returns ``(indices, real)``, both ``(ceil(n_blocks / world),)``: block ``i`` of the set goes to
+    rank ``i % world``; padding repeats block 0 and has ``real == False`` (not counted in the loss).
+    """
+    per_rank = -(-n_blocks // world)
+    slots = torch.arange(per_rank * world)[rank::world]
+    real = slots < n_blocks
+    return torch.where(real, slots, torch.zeros_like(slots)), real
+
+
 @torch.no_grad()
 def validation_loss(model: nn.Module, blocks: TokenBlocks, accelerator, batch_size: int) -> float:
-    """Token-weighted mean cross-entropy over ``blocks`` (shared across processes)."""
+    """Token-weighted mean cross-entropy over ``blocks`` (shared across processes).
+
+    Every rank runs the same number of forwards (a sharded model gathers its layers collectively);
+    the padding blocks of :func:`validation_shares` are not scored.
+    """
     was_training = model.training
     model.eval()
-    rank, world = accelerator.process_index, accelerator.num_processes
-    idx = torch.arange(len(blocks))[rank::world]
-    total = torch.zeros(2, dtype=torch.float64)  # (sum of token losses, tokens)
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    idx, real = validation_shares(len(blocks), rank, world)
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, tokens)
     for i in range(0, len(idx), batch_size):
-        batch = _take(blocks, idx[i : i + batch_size])
+        batch = _take(blocks, idx[i : i + batch_size], device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
+        labels = batch["labels"][:, 1:].clone()
+        labels[~real[i : i + batch_size].to(device)] = -100  # padding blocks: no scored token
         nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="sum")
-        total += torch.tensor([float(nll), float((labels != -100).sum())], dtype=torch.float64)
+        total += torch.stack([nll.double(), (labels != -100).sum().double()])
     total = accelerator.reduce(total, reduction="sum")
     model.train(was_training)
     return float(total[0] / total[1].clamp_min(1))
@@ -254,8 +288,17 @@ def validation_loss(model: nn.Module, blocks: TokenBlocks, accelerator, batch_si
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_state(model: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Full trainable tensors by name (on CPU). On a sharded model every rank must call it (one
+    gather per tensor); ``keep=False`` joins the gathers and keeps nothing."""
+    reshard(model)
+    out = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            full = _full(p.detach())
+            if keep:
+                out[n] = full.cpu().contiguous()
+    return out
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -267,20 +310,27 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """The optimizer's state as flat tensors (``state.{param}.{key}``) plus JSON-able groups."""
+def _optimizer_tensors(optimizer: torch.optim.Optimizer, keep: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer's state as flat full tensors (``state.{param}.{key}``) plus JSON-able groups
+    (sharded state: gathered, every rank must call it; ``keep=False`` keeps nothing)."""
     sd = optimizer.state_dict()
     tensors = {}
     for pid, state in sd["state"].items():
         for key, value in state.items():
-            tensors[f"state.{pid}.{key}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            full = _full(value) if isinstance(value, torch.Tensor) else torch.tensor(value)
+            if keep:
+                tensors[f"state.{pid}.{key}"] = full.cpu().contiguous()
     return tensors, {"param_groups": sd["param_groups"]}
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         _, pid, name = key.split(".", 2)
+        param = params[int(pid)] if int(pid) < len(params) else None
+        if param is not None and _is_dtensor(param) and value.shape == param.shape:
+            value = _local_shard(value, param)  # full tensor -> this rank's shard
         state.setdefault(int(pid), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
@@ -319,9 +369,12 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, accelera
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     save_file({"cpu": torch.get_rng_state()}, str(tmp / f"rng-rank{accelerator.process_index}.safetensors"))
+    sharded = is_sharded(model)
+    if sharded or accelerator.is_main_process:  # sharded tensors: every rank joins the gathers, the main one keeps
+        tensors = trainable_state(accelerator.unwrap_model(model), keep=accelerator.is_main_process)
+        opt_tensors, opt_meta = _optimizer_tensors(optimizer, keep=accelerator.is_main_process)
     if accelerator.is_main_process:
-        save_file(trainable_state(accelerator.unwrap_model(model)), str(tmp / "trainable.safetensors"))
-        opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+        save_file(tensors, str(tmp / "trainable.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         state = {"version": CHECKPOINT_VERSION, "step": step, "world_size": accelerator.num_processes,
                  "config": config.fingerprint(), "data_sha256": data_sha256, "optimizer": opt_meta, "history": history}
@@ -352,19 +405,202 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, accelerator, config
             raise CheckpointError(f"{path}: training setting '{key}' was {value!r}, the recipe now says {mine.get(key)!r}; "
                                   "resume needs the same settings (or a new checkpoint directory)")
     tensors = load_file(str(path / "trainable.safetensors"))
+    reshard(model)
     params = dict(accelerator.unwrap_model(model).named_parameters())
     for name, value in tensors.items():
         p = params.get(name)
         if p is None or not p.requires_grad or p.shape != value.shape:
             raise CheckpointError(f"{path / 'trainable.safetensors'}: tensor {name} {tuple(value.shape)} does not match the model")
         with torch.no_grad():
-            p.copy_(value)
-    missing = sorted(set(trainable_state(accelerator.unwrap_model(model))) - set(tensors))
+            p.copy_(_local_shard(value, p) if _is_dtensor(p) else value)
+    missing = sorted({n for n, p in params.items() if p.requires_grad} - set(tensors))
     if missing:
         raise CheckpointError(f"{path / 'trainable.safetensors'}: no tensor for trainable parameter {missing[0]}")
     _load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
     torch.set_rng_state(load_file(str(path / f"rng-rank{accelerator.process_index}.safetensors"))["cpu"])
     return state
+
+
+# ----------------------------------------------------------------------------- sharding (FSDP2)
+
+
+def _is_dtensor(t: object) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The full tensor behind a sharded one (a collective: every rank must call it); others as given."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _local_shard(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of ``full``, laid out as the sharded tensor ``like`` (no communication:
+    every rank holds ``full``)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    if not torch.distributed.is_available():
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``fully_shard`` was applied to ``model`` (or inside it)."""
+    return bool(_fsdp_modules(model))
+
+
+def reshard(model: nn.Module) -> None:
+    """Register the sharded parameters again (the root keeps its gathered ones after a forward)."""
+    for m in _fsdp_modules(model):
+        m.reshard()
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a transformers model, bare or inside peft: the units FSDP gathers one at a time.
+
+    They are the modules whose class the model lists in ``_no_split_modules`` (a ``layers``
+    ``ModuleList``'s children otherwise).
+    """
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        layers = [c for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n.split(".")[-1] == "layers" for c in m]
+    if not layers:
+        raise TrainingError(f"fsdp: no decoder layers found in {type(model).__name__} (no _no_split_modules, no 'layers' list)")
+    return layers
+
+
+def _check_shardable(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if not p.is_floating_point():
+            raise TrainingError(f"fsdp: parameter {name} is {p.dtype} ({type(p).__name__}); only floating-point "
+                                "parameters can be sharded (a bitsandbytes QLoRA base cannot: train it without fsdp)")
+        if p.dim() == 0:
+            raise TrainingError(f"fsdp: parameter {name} is a scalar; FSDP shards dimension 0")
+
+
+def broadcast_trainable(model: nn.Module, accelerator) -> None:
+    """Give every rank the main process's trainable parameters (as DDP does when it wraps).
+
+    Freshly initialised adapters or scales may differ between ranks; sharding them as they are
+    would train a mixture. The frozen rest is loaded from the same checkpoint on every rank.
+    """
+    device = accelerator.device
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                t = p.detach().to(device)
+                torch.distributed.broadcast(t, src=0)
+                if t.data_ptr() != p.data_ptr():  # moved to the accelerator for the broadcast
+                    p.copy_(t)
+
+
+def shard_model(model: nn.Module, accelerator, *, reshard_root: bool = False) -> dict:
+    """Apply FSDP2 in place: ``fully_shard`` every decoder layer, then the root, over all processes.
+
+    The mesh has the accelerator's device type (gloo on CPU, NCCL on CUDA); parameters move to
+    that device layer by layer and become ``DTensor`` s holding this rank's dim-0 shard. The
+    trainable parameters are first broadcast from the main process (:func:`broadcast_trainable`).
+
+    Args:
+        model: the model to train (plain, QAT-prepared or peft), already on its final structure.
+        accelerator: the run's ``Accelerator`` (its process group and device).
+        reshard_root: free the root's gathered parameters after each forward too (forward-only
+            models such as a distillation teacher).
+
+    Returns:
+        Facts for the result: the number of sharded layers, and for one trainable matrix its full
+        numel and the numel this rank holds, and this rank's numel of all parameters.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    _check_shardable(model)
+    broadcast_trainable(model, accelerator)
+    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    layers = decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True if reshard_root else None)
+    named = [(n, p) for n, p in model.named_parameters()]
+    in_layer = {id(p) for p in layers[0].parameters()}  # a trainable matrix of the first layer, else any
+    probe = next(((n, p) for n, p in named if id(p) in in_layer and p.requires_grad and p.dim() >= 2),
+                 next(((n, p) for n, p in named if p.requires_grad), named[0]))
+    return {"layers": len(layers), "param": probe[0], "full_numel": probe[1].numel(),
+            "local_numel": probe[1].to_local().numel(), "local_params": sum(p.to_local().numel() for _, p in named)}
+
+
+def _strip_fsdp(module: nn.Module) -> None:
+    """Take FSDP's hooks, state and class off ``module`` (parameters already replaced by plain ones)."""
+    from torch.distributed._composable.contract import REGISTRY_KEY, STATE_KEY
+    from torch.distributed._composable_state import _module_state_mapping
+
+    state = module._get_fsdp_state()
+    handles = [state._pre_forward_hook_handle, state._post_forward_hook_handle]
+    group = state._fsdp_param_group
+    if group is not None:
+        handles += [*group._module_to_pre_save_state_dict_hook_handle.values(),
+                    *group._module_to_pre_load_state_dict_hook_handle.values()]
+        handles += [fp._post_load_hook_handle for fp in group.fsdp_params]
+    for handle in handles:
+        if handle is not None:
+            handle.remove()
+    module.__class__ = type(module).__mro__[type(module)._orig_cls_mro_index]
+    for key in (STATE_KEY, REGISTRY_KEY):
+        module.__dict__.pop(key, None)
+    _module_state_mapping.pop(module, None)  # so that the module can be sharded again
+
+
+def unshard_model(model: nn.Module, device: torch.device | str = "cpu") -> None:
+    """Undo :func:`shard_model` in place: every parameter becomes a plain full tensor on ``device``.
+
+    A collective: every rank calls it, and every rank ends with the same full model. The gathers
+    go one parameter at a time, so the accelerator never holds more than one full tensor.
+    """
+    fsdp_modules = _fsdp_modules(model)
+    if not fsdp_modules:
+        return
+    reshard(model)
+    plain: dict[int, nn.Parameter] = {}  # tied parameters stay tied
+    with torch.no_grad():
+        for m in model.modules():
+            for name, p in list(m._parameters.items()):
+                if p is None:
+                    continue
+                if id(p) not in plain:
+                    plain[id(p)] = nn.Parameter(_full(p.detach()).to(device), requires_grad=p.requires_grad)
+                m._parameters[name] = plain[id(p)]
+            for name, b in list(m._buffers.items()):
+                if b is not None:
+                    m._buffers[name] = b.to(device)
+    for m in fsdp_modules:
+        _strip_fsdp(m)
+    for m in model.modules():
+        for attr in ("_is_fsdp_managed_module", "_fsdp_use_orig_params"):
+            m.__dict__.pop(attr, None)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _gather_objects(obj: object, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out: list = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 # ----------------------------------------------------------------------------- loop
@@ -438,19 +674,32 @@ def train(
     _check_data(data)
     torch.manual_seed(config.seed + rank)
     model.train()
-    optimizer = _optimizer(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
     if teacher is not None:
         teacher.eval().requires_grad_(False)
+    fsdp = config.fsdp and world > 1
+    if config.fsdp and world == 1:
+        log.warning("fsdp: one process, nothing to shard; training unsharded")
+    sharding, home = None, _device_of(model)
+    if fsdp:  # FSDP2 by hand (accelerate would wrap in DDP on CPU); accelerate prepares the optimizer only
+        facts = shard_model(model, accelerator)
+        sharding = {k: v for k, v in facts.items() if k not in ("local_numel", "local_params")}
+        per_rank = _gather_objects((facts["local_numel"], facts["local_params"]), world)
+        sharding.update(local_numel=[a for a, _ in per_rank], local_params=[b for _, b in per_rank], total_params=total)
+        if teacher is not None:
+            teacher_home = _device_of(teacher)
+            shard_model(teacher, accelerator, reshard_root=True)
+        wrapped, optimizer = model, accelerator.prepare(_optimizer(model, config))
+    else:
+        wrapped, optimizer = accelerator.prepare(model, _optimizer(model, config))
 
-    start, resumed, history = 0, None, {"train_loss": [], "validation": []}
+    start, resumed, history = 0, None, {"train_loss": [], "validation": [], "step_log": []}
     digest = data_digest(data)
     if checkpoint_dir is not None and resume and (steps := checkpoint_steps(checkpoint_dir)):
         state = load_checkpoint(_step_dir(checkpoint_dir, steps[-1]), wrapped, optimizer, accelerator, config, digest)
         start = resumed = state["step"]
-        history = state["history"]
+        history = {"step_log": [], **state["history"]}
         log.info("resumed from %s", _step_dir(checkpoint_dir, steps[-1]))
 
     global_batch = config.batch_size * config.grad_accum * world
@@ -464,21 +713,31 @@ def train(
         idx = step_indices(len(data.train), step, global_batch, config.seed)
         step_loss = 0.0
         for m, micro in enumerate(micro_batches(idx, rank, world, config.grad_accum, config.batch_size)):
+            # DDP: gradients all-reduced on the last micro-batch only. FSDP: reduce-scattered after
+            # every micro-batch and accumulated sharded (skipping the sync would keep full-size
+            # unsharded gradients on every rank until the last one)
             sync = m == config.grad_accum - 1
-            ctx = accelerator.no_sync(wrapped) if not sync and world > 1 else contextlib.nullcontext()
+            ctx = accelerator.no_sync(wrapped) if not sync and world > 1 and not fsdp else contextlib.nullcontext()
             with ctx:
                 with autocast(config, accelerator):
-                    loss = _loss(wrapped, _take(data.train, micro), teacher, config) / config.grad_accum
+                    loss = _loss(wrapped, _take(data.train, micro, accelerator.device), teacher, config) / config.grad_accum
                 accelerator.backward(loss)
             step_loss += float(loss.detach())
         if not math.isfinite(step_loss):
             raise TrainingError(f"loss is {step_loss} at step {step + 1}; lower lr or check the data")
+        grad_norm = None
         if config.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(wrapped.parameters(), config.max_grad_norm)
+            if fsdp:  # torch clips DTensor gradients by their global norm
+                params = [p for p in wrapped.parameters() if p.grad is not None]
+                grad_norm = float(_full(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)))
+            else:
+                norm = accelerator.clip_grad_norm_(wrapped.parameters(), config.max_grad_norm)
+                grad_norm = float(norm) if norm is not None else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         running.append(step_loss)
+        history["step_log"].append((done, step_loss, grad_norm))
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{config.lr_at(step):.2e}")
         if done % 10 == 0 or done == config.max_steps:
@@ -493,6 +752,10 @@ def train(
         if checkpoint_dir is not None and config.save_every and done % config.save_every == 0:
             save_checkpoint(checkpoint_dir, done, wrapped, optimizer, accelerator, config, history, digest)
     bar.close()
+    if fsdp:  # plain again for merge / convert / save: full tensors on the device the model came on
+        unshard_model(model, home)
+        if teacher is not None:
+            unshard_model(teacher, teacher_home)
     unwrapped = accelerator.unwrap_model(wrapped)
     unwrapped.eval()
     digests = accelerator.gather_for_metrics([weights_digest(unwrapped)], use_gather_object=True) if world > 1 else [weights_digest(unwrapped)]
@@ -503,5 +766,5 @@ def train(
         tokens_seen=tokens_per_step * (config.max_steps - start), seconds=time.perf_counter() - started,
         trainable_params=trainable, total_params=total,
         train_loss=[tuple(x) for x in history["train_loss"]], validation=[tuple(x) for x in history["validation"]],
-        rank_weight_digests=list(digests),
+        rank_weight_digests=list(digests), step_log=[tuple(x) for x in history["step_log"]], sharding=sharding,
     )

@@ -10,6 +10,7 @@ Example:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -20,8 +21,9 @@ from tqdm.auto import tqdm
 from dsq.errors import QuantizationError
 
 from .modules import QuantExperts, QuantLinear, QuantTensor, set_module
-from .primitives import QuantizedWeight, quantize_rtn
+from .primitives import QuantizedWeight, quantize_rtn, quantize_rtn_slices
 from .scheme import WeightScheme
+from .sequential import RESIDENT, LayerLifecycle, decoder_layers
 from .targets import TargetDecision, TargetSpec, select_targets
 
 
@@ -45,6 +47,13 @@ class ModuleRecord:
     bytes_before: int
     bytes_after: int
     scheme: str | None = None
+    # Weight SQNR in dB, 10 log10(|W|^2 / |W - dequant(Q(W))|^2), of the float weight the module was
+    # quantized from (after any AWQ / SmoothQuant folding) against the stored quantized weight, in fp32.
+    # Fused experts: over every expert's gate_up and down tensors together. None: not quantized by a
+    # method that measures it (kept modules, bitsandbytes); inf: reproduced exactly.
+    sqnr_db: float | None = None
+    # Fused experts only: per expert, the lower of its gate_up and down SQNRs (dB).
+    expert_sqnr_db: list[float] | None = None
 
 
 @dataclass
@@ -95,10 +104,21 @@ class QuantizationReport:
             "kept": [
                 {"name": m.name, "kind": m.kind, "params": m.params, "reason": m.reason} for m in self.kept
             ],
-            "modules": [asdict(m) for m in self.modules],
+            "modules": [_finite_floats(asdict(m)) for m in self.modules],
             "calibration": self.calibration,
             "notes": list(self.notes),
         }
+
+
+def _finite_floats(record: dict) -> dict:
+    """A module record with non-finite SQNRs (an exact or all-zero weight) as ``None``: strict JSON."""
+    def finite(x: object) -> object:
+        return x if not isinstance(x, float) or math.isfinite(x) else None
+
+    out = dict(record, sqnr_db=finite(record.get("sqnr_db")))
+    if out.get("expert_sqnr_db") is not None:
+        out["expert_sqnr_db"] = [finite(x) for x in out["expert_sqnr_db"]]
+    return out
 
 
 def tensor_bytes(module: nn.Module) -> int:
@@ -144,6 +164,50 @@ def start_report(model: nn.Module, decisions: list[TargetDecision], *, method: s
     return report
 
 
+def _noise_and_signal(weight: torch.Tensor, quantized: QuantTensor, index: int | None = None) -> tuple[float, float]:
+    """``(|W - dequant(Q)|^2, |W|^2)`` in fp32 of one weight (or of expert ``index`` of a stacked one)."""
+    w = (weight if index is None else weight[index]).detach().float()
+    noise = (w - quantized.dequantize(torch.float32, index).to(w.device)).pow(2).sum()
+    return float(noise), float(w.pow(2).sum())
+
+
+def _db(noise: float, signal: float) -> float:
+    """``10 log10(signal / noise)``; ``inf`` without noise, ``-inf`` for noise on an all-zero weight."""
+    if noise == 0:
+        return float("inf")
+    if signal == 0:
+        return float("-inf")
+    return 10 * math.log10(signal / noise)
+
+
+@torch.no_grad()
+def module_sqnr(old: nn.Module, new: nn.Module) -> tuple[float | None, list[float] | None]:
+    """Weight SQNR (dB) of a quantized module against the float module it replaced.
+
+    ``old`` is an ``nn.Linear`` (``weight``) or fused experts (``gate_up_proj`` [E, 2I, H],
+    ``down_proj`` [E, H, I]); ``new`` holds the matching :class:`QuantTensor` s (``weight_q``, or
+    ``gate_up_proj`` / ``down_proj``). Computed in fp32 one weight (one expert) at a time.
+
+    Returns:
+        ``(sqnr_db, expert_sqnr_db)``: the whole module's SQNR (every expert's tensors pooled), and
+        for experts the per-expert minimum over gate_up and down (``None`` for a Linear).
+        ``(None, None)`` when the float weights are no longer held (meta tensors).
+    """
+    if any(p.device.type == "meta" for p in old.parameters()):
+        return None, None
+    if isinstance(getattr(new, "weight_q", None), QuantTensor):
+        return _db(*_noise_and_signal(old.weight, new.weight_q)), None
+    total_noise = total_signal = 0.0
+    per_expert = []
+    for e in range(old.gate_up_proj.shape[0]):
+        gate_up = _noise_and_signal(old.gate_up_proj, new.gate_up_proj, e)
+        down = _noise_and_signal(old.down_proj, new.down_proj, e)
+        per_expert.append(min(_db(*gate_up), _db(*down)))
+        total_noise += gate_up[0] + down[0]
+        total_signal += gate_up[1] + down[1]
+    return _db(total_noise, total_signal), per_expert
+
+
 def swap_decision(model: nn.Module, d: TargetDecision, quantizer: WeightQuantizer, scheme: str) -> ModuleRecord:
     """Quantize one selected module with ``quantizer`` (or record why it is kept)."""
     params = sum(p.numel() for p in d.module.parameters())
@@ -152,18 +216,54 @@ def swap_decision(model: nn.Module, d: TargetDecision, quantizer: WeightQuantize
         return ModuleRecord(d.name, d.kind, False, d.reason, params, before, before)
     swap = swap_linear if d.kind == "linear" else swap_experts
     new = swap(model, d, quantizer)
-    return ModuleRecord(d.name, d.kind, True, d.reason, params, before, tensor_bytes(new), scheme)
+    sqnr, expert_sqnr = module_sqnr(d.module, new)
+    return ModuleRecord(d.name, d.kind, True, d.reason, params, before, tensor_bytes(new), scheme, sqnr, expert_sqnr)
 
 
 def apply_weight_quantizer(
-    model: nn.Module, targets: TargetSpec, quantizer: WeightQuantizer, *, method: str, scheme: WeightScheme, progress: bool = True
+    model: nn.Module, targets: TargetSpec, quantizer: WeightQuantizer, *, method: str, scheme: WeightScheme, progress: bool = True,
+    lifecycle: LayerLifecycle = RESIDENT,
 ) -> QuantizationReport:
-    """Swap every selected module for its quantized version using ``quantizer`` for the math."""
+    """Swap every selected module for its quantized version using ``quantizer`` for the math.
+
+    Decoder layers are visited in order, each loaded and released through ``lifecycle`` (so a
+    streaming run holds one layer at a time); modules outside the layers come last.
+    """
     decisions = select_targets(model, targets)
     report = start_report(model, decisions, method=method, scheme=scheme.describe())
-    for d in tqdm(decisions, desc=f"quantize ({method})", disable=not progress, unit="module"):
+    bar = tqdm(total=len(decisions), desc=f"quantize ({method})", disable=not progress, unit="module")
+    by_layer, outside = _group_by_layer(model, decisions)
+    for index, (name, layer, layer_decisions) in enumerate(by_layer):
+        lifecycle.load(index, name, layer)
+        for d in layer_decisions:
+            report.modules.append(swap_decision(model, d, quantizer, scheme.describe()))
+            bar.update()
+        lifecycle.release(index, name, layer)
+    for d in outside:
         report.modules.append(swap_decision(model, d, quantizer, scheme.describe()))
+        bar.update()
+    bar.close()
     return report
+
+
+def _group_by_layer(
+    model: nn.Module, decisions: list[TargetDecision]
+) -> tuple[list[tuple[str, nn.Module, list[TargetDecision]]], list[TargetDecision]]:
+    """Decisions per decoder layer (every layer listed, in order) and those outside the layers."""
+    try:
+        prefix, layers = decoder_layers(model)
+    except QuantizationError:  # a bare module without decoder layers
+        return [], decisions
+    groups = [(f"{prefix}.{i}", layer, []) for i, layer in enumerate(layers)]
+    outside = []
+    for d in decisions:
+        head, _, rest = d.name.partition(prefix + ".")
+        index = rest.split(".", 1)[0]
+        if head == "" and index.isdigit():
+            groups[int(index)][2].append(d)
+        else:
+            outside.append(d)
+    return groups, outside
 
 
 def _category(param_name: str) -> str:
@@ -188,16 +288,31 @@ def _other_breakdown(model: nn.Module, covered: set[str]) -> dict[str, int]:
     return counts
 
 
-def _rtn(model: nn.Module, config: RTNConfig, calibration: torch.Tensor | None, progress: bool) -> QuantizationReport:
+def require_resident(lifecycle: LayerLifecycle, method: str) -> None:
+    """Fail for a method that needs the whole model in memory when the layers are streamed."""
+    if not lifecycle.resident:
+        raise QuantizationError(
+            f"{method} needs the whole model in memory; streaming (one layer at a time) supports rtn, gptq and awq"
+        )
+
+
+def _rtn(
+    model: nn.Module, config: RTNConfig, calibration: torch.Tensor | None, progress: bool, lifecycle: LayerLifecycle = RESIDENT
+) -> QuantizationReport:
     def quantizer(name: str, weight: torch.Tensor) -> QuantizedWeight:
-        qw = quantize_rtn(weight, config.scheme)
+        if weight.dim() == 3:  # fused experts one by one: fp32 temporaries of one expert, not of all E
+            qw = quantize_rtn_slices(weight, config.scheme)
+        else:
+            qw = quantize_rtn(weight, config.scheme)
         check_finite(name, qw)
         return qw
 
-    return apply_weight_quantizer(model, config.targets, quantizer, method="rtn", scheme=config.scheme, progress=progress)
+    return apply_weight_quantizer(
+        model, config.targets, quantizer, method="rtn", scheme=config.scheme, progress=progress, lifecycle=lifecycle
+    )
 
 
-Handler = Callable[[nn.Module, object, "torch.Tensor | None", bool], QuantizationReport]
+Handler = Callable[[nn.Module, object, "torch.Tensor | None", bool, LayerLifecycle], QuantizationReport]
 _HANDLERS: dict[type, Handler] = {RTNConfig: _rtn}
 
 
@@ -207,7 +322,8 @@ def register_handler(config_type: type, handler: Handler) -> None:
 
 
 def quantize_(
-    model: nn.Module, config: object, *, calibration: torch.Tensor | None = None, progress: bool = True
+    model: nn.Module, config: object, *, calibration: torch.Tensor | None = None, progress: bool = True,
+    lifecycle: LayerLifecycle = RESIDENT,
 ) -> QuantizationReport:
     """Quantize ``model`` in place according to ``config``.
 
@@ -216,6 +332,8 @@ def quantize_(
         config: a method config, e.g. :class:`RTNConfig`, ``GPTQConfig``, ``AWQConfig``.
         calibration: ``(samples, seq_len)`` token ids; required by calibrated methods.
         progress: show a progress bar.
+        lifecycle: how decoder layers are loaded and released (default: all resident); the
+            streaming runner passes one that reads each layer from the shards and writes it out.
 
     Returns:
         A :class:`QuantizationReport` listing every quantizable module and what happened to it.
@@ -224,7 +342,7 @@ def quantize_(
     if handler is None:
         known = ", ".join(t.__name__ for t in _HANDLERS)
         raise TypeError(f"no quantization handler for {type(config).__name__}; known configs: {known}")
-    return handler(model, config, calibration, progress)
+    return handler(model, config, calibration, progress, lifecycle)
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:

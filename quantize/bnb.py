@@ -62,7 +62,8 @@ from tqdm.auto import tqdm
 
 from dsq.errors import DsqInputError, QuantizationError
 
-from .api import ModuleRecord, QuantizationReport, register_handler, start_report, tensor_bytes
+from .api import ModuleRecord, QuantizationReport, register_handler, require_resident, start_report, tensor_bytes
+from .sequential import LayerLifecycle
 from .modules import set_module
 from .targets import TargetDecision, TargetSpec, select_targets
 
@@ -440,7 +441,10 @@ def _mark_as_transformers_bnb(model: nn.Module, config: BnbConfig, skip: list[st
 BNB_CONFIGS = (BnbNF4Config, BnbFP4Config, BnbInt8Config)
 
 
-def _handler(model: nn.Module, config: BnbConfig, calibration: torch.Tensor | None, progress: bool) -> QuantizationReport:
+def _handler(
+    model: nn.Module, config: BnbConfig, calibration: torch.Tensor | None, progress: bool, lifecycle: LayerLifecycle
+) -> QuantizationReport:
+    require_resident(lifecycle, type(config).__name__)
     return quantize_bnb_(model, config, progress=progress)
 
 

@@ -22,14 +22,15 @@ from torch import nn
 
 from dsq.errors import QuantizationError
 
-from .api import QuantizationReport, check_finite, register_handler, start_report, swap_decision
+from .api import QuantizationReport, check_finite, register_handler, require_resident, start_report, swap_decision
 from .awq import ScaleSearch, candidate_scales, fake_quantize, search_clip, search_scale, weight_mean
 from .gptq import gptq_quantize, static_qparams
 from .mappings import Balance, balance_weight, find, fold, input_key, resolve
 from .primitives import QuantizedWeight, quantize_rtn, quantize_with_qparams, stack_weights
 from .scheme import PerGroup, WeightScheme
 from .sequential import (
-    ExpertTokenCounts, capture_calls, decoder_layers, first_tensor, observe_experts, observe_inputs, sequential_calibrate,
+    RESIDENT, ExpertTokenCounts, LayerLifecycle, capture_calls, decoder_layers, first_tensor, observe_experts, observe_inputs,
+    sequential_calibrate,
 )
 from .smoothquant import smoothing_factors
 from .w8a8 import ActivationScheme, DynamicPerToken, StaticPerTensor, quantize_w8a8_
@@ -243,12 +244,13 @@ HeadFn = Callable[["_Run", object, TargetDecision, torch.Tensor], QuantizedWeigh
 
 
 def _calibrated(model: nn.Module, config, calibration: torch.Tensor | None, method: str, layer_fn: LayerFn, head_fn: HeadFn,
-                progress: bool) -> _Run:
+                progress: bool, lifecycle: LayerLifecycle) -> _Run:
     """Run ``layer_fn`` over the decoder layers, then ``head_fn`` for targeted modules outside them."""
     ids = require_calibration(calibration, method)
     run = _Run(model, config.targets, method, config.scheme, ids)
     hidden = sequential_calibrate(
-        model, ids, lambda p, layer, fwd: layer_fn(run, config, p, layer, fwd), batch_size=config.batch_size, progress=progress
+        model, ids, lambda p, layer, fwd: layer_fn(run, config, p, layer, fwd), batch_size=config.batch_size, progress=progress,
+        lifecycle=lifecycle,
     )
     head = run.head_decisions()
     results = {}
@@ -267,8 +269,10 @@ def _gptq_head(run: _Run, config: GPTQConfig, d: TargetDecision, x: torch.Tensor
     return _gptq_one(run, config, d.name, d.module.weight, collector[d.name].hessian)
 
 
-def _gptq(model: nn.Module, config: GPTQConfig, calibration: torch.Tensor | None, progress: bool) -> QuantizationReport:
-    run = _calibrated(model, config, calibration, "gptq", _gptq_layer, _gptq_head, progress)
+def _gptq(
+    model: nn.Module, config: GPTQConfig, calibration: torch.Tensor | None, progress: bool, lifecycle: LayerLifecycle = RESIDENT
+) -> QuantizationReport:
+    run = _calibrated(model, config, calibration, "gptq", _gptq_layer, _gptq_head, progress, lifecycle)
     return run.finish(
         {"damp": config.damp, "block_size": config.block_size, "act_order": config.act_order, "unrouted_weight": config.unrouted_weight}
     )
@@ -416,8 +420,10 @@ def _awq_head(run: _Run, config: AWQConfig, d: TargetDecision, x: torch.Tensor) 
     return _awq_round(config, d.module.weight, collector[d.name])
 
 
-def _awq(model: nn.Module, config: AWQConfig, calibration: torch.Tensor | None, progress: bool) -> QuantizationReport:
-    run = _calibrated(model, config, calibration, "awq", _awq_layer, _awq_head, progress)
+def _awq(
+    model: nn.Module, config: AWQConfig, calibration: torch.Tensor | None, progress: bool, lifecycle: LayerLifecycle = RESIDENT
+) -> QuantizationReport:
+    run = _calibrated(model, config, calibration, "awq", _awq_layer, _awq_head, progress, lifecycle)
     return run.finish(
         {"grid": config.grid, "clip": config.clip, "search_tokens": config.search_tokens, "unrouted_weight": config.unrouted_weight}
     )
@@ -475,7 +481,10 @@ def _smooth_layer(config: W8A8Config, prefix: str, layer: nn.Module, collector: 
         log[f"{prefix}.{m.smooth}"] = {"smoothquant_balances": list(m.balance), "s_min": float(s.min()), "s_max": float(s.max())}
 
 
-def _w8a8(model: nn.Module, config: W8A8Config, calibration: torch.Tensor | None, progress: bool) -> QuantizationReport:
+def _w8a8(
+    model: nn.Module, config: W8A8Config, calibration: torch.Tensor | None, progress: bool, lifecycle: LayerLifecycle = RESIDENT
+) -> QuantizationReport:
+    require_resident(lifecycle, "w8a8")
     if not config.needs_calibration:
         return quantize_w8a8_(model, config.targets, config.activations, progress=progress)
     ids = require_calibration(calibration, "w8a8")

@@ -197,92 +197,118 @@ def compress_model(model: nn.Module, version: str) -> CompressedCheckpoint:
     Returns:
         The tensors to save and the ``quantization_config`` for ``config.json``.
     """
-    tensors: dict[str, torch.Tensor] = {}
-    groups: dict[tuple, dict] = {}
-    handled: set[str] = set()
-    ignore: list[str] = []
+    compressor = Compressor(version, has_experts=any(isinstance(m, QuantExperts) for m in model.modules()))
+    tensors = compressor.add(model)
+    return CompressedCheckpoint(tensors=tensors, quantization_config=compressor.quantization_config())
 
-    # transformers (5.x) reads quantized fused experts only in pack-quantized form, and only
-    # when every 8-bit group of the model uses that form; dense models keep int-quantized.
-    # (W8A8 experts are the exception: see compress_w8a8_experts.)
-    has_experts = any(isinstance(m, QuantExperts) for m in model.modules())
-    fmt8 = FORMAT_4BIT if has_experts else FORMAT_8BIT
 
-    def add_target(args: dict, target: str, fmt: str, inputs: dict | None = None) -> None:
+class Compressor:
+    """Converts a model part by part (e.g. one decoder layer at a time) and gathers one config.
+
+    Each :meth:`add` returns that part's tensors (names are the module names inside the module
+    passed, so pass a container that holds the part under its full name); the config groups and
+    ``ignore`` list accumulate in module order, so adding the parts of a model in order gives the
+    same ``quantization_config`` as :func:`compress_model` on the whole model.
+
+    Args:
+        version: dsq version written into the config.
+        has_experts: whether the model has quantized fused experts. transformers (5.x) reads
+            quantized fused experts only in pack-quantized form, and only when every 8-bit group of
+            the model uses that form; dense models keep int-quantized (W8A8 experts are the
+            exception: see :func:`compress_w8a8_experts`).
+    """
+
+    def __init__(self, version: str, *, has_experts: bool) -> None:
+        self.version = version
+        self.has_experts = has_experts
+        self.groups: dict[tuple, dict] = {}
+        self.ignore: list[str] = []
+
+    def _add_target(self, args: dict, target: str, fmt: str, inputs: dict | None = None) -> None:
         key = _group_key(args) + (fmt,) + (_group_key(inputs) if inputs else ())
-        group = groups.setdefault(key, {"targets": [], "weights": args, "format": fmt, "input_activations": inputs})
+        group = self.groups.setdefault(key, {"targets": [], "weights": args, "format": fmt, "input_activations": inputs})
         group["targets"].append(target)
 
-    for name, module in model.named_modules():
-        if isinstance(module, W8A8Linear):
-            tensors |= compress_tensor(name, module.weight_q, packed_format=has_experts)
-            if module.input_scale is not None:
-                tensors[f"{name}.input_scale"] = module.input_scale.reshape(1).clone()
-            if module.bias is not None:
-                tensors[f"{name}.bias"] = module.bias.detach()
-            add_target(weight_args(module.scheme, module.in_features), f"re:^{re.escape(name)}$", fmt8, input_args(module.act))
-            handled.add(name)
-        elif isinstance(module, W8A8Experts):
-            tensors |= compress_w8a8_experts(name, module)
-            for qt, projs in ((module.gate_up_proj, "gate_proj|up_proj"), (module.down_proj, "down_proj")):
-                add_target(
-                    weight_args(qt.scheme, qt.in_features), f"re:^{re.escape(name)}\\.\\d+\\.({projs})$", FORMAT_8BIT,
-                    input_args(module.act),
+    def add(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The compressed-tensors tensors of every module and tensor in ``model``."""
+        has_experts = self.has_experts
+        fmt8 = FORMAT_4BIT if has_experts else FORMAT_8BIT
+        tensors: dict[str, torch.Tensor] = {}
+        handled: set[str] = set()
+        for name, module in model.named_modules():
+            if isinstance(module, W8A8Linear):
+                tensors |= compress_tensor(name, module.weight_q, packed_format=has_experts)
+                if module.input_scale is not None:
+                    tensors[f"{name}.input_scale"] = module.input_scale.reshape(1).clone()
+                if module.bias is not None:
+                    tensors[f"{name}.bias"] = module.bias.detach()
+                self._add_target(
+                    weight_args(module.scheme, module.in_features), f"re:^{re.escape(name)}$", fmt8, input_args(module.act)
                 )
-            handled.add(name)
-        elif isinstance(module, QuantLinear):
-            tensors |= compress_tensor(name, module.weight_q, packed_format=has_experts or module.scheme.bits == 4)
-            if module.bias is not None:
-                tensors[f"{name}.bias"] = module.bias.detach()
-            fmt = FORMAT_4BIT if module.scheme.bits == 4 else fmt8
-            add_target(weight_args(module.scheme, module.in_features), f"re:^{re.escape(name)}$", fmt)
-            handled.add(name)
-        elif isinstance(module, QuantExperts):
-            tensors |= compress_experts(name, module)
-            for qt, projs in ((module.gate_up_proj, "gate_proj|up_proj"), (module.down_proj, "down_proj")):
-                add_target(
-                    weight_args(qt.scheme, qt.in_features), f"re:^{re.escape(name)}\\.\\d+\\.({projs})$", FORMAT_4BIT
-                )
-            handled.add(name)
-        elif isinstance(module, nn.Linear):
-            ignore.append(name)
+                handled.add(name)
+            elif isinstance(module, W8A8Experts):
+                tensors |= compress_w8a8_experts(name, module)
+                for qt, projs in ((module.gate_up_proj, "gate_proj|up_proj"), (module.down_proj, "down_proj")):
+                    self._add_target(
+                        weight_args(qt.scheme, qt.in_features), f"re:^{re.escape(name)}\\.\\d+\\.({projs})$", FORMAT_8BIT,
+                        input_args(module.act),
+                    )
+                handled.add(name)
+            elif isinstance(module, QuantLinear):
+                tensors |= compress_tensor(name, module.weight_q, packed_format=has_experts or module.scheme.bits == 4)
+                if module.bias is not None:
+                    tensors[f"{name}.bias"] = module.bias.detach()
+                fmt = FORMAT_4BIT if module.scheme.bits == 4 else fmt8
+                self._add_target(weight_args(module.scheme, module.in_features), f"re:^{re.escape(name)}$", fmt)
+                handled.add(name)
+            elif isinstance(module, QuantExperts):
+                tensors |= compress_experts(name, module)
+                for qt, projs in ((module.gate_up_proj, "gate_proj|up_proj"), (module.down_proj, "down_proj")):
+                    self._add_target(
+                        weight_args(qt.scheme, qt.in_features), f"re:^{re.escape(name)}\\.\\d+\\.({projs})$", FORMAT_4BIT
+                    )
+                handled.add(name)
+            elif isinstance(module, nn.Linear):
+                self.ignore.append(name)
 
-    state = model.state_dict()
-    for key, value in state.items():
-        owner = key.rpartition(".")[0]
-        if any(owner == h or owner.startswith(h + ".") for h in handled):
-            continue
-        if key.endswith("experts.gate_up_proj"):
-            prefix = key[: -len(".gate_up_proj")]
-            tensors |= split_fused_experts(prefix, value, state[f"{prefix}.down_proj"])
-            ignore.append(f"re:^{re.escape(prefix)}\\.\\d+\\.(gate_proj|up_proj|down_proj)$")
-        elif key.endswith("experts.down_proj"):
-            continue
-        else:
-            tensors[key] = value
-    formats = {g["format"] for g in groups.values()}
-    fmt = formats.pop() if len(formats) == 1 else "mixed-precision"
-    config_groups = {}
-    for i, group in enumerate(groups.values()):
-        group_fmt = group["format"]
-        config_groups[f"group_{i}"] = {
-            "targets": group["targets"],
-            "weights": group["weights"],
-            "input_activations": group["input_activations"],
-            "output_activations": None,
-            "format": group_fmt,
+        state = model.state_dict()
+        for key, value in state.items():
+            owner = key.rpartition(".")[0]
+            if any(owner == h or owner.startswith(h + ".") for h in handled):
+                continue
+            if key.endswith("experts.gate_up_proj"):
+                prefix = key[: -len(".gate_up_proj")]
+                tensors |= split_fused_experts(prefix, value, state[f"{prefix}.down_proj"])
+                self.ignore.append(f"re:^{re.escape(prefix)}\\.\\d+\\.(gate_proj|up_proj|down_proj)$")
+            elif key.endswith("experts.down_proj"):
+                continue
+            else:
+                tensors[key] = value
+        return {k: v.detach().contiguous() for k, v in tensors.items()}
+
+    def quantization_config(self) -> dict:
+        """The ``quantization_config`` of everything added so far."""
+        formats = {g["format"] for g in self.groups.values()}
+        fmt = formats.pop() if len(formats) == 1 else "mixed-precision"
+        config_groups = {}
+        for i, group in enumerate(self.groups.values()):
+            config_groups[f"group_{i}"] = {
+                "targets": group["targets"],
+                "weights": group["weights"],
+                "input_activations": group["input_activations"],
+                "output_activations": None,
+                "format": group["format"],
+            }
+        return {
+            "quant_method": "compressed-tensors",
+            "format": fmt,
+            "quantization_status": "compressed",
+            "config_groups": config_groups,
+            "ignore": sorted(self.ignore),  # sorted: the same whether the model was added whole or layer by layer
+            "kv_cache_scheme": None,
+            "global_compression_ratio": None,
+            "producer": {"name": "dsq", "version": self.version},
         }
-    qconfig = {
-        "quant_method": "compressed-tensors",
-        "format": fmt,
-        "quantization_status": "compressed",
-        "config_groups": config_groups,
-        "ignore": ignore,
-        "kv_cache_scheme": None,
-        "global_compression_ratio": None,
-        "producer": {"name": "dsq", "version": version},
-    }
-    return CompressedCheckpoint(tensors={k: v.detach().contiguous() for k, v in tensors.items()}, quantization_config=qconfig)
 
 
 # ----------------------------------------------------------------------------- reading

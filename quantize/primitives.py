@@ -124,6 +124,26 @@ def stack_weights(qws: list[QuantizedWeight]) -> QuantizedWeight:
     return QuantizedWeight(torch.stack([q.qweight for q in qws]), torch.stack([q.scale for q in qws]), zero, qws[0].scheme)
 
 
+def quantize_rtn_slices(weight: torch.Tensor, scheme: WeightScheme) -> QuantizedWeight:
+    """:func:`quantize_rtn` of ``[E, out, in]`` one slice (expert) at a time, into preallocated outputs.
+
+    The result equals ``quantize_rtn(weight, scheme)``; the fp32 temporaries are those of one slice.
+    """
+    first = quantize_rtn(weight[0], scheme)
+
+    def alloc(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else torch.empty((weight.shape[0], *t.shape), dtype=t.dtype, device=t.device)
+
+    qweight, scale, zero = alloc(first.qweight), alloc(first.scale), alloc(first.zero)
+    for e in range(weight.shape[0]):
+        qw = first if e == 0 else quantize_rtn(weight[e], scheme)
+        qweight[e] = qw.qweight
+        scale[e] = qw.scale
+        if zero is not None:
+            zero[e] = qw.zero
+    return QuantizedWeight(qweight, scale, zero, scheme)
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """Pack signed int4 values ``[..., n]`` into bytes ``[..., ceil(n/2)]``.
 
@@ -131,6 +151,11 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     of byte ``j`` and element ``2j+1`` to the high nibble (the layout of compressed-tensors'
     int32 words on little-endian hosts and of ONNX Runtime's MatMulNBits).
     """
+    if q.dim() > 2:  # slice by slice (e.g. per expert): temporaries of one slice, not of all
+        out = torch.empty((*q.shape[:-1], (q.shape[-1] + 1) // 2), dtype=torch.uint8, device=q.device)
+        for i in range(q.shape[0]):
+            out[i] = pack_int4(q[i])
+        return out
     u = (q.to(torch.int16) + 8).to(torch.uint8)
     if u.shape[-1] % 2:
         u = torch.nn.functional.pad(u, (0, 1), value=8)

@@ -90,6 +90,75 @@ def run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
 LayerCallback = Callable[[str, nn.Module, Callable[[], list[torch.Tensor]]], None]
 
 
+class LayerLifecycle(Protocol):
+    """Where decoder layers live while a method walks them.
+
+    The driver calls ``load`` before a layer is used and ``release`` once its quantized outputs are
+    computed. :class:`ResidentLayers` (every layer already in memory) does nothing; the streaming
+    runner (:mod:`dsq.streaming`) reads the layer's tensors from the checkpoint's shards on ``load``
+    and writes the quantized layer to the output shards and frees it on ``release``.
+    """
+
+    def load(self, index: int, name: str, layer: nn.Module) -> None: ...
+
+    def release(self, index: int, name: str, layer: nn.Module) -> None: ...
+
+    @property
+    def resident(self) -> bool:
+        """True when every layer stays in memory (methods that need the whole model check this)."""
+
+
+class ResidentLayers:
+    """Every layer is in memory already: nothing to load or release."""
+
+    resident = True
+
+    def load(self, index: int, name: str, layer: nn.Module) -> None:
+        pass
+
+    def release(self, index: int, name: str, layer: nn.Module) -> None:
+        pass
+
+
+RESIDENT = ResidentLayers()
+
+
+class OnDevice:
+    """Each decoder layer goes to ``device`` (an accelerator) while it is calibrated and quantized.
+
+    Wraps another lifecycle: ``load`` loads the layer (from the shards when streaming) and moves it
+    to ``device``; ``release`` moves the quantized layer back to CPU and hands it on (to be written
+    out when streaming). Embeddings, the other layers and the head stay on CPU, so the accelerator
+    holds one layer, its calibration activations and its statistics.
+
+    Args:
+        inner: the lifecycle that loads and releases layers (:data:`RESIDENT` or a streaming one).
+        device: e.g. ``"cuda"``, ``"cuda:1"``.
+    """
+
+    def __init__(self, inner: "LayerLifecycle", device: str | torch.device) -> None:
+        self.inner = inner
+        self.device = torch.device(device)
+
+    @property
+    def resident(self) -> bool:
+        return self.inner.resident
+
+    def load(self, index: int, name: str, layer: nn.Module) -> None:
+        self.inner.load(index, name, layer)
+        layer.to(self.device)
+
+    def release(self, index: int, name: str, layer: nn.Module) -> None:
+        layer.to("cpu")
+        self.inner.release(index, name, layer)
+
+
+def execution_device(lifecycle: "LayerLifecycle", model: nn.Module) -> torch.device:
+    """Where layers run: the lifecycle's device, else the model's."""
+    device = getattr(lifecycle, "device", None)
+    return device if device is not None else next(model.parameters()).device
+
+
 def sequential_calibrate(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -97,6 +166,7 @@ def sequential_calibrate(
     *,
     batch_size: int = 8,
     progress: bool = True,
+    lifecycle: LayerLifecycle = RESIDENT,
 ) -> torch.Tensor | None:
     """Drive ``on_layer`` over the decoder layers in order.
 
@@ -108,20 +178,28 @@ def sequential_calibrate(
             quantizes the layer in place.
         batch_size: calibration sequences per forward.
         progress: show a progress bar.
+        lifecycle: loads each layer before it is used and releases it after its outputs are computed.
 
     Returns:
         The hidden states after the last layer (``[samples, seq, hidden]``), for a head stage.
     """
     prefix, layers = decoder_layers(model)
-    device = next(model.parameters()).device
-    batches = [b.to(device) for b in input_ids.split(batch_size)]
+    model_device = next(model.parameters()).device
+    batches = [b.to(model_device) for b in input_ids.split(batch_size)]
     inputs = capture_layer_inputs(model, layers[0], batches)
+    device = execution_device(lifecycle, model)
+    if device != model_device:
+        from accelerate.utils import send_to_device
+
+        inputs = LayerInputs(hidden=send_to_device(inputs.hidden, device), kwargs=send_to_device(inputs.kwargs, device))
     for i in tqdm(range(len(layers)), desc="calibrate layers", disable=not progress, unit="layer"):
         layer = layers[i]
+        lifecycle.load(i, f"{prefix}.{i}", layer)
         on_layer(f"{prefix}.{i}", layer, lambda layer=layer, inputs=inputs: run_layer(layer, inputs))
         outputs = run_layer(layer, inputs)  # with the quantized weights
+        lifecycle.release(i, f"{prefix}.{i}", layers[i])
         inputs = LayerInputs(hidden=outputs, kwargs=inputs.kwargs)
-    return torch.cat(inputs.hidden) if inputs.hidden else None
+    return torch.cat(inputs.hidden).to(model_device) if inputs.hidden else None
 
 
 # ----------------------------------------------------------------------------- observation

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from dsq.errors import QuantizationError
 
-from .api import ModuleRecord, QuantizationReport, check_finite, start_report, tensor_bytes
+from .api import ModuleRecord, QuantizationReport, check_finite, module_sqnr, start_report, tensor_bytes
 from .modules import QuantTensor, route_tokens, set_module
 from .primitives import QuantizedWeight, quantize_rtn
 from .scheme import PerChannel, WeightScheme
@@ -476,7 +476,9 @@ def quantize_w8a8_(
                     reason += f"; {empty} expert input(s) saw no calibration tokens (scale from the layer's largest absmax)"
         new.to(_model_device(model))
         set_module(model, d.name, new)
-        report.modules.append(ModuleRecord(d.name, d.kind, True, reason, params, before, tensor_bytes(new), scheme_text))
+        sqnr, expert_sqnr = module_sqnr(d.module, new)
+        report.modules.append(ModuleRecord(d.name, d.kind, True, reason, params, before, tensor_bytes(new), scheme_text,
+                                           sqnr, expert_sqnr))
     return report
 
 

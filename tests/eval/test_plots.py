@@ -14,7 +14,9 @@ from dsq.eval.fidelity import FidelityResult  # noqa: E402
 from dsq.eval.harness import ModelMetrics  # noqa: E402
 from dsq.eval.multiple_choice import MCResult  # noqa: E402
 from dsq.eval.perplexity import PerplexityResult  # noqa: E402
-from dsq.eval.plots import MissingPlotData, accuracy_vs_size, expert_tokens, layer_error, write_plots  # noqa: E402
+from dsq.eval.plots import (  # noqa: E402
+    MissingPlotData, accuracy_vs_size, calibration_loss, expert_sqnr, expert_tokens, layer_error, write_plots,
+)
 from dsq.eval.report import Report, report_to_dict  # noqa: E402
 from dsq.quantize.api import ModuleRecord, QuantizationReport  # noqa: E402
 
@@ -63,13 +65,20 @@ def _layer_names(layers: int, experts: int = EXPERTS) -> list[str]:
     return names
 
 
-def _records(layers: int) -> list[ModuleRecord]:
+def _records(layers: int, sqnr: bool = True) -> list[ModuleRecord]:
+    """Module records; ``sqnr=False``: as written before records carried a weight SQNR."""
+    def db(k: int) -> float | None:
+        return 18.0 + 1.5 * ((k * 7919) % 11) / 10 if sqnr else None
+
     records = []
     for i in range(layers):
-        for p in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"):
-            records.append(ModuleRecord(f"model.layers.{i}.self_attn.{p}", "linear", True, "quantized", 32768, 131072, 17408, SCHEME))
+        for k, p in enumerate(("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")):
+            records.append(ModuleRecord(f"model.layers.{i}.self_attn.{p}", "linear", True, "quantized", 32768, 131072, 17408, SCHEME,
+                                        db(7 * i + k)))
         if i > 0:
-            records.append(ModuleRecord(f"model.layers.{i}.mlp.experts", "experts", True, "quantized", 786432, 3145728, 417792, SCHEME))
+            experts = [db(13 * i + e) - 0.4 for e in range(EXPERTS)] if sqnr else None
+            records.append(ModuleRecord(f"model.layers.{i}.mlp.experts", "experts", True, "quantized", 786432, 3145728, 417792, SCHEME,
+                                        db(3 * i), experts))
     records.append(ModuleRecord("lm_head", "linear", False, "lm_head (kept; set lm_head: true to quantize)", 524288, 2097152, 2097152))
     return records
 
@@ -113,8 +122,8 @@ def _awq_record() -> dict:
     return report.to_dict()
 
 
-def _rtn_record() -> dict:
-    return QuantizationReport(method="rtn", scheme=SCHEME, modules=_records(4)).to_dict()
+def _rtn_record(sqnr: bool = True) -> dict:
+    return QuantizationReport(method="rtn", scheme=SCHEME, modules=_records(4, sqnr)).to_dict()
 
 
 def _check_png(path: Path, min_width: int = 400, min_height: int = 250) -> None:
@@ -161,8 +170,9 @@ def test_accuracy_vs_size_without_metrics_is_missing_data(tmp_path: Path) -> Non
 
 def test_layer_error_gptq_per_module_and_grouped(tmp_path: Path) -> None:
     record = _gptq_record(layers=2)
-    _check_png(layer_error(record, tmp_path / "per_module.png"), min_height=700)
-    _check_png(layer_error(record, tmp_path / "grouped.png", max_bars=10))  # grouped by layer and component
+    _check_png(calibration_loss(record, tmp_path / "per_module.png"), min_height=700)  # every GPTQ loss, experts too
+    _check_png(calibration_loss(record, tmp_path / "grouped.png", max_bars=10))  # grouped by layer and component
+    _check_png(layer_error(record, tmp_path / "sqnr.png"))  # the weight SQNR comes first
 
 
 def test_layer_error_reads_the_report_summary_and_awq(tmp_path: Path) -> None:
@@ -174,7 +184,7 @@ def test_layer_error_reads_the_report_summary_and_awq(tmp_path: Path) -> None:
 
 def test_layer_error_without_an_error_metric_says_why(tmp_path: Path) -> None:
     with pytest.raises(MissingPlotData, match="rtn .*no per-module error metric"):
-        layer_error(_rtn_record(), tmp_path / "rtn.png")
+        layer_error(_rtn_record(sqnr=False), tmp_path / "rtn.png")
 
 
 def test_expert_tokens_marks_starved_experts(tmp_path: Path) -> None:
@@ -208,7 +218,9 @@ def test_write_plots_gptq_artifact(tmp_path: Path) -> None:
     report = _report("runs/gptq", [_row("gptq-int4-g128", 24.117, 0.472, 6 * MIB, extra={"quantization": summary})])
     artifact = _artifact(tmp_path / "gptq", record, report)
     paths = write_plots(artifact)
-    assert [p.name for p in paths] == ["accuracy_vs_size.png", "layer_error.png", "expert_tokens.png"]
+    assert [p.name for p in paths] == [
+        "accuracy_vs_size.png", "layer_error.png", "calibration_loss.png", "expert_sqnr.png", "expert_tokens.png",
+    ]
     assert paths.skipped == {}
     for path in paths:
         assert path.parent == artifact / "plots"
@@ -216,16 +228,32 @@ def test_write_plots_gptq_artifact(tmp_path: Path) -> None:
 
 
 def test_write_plots_skips_with_reasons(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    artifact = _artifact(tmp_path / "rtn", _rtn_record(), report=None)
+    artifact = _artifact(tmp_path / "rtn", _rtn_record(sqnr=False), report=None)
     (artifact / "plots").mkdir()
     (artifact / "plots" / "layer_error.png").write_bytes(b"stale")
     with caplog.at_level(logging.WARNING, logger="dsq.eval.plots"):
         paths = write_plots(artifact)
     assert list(paths) == []
-    assert set(paths.skipped) == {"accuracy_vs_size", "layer_error", "expert_tokens"}
+    assert set(paths.skipped) == {"accuracy_vs_size", "layer_error", "calibration_loss", "expert_sqnr", "expert_tokens"}
     assert "no report.json" in paths.skipped["accuracy_vs_size"]
     assert "no per-module error metric" in paths.skipped["layer_error"]
+    assert "no calibration loss" in paths.skipped["calibration_loss"]
+    assert "no per-expert SQNR" in paths.skipped["expert_sqnr"]
     assert "no calibration" in paths.skipped["expert_tokens"]
     assert not (artifact / "plots" / "layer_error.png").exists()  # a stale plot does not survive a skip
     logged = [r.getMessage() for r in caplog.records if r.name == "dsq.eval.plots"]
-    assert len(logged) == 3 and all("skipped" in m for m in logged)
+    assert len(logged) == 5 and all("skipped" in m for m in logged)
+
+
+def test_rtn_record_with_sqnr_gets_sqnr_plots(tmp_path: Path) -> None:
+    """A calibration-free method's record has weight SQNRs: per-module and per-expert plots, no loss plot."""
+    artifact = _artifact(tmp_path / "rtn", _rtn_record(), report=None)
+    paths = write_plots(artifact)
+    assert [p.name for p in paths] == ["layer_error.png", "expert_sqnr.png"]
+    assert set(paths.skipped) == {"accuracy_vs_size", "calibration_loss", "expert_tokens"}
+    for path in paths:
+        _check_png(path)
+    with pytest.raises(MissingPlotData, match="rtn .*no calibration loss"):
+        calibration_loss(_rtn_record(), tmp_path / "loss.png")
+    with pytest.raises(MissingPlotData, match="no per-expert SQNR"):
+        expert_sqnr(_rtn_record(sqnr=False), tmp_path / "experts.png")

@@ -1,0 +1,337 @@
+"""Streaming quantization: a checkpoint larger than memory, one decoder layer at a time.
+
+The model is built without weights (every tensor on the ``meta`` device). The tensors outside
+the decoder layers (embeddings, final norm, lm_head, rotary tables) are read from the shards
+and stay resident. The method then walks the layers through a :class:`StreamedLayers`
+lifecycle: on ``load`` the layer's tensors are read from the safetensors shards through memory
+maps (FP8 block-scaled weights are dequantized on the way, fused experts are assembled from
+their per-expert tensors); on ``release`` the quantized layer is converted to compressed-tensors
+tensors, appended to the output shards and returned to ``meta``. Peak memory is the resident
+non-layer tensors, one layer and its calibration activations, whatever the depth.
+
+The tensors written are exactly those of the in-memory path (:func:`dsq.artifact.save_quantized_model`):
+the same modules are quantized with the same math in the same order.
+
+Example:
+    >>> result = quantize_streaming(Path("ckpt"), Path("out"), RTNConfig(WeightScheme(4, PerGroup(128))))
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import CheckpointFiles, inspect_checkpoint, read_safetensors_header
+from .errors import CheckpointError, QuantizationError
+from .shards import DEFAULT_MAX_SHARD_BYTES, SCALE_SUFFIX, ShardedTensors, ShardWriter, module_state
+
+log = logging.getLogger(__name__)
+
+# A checkpoint is streamed automatically when its tensors exceed this share of available memory.
+AUTO_STREAM_FRACTION = 0.5
+
+# ----------------------------------------------------------------------------- the skeleton
+
+
+def build_skeleton(root: Path, config_dict: Mapping, *, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    """The causal LM of ``root`` with every tensor on ``meta`` (no memory, no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    remote = {"trust_remote_code": True} if trust_remote_code else {}
+    config = AutoConfig.from_pretrained(str(root), local_files_only=True, **remote)
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config  # FP8 weights are dequantized while reading
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **remote)
+    model.eval()
+    return model
+
+
+def materialize_outside_layers(model: nn.Module, layers_prefix: str, source: ShardedTensors) -> None:
+    """Read every tensor outside the decoder layers; rebuild non-persistent buffers (rotary tables)."""
+    state = model.state_dict(keep_vars=True)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False)) and "lm_head.weight" not in source
+    keys = [k for k in state if not k.startswith(layers_prefix + ".") and not (tied and k == "lm_head.weight")]
+    with source.reader() as read:
+        values = {k: read(k, state[k]) for k in keys}
+    model.load_state_dict(values, strict=False, assign=True)
+    for name, module in list(model.named_modules()):
+        if name.startswith(layers_prefix):
+            continue
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            _rebuild(model, name, module)
+    if tied:
+        model.tie_weights()
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta and not n.startswith(layers_prefix + ".")]
+    if left:
+        raise CheckpointError(f"checkpoint {source.root}: no value for {', '.join(left[:5])}")
+
+
+def _rebuild(model: nn.Module, name: str, module: nn.Module) -> None:
+    """A module whose buffers are computed, not stored (rotary ``inv_freq``): build it again on CPU."""
+    from dsq.quantize.modules import set_module
+
+    try:
+        with torch.device("cpu"):
+            fresh = type(module)(config=model.config)
+    except TypeError as exc:
+        raise CheckpointError(f"{name} ({type(module).__name__}) has computed buffers that cannot be rebuilt: {exc}") from exc
+    set_module(model, name, fresh)
+
+
+def _to_meta(module: nn.Module) -> None:
+    module.to("meta")
+
+
+def _return_freed_memory() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them otherwise, and RSS would creep up layer by layer)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
+def _holder(name: str, module: nn.Module) -> nn.Module:
+    """A container in which ``module`` has the full name ``name`` (e.g. ``model.layers.3``)."""
+    root = nn.Module()
+    parent = root
+    *path, last = name.split(".")
+    for part in path:
+        child = nn.Module()
+        parent.add_module(part, child)
+        parent = child
+    parent.add_module(last, module)
+    return root
+
+
+# ----------------------------------------------------------------------------- the lifecycle
+
+
+@dataclass
+class StreamedLayers:
+    """Loads each decoder layer from the shards and writes it out quantized (a ``LayerLifecycle``).
+
+    Attributes:
+        source: where the checkpoint's tensors are.
+        compressor: turns a quantized layer into compressed-tensors tensors and gathers the config.
+        writer: the output shards.
+        seconds_reading: wall time spent reading (and dequantizing) layers.
+        seconds_writing: wall time spent converting and writing layers.
+    """
+
+    source: ShardedTensors
+    compressor: object
+    writer: ShardWriter
+    seconds_reading: float = 0.0
+    seconds_writing: float = 0.0
+    layers_written: int = 0
+    _originals: dict[int, list[nn.Module]] = field(default_factory=dict)
+
+    resident = False
+
+    def load(self, index: int, name: str, layer: nn.Module) -> None:
+        started = time.perf_counter()
+        with self.source.reader() as read:
+            state = module_state(layer, name, read)
+        layer.load_state_dict(state, strict=True, assign=True)
+        del state
+        left = [n for n, t in (*layer.named_parameters(), *layer.named_buffers()) if t.is_meta]
+        if left:
+            raise CheckpointError(f"{name}: no value read for {', '.join(left[:5])}")
+        self._originals[index] = list(layer.modules())  # swapped-out originals still hold tensors
+        self.seconds_reading += time.perf_counter() - started
+
+    def release(self, index: int, name: str, layer: nn.Module) -> None:
+        started = time.perf_counter()
+        self.writer.add(self.compressor.add(_holder(name, layer)))
+        for module in (*self._originals.pop(index, ()), *layer.modules()):
+            _to_meta(module)
+        _return_freed_memory()
+        self.layers_written += 1
+        self.seconds_writing += time.perf_counter() - started
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class StreamedArtifact:
+    """What :func:`quantize_streaming` wrote and measured."""
+
+    report: object
+    files: list[str]
+    seconds: float
+    seconds_reading: float
+    seconds_writing: float
+    unused_tensors: list[str]
+    config: dict
+
+
+def experts_quantized(model: nn.Module, targets) -> bool:
+    from dsq.quantize.targets import select_targets
+
+    return any(d.kind == "experts" and d.quantize for d in select_targets(model, targets))
+
+
+def quantize_streaming(
+    src: Path,
+    out: Path,
+    config: object,
+    *,
+    calibration: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+) -> StreamedArtifact:
+    """Quantize the checkpoint ``src`` layer by layer into the existing, empty directory ``out``.
+
+    Args:
+        src: a local checkpoint directory (safetensors shards, BF16/FP32 or FP8 block-scaled).
+        out: where the weights and config.json are written (the caller adds tokenizer and manifest).
+        config: an ``RTNConfig``, ``GPTQConfig`` or ``AWQConfig``.
+        calibration: ``(samples, seq_len)`` token ids for calibrated methods.
+        dtype: the working dtype of the model (as the in-memory path's ``dtype``).
+        trust_remote_code: passed to transformers for the config and model class.
+        max_shard_bytes: output shard size.
+        progress: show progress bars.
+        device: where each layer is calibrated and quantized (e.g. ``"cuda"``); None: on CPU.
+
+    Returns:
+        A :class:`StreamedArtifact`.
+    """
+    from dsq.quantize import quantize_
+    from dsq.quantize.compressed_tensors_format import Compressor
+    from dsq.quantize.sequential import OnDevice, decoder_layers
+
+    started = time.perf_counter()
+    files = inspect_checkpoint(src, allow_unsupported=trust_remote_code)
+    source = ShardedTensors(files, fp8=fp8_of(files))
+    model = build_skeleton(files.root, files.config, dtype=dtype, trust_remote_code=trust_remote_code)
+    prefix, layers = decoder_layers(model)
+    materialize_outside_layers(model, prefix, source)
+    targets = getattr(config, "targets", None)
+    if targets is None:
+        raise QuantizationError(f"{type(config).__name__} cannot be streamed; streaming supports rtn, gptq and awq")
+    compressor = Compressor(__version__, has_experts=experts_quantized(model, targets))
+    writer = ShardWriter(out, max_shard_bytes)
+    lifecycle = StreamedLayers(source, compressor, writer)
+    on = OnDevice(lifecycle, device) if device is not None else lifecycle
+    report = quantize_(model, config, calibration=calibration, progress=progress, lifecycle=on)
+    if lifecycle.layers_written != len(layers):
+        raise QuantizationError(f"streaming wrote {lifecycle.layers_written} of {len(layers)} decoder layers")
+    writer.add(_outside_layers(model, prefix, compressor))
+    names = writer.close()
+    config_dict = model.config.to_dict()
+    config_dict["quantization_config"] = compressor.quantization_config()
+    config_dict["dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(dtype, str(dtype).removeprefix("torch."))
+    unused = source.unused()
+    if unused:
+        report.notes.append(
+            f"{len(unused)} checkpoint tensor(s) are not used by the transformers model and were not written "
+            f"(e.g. {', '.join(unused[:3])})"
+        )
+    report.notes.append(f"streamed: one decoder layer at a time from {files.root} ({len(layers)} layers)")
+    return StreamedArtifact(
+        report=report, files=names, seconds=time.perf_counter() - started, seconds_reading=lifecycle.seconds_reading,
+        seconds_writing=lifecycle.seconds_writing, unused_tensors=unused, config=config_dict,
+    )
+
+
+def _outside_layers(model: nn.Module, prefix: str, compressor) -> dict[str, torch.Tensor]:
+    """Tensors of everything outside the decoder layers (embeddings, norm, lm_head)."""
+    from dsq.quantize.modules import set_module
+
+    layers = model.get_submodule(prefix)
+    set_module(model, prefix, nn.ModuleList())
+    try:
+        return compressor.add(model)
+    finally:
+        set_module(model, prefix, layers)
+
+
+def fp8_of(files: CheckpointFiles):
+    """The FP8 block format declared by the checkpoint's config.json (None for BF16/FP32 checkpoints)."""
+    from .checkpoint import is_fp8_checkpoint
+    from .fp8 import fp8_format
+
+    return fp8_format(files.config) if is_fp8_checkpoint(files.config) else None
+
+
+def load_model_by_layers(files: CheckpointFiles, *, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The whole model in memory, read tensor by tensor the way streaming reads it (FP8 dequantized)."""
+    from dsq.quantize.sequential import decoder_layers
+
+    source = ShardedTensors(files, fp8=fp8_of(files))
+    model = build_skeleton(files.root, files.config, dtype=dtype, trust_remote_code=trust_remote_code)
+    prefix, layers = decoder_layers(model)
+    materialize_outside_layers(model, prefix, source)
+    for i, layer in enumerate(layers):
+        with source.reader() as read:
+            layer.load_state_dict(module_state(layer, f"{prefix}.{i}", read), strict=True, assign=True)
+    unused = source.unused()
+    if unused:
+        log.warning("checkpoint %s: %d tensor(s) not used by the model (e.g. %s)", files.root, len(unused), ", ".join(unused[:3]))
+    return model
+
+
+# ----------------------------------------------------------------------------- when to stream
+
+
+def available_memory_bytes() -> int | None:
+    """``MemAvailable`` from /proc/meminfo (None where it cannot be read)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def checkpoint_values(files: CheckpointFiles) -> int:
+    """Number of values in the checkpoint's tensors, from the safetensors headers (FP8 scales excluded)."""
+    total = 0
+    for path in files.weight_files:
+        header, _ = read_safetensors_header(path)
+        for name, entry in header.items():
+            if name != "__metadata__" and not name.endswith(SCALE_SUFFIX):
+                total += math.prod(entry["shape"])
+    return total
+
+
+@dataclass(frozen=True)
+class StreamingDecision:
+    """Whether a run streams, and the sentence that says why (logged and put in the report)."""
+
+    stream: bool
+    reason: str
+
+
+def decide_streaming(requested: bool | None, files: CheckpointFiles, dtype: torch.dtype) -> StreamingDecision:
+    """``requested`` True/False wins; None streams when the model in ``dtype`` needs more than
+    :data:`AUTO_STREAM_FRACTION` of the available memory."""
+    if requested is not None:
+        return StreamingDecision(requested, "streaming: true in the recipe" if requested else "streaming: false in the recipe")
+    in_memory = checkpoint_values(files) * torch.empty((), dtype=dtype).element_size()
+    available = available_memory_bytes()
+    if available is None:
+        return StreamingDecision(False, "available memory unknown; loading the model in memory")
+    if in_memory > AUTO_STREAM_FRACTION * available:
+        return StreamingDecision(
+            True,
+            f"the model needs ~{in_memory / 2**30:.1f} GiB in memory, more than {AUTO_STREAM_FRACTION:.0%} of the "
+            f"{available / 2**30:.1f} GiB available: streaming one decoder layer at a time",
+        )
+    return StreamingDecision(False, f"the model (~{in_memory / 2**30:.2f} GiB) fits in memory")
