@@ -27,6 +27,10 @@ class DataError(DsqInputError):
     """A benchmark or calibration data set cannot be used."""
 
 
+class TrainingError(DsqError):
+    """Training went wrong (non-finite loss, diverged ranks, a model that cannot be sharded)."""
+
+
 class QuantizationError(DsqError):
     """Quantization produced an invalid result (e.g. a NaN scale); names the tensor."""
 

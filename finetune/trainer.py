@@ -49,7 +49,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from dsq.errors import CheckpointError, DsqError
+from dsq.errors import CheckpointError, TrainingError
+
+from .fsdp import (
+    device_of, full_tensor, gather_objects, is_dtensor, is_sharded, local_shard, reshard, shard_model, unshard_model,
+)
 
 if TYPE_CHECKING:
     from .data import TokenBlocks, TrainingData
@@ -190,10 +194,6 @@ class TrainResult:
         return d
 
 
-class TrainingError(DsqError):
-    """Training went wrong (non-finite loss, diverged ranks)."""
-
-
 # ----------------------------------------------------------------------------- data order
 
 
@@ -295,7 +295,7 @@ def trainable_state(model: nn.Module, keep: bool = True) -> dict[str, torch.Tens
     out = {}
     for n, p in model.named_parameters():
         if p.requires_grad:
-            full = _full(p.detach())
+            full = full_tensor(p.detach())
             if keep:
                 out[n] = full.cpu().contiguous()
     return out
@@ -317,7 +317,7 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer, keep: bool = True) -> t
     tensors = {}
     for pid, state in sd["state"].items():
         for key, value in state.items():
-            full = _full(value) if isinstance(value, torch.Tensor) else torch.tensor(value)
+            full = full_tensor(value) if isinstance(value, torch.Tensor) else torch.tensor(value)
             if keep:
                 tensors[f"state.{pid}.{key}"] = full.cpu().contiguous()
     return tensors, {"param_groups": sd["param_groups"]}
@@ -329,8 +329,8 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
     for key, value in tensors.items():
         _, pid, name = key.split(".", 2)
         param = params[int(pid)] if int(pid) < len(params) else None
-        if param is not None and _is_dtensor(param) and value.shape == param.shape:
-            value = _local_shard(value, param)  # full tensor -> this rank's shard
+        if param is not None and is_dtensor(param) and value.shape == param.shape:
+            value = local_shard(value, param)  # full tensor -> this rank's shard
         state.setdefault(int(pid), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
@@ -412,195 +412,13 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, accelerator, config
         if p is None or not p.requires_grad or p.shape != value.shape:
             raise CheckpointError(f"{path / 'trainable.safetensors'}: tensor {name} {tuple(value.shape)} does not match the model")
         with torch.no_grad():
-            p.copy_(_local_shard(value, p) if _is_dtensor(p) else value)
+            p.copy_(local_shard(value, p) if is_dtensor(p) else value)
     missing = sorted({n for n, p in params.items() if p.requires_grad} - set(tensors))
     if missing:
         raise CheckpointError(f"{path / 'trainable.safetensors'}: no tensor for trainable parameter {missing[0]}")
     _load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
     torch.set_rng_state(load_file(str(path / f"rng-rank{accelerator.process_index}.safetensors"))["cpu"])
     return state
-
-
-# ----------------------------------------------------------------------------- sharding (FSDP2)
-
-
-def _is_dtensor(t: object) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """The full tensor behind a sharded one (a collective: every rank must call it); others as given."""
-    return t.full_tensor() if _is_dtensor(t) else t
-
-
-def _local_shard(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """This rank's piece of ``full``, laid out as the sharded tensor ``like`` (no communication:
-    every rank holds ``full``)."""
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)
-
-
-def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
-    if not torch.distributed.is_available():
-        return []
-    from torch.distributed.fsdp import FSDPModule
-
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """Whether ``fully_shard`` was applied to ``model`` (or inside it)."""
-    return bool(_fsdp_modules(model))
-
-
-def reshard(model: nn.Module) -> None:
-    """Register the sharded parameters again (the root keeps its gathered ones after a forward)."""
-    for m in _fsdp_modules(model):
-        m.reshard()
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of a transformers model, bare or inside peft: the units FSDP gathers one at a time.
-
-    They are the modules whose class the model lists in ``_no_split_modules`` (a ``layers``
-    ``ModuleList``'s children otherwise).
-    """
-    names: set[str] = set()
-    for m in model.modules():
-        names.update(getattr(m, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        layers = [c for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n.split(".")[-1] == "layers" for c in m]
-    if not layers:
-        raise TrainingError(f"fsdp: no decoder layers found in {type(model).__name__} (no _no_split_modules, no 'layers' list)")
-    return layers
-
-
-def _check_shardable(model: nn.Module) -> None:
-    for name, p in model.named_parameters():
-        if not p.is_floating_point():
-            raise TrainingError(f"fsdp: parameter {name} is {p.dtype} ({type(p).__name__}); only floating-point "
-                                "parameters can be sharded (a bitsandbytes QLoRA base cannot: train it without fsdp)")
-        if p.dim() == 0:
-            raise TrainingError(f"fsdp: parameter {name} is a scalar; FSDP shards dimension 0")
-
-
-def broadcast_trainable(model: nn.Module, accelerator) -> None:
-    """Give every rank the main process's trainable parameters (as DDP does when it wraps).
-
-    Freshly initialised adapters or scales may differ between ranks; sharding them as they are
-    would train a mixture. The frozen rest is loaded from the same checkpoint on every rank.
-    """
-    device = accelerator.device
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                t = p.detach().to(device)
-                torch.distributed.broadcast(t, src=0)
-                if t.data_ptr() != p.data_ptr():  # moved to the accelerator for the broadcast
-                    p.copy_(t)
-
-
-def shard_model(model: nn.Module, accelerator, *, reshard_root: bool = False) -> dict:
-    """Apply FSDP2 in place: ``fully_shard`` every decoder layer, then the root, over all processes.
-
-    The mesh has the accelerator's device type (gloo on CPU, NCCL on CUDA); parameters move to
-    that device layer by layer and become ``DTensor`` s holding this rank's dim-0 shard. The
-    trainable parameters are first broadcast from the main process (:func:`broadcast_trainable`).
-
-    Args:
-        model: the model to train (plain, QAT-prepared or peft), already on its final structure.
-        accelerator: the run's ``Accelerator`` (its process group and device).
-        reshard_root: free the root's gathered parameters after each forward too (forward-only
-            models such as a distillation teacher).
-
-    Returns:
-        Facts for the result: the number of sharded layers, and for one trainable matrix its full
-        numel and the numel this rank holds, and this rank's numel of all parameters.
-    """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    _check_shardable(model)
-    broadcast_trainable(model, accelerator)
-    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
-    layers = decoder_layers(model)
-    for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh, reshard_after_forward=True if reshard_root else None)
-    named = [(n, p) for n, p in model.named_parameters()]
-    in_layer = {id(p) for p in layers[0].parameters()}  # a trainable matrix of the first layer, else any
-    probe = next(((n, p) for n, p in named if id(p) in in_layer and p.requires_grad and p.dim() >= 2),
-                 next(((n, p) for n, p in named if p.requires_grad), named[0]))
-    return {"layers": len(layers), "param": probe[0], "full_numel": probe[1].numel(),
-            "local_numel": probe[1].to_local().numel(), "local_params": sum(p.to_local().numel() for _, p in named)}
-
-
-def _strip_fsdp(module: nn.Module) -> None:
-    """Take FSDP's hooks, state and class off ``module`` (parameters already replaced by plain ones)."""
-    from torch.distributed._composable.contract import REGISTRY_KEY, STATE_KEY
-    from torch.distributed._composable_state import _module_state_mapping
-
-    state = module._get_fsdp_state()
-    handles = [state._pre_forward_hook_handle, state._post_forward_hook_handle]
-    group = state._fsdp_param_group
-    if group is not None:
-        handles += [*group._module_to_pre_save_state_dict_hook_handle.values(),
-                    *group._module_to_pre_load_state_dict_hook_handle.values()]
-        handles += [fp._post_load_hook_handle for fp in group.fsdp_params]
-    for handle in handles:
-        if handle is not None:
-            handle.remove()
-    module.__class__ = type(module).__mro__[type(module)._orig_cls_mro_index]
-    for key in (STATE_KEY, REGISTRY_KEY):
-        module.__dict__.pop(key, None)
-    _module_state_mapping.pop(module, None)  # so that the module can be sharded again
-
-
-def unshard_model(model: nn.Module, device: torch.device | str = "cpu") -> None:
-    """Undo :func:`shard_model` in place: every parameter becomes a plain full tensor on ``device``.
-
-    A collective: every rank calls it, and every rank ends with the same full model. The gathers
-    go one parameter at a time, so the accelerator never holds more than one full tensor.
-    """
-    fsdp_modules = _fsdp_modules(model)
-    if not fsdp_modules:
-        return
-    reshard(model)
-    plain: dict[int, nn.Parameter] = {}  # tied parameters stay tied
-    with torch.no_grad():
-        for m in model.modules():
-            for name, p in list(m._parameters.items()):
-                if p is None:
-                    continue
-                if id(p) not in plain:
-                    plain[id(p)] = nn.Parameter(_full(p.detach()).to(device), requires_grad=p.requires_grad)
-                m._parameters[name] = plain[id(p)]
-            for name, b in list(m._buffers.items()):
-                if b is not None:
-                    m._buffers[name] = b.to(device)
-    for m in fsdp_modules:
-        _strip_fsdp(m)
-    for m in model.modules():
-        for attr in ("_is_fsdp_managed_module", "_fsdp_use_orig_params"):
-            m.__dict__.pop(attr, None)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _gather_objects(obj: object, world: int) -> list:
-    if world == 1:
-        return [obj]
-    out: list = [None] * world
-    torch.distributed.all_gather_object(out, obj)
-    return out
 
 
 # ----------------------------------------------------------------------------- loop
@@ -681,14 +499,14 @@ def train(
     fsdp = config.fsdp and world > 1
     if config.fsdp and world == 1:
         log.warning("fsdp: one process, nothing to shard; training unsharded")
-    sharding, home = None, _device_of(model)
+    sharding, home = None, device_of(model)
     if fsdp:  # FSDP2 by hand (accelerate would wrap in DDP on CPU); accelerate prepares the optimizer only
         facts = shard_model(model, accelerator)
         sharding = {k: v for k, v in facts.items() if k not in ("local_numel", "local_params")}
-        per_rank = _gather_objects((facts["local_numel"], facts["local_params"]), world)
+        per_rank = gather_objects((facts["local_numel"], facts["local_params"]), world)
         sharding.update(local_numel=[a for a, _ in per_rank], local_params=[b for _, b in per_rank], total_params=total)
         if teacher is not None:
-            teacher_home = _device_of(teacher)
+            teacher_home = device_of(teacher)
             shard_model(teacher, accelerator, reshard_root=True)
         wrapped, optimizer = model, accelerator.prepare(_optimizer(model, config))
     else:
@@ -729,7 +547,7 @@ def train(
         if config.max_grad_norm is not None:
             if fsdp:  # torch clips DTensor gradients by their global norm
                 params = [p for p in wrapped.parameters() if p.grad is not None]
-                grad_norm = float(_full(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)))
+                grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)))
             else:
                 norm = accelerator.clip_grad_norm_(wrapped.parameters(), config.max_grad_norm)
                 grad_norm = float(norm) if norm is not None else None

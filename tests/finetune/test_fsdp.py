@@ -58,7 +58,7 @@ def _plain(model: torch.nn.Module) -> bool:
     """No DTensor, no FSDP class, and deepcopy (which FSDP refuses) works."""
     from torch.distributed.tensor import DTensor
 
-    from dsq.finetune.trainer import is_sharded
+    from dsq.finetune.fsdp import is_sharded
 
     copy.deepcopy(model)
     return not is_sharded(model) and not any(isinstance(p, DTensor) for p in model.parameters())
