@@ -27,6 +27,8 @@ import torch
 
 from dsq.errors import CheckpointError
 
+from .fp8 import fp8_format
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -618,7 +620,7 @@ def load_checkpoint(
     files = validate_checkpoint(path, trust_remote_code=trust_remote_code)
     remote_code = {"trust_remote_code": True} if trust_remote_code else {}
     tokenizer = _load_tokenizer(files.root, remote_code)
-    if is_fp8_checkpoint(files.config):
+    if fp8_format(files.config) is not None:
         # transformers 5.23 on CPU infers the block from the scale grid (rows // scale_rows): it fails on
         # DeepSeek-V3's ragged kv_a_proj_with_mqa (576 rows) and is silently wrong when a ragged size divides.
         # dsq dequantizes by the declared weight_block_size, block by block.
@@ -645,12 +647,6 @@ def validate_checkpoint(path: str | Path, *, trust_remote_code: bool = False) ->
 def load_tokenizer(root: Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer of the checkpoint in ``root`` (local files only)."""
     return _load_tokenizer(root, {"trust_remote_code": True} if trust_remote_code else {})
-
-
-def is_fp8_checkpoint(config: Mapping[str, Any]) -> bool:
-    """A block-scaled FP8 checkpoint (DeepSeek-V3/R1's official weights); its format is checked on use."""
-    qconfig = config.get("quantization_config")
-    return isinstance(qconfig, Mapping) and qconfig.get("quant_method") == "fp8"
 
 
 def _load_tokenizer(root: Path, remote_code: Mapping[str, bool]) -> PreTrainedTokenizerBase:

@@ -86,13 +86,12 @@ def fp8_format(config: Mapping[str, Any]) -> FP8BlockFormat | None:
         config: Parsed ``config.json``.
 
     Returns:
-        ``None`` when the config has no ``quantization_config`` (an unquantized checkpoint),
-        else the block format of an ``quant_method: fp8`` checkpoint. A missing ``fmt`` means
+        ``None`` when the config declares no ``quant_method: fp8`` (an unquantized checkpoint or
+        another format), else the block format of the FP8 checkpoint. A missing ``fmt`` means
         e4m3 and a missing ``weight_block_size`` means 128 x 128 (transformers' defaults).
 
     Raises:
-        CheckpointError: ``quantization_config`` is not an object, its ``quant_method`` is not
-            ``fp8`` (dsq reads no other pre-quantized source format), or its ``fmt``,
+        CheckpointError: ``quantization_config`` is not an object, or an FP8 config's ``fmt``,
             ``scale_fmt`` or ``weight_block_size`` is not supported. The message names the key.
 
     Example:
@@ -104,13 +103,8 @@ def fp8_format(config: Mapping[str, Any]) -> FP8BlockFormat | None:
         return None
     if not isinstance(qc, Mapping):
         raise CheckpointError(f"config.json key quantization_config must be an object, got {type(qc).__name__}")
-    method = qc.get("quant_method")
-    if method != "fp8":
-        raise CheckpointError(
-            f"config.json key quantization_config.quant_method is {method!r}: the only pre-quantized "
-            "source format dsq reads is 'fp8' (block-scaled e4m3, as in the official DeepSeek-V3/R1 "
-            "checkpoints); start from an unquantized or FP8 checkpoint"
-        )
+    if qc.get("quant_method") != "fp8":
+        return None  # another format (e.g. a compressed-tensors artifact): not an FP8 base
     fmt = qc.get("fmt", "e4m3")
     if fmt not in SUPPORTED_FMTS:
         raise CheckpointError(

@@ -239,11 +239,11 @@ def run(recipe: Recipe) -> RunResult:
         (log.warning if recipe.streaming is None else log.info)("%s", decision.reason)
         return run_streamed(recipe, files, decision)
     output = Path(recipe.output).expanduser()
-    evaluator_suite = benchmark_suite(recipe)
+    suite = benchmark_suite(recipe)
     loaded = load_checkpoint(files.root, dtype=DTYPES[recipe.dtype], trust_remote_code=recipe.trust_remote_code)
     step = QuantizeStep.from_recipe(recipe, loaded.tokenizer)
     config = step.config
-    evaluator = Evaluator(evaluator_suite, loaded.tokenizer, progress=recipe.progress)
+    evaluator = Evaluator(suite, loaded.tokenizer, progress=recipe.progress)
     with atomic_directory(output, recipe.overwrite) as tmp:
         original = evaluator.evaluate("original", loaded.model, reference=True, disk_path=files.root)
         qreport, quant_seconds, peak_rss = step.apply(loaded.model, progress=recipe.progress)
@@ -311,6 +311,7 @@ def run_streamed(recipe: Recipe, files: CheckpointFiles, decision: StreamingDeci
     _require_streamable(step.config)
     source = source_info(files)
     evaluate = not decide_streaming(None, files, dtype).stream
+    suite = benchmark_suite(recipe)  # bad benchmark paths fail before hours of streaming
     with atomic_directory(output, recipe.overwrite) as tmp:
         with PeakRSS() as rss:
             streamed = quantize_streaming(
@@ -333,7 +334,7 @@ def run_streamed(recipe: Recipe, files: CheckpointFiles, decision: StreamingDeci
             results = _not_evaluated(recipe, tmp, quant, decision, source)
             write_manifest(tmp, source=source.to_dict(), extra={"quantization": qreport.to_dict()})
             return RunResult(output=output, report=None, gates=results, reload=None, quantization=quant)
-        evaluator = Evaluator(benchmark_suite(recipe), tokenizer, progress=recipe.progress)
+        evaluator = Evaluator(suite, tokenizer, progress=recipe.progress)
         original_model = load_checkpoint(files.root, dtype=dtype, trust_remote_code=recipe.trust_remote_code).model
         original = evaluator.evaluate("original", original_model, reference=True, disk_path=files.root)
         del original_model

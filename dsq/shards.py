@@ -41,10 +41,10 @@ class ShardedTensors:
     def __init__(self, files: CheckpointFiles, fp8=None) -> None:
         self.root = files.root
         self.fp8 = fp8
-        self.where: dict[str, Path] = {}
-        for path in files.weight_files:
-            header, _ = read_safetensors_header(path)
-            self.where.update({name: path for name in header if name != "__metadata__"})
+        if files.index is not None:  # validated against the shards' headers by inspect_checkpoint
+            self.where = {name: files.root / shard for name, shard in files.index["weight_map"].items()}
+        else:
+            self.where = dict.fromkeys(files.tensor_names, files.weight_files[0])
         self.used: set[str] = set()
 
     def __contains__(self, name: str) -> bool:

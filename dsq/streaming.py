@@ -24,7 +24,6 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from torch import nn
@@ -32,6 +31,7 @@ from torch import nn
 from . import __version__
 from .checkpoint import CheckpointFiles, inspect_checkpoint, read_safetensors_header
 from .errors import CheckpointError, QuantizationError
+from .fp8 import fp8_format
 from .shards import DEFAULT_MAX_SHARD_BYTES, SCALE_SUFFIX, ShardedTensors, ShardWriter, module_state
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ AUTO_STREAM_FRACTION = 0.5
 # ----------------------------------------------------------------------------- the skeleton
 
 
-def build_skeleton(root: Path, config_dict: Mapping, *, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+def build_skeleton(root: Path, *, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
     """The causal LM of ``root`` with every tensor on ``meta`` (no memory, no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -86,10 +86,6 @@ def _rebuild(model: nn.Module, name: str, module: nn.Module) -> None:
     except TypeError as exc:
         raise CheckpointError(f"{name} ({type(module).__name__}) has computed buffers that cannot be rebuilt: {exc}") from exc
     set_module(model, name, fresh)
-
-
-def _to_meta(module: nn.Module) -> None:
-    module.to("meta")
 
 
 def _return_freed_memory() -> None:
@@ -155,7 +151,7 @@ class StreamedLayers:
         started = time.perf_counter()
         self.writer.add(self.compressor.add(_holder(name, layer)))
         for module in (*self._originals.pop(index, ()), *layer.modules()):
-            _to_meta(module)
+            module.to("meta")
         _return_freed_memory()
         self.layers_written += 1
         self.seconds_writing += time.perf_counter() - started
@@ -217,8 +213,8 @@ def quantize_streaming(
 
     started = time.perf_counter()
     files = inspect_checkpoint(src, allow_unsupported=trust_remote_code)
-    source = ShardedTensors(files, fp8=fp8_of(files))
-    model = build_skeleton(files.root, files.config, dtype=dtype, trust_remote_code=trust_remote_code)
+    source = ShardedTensors(files, fp8=fp8_format(files.config))
+    model = build_skeleton(files.root, dtype=dtype, trust_remote_code=trust_remote_code)
     prefix, layers = decoder_layers(model)
     materialize_outside_layers(model, prefix, source)
     targets = getattr(config, "targets", None)
@@ -261,20 +257,12 @@ def _outside_layers(model: nn.Module, prefix: str, compressor) -> dict[str, torc
         set_module(model, prefix, layers)
 
 
-def fp8_of(files: CheckpointFiles):
-    """The FP8 block format declared by the checkpoint's config.json (None for BF16/FP32 checkpoints)."""
-    from .checkpoint import is_fp8_checkpoint
-    from .fp8 import fp8_format
-
-    return fp8_format(files.config) if is_fp8_checkpoint(files.config) else None
-
-
 def load_model_by_layers(files: CheckpointFiles, *, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """The whole model in memory, read tensor by tensor the way streaming reads it (FP8 dequantized)."""
     from dsq.quantize.sequential import decoder_layers
 
-    source = ShardedTensors(files, fp8=fp8_of(files))
-    model = build_skeleton(files.root, files.config, dtype=dtype, trust_remote_code=trust_remote_code)
+    source = ShardedTensors(files, fp8=fp8_format(files.config))
+    model = build_skeleton(files.root, dtype=dtype, trust_remote_code=trust_remote_code)
     prefix, layers = decoder_layers(model)
     materialize_outside_layers(model, prefix, source)
     for i, layer in enumerate(layers):

@@ -95,6 +95,17 @@ def _layer_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _expert_grid(rows: dict[str, list]) -> tuple[list[str], Any]:
+    """Experts modules in layer order and a (modules x experts) grid of their values (None -> NaN)."""
+    import numpy as np
+
+    names = sorted(rows, key=lambda n: (_layer_of(n) is None, _layer_of(n) or 0, n))
+    grid = np.full((len(names), max(len(rows[n]) for n in names)), np.nan)
+    for i, name in enumerate(names):
+        grid[i, : len(rows[name])] = [np.nan if v is None else v for v in rows[name]]
+    return names, grid
+
+
 def _expert_axes(ax, names: list[str], rows: int, cols: int) -> None:
     """Ticks and labels of a layers x experts heatmap (at most ~32 expert and ~40 layer ticks)."""
     xstep = max(1, math.ceil(cols / 32))
@@ -686,11 +697,7 @@ def expert_sqnr(quant_record: dict, out: Path) -> Path:
         where = "no modules list" if not modules else "no fused-experts module with expert_sqnr_db"
         raise MissingPlotData(f"the {method} quantization record has no per-expert SQNR ({where})")
     out = _png_path(out, "expert_sqnr.png")
-    names = sorted(rows, key=lambda n: (_layer_of(n) is None, _layer_of(n) or 0, n))
-    width = max(len(rows[n]) for n in names)
-    grid = np.full((len(names), width), np.nan)
-    for i, name in enumerate(names):
-        grid[i, : len(rows[name])] = [np.nan if v is None else v for v in rows[name]]
+    names, grid = _expert_grid(rows)
     finite = grid[np.isfinite(grid)]
     if finite.size == 0:
         raise MissingPlotData(f"the {method} quantization record has per-expert SQNRs but none is finite")
@@ -762,16 +769,12 @@ def expert_tokens(quant_record: dict, out: Path) -> Path:
     if not isinstance(counts, dict) or not counts:
         raise MissingPlotData(f"the {method} calibration record has no expert_routed_tokens (no routed experts)")
     out = _png_path(out, "expert_tokens.png")
-    names = sorted(counts, key=lambda n: (_layer_of(n) is None, _layer_of(n) or 0, n))
-    width = max(len(counts[n]) for n in names)
-    grid = np.full((len(names), width), np.nan)
-    for i, name in enumerate(names):
-        grid[i, : len(counts[name])] = counts[name]
+    names, grid = _expert_grid(counts)
     zero = grid == 0
     starved = calibration.get("experts_without_routed_tokens") or {}
     for i, name in enumerate(names):
         for e in starved.get(name, []):
-            if 0 <= e < width:
+            if 0 <= e < grid.shape[1]:
                 zero[i, e] = True
     n_zero = int(zero.sum())
 

@@ -209,14 +209,15 @@ def test_fp8_format_reads_the_official_config():
     assert fp8_format({"quantization_config": odd}) == FP8BlockFormat((64, 32))
     # transformers' FineGrainedFP8Config defaults: no fmt -> e4m3, no block -> 128 x 128.
     assert fp8_format({"quantization_config": {"quant_method": "fp8"}}) == FP8BlockFormat()
+    # other formats are not FP8 bases
+    assert fp8_format({}) is None
+    assert fp8_format({"quantization_config": {**OFFICIAL_QC, "quant_method": "compressed-tensors"}}) is None
 
 
 @pytest.mark.parametrize(
     ("change", "key"),
     [
         ({"fmt": "e5m2"}, "quantization_config.fmt"),
-        ({"quant_method": "compressed-tensors"}, "quantization_config.quant_method"),
-        ({"quant_method": None}, "quantization_config.quant_method"),
         ({"scale_fmt": "ue8m0"}, "quantization_config.scale_fmt"),
         ({"weight_block_size": [128]}, "quantization_config.weight_block_size"),
         ({"weight_block_size": [128, 0]}, "quantization_config.weight_block_size"),
