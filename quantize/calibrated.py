@@ -404,10 +404,12 @@ def _balance(
     targets = [b for b in m.balance if f"{prefix}.{b}" in quantized]
     if not targets:
         return
-    found = _block_search(layer, m, config, collector[input_key(prefix, m)].mean_abs, captured[_parent_name(m)], targets)
+    x_mean = collector[input_key(prefix, m)].mean_abs  # (C,)
+    found = _block_search(layer, m, config, x_mean, captured[_parent_name(m)], targets)
     fold(layer, m, found.s)
     run.per_module[f"{prefix}.{m.smooth}"] = {
         "awq_balances": list(m.balance),
+        "input_max_over_median": float(x_mean.max() / x_mean.median().clamp_min(1e-12)),  # ~1-5 flat, 10-100+ outliers
         "awq_ratio": found.ratio,
         "awq_loss": found.loss,
         "awq_loss_without_scaling": found.loss_unscaled,
