@@ -5,21 +5,27 @@ channels of every Linear behind a norm carry 20-100x the median magnitude, as in
 models. It prints, per Linear, max/median of the mean |input| before and after, and the largest
 logit change.
 
-    python benchmarks/make_outlier_model.py --out runs/outlier_model [--model DIR] [--fraction 0.02]
+    python benchmarks/make_outlier_model.py --out runs/outlier_model [--model DIR] [--fraction 0.02] [--overwrite]
+
+The copy holds outliers.json (the spec and the check); only a directory holding one is replaced.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from dsq.artifact import atomic_directory
+from dsq.artifact import atomic_directory, prepare_output
 from dsq.assets import tiny_model_dir
 from dsq.checkpoint import load_checkpoint
 from dsq.outliers import OutlierSpec, add_outlier_channels, input_outlier_ratios
 from dsq.quantize.calibration_data import CalibrationDataSpec, load_calibration
+
+MARKER = "outliers.json"
 
 
 def main() -> None:
@@ -30,8 +36,10 @@ def main() -> None:
     parser.add_argument("--low", type=float, default=OutlierSpec.low)
     parser.add_argument("--high", type=float, default=OutlierSpec.high)
     parser.add_argument("--seed", type=int, default=OutlierSpec.seed)
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier copy at --out")
     args = parser.parse_args()
     spec = OutlierSpec(args.fraction, args.low, args.high, args.seed)
+    prepare_output(Path(args.out), args.overwrite, MARKER)  # fail before any work
     loaded = load_checkpoint(args.model or tiny_model_dir())
     model = loaded.model
     ids = load_calibration(CalibrationDataSpec(samples=8, seq_len=256), loaded.tokenizer)
@@ -47,9 +55,11 @@ def main() -> None:
     for name in before:
         print(f"| {name} | {before[name]:.1f} | {after[name]:.1f} |")
     print(f"| median over Linears | {statistics.median(before.values()):.1f} | {statistics.median(after.values()):.1f} |")
-    with atomic_directory(Path(args.out), overwrite=True) as tmp:
+    with atomic_directory(Path(args.out), args.overwrite, MARKER) as tmp:
         model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
+        record = {"spec": asdict(spec), "norms": norms, "max_abs_logit_change": diff, "base": str(args.model or tiny_model_dir())}
+        (tmp / MARKER).write_text(json.dumps(record, indent=2))
     print(f"\nwrote {args.out}")
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from .quantize.mappings import fold, resolve
 from .quantize.sequential import decoder_layers
+from .quantize.stats import max_over_median
 
 
 @dataclass(frozen=True)
@@ -59,14 +60,6 @@ def outlier_gains(width: int, spec: OutlierSpec) -> torch.Tensor:
     return gains
 
 
-def _norm_width(module: nn.Module) -> int | None:
-    """Channel count of a norm (a 1-D ``weight``), None for anything else (Linears, experts)."""
-    if isinstance(module, nn.Linear):
-        return None
-    weight = getattr(module, "weight", None)
-    return weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 1 else None
-
-
 @torch.no_grad()
 def add_outlier_channels(model: nn.Module, spec: OutlierSpec = OutlierSpec()) -> list[str]:
     """Give every norm that feeds balance layers outlier channels; the fp function is unchanged.
@@ -78,10 +71,10 @@ def add_outlier_channels(model: nn.Module, spec: OutlierSpec = OutlierSpec()) ->
     done = []
     for i, layer in enumerate(layers):
         for m in resolve(layer):
-            width = None if m.per_expert else _norm_width(layer.get_submodule(m.smooth))
-            if width is None:
+            smooth = layer.get_submodule(m.smooth)
+            if m.per_expert or isinstance(smooth, nn.Linear):  # only norms: where real outliers come from
                 continue
-            fold(layer, m, 1.0 / outlier_gains(width, spec))  # norm gain x g, reader columns / g
+            fold(layer, m, 1.0 / outlier_gains(smooth.weight.shape[0], spec))  # norm gain x g, reader columns / g
             done.append(f"{prefix}.{i}.{m.smooth}")
     return done
 
@@ -111,4 +104,4 @@ def input_outlier_ratios(model: nn.Module, input_ids: torch.Tensor) -> dict[str,
     finally:
         for h in handles:
             h.remove()
-    return {n: float(s.max() / s.median().clamp_min(1e-12)) for n, s in sums.items()}
+    return {n: max_over_median(s) for n, s in sums.items()}

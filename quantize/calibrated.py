@@ -34,7 +34,7 @@ from .sequential import (
 )
 from .smoothquant import smoothing_factors
 from .w8a8 import ActivationScheme, DynamicPerToken, StaticPerTensor, quantize_w8a8_
-from .stats import InputStats, StatsCollector
+from .stats import InputStats, StatsCollector, max_over_median
 from .targets import TargetDecision, TargetSpec, select_targets
 
 
@@ -409,7 +409,7 @@ def _balance(
     fold(layer, m, found.s)
     run.per_module[f"{prefix}.{m.smooth}"] = {
         "awq_balances": list(m.balance),
-        "input_max_over_median": float(x_mean.max() / x_mean.median().clamp_min(1e-12)),  # ~1-5 flat, 10-100+ outliers
+        "input_max_over_median": max_over_median(x_mean),
         "awq_ratio": found.ratio,
         "awq_loss": found.loss,
         "awq_loss_without_scaling": found.loss_unscaled,

@@ -1,6 +1,9 @@
 """Outlier channels (dsq.outliers): function-preserving, measurable, and what AWQ is for."""
 import copy
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,3 +80,15 @@ def test_awq_recovers_what_outlier_channels_cost_rtn(tiny_checkpoint, arch):
     # the report says what AWQ saw: outlier channels at every input norm
     ratios = [r["input_max_over_median"] for n, r in report.calibration["modules"].items() if n.endswith("input_layernorm")]
     assert len(ratios) == plain.config.num_hidden_layers and min(ratios) > 10
+
+
+def test_make_outlier_model_refuses_a_directory_it_did_not_write(tmp_path):
+    """The benchmark script fails before any work, naming the directory, and leaves it as it was."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "make_outlier_model.py"
+    proc = subprocess.run([sys.executable, str(script), "--out", str(out), "--overwrite"], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert str(out) in proc.stderr and "outliers.json" in proc.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"] and (out / "notes.txt").read_text() == "keep"
