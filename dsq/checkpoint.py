@@ -3,12 +3,15 @@
 A checkpoint is a directory with ``config.json``, safetensors weights (one
 ``model.safetensors`` or shards listed in ``model.safetensors.index.json``) and a
 tokenizer. Everything is validated before any weight is read: the directory layout,
-the config, every safetensors header (offsets, sizes, dtypes) and the shard index.
-Pickle-based weights are refused outright and never unpickled. Loading is local only;
-the hub is never contacted.
+the config and its field types, every safetensors header (offsets, sizes, dtypes), the
+shard index, and the headers against the model the config describes (decoder layer and
+expert counts, every tensor's shape and dtype; see :mod:`dsq.preflight`). Pickle-based
+weights are refused outright and never unpickled. Loading is local only; the hub is
+never contacted.
 
-After loading, tensors the model needs but the files lack, and tensors whose shapes do
-not match, are errors: transformers would otherwise initialise them randomly.
+Tensors the model needs but the files lack are errors (:func:`validate_checkpoint`):
+transformers would otherwise initialise them randomly. A tokenizer with more tokens than
+``vocab_size`` is an error too; one with fewer is a note.
 """
 from __future__ import annotations
 
@@ -16,9 +19,8 @@ import hashlib
 import json
 import logging
 import math
-import re
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +30,10 @@ import torch
 from dsq.errors import CheckpointError
 
 from .fp8 import fp8_format
+from .preflight import (
+    HeaderCheck, check_config_types, check_expert_counts, check_headers_against_config,
+    check_tokenizer, describe_missing, model_facts, name_some, stored_tensors,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -51,9 +57,6 @@ BUNDLED_MODEL_DIR = "tiny_deepseek_v3"
 
 MAX_HEADER_BYTES = 100_000_000
 """Largest safetensors header accepted (the limit the safetensors library itself uses)."""
-
-MAX_NAMED_KEYS = 10
-"""How many offending tensor names an error message lists."""
 
 FINGERPRINT_FULL_HASH_BYTES = 64 * 2**20
 """Weight files whose data section is at most this large are fingerprinted byte for byte."""
@@ -87,9 +90,6 @@ SAFETENSORS_DTYPE_BITS: Mapping[str, int] = {
     "F6_E3M2": 6,
 }
 """Bits per element of every safetensors dtype."""
-
-_EXPERT_KEY = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<index>\d+)\.(?P<suffix>.+)$")
-_EXPERT_COUNT_KEYS: tuple[str, ...] = ("n_routed_experts", "num_experts", "num_local_experts")
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,9 @@ class CheckpointFiles:
         weight_files: Safetensors files the model loads from, sorted by name.
         index: Parsed ``model.safetensors.index.json`` if the checkpoint is sharded.
         tensor_names: Names of all tensors stored in ``weight_files``.
+        missing: Tensors the model needs that no weight file holds (empty when the headers were
+            not checked against the config: an already-quantized or custom-code checkpoint).
+        notes: Sentences for the run's report (e.g. a multi-token-prediction layer not used).
     """
 
     root: Path
@@ -148,6 +151,8 @@ class CheckpointFiles:
     weight_files: tuple[Path, ...]
     index: dict[str, Any] | None
     tensor_names: frozenset[str]
+    missing: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -158,11 +163,14 @@ class LoadedModel:
         model: The causal language model, in eval mode.
         tokenizer: The tokenizer stored alongside the weights.
         source: Identity of the checkpoint it came from.
+        notes: Sentences for the run's report about the checkpoint (a tokenizer smaller than
+            the vocabulary, tensors the model does not use).
     """
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     source: SourceInfo
+    notes: tuple[str, ...] = ()
 
 
 def bundled_model_path() -> Path:
@@ -314,6 +322,13 @@ def _tensor_entries(header: Mapping[str, Any]) -> dict[str, Any]:
 def inspect_checkpoint(path: str | Path, *, allow_unsupported: bool = False) -> CheckpointFiles:
     """Validate a checkpoint directory without loading any weight.
 
+    The safetensors headers are checked against the model config.json describes (built on the
+    ``meta`` device): decoder layer and expert counts, every tensor's shape and dtype, FP8 block
+    scales. Tensors the model does not use are tolerated; tensors it needs but the files lack are
+    recorded in ``missing`` (:func:`validate_checkpoint` refuses them). Checkpoints of a custom
+    ``model_type`` and already-quantized ones (a ``quantization_config`` other than FP8) are checked
+    up to their expert tensors only.
+
     Args:
         path: The checkpoint directory.
         allow_unsupported: Accept a ``model_type`` outside :data:`SUPPORTED_MODEL_TYPES`.
@@ -322,8 +337,9 @@ def inspect_checkpoint(path: str | Path, *, allow_unsupported: bool = False) -> 
         The validated layout of the checkpoint.
 
     Raises:
-        CheckpointError: The directory, its config or its weights cannot be used; the
-            message names the offending path, file or tensor.
+        CheckpointError: The directory, its config or its weights cannot be used, or the
+            weights and the config disagree; the message names the offending path, key,
+            file or tensor.
     """
     root = _checkpoint_dir(path)
     config = _read_config(root)
@@ -335,7 +351,8 @@ def inspect_checkpoint(path: str | Path, *, allow_unsupported: bool = False) -> 
     if index is not None:
         _check_index_against_headers(root, index, headers)
     tensor_names = frozenset(name for header in headers.values() for name in _tensor_entries(header))
-    _check_expert_tensors(root, config, tensor_names)
+    check_expert_counts(root, config, tensor_names)
+    check = _check_against_config(root, config, headers, index)
     return CheckpointFiles(
         root=root,
         config=config,
@@ -343,7 +360,21 @@ def inspect_checkpoint(path: str | Path, *, allow_unsupported: bool = False) -> 
         weight_files=weight_files,
         index=index,
         tensor_names=tensor_names,
+        missing=check.missing,
+        notes=check.notes,
     )
+
+
+def _check_against_config(
+    root: Path, config: Mapping[str, Any], headers: Mapping[Path, Mapping[str, Any]], index: Mapping[str, Any] | None
+) -> HeaderCheck:
+    """The headers against the model of a supported, unquantized (or FP8) config; nothing otherwise."""
+    qc = config.get("quantization_config")
+    already_quantized = qc is not None and fp8_format(config) is None
+    if config["model_type"] not in SUPPORTED_MODEL_TYPES or already_quantized:
+        return HeaderCheck()
+    facts = model_facts(config, root / CONFIG_NAME)
+    return check_headers_against_config(root, config, stored_tensors(headers, index), facts)
 
 
 def _checkpoint_dir(path: str | Path) -> Path:
@@ -375,6 +406,7 @@ def _read_config(root: Path) -> dict[str, Any]:
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         raise CheckpointError(f"{config_path} has no model_type")
+    check_config_types(config, config_path)
     return config
 
 
@@ -464,50 +496,6 @@ def _check_index_against_headers(
                 f"shard index {root / SAFE_WEIGHTS_INDEX_NAME} maps tensor {tensor!r} to shard "
                 f"{shard!r}, but {shard_path} does not contain it"
             )
-
-
-def _check_expert_tensors(root: Path, config: Mapping[str, Any], tensor_names: Iterable[str]) -> None:
-    """Check that per-expert MoE tensors are complete.
-
-    Files store experts one by one (``...mlp.experts.3.up_proj.weight``) while
-    transformers fuses them into 3-D parameters on load, so a single missing expert
-    tensor would otherwise surface as an opaque conversion error.
-    """
-    found: dict[str, set[tuple[int, str]]] = {}
-    for name in tensor_names:
-        match = _EXPERT_KEY.match(name)
-        if match is not None:
-            found.setdefault(match["prefix"], set()).add((int(match["index"]), match["suffix"]))
-    configured = _configured_expert_count(config)
-    missing: list[str] = []
-    for prefix, present in sorted(found.items()):
-        count = configured if configured is not None else 1 + max(index for index, _ in present)
-        suffixes = sorted({suffix for _, suffix in present})
-        missing.extend(
-            f"{prefix}.{index}.{suffix}"
-            for index in range(count)
-            for suffix in suffixes
-            if (index, suffix) not in present
-        )
-    if missing:
-        raise CheckpointError(
-            f"checkpoint {root} is missing {len(missing)} expert tensor(s): {_name_some(missing)}"
-        )
-
-
-def _configured_expert_count(config: Mapping[str, Any]) -> int | None:
-    for key in _EXPERT_COUNT_KEYS:
-        value = config.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
-
-
-def _name_some(names: Iterable[str]) -> str:
-    ordered = sorted(names)
-    shown = ", ".join(ordered[:MAX_NAMED_KEYS])
-    rest = len(ordered) - MAX_NAMED_KEYS
-    return shown + (f" (and {rest} more)" if rest > 0 else "")
 
 
 # --------------------------------------------------------------------------- identity
@@ -611,15 +599,21 @@ def load_checkpoint(
         device: Device to place the model on.
 
     Returns:
-        The model (in eval mode), its tokenizer and its :class:`SourceInfo`.
+        The model (in eval mode), its tokenizer, its :class:`SourceInfo` and the notes about
+        the checkpoint for the run's report.
 
     Raises:
         CheckpointError: The checkpoint is invalid, a tensor the model needs is missing
-            or has the wrong shape, or the tokenizer cannot be loaded.
+            or has the wrong shape, the tokenizer cannot be loaded or has token ids beyond
+            the vocabulary.
     """
     files = validate_checkpoint(path, trust_remote_code=trust_remote_code)
     remote_code = {"trust_remote_code": True} if trust_remote_code else {}
     tokenizer = _load_tokenizer(files.root, remote_code)
+    tokenizer_note = check_tokenizer(tokenizer, files.config, files.root)
+    notes = files.notes + ((tokenizer_note,) if tokenizer_note is not None else ())
+    for note in notes:
+        logger.info("checkpoint %s: %s", files.root, note)
     if fp8_format(files.config) is not None:
         # transformers 5.23 on CPU infers the block from the scale grid (rows // scale_rows): it fails on
         # DeepSeek-V3's ragged kv_a_proj_with_mqa (576 rows) and is silently wrong when a ragged size divides.
@@ -630,23 +624,53 @@ def load_checkpoint(
     else:
         model = _load_model(files, dtype=dtype, device=device, remote_code=remote_code)
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source_info(files))
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source_info(files), notes=notes)
 
 
 def validate_checkpoint(path: str | Path, *, trust_remote_code: bool = False) -> CheckpointFiles:
-    """Check a checkpoint directory (config, weights, index, experts) without loading any weight.
+    """Check a checkpoint directory without loading any weight: what :func:`inspect_checkpoint`
+    checks, and that no tensor the model needs is missing.
+
+    Args:
+        path: The checkpoint directory.
+        trust_remote_code: Accept a custom ``model_type`` whose config declares ``auto_map``.
+
+    Returns:
+        The validated layout of the checkpoint.
 
     Raises:
         CheckpointError: naming the file, key or tensor at fault.
     """
     root = _checkpoint_dir(path)
     config = _read_config(root)
-    return inspect_checkpoint(root, allow_unsupported=trust_remote_code and "auto_map" in config)
+    files = inspect_checkpoint(root, allow_unsupported=trust_remote_code and "auto_map" in config)
+    if files.missing:
+        raise CheckpointError(
+            f"checkpoint {files.root} is missing {len(files.missing)} tensor(s) the model needs (config.json "
+            f"implies them; transformers would initialise them randomly): {name_some(describe_missing(files.missing))}"
+        )
+    return files
 
 
 def load_tokenizer(root: Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """The tokenizer of the checkpoint in ``root`` (local files only)."""
-    return _load_tokenizer(root, {"trust_remote_code": True} if trust_remote_code else {})
+    """The tokenizer of the checkpoint in ``root`` (local files only), checked against its vocab_size.
+
+    Args:
+        root: The checkpoint directory.
+        trust_remote_code: Allow custom tokenizer code shipped with the checkpoint.
+
+    Returns:
+        The tokenizer.
+
+    Raises:
+        CheckpointError: It cannot be loaded, or has token ids beyond config.json's vocab_size.
+    """
+    root = Path(root)
+    tokenizer = _load_tokenizer(root, {"trust_remote_code": True} if trust_remote_code else {})
+    note = check_tokenizer(tokenizer, _read_config(root), root)
+    if note is not None:
+        logger.info("checkpoint %s: %s", root, note)
+    return tokenizer
 
 
 def _load_tokenizer(root: Path, remote_code: Mapping[str, bool]) -> PreTrainedTokenizerBase:
@@ -696,7 +720,7 @@ def _check_loading_info(root: Path, info: Mapping[str, Any]) -> None:
     if missing:
         raise CheckpointError(
             f"checkpoint {root} is missing {len(missing)} tensor(s) the model needs "
-            f"(transformers would initialise them randomly): {_name_some(missing)}"
+            f"(transformers would initialise them randomly): {name_some(missing)}"
         )
     mismatched = sorted(info.get("mismatched_keys") or (), key=lambda item: str(item[0]))
     if mismatched:
@@ -705,7 +729,7 @@ def _check_loading_info(root: Path, info: Mapping[str, Any]) -> None:
         ]
         raise CheckpointError(
             f"checkpoint {root} has {len(mismatched)} tensor(s) whose shape does not match the "
-            f"model: {_name_some(described)}"
+            f"model: {name_some(described)}"
         )
     unexpected = sorted(info.get("unexpected_keys") or ())
     if unexpected:
@@ -713,5 +737,5 @@ def _check_loading_info(root: Path, info: Mapping[str, Any]) -> None:
             "checkpoint %s has %d tensor(s) the model does not use: %s",
             root,
             len(unexpected),
-            _name_some(unexpected),
+            name_some(unexpected),
         )

@@ -1,19 +1,26 @@
 """Command line: ``dsq run RECIPE [key.path=value ...]``, ``dsq export ARTIFACT``, ``dsq recipe``, ``dsq plan CHECKPOINT [RECIPE]``.
 
-Exit codes: 0 success; 1 a quality gate failed (the artifact is written and names the
-failing metric); 2 unusable input (recipe, checkpoint, data) or usage error, with no artifact.
+Exit codes are a contract: 0 success; 1 a quality gate failed (the artifact is written and names
+the failing metric), and nothing else; 2 anything else that stops a command: unusable input (recipe,
+checkpoint, data), a usage error, an I/O error or an unexpected exception, always as one line on
+stderr (the traceback with ``--debug`` or ``DSQ_DEBUG=1``) and with no artifact written; 130 / 143
+after SIGINT / SIGTERM, once temporary files are removed.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import sys
+import traceback
 
 from . import __version__
-from .errors import DsqError, DsqInputError
+from .errors import DsqError, DsqInputError, Interrupted
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_INPUT = 0, 1, 2
+EXIT_SIGNAL_BASE = 128  # exit 128 + N after signal N: 130 for SIGINT, 143 for SIGTERM (shell convention)
+MAX_MESSAGE_CHARS = 4000  # an error message longer than this is cut (a message must stay readable)
 
 RUN_EPILOG = """\
 overrides are dotted paths into the recipe, parsed as YAML values, e.g.
@@ -51,13 +58,23 @@ exit codes: 0 ok, 2 bad input (missing directory or config.json, unreadable weig
 """
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
 
 
@@ -71,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dsq", description="Compression toolkit for DeepSeek language models.")
     parser.add_argument("--version", action="version", version=f"dsq {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the full traceback of an unexpected error (also DSQ_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     run = sub.add_parser(
         "run", help="run a recipe: quantize, save the artifact, evaluate against the original",
@@ -89,11 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", help="export directory (default: ARTIFACT-onnx beside it)")
     export.add_argument("--accuracy-level", type=int, choices=range(5), default=0,
                         help="MatMulNBits compute: 0/1 fp32 (default), 4 int8 activations")
-    export.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    export.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime intra-op threads")
     export.add_argument("--weight-op", choices=("matmul_nbits", "dequantize_linear"), default="matmul_nbits",
                         help="weight-only layers as ORT's MatMulNBits (default) or standard opset-21 DequantizeLinear + MatMul")
     export.add_argument("--quantize-embeddings", action="store_true", help="store the input embedding int8 (per-row scales)")
-    export.add_argument("--tolerance", type=float, default=None,
+    export.add_argument("--tolerance", type=_positive_float, default=None,
                         help="max |delta logit| vs PyTorch (default 1e-4 fp, 1e-3 weight-only, 0.25 W8A8)")
     export.add_argument("--evaluate", action="store_true",
                         help="also run the bundled benchmark suite on the torch model and the ONNX model")
@@ -145,6 +164,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         print("evaluation not run: the model does not fit in memory here (see report.md)")
         rows = [("artifact", result.quantization or {})]
+    for note in result.report.meta.get("checkpoint_notes", []) if result.report is not None else []:
+        print(f"NOTE checkpoint: {note}")
     for name, quantization in rows:
         for note in quantization.get("notes", []):
             print(f"NOTE {name}: {note}")
@@ -237,23 +258,77 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 COMMANDS = {"run": _cmd_run, "recipe": _cmd_recipe, "export": _cmd_export, "validate": _cmd_validate, "plan": _cmd_plan}
 
 
+def _raise_interrupted(signum: int, frame) -> None:
+    # Further signals while the stack unwinds would cut the clean-up short: ignore them.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def _install_signal_handlers() -> dict[int, object]:
+    """SIGINT and SIGTERM raise :class:`Interrupted` (main thread only); returns the previous handlers."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, _raise_interrupted)
+    return previous
+
+
+def _bounded(message: object) -> str:
+    """The message, cut to ``MAX_MESSAGE_CHARS`` (a message built from hostile input can be huge)."""
+    text = str(message).rstrip()
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    return f"{text[:MAX_MESSAGE_CHARS]} ... ({len(text) - MAX_MESSAGE_CHARS} more characters)"
+
+
+def _describe_unexpected(exc: BaseException) -> str:
+    """One line for an exception dsq did not anticipate; OS errors name the path and the reason."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        return f"{where}{exc.strerror}"
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one dsq command; returns the exit code (see the module docstring)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("DSQ_DEBUG", "") not in ("", "0")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if args.command is None:
         parser.print_help()
         return EXIT_INPUT
+    previous = _install_signal_handlers()
     try:
         return COMMANDS[args.command](args)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        print(f"dsq: interrupted by {signal.Signals(signum).name}; temporary files removed, nothing written",
+              file=sys.stderr)
+        return EXIT_SIGNAL_BASE + signum
     except DsqInputError as exc:
-        print(f"dsq: error: {exc}", file=sys.stderr)
+        print(f"dsq: error: {_bounded(exc)}", file=sys.stderr)
         return EXIT_INPUT
     except DsqError as exc:
-        print(f"dsq: failed: {exc}", file=sys.stderr)
+        print(f"dsq: failed: {_bounded(exc)}", file=sys.stderr)
         return EXIT_INPUT
+    except Exception as exc:  # the contract: a traceback is never the interface, exit 1 is only a failed gate
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug else " (rerun with --debug or DSQ_DEBUG=1 for the traceback)"
+        print(f"dsq: {args.command} failed: {_bounded(_describe_unexpected(exc))}{hint}", file=sys.stderr)
+        return EXIT_INPUT
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -37,3 +37,16 @@ class QuantizationError(DsqError):
 
 class ExportError(DsqError):
     """An ONNX export cannot be built, or does not match PyTorch; names the layer or the figure."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived: unwind (temporary files are removed on the way) and exit 128 + signal.
+
+    A ``BaseException`` like ``KeyboardInterrupt``, so that no ``except Exception`` swallows it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import torch
 
+from .artifact import MANIFEST, claim_output
 from .checkpoint import LoadedModel, load_checkpoint
-from .errors import CheckpointError
+from .errors import CheckpointError, RecipeError
 from .load_artifact import load_artifact
+from .manifest import EXPORT_MANIFEST, ArtifactIntegrityError, directory_files, extend_manifest, verify_manifest
 from .recipe import ExportSection
 from dsq.eval import Evaluator, ModelMetrics
 from dsq.export import (
@@ -80,18 +82,68 @@ def export_and_evaluate(
     return ExportOutcome(result, row)
 
 
-def load_for_export(path: Path) -> LoadedModel:
-    """An fp checkpoint (transformers) or a dsq compressed-tensors artifact (dsq's own modules)."""
+def _quantization_config(path: Path) -> dict | None:
+    """``config.json``'s ``quantization_config`` (None for an fp checkpoint).
+
+    Raises:
+        CheckpointError: no readable ``config.json`` object, or a ``quantization_config`` that is not an object.
+    """
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{path}: no config.json; not a model directory")
     try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_file}: not valid JSON ({exc})") from exc
+        config = json.loads(config_file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{config_file}: not valid UTF-8 JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file}: not a JSON object")
     qconfig = config.get("quantization_config")
-    if not qconfig:
+    if qconfig is not None and not isinstance(qconfig, dict):
+        raise CheckpointError(f"{config_file}: quantization_config must be an object, got {type(qconfig).__name__}")
+    return qconfig or None
+
+
+def verify_export_source(path: Path, output: Path) -> None:
+    """What ``dsq export`` accepts: a dsq artifact whose manifest verifies, or an fp checkpoint.
+
+    A directory with ``manifest.json`` is verified (:func:`dsq.manifest.verify_manifest`), and ``output``
+    may not lie inside it (the artifact would no longer match its manifest). Without a manifest,
+    a compressed-tensors ``quantization_config`` is refused: dsq's artifacts always carry a manifest, so
+    such a directory was not written by dsq or lost its manifest. Other quantization methods are left to
+    :func:`load_for_export`, which names the ones that have no ONNX form.
+
+    Raises:
+        ArtifactIntegrityError: the manifest does not verify, ``output`` is inside the artifact, or a
+            compressed-tensors checkpoint has no manifest.
+        CheckpointError: no readable ``config.json``.
+    """
+    if (path / MANIFEST).exists() or (path / MANIFEST).is_symlink():
+        verify_manifest(path)
+        if output.resolve().is_relative_to(path.resolve()):
+            raise ArtifactIntegrityError(
+                f"output {output} is inside the artifact {path}, which would then no longer match its {MANIFEST}; "
+                "export beside it (the default is ARTIFACT-onnx)"
+            )
+        return
+    qconfig = _quantization_config(path)
+    if qconfig is not None and qconfig.get("quant_method") == "compressed-tensors":
+        raise ArtifactIntegrityError(
+            f"{path}: config.json has a compressed-tensors quantization_config but there is no {MANIFEST}; "
+            "dsq exports its own artifacts (whose manifest verifies) and fp checkpoints"
+        )
+
+
+def load_for_export(path: Path) -> LoadedModel:
+    """An fp checkpoint (transformers) or a dsq compressed-tensors artifact (dsq's own modules).
+
+    Raises:
+        CheckpointError: no readable ``config.json``, a quantization method dsq cannot read, or an
+            artifact that does not load (see :func:`dsq.load_artifact.load_artifact`).
+    """
+    qconfig = _quantization_config(path)
+    if qconfig is None:
         return load_checkpoint(path)
+    config_file = path / "config.json"
     method = qconfig.get("quant_method")
     if method != "compressed-tensors":
         raise CheckpointError(
@@ -109,6 +161,18 @@ class StandaloneExport:
     report: object | None
 
 
+def _export_section(*, tolerance: float | None, **options) -> ExportSection:
+    """The export settings of ``dsq export``, checked by the recipe's own ``export:`` schema."""
+    from pydantic import ValidationError
+
+    from .recipe import ExportValidationSection, format_errors
+
+    try:
+        return ExportSection(validation=ExportValidationSection(tolerance=tolerance), **options)
+    except ValidationError as exc:
+        raise RecipeError(format_errors(exc, "dsq export options", ExportSection)) from None
+
+
 def run_export(
     source: Path, output: Path, *, accuracy_level: int = 0, threads: int | None = None, tolerance: float | None = None,
     evaluate: bool = False, speed: bool = False, overwrite: bool = False, progress: bool = True,
@@ -117,33 +181,41 @@ def run_export(
     """``dsq export``: load ``source`` (fp checkpoint or dsq artifact), export to ``output``, validate.
 
     With ``evaluate`` the bundled benchmark suite runs on the torch model (the reference row) and on
-    the ONNX model; the report goes to ``output/report.{json,md}``.
+    the ONNX model; the report goes to ``output/report.{json,md,html}`` and into the export's manifest.
+
+    Raises:
+        ArtifactIntegrityError: ``source`` is a dsq artifact whose manifest does not verify, or a
+            compressed-tensors checkpoint without a manifest (checked before anything is loaded or written).
+        CheckpointError: ``source`` cannot be loaded.
+        ExportError: the export failed or does not match PyTorch.
     """
     import time
 
     from dsq.eval import Report, write_report
 
     from .pipeline import benchmark_suite
-    from .recipe import ExportValidationSection, Recipe
+    from .recipe import Recipe
 
-    loaded = load_for_export(source)
-    section = ExportSection(
-        accuracy_level=accuracy_level, evaluate=evaluate, threads=threads, weight_op=weight_op,
-        quantize_embeddings=quantize_embeddings, validation=ExportValidationSection(tolerance=tolerance),
-    )
-    evaluator = torch_row = None
-    if evaluate:
-        recipe = Recipe.model_validate({"eval": {"speed": {} if speed else None}})
-        evaluator = Evaluator(benchmark_suite(recipe), loaded.tokenizer, progress=progress)
-        torch_row = evaluator.evaluate(f"{source.name} (torch)", loaded.model, reference=True, disk_path=source)
-    name = source.name
-    outcome = export_and_evaluate(
-        loaded.model, loaded.tokenizer, output, section, evaluator=evaluator, name=name, torch_row=torch_row,
-        source=loaded.source.to_dict(), overwrite=overwrite,
-    )
-    report = None
-    if outcome.row is not None:
-        meta = {"model": str(source), "export": str(output), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        report = Report(torch_row, [outcome.row], [], meta=meta)
-        write_report(report, output)
-    return StandaloneExport(outcome.result, report)
+    verify_export_source(source, output)  # before anything is loaded or written
+    with claim_output(output, overwrite, marker=EXPORT_MANIFEST):  # held from before the model is loaded
+        section = _export_section(accuracy_level=accuracy_level, evaluate=evaluate, threads=threads, weight_op=weight_op,
+                                  quantize_embeddings=quantize_embeddings, tolerance=tolerance)
+        loaded = load_for_export(source)
+        evaluator = torch_row = None
+        if evaluate:
+            recipe = Recipe.model_validate({"eval": {"speed": {} if speed else None}})
+            evaluator = Evaluator(benchmark_suite(recipe), loaded.tokenizer, progress=progress)
+            torch_row = evaluator.evaluate(f"{source.name} (torch)", loaded.model, reference=True, disk_path=source)
+        name = source.name
+        outcome = export_and_evaluate(
+            loaded.model, loaded.tokenizer, output, section, evaluator=evaluator, name=name, torch_row=torch_row,
+            source=loaded.source.to_dict(), overwrite=overwrite,
+        )
+        report = None
+        if outcome.row is not None:
+            meta = {"model": str(source), "export": str(output), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            report = Report(torch_row, [outcome.row], [], meta=meta)
+            exported = set(directory_files(output, exclude=EXPORT_MANIFEST))
+            write_report(report, output)
+            extend_manifest(output, sorted(set(directory_files(output, exclude=EXPORT_MANIFEST)) - exported))
+        return StandaloneExport(outcome.result, report)

@@ -8,7 +8,6 @@ Groups with ``input_activations`` (int8 token-dynamic or tensor-static) become
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -16,13 +15,15 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from .artifact_check import (
+    check_quantized_tensors, check_weight_shapes, group_for, parse_quantization_config, read_tensor_specs,
+)
 from .checkpoint import LoadedModel, inspect_checkpoint, source_info
 from .errors import CheckpointError
-from dsq.quantize.compressed_tensors_format import decompress_tensor, scheme_from_args
+from dsq.quantize.compressed_tensors_format import decompress_tensor
 from dsq.quantize.modules import QuantExperts, QuantLinear, is_fused_experts, set_module
 from dsq.quantize.primitives import QuantizedWeight, stack_weights
-from dsq.quantize.w8a8 import WEIGHT_SCHEME as W8A8_WEIGHT_SCHEME
-from dsq.quantize.w8a8 import DynamicPerToken, StaticPerTensor, W8A8Experts, W8A8Linear
+from dsq.quantize.w8a8 import StaticPerTensor, W8A8Experts, W8A8Linear
 
 
 def _read_tensors(files) -> dict[str, torch.Tensor]:
@@ -30,44 +31,6 @@ def _read_tensors(files) -> dict[str, torch.Tensor]:
     for f in files:
         tensors.update(load_file(str(f)))
     return tensors
-
-
-def _group_for(name: str, groups: list[tuple[re.Pattern, dict]]) -> dict | None:
-    """The config group (``weights``, ``input_activations``) whose target matches ``name``."""
-    for pattern, group in groups:
-        if pattern.search(name):
-            return group
-    return None
-
-
-def _compile_groups(qconfig: dict) -> list[tuple[re.Pattern, dict]]:
-    groups = []
-    for group in qconfig.get("config_groups", {}).values():
-        for target in group.get("targets", []):
-            if not target.startswith("re:"):
-                raise CheckpointError(f"config group target {target!r} is not a module-name pattern dsq wrote")
-            groups.append((re.compile(target[3:]), group))
-    return groups
-
-
-def _activation_scheme(group: dict, root: Path):
-    """None (weight-only), DynamicPerToken or StaticPerTensor from a group's ``input_activations``."""
-    args = group.get("input_activations")
-    if not args:
-        return None
-    if scheme_from_args(group["weights"]) != W8A8_WEIGHT_SCHEME:
-        raise CheckpointError(f"{root}: int8 input activations need int8 per-channel symmetric weights, got {group['weights']}")
-    if args.get("type", "int") != "int" or args.get("num_bits") != 8 or not args.get("symmetric", True):
-        raise CheckpointError(f"{root}: unsupported input_activations {args}: dsq reads symmetric int8 activations")
-    strategy, dynamic = args.get("strategy"), args.get("dynamic")
-    if strategy == "token" and dynamic is True:
-        return DynamicPerToken()
-    if strategy == "tensor" and dynamic is False:
-        return StaticPerTensor()
-    raise CheckpointError(
-        f"{root}: unsupported input_activations strategy {strategy!r} with dynamic={dynamic!r} "
-        "(dsq reads token/dynamic and tensor/static)"
-    )
 
 
 def _cat_rows(a: QuantizedWeight, b: QuantizedWeight) -> QuantizedWeight:
@@ -92,30 +55,29 @@ def load_artifact(path: str | Path, *, dtype: torch.dtype = torch.float32) -> Lo
         groups) or ``W8A8Linear`` / ``W8A8Experts`` (groups with int8 input activations).
 
     Raises:
-        CheckpointError: not a compressed-tensors artifact, or a tensor is missing.
+        CheckpointError: not a compressed-tensors artifact; a ``quantization_config`` key dsq does not read
+            (named, see :mod:`dsq.artifact_check`); a tensor missing, unexpected or of the wrong shape or
+            dtype for its module (named). All of these are found before any quantized module is built.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     root = Path(path)
     files = inspect_checkpoint(root)
-    raw = json.loads((root / "config.json").read_text())
-    qconfig = raw.get("quantization_config")
-    if not qconfig or qconfig.get("quant_method") != "compressed-tensors":
-        raise CheckpointError(f"{root / 'config.json'} has no compressed-tensors quantization_config")
-    groups = _compile_groups(qconfig)
+    groups = parse_quantization_config(files.config.get("quantization_config"), root / "config.json")
     config = AutoConfig.from_pretrained(str(root), local_files_only=True)
     del config.quantization_config  # build the plain model; dsq swaps in its own modules
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    packed = check_quantized_tensors(model, groups, read_tensor_specs(files.weight_files), root)
     tensors = _read_tensors(files.weight_files)
+    check_weight_shapes(tensors, packed, root)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear):
-            group = _group_for(name, groups)
+            group = group_for(name, groups)
             if group is None:
                 continue
-            _require(tensors, f"{name}.weight_scale", root)
-            qw = decompress_tensor(tensors, name, scheme_from_args(group["weights"]))
+            qw = decompress_tensor(tensors, name, group.scheme)
             bias = tensors.pop(f"{name}.bias", None)
-            act = _activation_scheme(group, root)
+            act = group.activations
             if act is None:
                 new = QuantLinear(qw, bias, scale_dtype=qw.scale.dtype)
             else:
@@ -123,11 +85,10 @@ def load_artifact(path: str | Path, *, dtype: torch.dtype = torch.float32) -> Lo
             _take_prefix(tensors, name)
             set_module(model, name, new)
         elif is_fused_experts(module):
-            group = _group_for(f"{name}.0.gate_proj", groups)
+            group = group_for(f"{name}.0.gate_proj", groups)
             if group is None:
                 continue
-            scheme = scheme_from_args(group["weights"])
-            act = _activation_scheme(group, root)
+            scheme, act = group.scheme, group.activations
             if act is None:
                 new = _load_experts(tensors, name, module, scheme, root)
             else:
@@ -188,7 +149,12 @@ def _load_w8a8_experts(tensors: dict, name: str, module: nn.Module, scheme, act,
 
 
 def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], root: Path) -> None:
-    """Unquantized tensors; per-expert ``.weight`` tensors are fused back into 3-D parameters."""
+    """Unquantized tensors; per-expert ``.weight`` tensors are fused back into 3-D parameters.
+
+    Raises:
+        CheckpointError: a tensor missing, one the model does not have, or one of the wrong shape (named).
+    """
+    reference = model.state_dict()
     state = {}
     experts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -198,15 +164,41 @@ def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], root: Path) -
         else:
             state[key] = value
     for prefix, parts in experts.items():
-        n = len(parts) // 3
-        state[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([parts[f"{e}.gate_proj"], parts[f"{e}.up_proj"]]) for e in range(n)])
-        state[f"{prefix}.down_proj"] = torch.stack([parts[f"{e}.down_proj"] for e in range(n)])
+        state |= _fuse_experts(prefix, parts, reference, root)
     quantized = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantExperts, W8A8Linear, W8A8Experts))]
-    expected = {k for k in model.state_dict() if not any(k.startswith(q + ".") for q in quantized)}
+    expected = {k for k in reference if not any(k.startswith(q + ".") for q in quantized)}
     missing = sorted(expected - set(state))
     if missing:
         raise CheckpointError(f"{root}: tensors missing from the artifact: {', '.join(missing[:10])}")
     unexpected = sorted(set(state) - expected)
     if unexpected:
         raise CheckpointError(f"{root}: tensors the model does not have: {', '.join(unexpected[:10])}")
+    for key, value in state.items():
+        if value.shape != reference[key].shape:
+            raise CheckpointError(
+                f"{root}: tensor {key} has shape {list(value.shape)}, the model built from config.json has {list(reference[key].shape)}"
+            )
     model.load_state_dict(state, strict=False)
+
+
+def _fuse_experts(prefix: str, parts: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
+                  root: Path) -> dict[str, torch.Tensor]:
+    """Per-expert ``{e}.{gate,up,down}_proj`` weights -> the model's fused ``gate_up_proj`` / ``down_proj``."""
+    gate_up, down = reference.get(f"{prefix}.gate_up_proj"), reference.get(f"{prefix}.down_proj")
+    if gate_up is None or down is None or gate_up.dim() != 3:
+        raise CheckpointError(f"{root}: tensors {prefix}.N.*_proj.weight belong to no fused experts of the model")
+    experts, two_inter, hidden = gate_up.shape  # (E, 2I, H); down (E, H, I)
+    shapes = {(e, proj): shape for e in range(experts) for proj, shape in
+              (("gate_proj", (two_inter // 2, hidden)), ("up_proj", (two_inter // 2, hidden)), ("down_proj", tuple(down.shape[1:])))}
+    for (e, proj), shape in shapes.items():
+        name = f"{prefix}.{e}.{proj}.weight"
+        part = parts.get(f"{e}.{proj}")
+        if part is None:
+            raise CheckpointError(f"{root}: tensor {name} is missing from the artifact ({experts} experts in config.json)")
+        if tuple(part.shape) != shape:
+            raise CheckpointError(f"{root}: tensor {name} has shape {list(part.shape)}, expected {list(shape)} from config.json")
+    extra = sorted(set(parts) - {f"{e}.{proj}" for e, proj in shapes})
+    if extra:
+        raise CheckpointError(f"{root}: tensor {prefix}.{extra[0]}.weight: the model has {experts} experts in {prefix}")
+    fused_gate_up = torch.stack([torch.cat([parts[f"{e}.gate_proj"], parts[f"{e}.up_proj"]]) for e in range(experts)])
+    return {f"{prefix}.gate_up_proj": fused_gate_up, f"{prefix}.down_proj": torch.stack([parts[f"{e}.down_proj"] for e in range(experts)])}

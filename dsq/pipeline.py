@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .artifact import atomic_directory, copy_tokenizer, save_quantized_model, write_config, write_manifest
+from .artifact import atomic_directory, claim_output, copy_tokenizer, save_quantized_model, write_config, write_manifest
 from .assets import data_file, resolve_data_path
 from .checkpoint import (
     CheckpointFiles, LoadedModel, bundled_model_path, load_checkpoint, load_tokenizer, source_info, validate_checkpoint,
 )
 from .errors import QuantizationError, RecipeError
+from .preflight import check_recipe_against_checkpoint
 from .load_artifact import load_artifact
 from .streaming import StreamingDecision, decide_streaming
 from .recipe import QuantizeSection, Recipe, WeightsSection, dump_recipe
@@ -232,8 +233,14 @@ def run(recipe: Recipe) -> RunResult:
         from .train_pipeline import run_finetune
 
         return run_finetune(recipe)
+    with claim_output(Path(recipe.output).expanduser(), recipe.overwrite):  # before the model is loaded
+        return _run_quantize(recipe)
+
+
+def _run_quantize(recipe: Recipe) -> RunResult:
     torch.manual_seed(recipe.seed)
     files = validate_checkpoint(model_path(recipe), trust_remote_code=recipe.trust_remote_code)
+    check_recipe_against_checkpoint(recipe, files)  # the recipe against the model, before anything is loaded
     decision = decide_streaming(recipe.streaming, files, DTYPES[recipe.dtype])
     if decision.stream:
         (log.warning if recipe.streaming is None else log.info)("%s", decision.reason)
@@ -339,7 +346,7 @@ def run_streamed(recipe: Recipe, files: CheckpointFiles, decision: StreamingDeci
         original = evaluator.evaluate("original", original_model, reference=True, disk_path=files.root)
         del original_model
         artifact = load_artifact(tmp, dtype=dtype)
-        loaded = LoadedModel(model=artifact.model, tokenizer=tokenizer, source=source)
+        loaded = LoadedModel(model=artifact.model, tokenizer=tokenizer, source=source, notes=files.notes)
         reload = _reload_check(recipe, tmp, loaded.model, step.config)
         candidate = evaluator.evaluate(candidate_name(recipe.quantize), loaded.model, disk_path=tmp)
         candidate.extra["quantization"] = quant
@@ -401,5 +408,6 @@ def run_meta(recipe: Recipe, loaded: LoadedModel) -> dict:
         "model": loaded.source.path,
         "model_type": loaded.source.model_type,
         "recipe": recipe.model_dump(mode="json"),
+        "checkpoint_notes": list(loaded.notes),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -39,6 +39,7 @@ from .checkpoint import (
     SUPPORTED_MODEL_TYPES, _checkpoint_dir, _read_config, inspect_checkpoint, read_safetensors_header,
 )
 from .errors import CheckpointError
+from .preflight import check_recipe_against_model, model_facts
 from .recipe import Recipe, load_recipe
 
 GiB = 1 << 30
@@ -361,7 +362,7 @@ class _Tensor:
     category: str
     layer: int | None
     parameter: bool
-    fp32: bool  # kept in float32 whatever the model dtype (transformers' ``_keep_in_fp32_modules``)
+    fp32: bool  # loaded in float32 when the model dtype is bfloat16 (transformers' ``_keep_in_fp32_modules_strict``)
 
     def bytes(self, dtype_bytes: int) -> int:
         """Bytes of this tensor stored in floating point of ``dtype_bytes`` bytes per element."""
@@ -491,16 +492,29 @@ def _targets(model: torch.nn.Module, spec, layer_prefix: str) -> tuple[_Target, 
     return tuple(found)
 
 
+def _kept_fp32_pattern(model: torch.nn.Module) -> re.Pattern[str] | None:
+    """transformers' rule for the tensors it loads in float32 when asked for bfloat16.
+
+    ``from_pretrained`` searches each tensor name for the patterns of ``_keep_in_fp32_modules_strict``
+    (plain regular expressions, ``*`` as ``.*``, matched anywhere: transformers 5.25 lists DeepSeek-V3's
+    ``gate.weight``, the router); ``_keep_in_fp32_modules`` applies to float16 only, which dsq does not
+    load (see ``PreTrainedModel._get_dtype_plan``).
+    """
+    patterns = sorted(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in patterns))
+
+
 def _saved_tensors(model: torch.nn.Module, expert_modules: set[str], layer_prefix: str) -> tuple[_Tensor, ...]:
     """Parameters (tied ones once) and persistent buffers: what the weight files hold."""
     params = dict(model.named_parameters())
     all_param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     state = dict(model.state_dict(keep_vars=True))
-    keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
-        getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    keep_fp32 = _kept_fp32_pattern(model)
 
     def saved(name: str, numel: int, parameter: bool) -> _Tensor:
-        fp32 = any(k in name.split(".") for k in keep_fp32)
+        fp32 = keep_fp32 is not None and keep_fp32.search(name) is not None
         return _Tensor(name, numel, _category(name, expert_modules), _layer_index(name, layer_prefix), parameter, fp32)
 
     tensors = [saved(n, p.numel(), True) for n, p in params.items()]
@@ -1424,8 +1438,10 @@ def plan_checkpoint(path: str | Path, recipe: Recipe | None = None, *, tflops: f
         The :class:`Plan`.
 
     Raises:
-        CheckpointError: the directory, its config.json or its weight files cannot be used
-            (the message names the file).
+        CheckpointError: the directory, its config.json or its weight files cannot be used,
+            or they disagree (the message names the file, key or tensor).
+        RecipeError: the recipe does not fit the model (a sequence length beyond its positions,
+            an include pattern that matches no module).
     """
     from dsq.pipeline import DTYPES, quant_config, target_spec
     from dsq.quantize import TargetSpec
@@ -1440,6 +1456,7 @@ def plan_checkpoint(path: str | Path, recipe: Recipe | None = None, *, tflops: f
     method = quant_config(recipe.quantize, DTYPES[dtype_name]) if recipe.quantize is not None else None
     spec = target_spec(recipe.quantize) if recipe.quantize is not None else TargetSpec()  # comparison rows
     facts = _facts(root, config, spec)
+    check_recipe_against_model(recipe, model_facts(config, root / CONFIG_NAME), root / CONFIG_NAME)
     fmt = recipe_format(method, dtype_bytes)
     calibration = _calibration_of(recipe, method)
     layers = _layer_plans(facts, fmt, method, calibration, dtype_bytes)

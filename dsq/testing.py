@@ -290,3 +290,27 @@ def randomize_lora(peft_model: torch.nn.Module, std: float = 0.05, seed: int = 3
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def make_rtn_artifact(checkpoint: Path, directory: Path, scheme=None) -> Path:
+    """A dsq artifact of ``checkpoint`` as ``dsq run`` writes its core (RTN weights, config, tokenizer, manifest).
+
+    Args:
+        checkpoint: an fp checkpoint directory (e.g. from :func:`make_tiny_checkpoint`).
+        directory: the artifact directory to create (must not exist).
+        scheme: a :class:`dsq.quantize.WeightScheme` (default INT8, groups of 32, symmetric).
+
+    Returns:
+        ``directory``.
+    """
+    from dsq.artifact import save_quantized_model, write_manifest
+    from dsq.checkpoint import load_checkpoint
+    from dsq.quantize import PerGroup, RTNConfig, TargetSpec, WeightScheme, quantize_
+
+    loaded = load_checkpoint(checkpoint)
+    scheme = scheme if scheme is not None else WeightScheme(8, PerGroup(32), True)
+    quantize_(loaded.model, RTNConfig(scheme, TargetSpec()), progress=False)
+    directory.mkdir(parents=True)
+    save_quantized_model(loaded.model, loaded.tokenizer, directory)
+    write_manifest(directory, source=loaded.source.to_dict())
+    return directory

@@ -28,10 +28,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .artifact import atomic_directory, write_manifest
+from .artifact import atomic_directory, claim_output, write_manifest
 from .assets import resolve_data_path
-from .checkpoint import LoadedModel, load_checkpoint
+from .checkpoint import LoadedModel, load_checkpoint, validate_checkpoint
 from .errors import QuantizationError
+from .preflight import check_recipe_against_checkpoint
 from .recipe import FinetuneSection, LoraSection, Recipe, TrainDataSection, TrainingSection
 from .reload import ReloadCheck, transformers_reload_check
 from dsq.eval import Evaluator, Report, check_gates, write_report
@@ -325,14 +326,17 @@ def run_finetune(recipe: Recipe):
     torch.manual_seed(recipe.seed)
     output = Path(recipe.output).expanduser()
     accelerator = make_accelerator()
-    suite = benchmark_suite(recipe)
-    src = model_path(recipe)
-    loaded = load_checkpoint(src, dtype=DTYPES[recipe.dtype], trust_remote_code=recipe.trust_remote_code)
-    data = load_training_data(data_spec(recipe.finetune.data), loaded.tokenizer)
-    main = accelerator.is_main_process
-    evaluator = Evaluator(suite, loaded.tokenizer, progress=recipe.progress) if main else None
-    ctx = _Context(recipe, loaded, data, accelerator, evaluator, output)
-    step = _qat if recipe.finetune.qat is not None else _lora
-    with (atomic_directory(output, recipe.overwrite) if main else contextlib.nullcontext(None)) as tmp:
-        original = evaluator.evaluate("original", loaded.model, reference=True, disk_path=src) if main else None
-        return step(ctx, tmp, original)
+    # only the main process writes; it holds the output from before the model is loaded
+    with claim_output(output, recipe.overwrite) if accelerator.is_main_process else contextlib.nullcontext():
+        suite = benchmark_suite(recipe)
+        src = model_path(recipe)
+        check_recipe_against_checkpoint(recipe, validate_checkpoint(src, trust_remote_code=recipe.trust_remote_code))
+        loaded = load_checkpoint(src, dtype=DTYPES[recipe.dtype], trust_remote_code=recipe.trust_remote_code)
+        data = load_training_data(data_spec(recipe.finetune.data), loaded.tokenizer)
+        main = accelerator.is_main_process
+        evaluator = Evaluator(suite, loaded.tokenizer, progress=recipe.progress) if main else None
+        ctx = _Context(recipe, loaded, data, accelerator, evaluator, output)
+        step = _qat if recipe.finetune.qat is not None else _lora
+        with (atomic_directory(output, recipe.overwrite) if main else contextlib.nullcontext(None)) as tmp:
+            original = evaluator.evaluate("original", loaded.model, reference=True, disk_path=src) if main else None
+            return step(ctx, tmp, original)

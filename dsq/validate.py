@@ -1,13 +1,15 @@
 """``dsq validate``: the CI gate for a quantized artifact (torch or ONNX).
 
-1. Integrity: every file the manifest lists (``manifest.json`` of an artifact, ``export_manifest.json``
-   of an ONNX export) exists and has its sha256; otherwise :class:`ArtifactIntegrityError` (exit 2)
-   naming the file.
+1. Integrity: the manifest (``manifest.json`` of an artifact, ``export_manifest.json`` of an ONNX
+   export) lists exactly the files under the directory, each inside it and with its sha256
+   (:mod:`dsq.manifest`); otherwise :class:`ArtifactIntegrityError` (exit 2) naming the file.
 2. Evaluation: the benchmark sets of the gates file's ``eval`` settings (default: the bundled sets)
    on the baseline (if given) and the artifact.
 3. Gates: absolute ones (``max_ppl``, ``min_mc_acc``) and, with a baseline, relative ones
    (perplexity increase, accuracy drop, recovery, size and speed ratios, top-1, KL).
-4. Outputs: report.{json,md}, junit.xml and summary.md in the output directory.
+4. Outputs: report.{json,md}, junit.xml and summary.md in the output directory, written together
+   (:func:`dsq.artifact.atomic_directory`); an earlier output of ``dsq validate`` there is replaced, a
+   directory it did not write is refused.
 """
 from __future__ import annotations
 
@@ -17,65 +19,49 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .artifact import MANIFEST, sha256_file
+from .artifact import MANIFEST, atomic_directory, claim_output
 from .errors import DsqInputError, RecipeError
+from .manifest import EXPORT_MANIFEST, ArtifactIntegrityError, verify_manifest  # noqa: F401 (re-exported)
 from .recipe import EvalSection, _format_errors, read_yaml
 from dsq.eval import Evaluator, Gates, GateResult, Report, check_gates, write_report
 from dsq.eval.ci import Check, summary_markdown, write_junit
 from dsq.eval.plots import write_plots_if_installed
 from dsq.eval.report import SQNR_KEY, weight_sqnr_summary, write_html_report
 
-EXPORT_MANIFEST = "export_manifest.json"
+VALIDATION_MARKER = ".dsq-validation"  # marks an output directory as written by dsq validate
 RELATIVE_GATES = (
     "max_ppl_increase_pct", "max_mc_acc_drop_pts", "min_top1_agreement", "max_mean_kl", "max_size_ratio",
     "min_mc_recovery_pct", "min_prefill_speed_ratio", "min_decode_speed_ratio",
 )
 
 
-class ArtifactIntegrityError(DsqInputError):
-    """A file listed in the manifest is missing or its bytes changed."""
-
-
-def verify_manifest(root: Path) -> Check:
-    """Check the sha256 of every file the manifest lists.
-
-    Raises:
-        ArtifactIntegrityError: no manifest, a missing file or a changed one (named).
-    """
-    manifest_path = next((root / m for m in (MANIFEST, EXPORT_MANIFEST) if (root / m).is_file()), None)
-    if manifest_path is None:
-        raise ArtifactIntegrityError(f"{root}: no {MANIFEST} or {EXPORT_MANIFEST}; not a dsq artifact")
-    try:
-        files = json.loads(manifest_path.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ArtifactIntegrityError(f"{manifest_path}: unreadable manifest ({exc})") from exc
-    if not isinstance(files, dict) or not files:
-        raise ArtifactIntegrityError(f"{manifest_path}: 'files' must map file names to sha256 digests")
-    for name, digest in sorted(files.items()):
-        path = root / name
-        if not path.is_file():
-            raise ArtifactIntegrityError(f"{path}: listed in {manifest_path.name} but missing")
-        if sha256_file(path) != digest:
-            raise ArtifactIntegrityError(f"{path}: sha256 differs from {manifest_path.name} (the file changed after it was written)")
-    return Check(f"integrity ({manifest_path.name})", True, f"sha256 of all {len(files)} listed files match")
-
-
 def load_gates_file(path: Path | None, artifact: Path) -> EvalSection:
     """The ``eval`` settings and gates: a YAML file shaped like a recipe's ``eval:`` section.
 
     Without a file: the artifact's own recipe (``recipe.yaml`` beside the weights) if it has one, else
-    the defaults (bundled benchmark sets, no gates).
+    the defaults (bundled benchmark sets, no gates). The gates are checked as in a recipe: ranges, and
+    every gate's measurement must be one the file's sections produce.
+
+    Raises:
+        RecipeError: Naming the file and the key: unreadable or invalid YAML, an unknown key, a value out
+            of range, or a gate whose section is null.
     """
+    from .recipe import check_eval_section
+
+    prefix = ""
     if path is None:
         recipe = artifact / "recipe.yaml"
         tree = read_yaml(recipe).get("eval", {}) if recipe.is_file() else {}
         source = f"{recipe} (eval section)" if recipe.is_file() else "(defaults)"
+        prefix = "eval." if recipe.is_file() else ""
     else:
-        tree, source = read_yaml(path), str(path)
+        tree, source = read_yaml(path, "gates file"), str(path)
     try:
-        return EvalSection.model_validate(tree)
+        section = EvalSection.model_validate(tree)
     except ValidationError as exc:
-        raise RecipeError(_format_errors(exc, source)) from None
+        raise RecipeError(_format_errors(exc, source, EvalSection)) from None
+    check_eval_section(section, source, prefix)
+    return section
 
 
 def _load(path: Path):
@@ -121,6 +107,16 @@ def validate(artifact: Path, *, baseline: Path | None = None, gates_file: Path |
         ArtifactIntegrityError: the manifest check failed (before anything is loaded).
         DsqInputError: unusable gates file, artifact or baseline; a relative gate without a baseline.
     """
+    output = output or artifact.parent / f"{artifact.name}-validation"
+    if output.resolve().is_relative_to(artifact.resolve()):
+        raise DsqInputError(f"output {output} is inside the artifact {artifact}: the report would change what it "
+                            "validates; write it beside the artifact")
+    with claim_output(output, True, VALIDATION_MARKER):  # held from before the model is loaded
+        return _validate(artifact, baseline, gates_file, output, progress)
+
+
+def _validate(artifact: Path, baseline: Path | None, gates_file: Path | None, output: Path,
+              progress: bool) -> ValidateResult:
     from .pipeline import benchmark_suite
     from .recipe import Recipe
 
@@ -146,12 +142,13 @@ def validate(artifact: Path, *, baseline: Path | None = None, gates_file: Path |
     results = check_gates(gates, original, [row])
     report = Report(original, [row] if reference is not None else [], results,
                     meta={"artifact": str(artifact), "baseline": str(baseline) if baseline else None})
-    output = output or artifact.parent / f"{artifact.name}-validation"
-    output.mkdir(parents=True, exist_ok=True)
-    write_report(report, output)
-    write_plots_if_installed(output, quant_record)
-    write_html_report(report, output)  # again, now with the plots embedded
-    title = f"dsq validate {artifact}"
-    write_junit(output / "junit.xml", title, [integrity], results, report)
-    (output / "summary.md").write_text(summary_markdown(title, [integrity], results, report))
+    # all files or none: an earlier validation output (it has the marker) is swapped out, anything else refused
+    with atomic_directory(output, overwrite=True, marker=VALIDATION_MARKER) as tmp:
+        write_report(report, tmp)
+        write_plots_if_installed(tmp, quant_record)
+        write_html_report(report, tmp)  # again, now with the plots embedded
+        title = f"dsq validate {artifact}"
+        write_junit(tmp / "junit.xml", title, [integrity], results, report)
+        (tmp / "summary.md").write_text(summary_markdown(title, [integrity], results, report))
+        (tmp / VALIDATION_MARKER).write_text(json.dumps({"kind": "dsq-validation", "version": 1, "artifact": str(artifact)}) + "\n")
     return ValidateResult(report, [integrity], results, output)

@@ -7,7 +7,8 @@ directory and keeps the table in memory, so nothing is written to the user's cac
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,14 @@ class MCItem:
         context: Text the choices continue (the question or sentence prefix).
         choices: Candidate continuations, at least two, in file order.
         gold: Index of the correct choice in ``choices``.
+        origin: Where the item was read (``"mc.jsonl, line 7"``), for messages; not part of
+            equality, so the same question read from two files is the same item.
     """
 
     context: str
     choices: tuple[str, ...]
     gold: int
+    origin: str | None = field(default=None, compare=False)
 
 
 def _require_file(path: Path) -> Path:
@@ -122,64 +126,96 @@ def load_text(path: Path | str) -> str:
     return text
 
 
-def _mc_item(row: dict[str, Any], index: int, path: Path) -> MCItem:
+def _mc_item(row: Any, where: str) -> MCItem:
     """Validate one JSONL record and turn it into an :class:`MCItem`.
 
     Args:
-        row: The record as loaded (missing fields appear as ``None``).
-        index: Zero-based row index in the file (line ``index + 1``).
-        path: Source file, for messages.
+        row: The parsed JSON value of one line.
+        where: ``"benchmark file PATH, line N"``, for messages and the item's ``origin``.
 
     Returns:
         The validated item.
 
     Raises:
-        DataError: Naming file, row/line and field.
+        DataError: Naming file, line and field.
     """
-    where = f"benchmark file {path}, row {index} (line {index + 1})"
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: each line must be a JSON object {{context, choices, gold}}, got {type(row).__name__}")
     for name in _MC_FIELDS:
         if row.get(name) is None:
             raise DataError(f"{where}: missing field {name!r}")
     context, choices, gold = row["context"], row["choices"], row["gold"]
     if not isinstance(context, str):
-        raise DataError(f"{where}: field 'context' must be a string, got {context!r}")
+        raise DataError(f"{where}: field 'context' must be a string, got {_short(context)}")
     if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
-        raise DataError(f"{where}: field 'choices' must be a list of strings, got {choices!r}")
+        raise DataError(f"{where}: field 'choices' must be a list of strings, got {_short(choices)}")
     if len(choices) < 2:
         raise DataError(f"{where}: field 'choices' needs at least 2 choices, got {len(choices)}")
     if any(not c for c in choices):
         raise DataError(f"{where}: field 'choices' contains an empty choice")
     if isinstance(gold, bool) or not isinstance(gold, int):
-        raise DataError(f"{where}: field 'gold' must be an integer, got {gold!r}")
+        raise DataError(f"{where}: field 'gold' must be an integer index into 'choices', got {_short(gold)}")
     if not 0 <= gold < len(choices):
         raise DataError(f"{where}: field 'gold' = {gold} is out of range for {len(choices)} choices")
-    return MCItem(context=context, choices=tuple(choices), gold=gold)
+    return MCItem(context=context, choices=tuple(choices), gold=gold, origin=where.removeprefix("benchmark file "))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _jsonl_records(path: Path):
+    """``(line number, parsed value)`` for every non-blank line of a UTF-8 JSONL file.
+
+    Raises:
+        DataError: A line that is not UTF-8 or not JSON, naming the file and the line.
+    """
+    with path.open("rb") as stream:
+        for number, raw in enumerate(stream, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"benchmark file {path}, line {number}: not UTF-8 text") from None
+            if not text.strip():
+                continue
+            try:
+                yield number, json.loads(text)
+            except (json.JSONDecodeError, RecursionError) as exc:
+                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+                raise DataError(f"benchmark file {path}, line {number}: not a JSON object ({reason})") from None
 
 
 def load_multiple_choice(path: Path | str, limit: int | None = None) -> list[MCItem]:
     """Load multiple-choice items from a JSONL file.
 
-    Each line is ``{"context": str, "choices": [str, ...], "gold": int}``. Choices are
-    appended to the context verbatim, so the separator (usually a leading space on each
-    choice) belongs in the data.
+    Each non-blank line is ``{"context": str, "choices": [str, ...], "gold": int}`` (other fields
+    are ignored). Choices are appended to the context verbatim, so the separator (usually a
+    leading space on each choice) belongs in the data. Values are taken as written: ``"gold": "0"``
+    or ``1.0`` is an error, not an index.
 
     Args:
         path: Local ``.jsonl`` file.
-        limit: Keep only the first ``limit`` items (``None`` keeps all).
+        limit: Keep only the first ``limit`` items (``None`` keeps all); lines after them are not read.
 
     Returns:
-        The items in file order.
+        The items in file order, each with its ``origin`` (file and line).
 
     Raises:
-        DataError: The file is missing, empty or unparsable, or a record is invalid
-            (message names file, row and field).
+        DataError: The file is missing, empty or unreadable, or a line is invalid (the message
+            names the file, the 1-based line number and the field).
     """
     if limit is not None and limit <= 0:
         raise DataError(f"multiple-choice limit must be positive, got {limit}")
     path = _require_file(Path(path))
-    table = _load_table("json", path)
-    rows = table if limit is None else table.select(range(min(limit, len(table))))
-    items = [_mc_item(row, index, path) for index, row in enumerate(rows)]
+    items: list[MCItem] = []
+    try:
+        for number, row in _jsonl_records(path):
+            if limit is not None and len(items) >= limit:
+                break
+            items.append(_mc_item(row, f"benchmark file {path}, line {number}"))
+    except OSError as exc:
+        raise DataError(f"cannot read benchmark file {path}: {exc.strerror or exc}") from None
     if not items:
         raise DataError(f"benchmark file {path} contains no multiple-choice items")
     return items

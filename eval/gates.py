@@ -7,53 +7,47 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+
+from pydantic import ValidationError
 
 from dsq.errors import RecipeError
 from dsq.eval.harness import ModelMetrics
+from dsq.recipe import GatesSection, format_errors
 
 
-@dataclass(frozen=True)
-class Gates:
+class Gates(GatesSection):
     """Thresholds; ``None`` leaves a gate unchecked.
 
+    The fields, their ranges and the measurement each one needs are those of a recipe's
+    ``eval.gates`` (:class:`dsq.recipe.GatesSection`): one definition for recipes, the gates file
+    of ``dsq validate`` and this class. A threshold out of its range (or NaN/inf) is a
+    :class:`RecipeError` naming the gate.
+
     Attributes:
-        max_ppl_increase_pct: Largest allowed perplexity increase over the original, in %.
-        max_ppl: Largest allowed perplexity.
+        max_ppl_increase_pct: Largest allowed perplexity increase over the original, in %
+            (> -100; negative: the candidate must improve).
+        max_ppl: Largest allowed perplexity (>= 1).
         min_mc_acc: Smallest allowed multiple-choice accuracy, as a fraction (0..1).
         max_mc_acc_drop_pts: Largest allowed accuracy drop below the original, in
-            percentage points.
+            percentage points (-100..100).
         min_top1_agreement: Smallest allowed top-1 agreement with the original (0..1).
-        max_mean_kl: Largest allowed mean KL(original || candidate), in nats.
-        max_size_ratio: Largest allowed ratio of weight bytes on disk, candidate / original.
+        max_mean_kl: Largest allowed mean KL(original || candidate), in nats (>= 0).
+        max_size_ratio: Largest allowed ratio of weight bytes on disk, candidate / original (> 0).
         min_mc_recovery_pct: Smallest allowed multiple-choice accuracy as a % of the original's
-            (the "recovery" of llm-compressor's model cards: 100 = no loss).
+            (the "recovery" of llm-compressor's model cards: 100 = no loss; > 0).
         min_prefill_speed_ratio / min_decode_speed_ratio: Smallest allowed tokens/s, candidate /
-            original (needs ``eval.speed``).
+            original (> 0; needs ``eval.speed``).
+
+    Example:
+        >>> Gates(max_ppl_increase_pct=2.0, min_top1_agreement=0.9)
     """
 
-    max_ppl_increase_pct: float | None = None
-    max_ppl: float | None = None
-    min_mc_acc: float | None = None
-    max_mc_acc_drop_pts: float | None = None
-    min_top1_agreement: float | None = None
-    max_mean_kl: float | None = None
-    max_size_ratio: float | None = None
-    min_mc_recovery_pct: float | None = None
-    min_prefill_speed_ratio: float | None = None
-    min_decode_speed_ratio: float | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("min_mc_acc", "min_top1_agreement"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise RecipeError(f"gate {name} is a fraction between 0 and 1, got {value}")
-        for name in ("max_ppl", "max_size_ratio", "min_mc_recovery_pct", "min_prefill_speed_ratio", "min_decode_speed_ratio"):
-            value = getattr(self, name)
-            if value is not None and not value > 0.0:
-                raise RecipeError(f"gate {name} must be positive, got {value}")
-        if self.max_mean_kl is not None and not self.max_mean_kl >= 0.0:
-            raise RecipeError(f"gate max_mean_kl must be non-negative, got {self.max_mean_kl}")
+    def __init__(self, **thresholds: float | None) -> None:
+        try:
+            super().__init__(**thresholds)
+        except ValidationError as exc:
+            raise RecipeError(format_errors(exc, "gates", GatesSection)) from None
 
 
 @dataclass(frozen=True)
@@ -233,8 +227,8 @@ def check_gates(gates: Gates, original: ModelMetrics, candidates: list[ModelMetr
     """
     results: list[GateResult] = []
     for candidate in candidates:
-        for gate_field in fields(gates):
-            threshold = getattr(gates, gate_field.name)
+        for gate in type(gates).model_fields:
+            threshold = getattr(gates, gate)
             if threshold is not None:
-                results.append(_check(gate_field.name, _SPECS[gate_field.name], threshold, original, candidate))
+                results.append(_check(gate, _SPECS[gate], threshold, original, candidate))
     return results

@@ -80,6 +80,11 @@ class FewShot:
             raise ValueError(f"num_fewshot must be an integer >= 0, got {self.num_fewshot!r}")
 
 
+def _where(item: MCItem, index: int) -> str:
+    """``multiple-choice item 3 (mc.jsonl, line 5)``: the item's index and, when known, its file and line."""
+    return f"multiple-choice item {index}" + (f" ({item.origin})" if item.origin else "")
+
+
 def _exemplar(item: MCItem) -> str:
     """An item rendered as a solved example: its context followed by its gold choice."""
     return item.context + item.choices[item.gold]
@@ -114,7 +119,7 @@ def fewshot_prompts(items: Sequence[MCItem], fewshot: FewShot) -> list[MCItem]:
         if available < k:
             raise DataError(
                 f"multiple-choice num_fewshot={k}: {fewshot.source} has {len(pool)} item(s), {available} of them "
-                f"usable as exemplars of item {index} (the item itself and its copies are left out); "
+                f"usable as exemplars of {_where(item, index)} (the item itself and its copies are left out); "
                 "lower num_fewshot or give a larger fewshot_data file"
             )
         rng = random.Random(f"{fewshot.seed}-{index}")
@@ -191,18 +196,18 @@ def _requests(
             if not context_ids:
                 if fallback is None:
                     raise DataError(
-                        f"multiple-choice item {item_index} has an empty context and the tokenizer "
+                        f"{_where(item, item_index)} has an empty context and the tokenizer "
                         "has neither a BOS nor an EOS token to condition on"
                     )
                 context_ids = [int(fallback)]
             if not continuation_ids:
-                raise DataError(f"multiple-choice item {item_index}, choice {choice_index} produced no tokens")
+                raise DataError(f"{_where(item, item_index)}, choice {choice_index} produced no tokens")
             full = context_ids + continuation_ids
             whole_length = len(full)
             if max_length is not None:
                 if len(continuation_ids) > max_length:
                     raise DataError(
-                        f"multiple-choice item {item_index}, choice {choice_index}: its {len(continuation_ids)} "
+                        f"{_where(item, item_index)}, choice {choice_index}: its {len(continuation_ids)} "
                         f"tokens do not fit the model's window of {max_length} tokens"
                     )
                 full = full[-(max_length + 1) :]  # the input is full[:-1]: at most max_length tokens

@@ -24,6 +24,13 @@ Traps handled (peft 0.21.2, transformers 5.23):
   those, of its first parameter; a bias-free ``QuantLinear`` has neither (its weight is buffers), so
   during injection each targeted ``QuantLinear`` carries a temporary ``qweight`` attribute (the packed
   buffer) that is removed afterwards.
+* bitsandbytes 0.50 on a CPU with AVX512-BF16: a ``Linear4bit``'s first eval forward repacks its weight
+  for a bf16 kernel that later training forwards keep using and that has no backward (no gradient
+  reaches the layer's input, silently, so every adapter below it trains on a truncated gradient; the
+  trainer's periodic evaluations repack again), and a ``state_dict()`` after the repack (peft's
+  adapter save, a training checkpoint) leaves plain weights with scrambled scales. A LoRA model's
+  4-bit layers therefore run on bitsandbytes' dequantize path (:func:`dsq.quantize.bnb.set_cpu_bf16_kernel_`
+  off, after restoring the standard layout), which is what AVX2-only CPUs run anyway.
 
 Example:
     >>> peft_model = apply_lora(model, LoraSpec(r=8, alpha=16))
@@ -49,6 +56,7 @@ import torch
 from torch import nn
 
 from dsq.errors import CheckpointError, DsqInputError
+from dsq.quantize.bnb import set_cpu_bf16_kernel_
 from dsq.quantize.modules import QuantExperts, QuantLinear, QuantTensor, is_fused_experts
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -571,6 +579,7 @@ def _wrap(model: nn.Module, spec: LoraSpec, modules: list[str], params: list[str
     except LoraTargetError:
         peft_model.unload()  # leave the caller's model as it was
         raise
+    set_cpu_bf16_kernel_(peft_model, False)  # the repacked CPU kernel has no backward
     return peft_model
 
 
@@ -580,7 +589,8 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> "peft.PeftModel":
     Works on floating-point bases (``nn.Linear``), bitsandbytes 4-bit bases (QLoRA; the model must
     be marked ``is_loaded_in_4bit`` as :func:`dsq.quantize.quantize_` and transformers mark it) and
     dsq-quantized bases (``QuantLinear``). ``B`` starts at zero, so the wrapped model computes
-    exactly what the base computes until trained.
+    exactly what the base computes until trained (on a 4-bit base: what it computes on bitsandbytes'
+    dequantize path, to which every ``Linear4bit`` is switched).
 
     Args:
         model: the base causal LM; it is modified in place (peft swaps the target modules).
@@ -820,7 +830,8 @@ def load_adapter(base_model: nn.Module, adapter_dir: Path, expected_base: dict |
         expected_base: if given, must equal the manifest's base identity.
 
     Returns:
-        The ``peft.PeftModel`` in eval mode, LoRA parameters frozen.
+        The ``peft.PeftModel`` in eval mode, LoRA parameters frozen; its bitsandbytes 4-bit layers on
+        the dequantize path, as in :func:`apply_lora`.
 
     Raises:
         CheckpointError: missing/pickle files, a base identity that differs (naming the field),

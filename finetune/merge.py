@@ -16,7 +16,9 @@
     compute dtype, built as ``dsq.quantize.bnb`` builds them (``Params4bit`` quantizes on its move to
     the device). peft's own 4-bit merge is never called: on CPUs where bitsandbytes uses its
     AVX512-BF16 kernel, the first eval forward repacks the weight into another layout and
-    dequantizing that layout gives garbage; the repacked layout is converted back first.
+    dequantizing that layout gives garbage; the repacked layout is converted back first
+    (:func:`dsq.quantize.bnb.standard_4bit_state`). The merged model's 4-bit layers get
+    bitsandbytes' default kernel back (LoRA turned it off on the base), as its reload has it.
   - ``nn.Linear`` and fused experts: the update is added exactly (float32, stored in their dtype).
 
   Every module gets a :class:`MergedModule` record: the largest ``|delta W|`` added, the
@@ -33,7 +35,6 @@ Example:
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -45,6 +46,7 @@ from dsq.errors import DataError, DsqInputError
 from dsq.eval.fidelity import fidelity_windows
 from dsq.eval.perplexity import PerplexityConfig, perplexity
 from dsq.quantize.api import check_finite
+from dsq.quantize.bnb import cpu_bf16_kernel_off, set_cpu_bf16_kernel_
 from dsq.quantize.modules import QuantLinear, set_module
 from dsq.quantize.primitives import dequantize_weight, quantize_rtn
 
@@ -241,25 +243,6 @@ def _requantize_dsq(name: str, old: QuantLinear, delta: torch.Tensor) -> tuple[n
     return new, record
 
 
-def _plain_4bit(weight: Any) -> tuple[torch.Tensor, Any]:
-    """The packed 4-bit data and quant state in bitsandbytes' standard layout (undoing the CPU repack).
-
-    bitsandbytes' AVX512-BF16 path repacks the weight in the first eval forward and stores absmax
-    transposed to ``(in / blocksize, out)`` in bfloat16. Its inverse (0.50.2) restores the data but
-    transposes absmax back only for double-quantized weights, so the plain case is finished here.
-    The weight of the module is left as it is.
-    """
-    state = weight.quant_state
-    if not getattr(state, "packing_format_for_cpu", False):
-        return weight.data, state
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-    data, restored = _convert_weight_packed_for_cpu_inverse(weight.data.clone(), copy.deepcopy(state))
-    if not restored.nested and restored.absmax.dim() == 2:  # (in / blocksize, out) -> blocks in row order
-        restored.absmax = restored.absmax.T.reshape(-1).float().contiguous()
-    return data, restored
-
-
 def _bnb_scheme(weight: Any, compute_dtype: torch.dtype | None) -> str:
     text = f"{weight.quant_type} block {weight.blocksize}"
     if weight.compress_statistics:
@@ -269,11 +252,11 @@ def _bnb_scheme(weight: Any, compute_dtype: torch.dtype | None) -> str:
 
 def _requantize_bnb(name: str, old: nn.Module, delta: torch.Tensor) -> tuple[nn.Module, MergedModule]:
     """Dequantize a bitsandbytes ``Linear4bit``, add ``delta`` and build a new one with the same settings."""
-    from dsq.quantize.bnb import import_bnb
+    from dsq.quantize.bnb import import_bnb, standard_4bit_state
 
     bnb = import_bnb()
     weight = old.weight
-    data, state = _plain_4bit(weight)
+    data, state = standard_4bit_state(weight)
     base = bnb.functional.dequantize_4bit(data, state).float()  # (out, in)
     merged = base + delta
     new = bnb.nn.Linear4bit(
@@ -343,6 +326,7 @@ def merge_requantize(peft_model: Any) -> tuple[nn.Module, list[MergedModule]]:
         set_module(base, name, new)  # the LoRA wrapper goes; peft never merges into this module
         records.append(record)
     merged = peft_model.unload()  # drops the remaining (already merged) wrappers without merging again
+    set_cpu_bf16_kernel_(merged, True)  # LoRA turned it off on the base; a reload of the merged model has it
     return merged, sorted(records, key=lambda r: r.name)
 
 
@@ -412,7 +396,10 @@ def measure_merge_drift(
     Top-1 agreement, KL and the largest logit difference are taken on the non-overlapping windows
     of :func:`dsq.eval.fidelity.fidelity_windows`; perplexity with
     :func:`dsq.eval.perplexity.perplexity` (``context = stride = seq_len``) on the same tokens. Both
-    models run in eval mode (their training flags are restored afterwards).
+    models run in eval mode (their training flags are restored afterwards) and their bitsandbytes
+    4-bit layers on the dequantize path (:func:`dsq.quantize.bnb.cpu_bf16_kernel_off`), so the drift
+    is the merge's on every CPU, not the difference between bitsandbytes' CPU kernels, and no layer
+    is repacked before the merged model is saved.
 
     Args:
         adapter_model: the LoRA model (a deepcopy taken before merging).
@@ -431,7 +418,7 @@ def measure_merge_drift(
     windows = fidelity_windows(token_ids, seq_len, max_tokens)  # (n_windows, seq)
     stream = token_ids[:max_tokens].long()
     config = PerplexityConfig(context=seq_len, stride=seq_len, max_tokens=max_tokens)
-    with _EvalMode(adapter_model, merged_model):
+    with _EvalMode(adapter_model, merged_model), cpu_bf16_kernel_off(adapter_model, merged_model):
         top1, mean_kl, max_diff, positions = _compare_logits(adapter_model, merged_model, windows, batch_size)
         ppl_a = perplexity(adapter_model, stream, config, batch_size=batch_size, progress=False).ppl
         ppl_m = perplexity(merged_model, stream, config, batch_size=batch_size, progress=False).ppl

@@ -12,7 +12,7 @@ Example:
     >>> save_bnb_model(model, tokenizer, Path("out/nf4"))
     >>> reloaded = AutoModelForCausalLM.from_pretrained("out/nf4", local_files_only=True)
 
-Traps handled (checked with bitsandbytes 0.50.2 and transformers 5.23):
+Traps handled (checked with bitsandbytes 0.50.2 and transformers 5.23-5.25, on AVX2 and AVX512-BF16 CPUs):
 
 * Fused MoE experts. transformers 5 holds DeepSeek's routed experts as 3-D parameters
   (``mlp.experts.gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]). Its bitsandbytes integration
@@ -26,17 +26,24 @@ Traps handled (checked with bitsandbytes 0.50.2 and transformers 5.23):
   config therefore always lists every kept module by name, and only exact ``nn.Linear`` modules
   (not subclasses, not the model's ``_keep_in_fp32_modules``) are quantized, so the reloaded model
   has exactly the quantized modules the in-memory one has.
-* CPU 4-bit AVX512-BF16 path. Where bitsandbytes detects AVX512-BF16, ``Linear4bit`` repacks its
-  weight in the first eval forward for a bf16 kernel that needs out_features % 32 == 0 and
-  in_features % 64 == 0 (and whole blocks per row): other shapes fail in that repacking (``N must be
-  divisible by block_n``, ``shape '[96, 1]' is invalid``; seen by forcing the switch on, since no
-  host at hand made bitsandbytes 0.50.2 detect AVX512-BF16, not even a Xeon whose flags list
-  avx512_bf16, so the bf16 kernel itself is untested here). The per-module switch
-  (``support_avx512bf16_for_cpu = False``) does not survive a transformers reload: reload builds
-  every ``Linear4bit`` with the detected default. Such modules are therefore kept in their dtype
-  (with that reason), so a checkpoint works on every host; real DeepSeek/Llama/Qwen2 shapes all
-  conform, so nothing is lost there. Quantized modules keep bitsandbytes' default, exactly as a
-  reloaded model has it (note that this kernel computes in bf16 whatever ``compute_dtype`` says).
+* CPU 4-bit AVX512-BF16 path. Where bitsandbytes detects AVX512-BF16 (:func:`cpu_bf16_kernel_detected`;
+  AVX2-only CPUs do not have it), ``Linear4bit`` repacks its weight in the first eval forward without
+  grad for a kernel that computes in bf16 whatever ``compute_dtype`` says (outputs differ from the
+  dequantized weight's matmul by ~2^-8 of sum |x||w|; the dequantize path elsewhere is exact). The
+  repack needs out_features % 32 == 0 and in_features % 64 == 0 (and whole blocks per row): other
+  shapes fail in it (``N must be divisible by block_n``). The per-module switch
+  (``support_avx512bf16_for_cpu``) does not survive a transformers reload, which builds every
+  ``Linear4bit`` with the detected default, so such modules are kept in their dtype (with that
+  reason) and a checkpoint works on every host; real DeepSeek/Llama/Qwen2 shapes all conform.
+  Quantized modules keep bitsandbytes' default, exactly as a reloaded model has it. The repacked
+  layout has three traps (bitsandbytes 0.50.2): ``state_dict()`` after it writes a transposed
+  bfloat16 ``absmax`` for plain (not double-quantized) weights and leaves the module computing with
+  scrambled scales; training forwards keep using the packed kernel, which has no backward (no
+  gradient reaches the layer's input); ``dequantize_4bit`` of the packed data is garbage. Hence
+  :func:`restore_standard_layout_` (called by :func:`save_bnb_model`), :func:`set_cpu_bf16_kernel_`
+  (LoRA turns the kernel off on its base) and :func:`dequantized_4bit_weight`. The repack rounds
+  absmax to bfloat16 and drops double quantization (bitsandbytes re-quantizes it on the way back), so
+  a save after an eval forward writes the scales the model computed with, not the original ones.
 * LLM.int8 and inputs with more than 3 dims. ``Linear8bitLt`` in eval mode fails on 4-D inputs
   (CPU: a broadcast error in the int8 row quantizer; CUDA: ``Only two or three dimensional
   matrices are supported``). transformers 5.23's DeepSeek-V2/V3 attention feeds ``kv_b_proj`` a
@@ -50,8 +57,12 @@ Traps handled (checked with bitsandbytes 0.50.2 and transformers 5.23):
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import re
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -251,7 +262,9 @@ def save_bnb_model(model: nn.Module, tokenizer: Any, root: Path) -> None:
     ``root`` receives ``config.json`` (with the ``BitsAndBytesConfig``), safetensors weights
     (packed 4-bit weights with their quant state, or int8 weights with ``SCB``; kept modules in
     their dtype; experts per expert as transformers saves them) and the tokenizer (if given).
-    ``AutoModelForCausalLM.from_pretrained(root)`` loads it back.
+    ``AutoModelForCausalLM.from_pretrained(root)`` loads it back. Layers an eval forward repacked for
+    the CPU AVX512-BF16 kernel are put back into the standard layout first
+    (:func:`restore_standard_layout_`), so the files hold what the model computes with.
 
     Args:
         model: a transformers model after :func:`quantize_bnb_`.
@@ -279,6 +292,7 @@ def save_bnb_model(model: nn.Module, tokenizer: Any, root: Path) -> None:
         )
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    restore_standard_layout_(model)  # bitsandbytes' own inverse would write a transposed absmax
     model.save_pretrained(root)
     if tokenizer is not None:
         tokenizer.save_pretrained(root)
@@ -299,6 +313,151 @@ def bnb_modules(model: nn.Module) -> dict[str, nn.Module]:
     bnb = import_bnb()
     kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     return {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
+
+
+def cpu_bf16_kernel_detected() -> bool:
+    """Whether bitsandbytes detects AVX512-BF16 here, i.e. whether a new ``Linear4bit`` (and every one a
+    transformers reload builds) computes its CPU eval forwards with the repacked bf16 kernel."""
+    bnb = import_bnb()
+    return bool(bnb.functional.has_avx512bf16())
+
+
+def _linear4bit_layers(module: nn.Module) -> list[nn.Module]:
+    bnb = sys.modules.get("bitsandbytes")  # never imported: no module can hold its layers
+    if bnb is None:
+        return []
+    return [m for m in module.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def _is_repacked(weight: Any) -> bool:
+    return bool(getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False))
+
+
+def _has_transposed_absmax(weight: Any) -> bool:
+    """Left by bitsandbytes' own inverse (``state_dict()`` after a repack): the data is back in the
+    standard layout, a plain absmax is still ``(in / blocksize, out)`` bfloat16."""
+    state = getattr(weight, "quant_state", None)
+    return state is not None and not _is_repacked(weight) and not state.nested and state.absmax.dim() == 2
+
+
+def _unpack(data: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+    """bitsandbytes' inverse of its CPU repack, completed: it transposes ``absmax`` back only for
+    double-quantized weights, so plain ones get their ``(in / blocksize, out)`` bfloat16 absmax put back
+    in row-block order, in float32 as ``quantize_4bit`` made it. ``state`` is modified."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    data, state = _convert_weight_packed_for_cpu_inverse(data, state)
+    if not state.nested and state.absmax.dim() == 2:  # (in / blocksize, out) -> blocks in row order
+        state.absmax = state.absmax.T.reshape(-1).float().contiguous()
+    return data, state
+
+
+def standard_4bit_state(weight: Any) -> tuple[torch.Tensor, Any]:
+    """The packed 4-bit data and quant state of a ``Params4bit`` in bitsandbytes' standard layout.
+
+    Copies are returned when the weight is in the CPU AVX512-BF16 kernel's repacked layout (or its
+    plain absmax was left transposed by bitsandbytes' own ``state_dict()``); the weight itself is left
+    as it is.
+
+    Args:
+        weight: a ``Linear4bit``'s ``weight``.
+
+    Returns:
+        ``(data, quant_state)`` that ``bitsandbytes.functional.dequantize_4bit`` reads correctly.
+    """
+    if _is_repacked(weight):
+        return _unpack(weight.data.clone(), copy.deepcopy(weight.quant_state))
+    if _has_transposed_absmax(weight):
+        state = copy.copy(weight.quant_state)
+        state.absmax = state.absmax.T.reshape(-1).float().contiguous()
+        return weight.data, state
+    return weight.data, weight.quant_state
+
+
+def dequantized_4bit_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight a ``Linear4bit`` stores, dequantized to ``(out, in)`` in its quant state's dtype,
+    whatever layout it is in (the module is not changed)."""
+    bnb = import_bnb()
+    data, state = standard_4bit_state(layer.weight)
+    return bnb.functional.dequantize_4bit(data, state)
+
+
+def restore_standard_layout_(module: nn.Module) -> int:
+    """Put every ``Linear4bit`` of ``module`` that an eval forward repacked for bitsandbytes' CPU
+    AVX512-BF16 kernel back into the standard layout, in place.
+
+    Afterwards ``state_dict()`` writes the standard tensors (bitsandbytes' own inverse writes a
+    transposed absmax for plain weights) and training forwards have a backward. The module computes
+    the same as before: absmax keeps the bfloat16-rounded values the kernel used (a later eval
+    forward repacks again, with the same values); double-quantized absmax is quantized again
+    (bitsandbytes' inverse). A layer whose repack bitsandbytes' own ``state_dict()`` undid (leaving
+    its plain absmax transposed) is repaired too.
+
+    Args:
+        module: a model or layer.
+
+    Returns:
+        How many layers were restored (0 on hosts without AVX512-BF16, or before any eval forward).
+    """
+    restored = 0
+    for layer in _linear4bit_layers(module):
+        state = layer.weight.quant_state
+        if _is_repacked(layer.weight):
+            layer.weight.data, state = _unpack(layer.weight.data, state)
+        elif _has_transposed_absmax(layer.weight):
+            state.absmax = state.absmax.T.reshape(-1).float().contiguous()
+        else:
+            continue
+        layer.weight.quant_state = state
+        layer.quant_state = state
+        restored += 1
+    return restored
+
+
+def set_cpu_bf16_kernel_(module: nn.Module, enabled: bool) -> int:
+    """Turn bitsandbytes' CPU AVX512-BF16 4-bit kernel on or off in every ``Linear4bit`` of ``module``.
+
+    Off, every CPU forward dequantizes the weight and multiplies in the compute dtype (the path of
+    AVX2-only CPUs: exactly the dequantized weight's matmul, with a backward). On, the kernel is used
+    only where bitsandbytes detects AVX512-BF16, as in a freshly built or reloaded layer. Turning it
+    off restores the standard layout first (:func:`restore_standard_layout_`).
+
+    Args:
+        module: a model or layer.
+        enabled: True for bitsandbytes' default on this host, False for the dequantize path.
+
+    Returns:
+        How many ``Linear4bit`` layers were set.
+
+    Raises:
+        TypeError: ``enabled`` is not a bool.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False, got {enabled!r}")
+    layers = _linear4bit_layers(module)
+    if not layers:
+        return 0
+    if not enabled:
+        restore_standard_layout_(module)
+    value = enabled and cpu_bf16_kernel_detected()
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = value
+    return len(layers)
+
+
+@contextlib.contextmanager
+def cpu_bf16_kernel_off(*modules: nn.Module) -> Iterator[None]:
+    """Run ``modules`` on bitsandbytes' dequantize path (see :func:`set_cpu_bf16_kernel_`), then give
+    every ``Linear4bit`` its previous setting back."""
+    layers = [layer for m in modules for layer in _linear4bit_layers(m)]
+    previous = [getattr(layer, "support_avx512bf16_for_cpu", False) for layer in layers]
+    for m in modules:
+        set_cpu_bf16_kernel_(m, False)
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, previous):
+            layer.support_avx512bf16_for_cpu = value
 
 
 def _refuse_quantized(model: nn.Module, bnb: Any) -> None:
@@ -461,9 +620,15 @@ __all__ = [
     "BnbNF4Config",
     "BnbUnavailableError",
     "bnb_modules",
+    "cpu_bf16_kernel_detected",
+    "cpu_bf16_kernel_off",
     "cpu_kernel_fits",
+    "dequantized_4bit_weight",
     "import_bnb",
     "quantize_bnb_",
+    "restore_standard_layout_",
     "save_bnb_model",
     "saved_bytes",
+    "set_cpu_bf16_kernel_",
+    "standard_4bit_state",
 ]

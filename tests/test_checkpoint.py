@@ -340,7 +340,9 @@ def test_missing_all_experts_of_a_layer(tiny_deepseek_v3: Path, tmp_path: Path) 
     _rewrite_weights(root, drop_experts)
     with pytest.raises(CheckpointError) as exc_info:
         load_checkpoint(root)
-    assert "model.layers.1.mlp.experts.gate_up_proj" in _error(exc_info)
+    message = _error(exc_info)
+    assert "missing 24 tensor(s)" in message  # 8 experts x gate/up/down, folded into one entry
+    assert "model.layers.1.mlp.experts.{0-7}.{down_proj.weight,gate_proj.weight,up_proj.weight}" in message
 
 
 def test_mismatched_tensor_shape(tiny_deepseek_v3: Path, tmp_path: Path) -> None:

@@ -10,6 +10,8 @@ import torch
 from dsq.cli import main
 from dsq.load_artifact import load_artifact
 
+from cpu_paths import describe
+
 ROOT = Path(__file__).resolve().parents[1]
 # a few steps and a small evaluation: these tests check the plumbing, benchmarks/ measures quality
 SHORT = [
@@ -131,7 +133,11 @@ def test_lora_recipe_saves_adapter_and_merged_artifact(tmp_path, capsys, recipe)
     lora = adapter["extra"]["lora"]
     assert 0 < lora["trainable_share"] < 0.1
     base = report["candidates"][0] if quantized else report["original"]
-    assert adapter["ppl"]["ppl"] < base["ppl"]["ppl"]  # a few steps already lower the domain perplexity
+    # a few steps already lower the domain perplexity. On a bnb-nf4 base the adapter model runs on
+    # bitsandbytes' dequantize path on every CPU (the base row: bitsandbytes' default, its AVX512-BF16
+    # kernel where detected); training through that kernel's repacked weights had no backward and
+    # gave 71.8 against the base's 59.7
+    assert adapter["ppl"]["ppl"] < base["ppl"]["ppl"], (adapter["ppl"]["ppl"], base["ppl"]["ppl"], describe())
     merged = report["candidates"][-1]
     assert merged["extra"]["reload_check"]["passed"] is True
     merge = merged["extra"]["merge"]

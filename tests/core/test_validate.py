@@ -8,10 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsq.artifact import save_quantized_model, write_manifest
-from dsq.checkpoint import load_checkpoint
+from dsq.artifact import write_manifest
 from dsq.cli import main
-from dsq.quantize import PerGroup, RTNConfig, TargetSpec, WeightScheme, quantize_
+from dsq.testing import make_rtn_artifact
 
 HELD_OUT = "def add(a, b):\n    return a + b\n\n" * 40
 
@@ -20,12 +19,7 @@ HELD_OUT = "def add(a, b):\n    return a + b\n\n" * 40
 def setup(tmp_path, tiny_checkpoint):
     """An INT8 artifact of a tiny Llama, its baseline, and a gates file with absolute and relative gates."""
     base = tiny_checkpoint("llama")
-    loaded = load_checkpoint(base)
-    quantize_(loaded.model, RTNConfig(WeightScheme(8, PerGroup(32), True), TargetSpec()), progress=False)
-    art = tmp_path / "int8"
-    art.mkdir()
-    save_quantized_model(loaded.model, loaded.tokenizer, art)
-    write_manifest(art, source=loaded.source.to_dict())
+    art = make_rtn_artifact(base, tmp_path / "int8")
     text = tmp_path / "held.txt"
     text.write_text(HELD_OUT)
     mc = tmp_path / "mc.jsonl"

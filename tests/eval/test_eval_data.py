@@ -70,23 +70,61 @@ def test_load_multiple_choice_reads_items_and_limit(tmp_path: Path) -> None:
     assert [item.context for item in load_multiple_choice(path, limit=2)] == ["q0", "q1"]
 
 
+GOOD_ROW = '{"context": "c", "choices": [" a", " b"], "gold": 0}'
+
+
 @pytest.mark.parametrize(
-    ("bad_row", "field", "fragment"),
+    ("bad_line", "fragment"),
     [
-        ({"context": "c", "choices": [" a", " b"], "gold": 2}, "gold", "out of range"),
-        ({"context": "c", "choices": [" a"], "gold": 0}, "choices", "at least 2"),
-        ({"choices": [" a", " b"], "gold": 0}, "context", "missing"),
+        ('{"context": "c", "choices": [" a", " b"], "gold": 2}', "field 'gold' = 2 is out of range for 2 choices"),
+        ('{"context": "c", "choices": [" a", " b"], "gold": -1}', "field 'gold' = -1 is out of range"),
+        ('{"context": "c", "choices": [" a", " b"], "gold": "0"}', "field 'gold' must be an integer index into 'choices', got '0'"),
+        ('{"context": "c", "choices": [" a", " b"], "gold": 1.0}', "field 'gold' must be an integer index into 'choices', got 1.0"),
+        ('{"context": "c", "choices": [" a", " b"], "gold": true}', "field 'gold' must be an integer index into 'choices', got True"),
+        ('{"context": "c", "choices": [" a"], "gold": 0}', "field 'choices' needs at least 2 choices"),
+        ('{"context": "c", "choices": [" a", 7], "gold": 0}', "field 'choices' must be a list of strings"),
+        ('{"context": "c", "choices": " a b", "gold": 0}', "field 'choices' must be a list of strings"),
+        ('{"context": "c", "choices": [" a", ""], "gold": 0}', "field 'choices' contains an empty choice"),
+        ('{"context": 7, "choices": [" a", " b"], "gold": 0}', "field 'context' must be a string, got 7"),
+        ('{"choices": [" a", " b"], "gold": 0}', "missing field 'context'"),
+        ('[1, 2]', "each line must be a JSON object"),
+        ('{not json', "not a JSON object"),
     ],
 )
-def test_multiple_choice_errors_name_file_row_and_field(
-    tmp_path: Path, bad_row: dict, field: str, fragment: str
-) -> None:
-    good = {"context": "c", "choices": [" a", " b"], "gold": 0}
-    path = _write_jsonl(tmp_path / "items.jsonl", [good, good, bad_row])
+def test_multiple_choice_errors_name_file_line_and_field(tmp_path: Path, bad_line: str, fragment: str) -> None:
+    # a blank line before the bad one: the message must count it (the bad row is on line 4)
+    path = tmp_path / "items.jsonl"
+    path.write_text(f"{GOOD_ROW}\n\n{GOOD_ROW}\n{bad_line}\n{GOOD_ROW}\n")
     with pytest.raises(DataError) as info:
         load_multiple_choice(path)
     message = str(info.value)
-    assert "items.jsonl" in message and "row 2" in message and f"'{field}'" in message and fragment in message
+    assert message.startswith(f"benchmark file {path}, line 4: ") and fragment in message
+
+
+def test_multiple_choice_items_remember_their_line(tmp_path: Path) -> None:
+    path = tmp_path / "items.jsonl"
+    path.write_text(f"\n{GOOD_ROW}\n\n{GOOD_ROW}\n")
+    items = load_multiple_choice(path)
+    assert [item.origin for item in items] == [f"{path}, line 2", f"{path}, line 4"]
+    assert items[0] == MCItem(context="c", choices=(" a", " b"), gold=0)  # the origin is not part of equality
+
+
+def test_scoring_errors_name_the_items_file_and_line(tmp_path: Path) -> None:
+    from dsq.eval.multiple_choice import FewShot, fewshot_prompts
+
+    path = tmp_path / "items.jsonl"
+    other = GOOD_ROW.replace('"c"', '"d"')
+    path.write_text(f"\n{GOOD_ROW}\n{other}\n")
+    items = load_multiple_choice(path)
+    with pytest.raises(DataError, match=rf"exemplars of multiple-choice item 0 \({path}, line 2\)"):
+        fewshot_prompts(items, FewShot(num_fewshot=2, source=str(path)))
+
+
+def test_multiple_choice_non_utf8_line_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "items.jsonl"
+    path.write_bytes(GOOD_ROW.encode() + b"\n" + b'{"context": "\xff"}\n')
+    with pytest.raises(DataError, match=r"items\.jsonl, line 2: not UTF-8"):
+        load_multiple_choice(path)
 
 
 def test_multiple_choice_unparsable_file_names_the_file(tmp_path: Path) -> None:

@@ -65,16 +65,10 @@ def test_export_of_bitsandbytes_method_is_a_recipe_error(tmp_path, tiny_deepseek
 
 
 def test_dsq_export_of_a_dsq_artifact_checks_it_against_dsq_forward(tmp_path, tiny_checkpoint, capsys):
-    from dsq.artifact import save_quantized_model, write_manifest
-    from dsq.checkpoint import load_checkpoint
-    from dsq.quantize import PerGroup, RTNConfig, TargetSpec, WeightScheme, quantize_
+    from dsq.quantize import PerGroup, WeightScheme
+    from dsq.testing import make_rtn_artifact
 
-    loaded = load_checkpoint(tiny_checkpoint("deepseek_v2"))
-    quantize_(loaded.model, RTNConfig(WeightScheme(8, PerGroup(64), False), TargetSpec()), progress=False)
-    art = tmp_path / "int8"
-    art.mkdir()
-    save_quantized_model(loaded.model, loaded.tokenizer, art)
-    write_manifest(art, source=loaded.source.to_dict())
+    art = make_rtn_artifact(tiny_checkpoint("deepseek_v2"), tmp_path / "int8", WeightScheme(8, PerGroup(64), False))
     code, out, err = run(capsys, "export", art, "-q")
     assert code == 0, err
     assert "max |delta logit|" in out and "identical greedy tokens" in out

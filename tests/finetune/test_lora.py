@@ -26,6 +26,7 @@ from dsq.finetune.lora import (  # noqa: E402
     trainable_share,
 )
 from dsq.quantize import BnbNF4Config, PerGroup, QuantLinear, RTNConfig, WeightScheme, quantize_  # noqa: E402
+from dsq.quantize.bnb import cpu_bf16_kernel_off  # noqa: E402
 from dsq.testing import randomize_lora, tiny_config, tiny_llama  # noqa: E402
 
 MLA = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
@@ -40,15 +41,22 @@ def tiny(model_type: str = "deepseek_v3", seed: int = 0) -> nn.Module:
         return AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
 
 
-def make_base(kind: str, seed: int = 0) -> nn.Module:
+def make_base(kind: str, seed: int = 0, *, double_quant: bool = False) -> nn.Module:
     """A tiny DeepSeek-V3: floating point, dsq int4 (group 32) or bitsandbytes NF4."""
     model = tiny("deepseek_v3", seed)
     if kind == "int4":
         quantize_(model, RTNConfig(scheme=WeightScheme(4, PerGroup(32))), progress=False)
     elif kind == "nf4":
         pytest.importorskip("bitsandbytes")
-        quantize_(model, BnbNF4Config(), progress=False)
+        quantize_(model, BnbNF4Config(double_quant=double_quant), progress=False)
     return model
+
+
+def linear4bit_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Name -> bitsandbytes ``Linear4bit`` (peft's ``base_layer`` hops removed)."""
+    import bitsandbytes as bnb
+
+    return {n.replace(".base_layer", ""): m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
 
 
 def tokens(shape: tuple[int, ...], seed: int = 1, vocab: int = 512) -> torch.Tensor:
@@ -232,7 +240,11 @@ def wrapper_type(kind: str) -> type:
 def test_lora_trains_on_each_base_and_leaves_it_untouched(kind):
     model = make_base(kind)
     ids = tokens((2, 32))
-    reference = logits(model, ids)
+    # A LoRA model's 4-bit layers run on bitsandbytes' dequantize path on every CPU (apply_lora switches
+    # them), so the base is measured on that path too: on AVX512-BF16 CPUs bitsandbytes' default kernel
+    # would give other logits (bf16 arithmetic) and repack the weights.
+    with cpu_bf16_kernel_off(model):
+        reference = logits(model, ids)
     frozen = base_state(model)
 
     with torch.random.fork_rng(devices=[]):
@@ -241,6 +253,9 @@ def test_lora_trains_on_each_base_and_leaves_it_untouched(kind):
 
     wrappers = [peft_model.get_base_model().get_submodule(n) for n in adapted_modules(peft_model)]
     assert all(isinstance(w, wrapper_type(kind)) for w in wrappers)
+    if kind == "nf4":
+        layers = linear4bit_layers(peft_model)
+        assert layers and not any(m.support_avx512bf16_for_cpu for m in layers.values())
     assert all(("lora_" in n) == p.requires_grad for n, p in peft_model.named_parameters())
     assert torch.equal(logits(peft_model, ids), reference)  # B starts at zero
     optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.3)
@@ -256,6 +271,53 @@ def test_lora_trains_on_each_base_and_leaves_it_untouched(kind):
     after = base_state(peft_model.get_base_model())
     assert after.keys() == frozen.keys()
     assert all(torch.equal(after[k], frozen[k]) for k in frozen)
+
+
+def _lora_grads(peft_model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    peft_model.train()
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_lora_on_a_base_repacked_by_an_eval_forward_trains_and_keeps_its_weights(double_quant):
+    """On AVX512-BF16 CPUs the first eval forward of the QLoRA base (the pipeline scores the quantized base
+    before training) repacks every Linear4bit for bitsandbytes' bf16 kernel. That kernel has no backward
+    (no gradient reaches the layer's input) and later training forwards kept using it; a state_dict() of
+    a repacked plain weight wrote a transposed absmax. apply_lora restores the standard layout and turns
+    the kernel off. The repack is forced here as the kernel does it, so this runs the same on every CPU."""
+    from cpu_paths import describe, repack_like_the_bf16_kernel_
+
+    clean = make_base("nf4", double_quant=double_quant)
+    repacked = make_base("nf4", double_quant=double_quant)
+    assert repack_like_the_bf16_kernel_(repacked) == len(linear4bit_layers(clean)) > 0
+    ids = tokens((2, 32))
+    models = {}
+    for name, model in (("clean", clean), ("repacked", repacked)):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            models[name] = apply_lora(model, LoraSpec(r=4, alpha=8))
+        randomize_lora(models[name])  # B != 0: every adapter's A and B get a gradient
+    grads = {name: _lora_grads(m, ids) for name, m in models.items()}
+
+    # The repack rounds absmax to bfloat16 (and re-quantizes a double-quantized one), so the two bases
+    # differ by that rounding only: measured max relative gradient difference 5.4e-3 (plain) / 5.0e-3
+    # (double quant); training on through the repacked kernel (no backward) gave 1.15.
+    assert grads["clean"].keys() == grads["repacked"].keys()
+    for name, g in grads["clean"].items():
+        rel = float((grads["repacked"][name] - g).norm() / g.norm())
+        assert g.abs().sum() > 0 and rel < 0.05, (name, rel, describe())
+    # the base keeps its 4-bit values and the scales it computed with, in bitsandbytes' standard layout
+    before, after = base_state(clean), base_state(models["repacked"].get_base_model())
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        if ".quant_state." in key:  # bitsandbytes' JSON of the state: holds the re-quantized offset
+            continue
+        assert after[key].shape == value.shape and after[key].dtype == value.dtype, key
+        if key.endswith(".weight") and value.dtype == torch.uint8:  # the packed 4-bit values
+            assert torch.equal(after[key], value), key
+        if key.endswith(".weight.absmax") and not double_quant:
+            assert torch.equal(after[key], value.bfloat16().float()), key
 
 
 def test_trainable_share_counts_lora_and_the_weights_quantized_storage_stands_for():

@@ -6,6 +6,9 @@ Bounds were set by measuring (bitsandbytes 0.50.2, transformers 5.23, CPU):
   top-1 0.910, int8 rel 0.0091 / top-1 0.977;
 - transformers reload vs the in-memory quantized model: max abs logit diff 0.0 (same kernels), on CPU
   and on CUDA (H100).
+- 4-bit CPU paths (tests/cpu_paths.py says which one a host takes): bitsandbytes' dequantize path gives
+  exactly the dequantized weight's logits on every CPU; its AVX512-BF16 kernel (AMD EPYC with
+  avx512_bf16) stays within 0.85 u (u = 2^-8) of sum |x||w| per output, logits 4.8e-3 from the exact ones.
 """
 from __future__ import annotations
 
@@ -33,12 +36,16 @@ from dsq.quantize.bnb import (  # noqa: E402
     BnbUnavailableError,
     bnb_modules,
     cpu_kernel_fits,
+    dequantized_4bit_weight,
     quantize_bnb_,
     save_bnb_model,
     saved_bytes,
+    set_cpu_bf16_kernel_,
 )
 from dsq.quantize.targets import TargetSpec, select_targets  # noqa: E402
 from dsq.reload import logits_of, probe_ids, transformers_reload_check  # noqa: E402
+
+from cpu_paths import BF16_UNIT_ROUNDOFF, bf16_kernel_detected, describe, repack_like_the_bf16_kernel_  # noqa: E402
 
 CONFIGS = {"nf4": BnbNF4Config(), "fp4": BnbFP4Config(), "int8": BnbInt8Config()}
 LAYER = {"nf4": bnb.nn.Linear4bit, "fp4": bnb.nn.Linear4bit, "int8": bnb.nn.Linear8bitLt}
@@ -201,15 +208,56 @@ def test_swap_report_and_closeness(model_type, method, quantized):
     assert 0 < _rel(got, ref) < RANDOM_REL[method]
 
 
-def test_4bit_forward_is_exactly_the_dequantized_weight(quantized):
-    """The swapped model computes with the 4-bit weights bitsandbytes stores, nothing else."""
-    ref, model, report, fp = quantized("deepseek_v3", "nf4")
+def _fresh_nf4(tiny_checkpoint, **options) -> tuple[nn.Module, nn.Module]:
+    """(fp model, NF4 model) of the tiny DeepSeek-V3, never run (the cached ones may be repacked)."""
+    path = tiny_checkpoint("deepseek_v3")
+    model = _load(path)
+    quantize_bnb_(model, BnbNF4Config(**options), progress=False)
+    return _load(path), model
+
+
+def test_4bit_forward_is_exactly_the_dequantized_weight_on_the_dequantize_path(tiny_checkpoint):
+    """bitsandbytes' dequantize path (the only one of AVX2-only CPUs; forced off the AVX512-BF16 kernel
+    here, on any CPU): the swapped model computes with the 4-bit weights bitsandbytes stores, nothing else."""
+    fp, model = _fresh_nf4(tiny_checkpoint)
+    layers = bnb_modules(model)
+    assert set_cpu_bf16_kernel_(model, False) == len(layers) > 0
     dequantized = _load_like(fp)
-    for name, layer in bnb_modules(model).items():
-        weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-        dequantized.get_submodule(name).weight.data.copy_(weight)
+    for name, layer in layers.items():
+        dequantized.get_submodule(name).weight.data.copy_(dequantized_4bit_weight(layer))
     ids = probe_ids(model.config.vocab_size)
-    torch.testing.assert_close(logits_of(model, ids), logits_of(dequantized, ids), rtol=0, atol=1e-5)
+    got = logits_of(model, ids)
+    assert not any(_repacked(layer) for layer in layers.values())
+    torch.testing.assert_close(got, logits_of(dequantized, ids), rtol=0, atol=1e-5, msg=lambda m: f"{m}\n{describe()}")
+
+
+def _repacked(layer: nn.Module) -> bool:
+    return bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False))
+
+
+def test_4bit_forward_on_the_avx512_bf16_kernel_is_within_its_bf16_rounding(tiny_checkpoint):
+    """bitsandbytes' default on CPUs where it detects AVX512-BF16: the first eval forward repacks the
+    weight and multiplies in bfloat16 (activations, absmax and 4-bit values rounded to bf16, float32
+    sums, output rounded to bf16), so each output differs from the float32 matmul with the
+    dequantized weight by at most (5 u + K 2^-24) sum_k |x_k w_k|, u = 2^-8 (four roundings of each
+    product's factors, one of the output, K float32 additions). Measured: at most 0.85 u; model
+    logits max 4.8e-3 from the dequantize path's."""
+    if not bf16_kernel_detected():
+        pytest.skip(f"no AVX512-BF16 kernel on this host ({describe()})")
+    fp, model = _fresh_nf4(tiny_checkpoint)
+    gen = torch.Generator().manual_seed(0)
+    for name, layer in bnb_modules(model).items():
+        weight = dequantized_4bit_weight(layer).double()  # (out, in), before the repack
+        x = torch.randn(2, 5, layer.in_features, generator=gen)
+        with torch.inference_mode():
+            got = layer(x).double()
+        assert _repacked(layer), f"{name}: the AVX512-BF16 kernel did not run ({describe()})"
+        reference = x.double() @ weight.T
+        scale = x.double().abs() @ weight.abs().T  # sum_k |x_k w_k| per output
+        bound = (5 * BF16_UNIT_ROUNDOFF + layer.in_features * 2.0**-24) * scale
+        excess = float(((got - reference).abs() - bound).max())
+        assert excess <= 0, f"{name}: beyond the bf16 bound by {excess:.3g} ({describe()})"
+        assert not torch.equal(got, reference.float().double()), f"{name}: no bf16 rounding seen ({describe()})"
 
 
 def _load_like(fp: nn.Module) -> nn.Module:
@@ -298,6 +346,8 @@ def test_transformers_reload_matches_in_memory(model_type, method, quantized, ti
 
 def test_4bit_options_survive_reload(tmp_path):
     """Double quant, a larger block and bf16 compute are read back from the checkpoint."""
+    from safetensors import safe_open
+
     from dsq.testing import make_tiny_checkpoint
 
     path = make_tiny_checkpoint("llama", tmp_path / "src", num_hidden_layers=1)
@@ -307,9 +357,58 @@ def test_4bit_options_survive_reload(tmp_path):
     layer = next(iter(bnb_modules(model).values()))
     assert layer.weight.quant_state.nested and layer.weight.quant_state.blocksize == 128
     save_bnb_model(model, None, tmp_path / "out")
-    back = next(iter(bnb_modules(_assert_reload_matches(tmp_path / "out", model)).values()))
-    assert back.weight.quant_state.nested and back.weight.quant_state.blocksize == 128
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        nested = [k for k in f.keys() if k.endswith(".weight.nested_absmax")]
+    assert len(nested) == len(bnb_modules(model))
+    # read before any forward: on AVX512-BF16 CPUs bitsandbytes' first eval forward repacks the weight
+    # and drops double quantization from the in-memory state (a save re-quantizes it)
+    back = next(iter(bnb_modules(_load(tmp_path / "out")).values()))
+    assert back.weight.quant_state.nested and back.weight.quant_state.blocksize == 128, describe()
     assert back.compute_dtype == torch.bfloat16
+    _assert_reload_matches(tmp_path / "out", model)
+
+
+@pytest.mark.parametrize(
+    ("double_quant", "state_dict_first"), [(False, False), (False, True), (True, False)],
+    ids=["plain", "plain-after-bnb-state_dict", "double-quant"],
+)
+def test_a_save_after_a_repacking_forward_writes_the_standard_layout(tmp_path, tiny_checkpoint, double_quant, state_dict_first):
+    """On AVX512-BF16 CPUs an eval forward repacks every Linear4bit; bitsandbytes' own state_dict() then
+    writes a plain absmax transposed to (in / block, out) bfloat16 and leaves the layer computing with
+    scrambled scales. save_bnb_model writes the standard layout with the scales the model computed with.
+    The repack is forced here as the kernel does it, so this runs the same on every CPU."""
+    from safetensors.torch import load_file
+
+    _, clean = _fresh_nf4(tiny_checkpoint, double_quant=double_quant)
+    _, model = _fresh_nf4(tiny_checkpoint, double_quant=double_quant)
+    weights = {n: dequantized_4bit_weight(layer) for n, layer in bnb_modules(model).items()}
+    assert repack_like_the_bf16_kernel_(model) == len(weights)
+    if state_dict_first:  # bitsandbytes' inverse: the data is back, the plain absmax stays transposed
+        model.state_dict()
+    save_bnb_model(clean, None, tmp_path / "clean")
+    save_bnb_model(model, None, tmp_path / "out")
+
+    expected, written = load_file(str(tmp_path / "clean" / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert written.keys() == expected.keys()
+    for key, value in expected.items():
+        if ".quant_state." not in key:  # bitsandbytes' JSON of the state holds the re-quantized offset
+            assert (written[key].shape, written[key].dtype) == (value.shape, value.dtype), key
+        if key.endswith(".weight") and value.dtype == torch.uint8:
+            assert torch.equal(written[key], value), key  # the same 4-bit values
+        if key.endswith(".weight.absmax") and not double_quant:
+            assert torch.equal(written[key], value.bfloat16().float()), key  # the scales the kernel used
+    reloaded = _assert_reload_matches(tmp_path / "out", model)  # same bitsandbytes default on both sides
+    # the files hold what the model computes with: plain, absmax rounded to bf16 once (relative u, plus
+    # float32 rounding of the products; measured 3.9e-3); double quant, its 8-bit absmax quantized
+    # again (measured 7.9e-3 relative)
+    bound = BF16_UNIT_ROUNDOFF * (1 + 2.0**-16) if not double_quant else 0.03
+    set_cpu_bf16_kernel_(model, False)
+    assert set_cpu_bf16_kernel_(reloaded, False) == len(weights)
+    for name, layer in bnb_modules(reloaded).items():
+        got = dequantized_4bit_weight(layer)
+        torch.testing.assert_close(got, dequantized_4bit_weight(bnb_modules(model)[name]), rtol=0, atol=0)
+        rel = float(((got - weights[name]).abs() / weights[name].abs().clamp_min(1e-30)).max())
+        assert rel <= bound, (name, rel)
 
 
 def test_shapes_off_the_cpu_kernel_are_kept_and_reload(tmp_path):
