@@ -21,12 +21,11 @@ demo: install
 test: install
 	$(PYTHON) -m pytest -q
 
-# The newest versions pyproject.toml allows, in a fresh virtual environment (torch stays the
-# locked CPU build: newer torch releases on the index are CUDA builds of several GB).
+# The newest versions pyproject.toml allows, torch included, in a fresh virtual environment
+# (the newest torch on the index can be a CUDA build of several GB).
 test-latest:
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv $(LATEST_VENV)
-	$(LATEST_VENV)/bin/pip install -q "$$(grep '^torch==' $(LOCK))"
 	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
 	$(LATEST_VENV)/bin/python -c "import importlib.metadata as m; print('versions:', ', '.join(f'{p} {m.version(p)}' for p in ('torch', 'transformers', 'compressed-tensors', 'bitsandbytes', 'peft', 'accelerate', 'datasets', 'onnx', 'onnxruntime', 'onnxscript', 'safetensors', 'pydantic', 'numpy')))"
 	$(LATEST_VENV)/bin/python -m pytest -q

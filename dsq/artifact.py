@@ -465,6 +465,11 @@ def save_quantized_model(
 ) -> list[str]:
     """Write a dsq-quantized transformers model as a compressed-tensors HF directory.
 
+    Tied embeddings (:mod:`dsq.tied`): an fp ``lm_head`` that is the input embedding's tensor is
+    written once and config.json keeps ``tie_word_embeddings: true``; a quantized ``lm_head`` is
+    written beside the fp embedding with ``tie_word_embeddings: false`` (the report's note:
+    :func:`dsq.tied.tie_notes`).
+
     Args:
         model: model whose quantized modules are dsq ``QuantLinear`` / ``QuantExperts``.
         tokenizer: saved beside the weights.
@@ -480,13 +485,16 @@ def save_quantized_model(
     from dsq.quantize.compressed_tensors_format import compress_model
 
     from .errors import QuantizationError
+    from .tied import drop_tied_duplicate, tied_embeddings, untie_config
 
     checkpoint = compress_model(model, __version__)
-    for name, tensor in checkpoint.tensors.items():
+    tie = tied_embeddings(model)
+    tensors = drop_tied_duplicate(checkpoint.tensors, tie)
+    for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise QuantizationError(f"tensor {name} has NaN or inf values; refusing to write the artifact")
-    files = save_weights(checkpoint.tensors, root, max_shard_bytes=max_shard_bytes)
-    config = model.config.to_dict()
+    files = save_weights(tensors, root, max_shard_bytes=max_shard_bytes)
+    config = untie_config(model.config.to_dict(), tie)
     config["quantization_config"] = checkpoint.quantization_config
     config["dtype"] = dtype_name
     write_config(config, root)

@@ -269,19 +269,39 @@ def _check_module(specs: dict[str, TensorSpec], prefix: str, shape: tuple[int, i
         _expect(specs, f"{prefix}.weight_packed", ("I32",), (out, math.ceil(in_features * scheme.bits / 32)), why, source)
         _expect(specs, f"{prefix}.weight_shape", ("I64", "I32"), (2,), why, source)
         packed[prefix] = shape
-        zero_dtypes, zero_shape = ("I32",), (math.ceil(out * scheme.bits / 32), groups)
     else:
         _expect(specs, f"{prefix}.weight", ("I8",), (out, in_features), why, source)
-        zero_dtypes, zero_shape = ("I8",), (out, groups)
     zero = f"{prefix}.weight_zero_point"
     if scheme.symmetric and zero in specs:
         raise CheckpointError(f"{source}: tensor {zero} is present but {group.key}.weights.symmetric is true")
     if not scheme.symmetric:
-        _expect(specs, zero, zero_dtypes, zero_shape, why, source)
+        _expect_zero_point(specs, zero, (out, groups), scheme.bits, prefix in packed, why, source)
     if isinstance(group.activations, StaticPerTensor):
         spec = _expect(specs, f"{prefix}.input_scale", FLOAT_DTYPES, None, why, source)
         if math.prod(spec.shape) != 1:
             raise CheckpointError(f"{source}: tensor {prefix}.input_scale has shape {list(spec.shape)}; a per-tensor scale has one value")
+
+
+def _expect_zero_point(specs: dict[str, TensorSpec], name: str, shape: tuple[int, int], bits: int, packed: bool,
+                       why: str, source: Path) -> None:
+    """A zero point in one of the layouts dsq reads.
+
+    int8 ``[out, groups]`` (int-quantized, and the pack-quantized ``block`` strategy); for pack-quantized
+    modules also int32 words packed along ``out``: ``[out, groups]`` (row-padded, what compressed-tensors
+    0.20 reads) or ``[ceil(out*bits/32), groups]`` (packed, written by earlier dsq versions).
+    """
+    out, groups = shape
+    layouts = [("I8", shape)]
+    if packed:
+        layouts += [("I32", shape), ("I32", (math.ceil(out * bits / 32), groups))]
+    spec = specs.get(name)
+    if spec is None:
+        raise CheckpointError(f"{source}: tensor {name} is missing from the artifact")
+    if (spec.dtype, spec.shape) not in layouts:
+        expected = " or ".join(f"{dtype} {list(s)}" for dtype, s in dict.fromkeys(layouts))
+        raise CheckpointError(
+            f"{source}: tensor {name} is {spec.dtype} {list(spec.shape)}, expected {expected} for {why}"
+        )
 
 
 def _expect(specs: dict[str, TensorSpec], name: str, dtypes: tuple[str, ...], shape: tuple[int, ...] | None,

@@ -2,7 +2,9 @@
 
 This is dsq's forward of an artifact: packed weights stay packed in memory and are
 dequantized in the forward, exactly as after ``quantize_``. It reads every scheme dsq
-writes, including the ones transformers cannot read back (asymmetric int4, W8A8 experts).
+writes, including the ones transformers cannot read back (asymmetric fused experts, W8A8
+experts), and zero points in every layout dsq has written (int32 packed along ``out`` as
+``[ceil(out*bits/32), groups]`` or row-padded ``[out, groups]``, and int8 ``[out, groups]``).
 Groups with ``input_activations`` (int8 token-dynamic or tensor-static) become
 :class:`~dsq.quantize.w8a8.W8A8Linear` / :class:`~dsq.quantize.w8a8.W8A8Experts`.
 """
@@ -20,6 +22,7 @@ from .artifact_check import (
 )
 from .checkpoint import LoadedModel, inspect_checkpoint, source_info
 from .errors import CheckpointError
+from .tied import tied_embeddings
 from dsq.quantize.compressed_tensors_format import decompress_tensor
 from dsq.quantize.modules import QuantExperts, QuantLinear, is_fused_experts, set_module
 from dsq.quantize.primitives import QuantizedWeight, stack_weights
@@ -167,6 +170,9 @@ def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], root: Path) -
         state |= _fuse_experts(prefix, parts, reference, root)
     quantized = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantExperts, W8A8Linear, W8A8Experts))]
     expected = {k for k in reference if not any(k.startswith(q + ".") for q in quantized)}
+    tie = tied_embeddings(model)
+    if tie is not None and tie.kept and tie.output_name not in state:
+        expected.discard(tie.output_name)  # written once, under the embedding's name
     missing = sorted(expected - set(state))
     if missing:
         raise CheckpointError(f"{root}: tensors missing from the artifact: {', '.join(missing[:10])}")

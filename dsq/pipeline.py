@@ -21,6 +21,7 @@ from .checkpoint import (
 )
 from .errors import QuantizationError, RecipeError
 from .preflight import check_recipe_against_checkpoint
+from .tied import tie_notes
 from .load_artifact import load_artifact
 from .streaming import StreamingDecision, decide_streaming
 from .recipe import QuantizeSection, Recipe, WeightsSection, dump_recipe
@@ -254,6 +255,7 @@ def _run_quantize(recipe: Recipe) -> RunResult:
     with atomic_directory(output, recipe.overwrite) as tmp:
         original = evaluator.evaluate("original", loaded.model, reference=True, disk_path=files.root)
         qreport, quant_seconds, peak_rss = step.apply(loaded.model, progress=recipe.progress)
+        qreport.notes += tie_notes(loaded.model)  # a tied lm_head quantized: the tie is broken
         save_artifact(tmp, loaded, recipe, config)
         reload = _reload_check(recipe, tmp, loaded.model, config)
         name = candidate_name(recipe.quantize)

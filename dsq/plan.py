@@ -633,7 +633,8 @@ class IntWeights:
     Per matrix ``[out, in]``: 4-bit ``weight_packed`` int32 ``[out, ceil(in/8)]`` and ``weight_shape``
     int64[2]; 8-bit ``weight`` int8 ``[out, in]``, or packed int32 ``[out, ceil(in/4)]`` + shape when the
     model has quantized experts; ``weight_scale`` ``[out, groups]`` in the model dtype; asymmetric
-    schemes add zero points (packed along ``out`` in the packed layouts, int8 otherwise).
+    schemes add zero points (:func:`dsq.quantize.compressed_tensors_format.zero_point_bytes`: int32
+    words packed along ``out`` in the layout the installed compressed-tensors reads, int8 otherwise).
     """
 
     scheme: Any  # dsq.quantize.WeightScheme
@@ -647,14 +648,16 @@ class IntWeights:
         return f"{self.scheme.describe()}, scales and kept tensors {dtype_name}"
 
     def matrix_bytes(self, out: int, inp: int, packed8: bool) -> int:
+        from dsq.quantize.compressed_tensors_format import zero_point_bytes
+
         groups = self.scheme.granularity.num_groups(inp)
-        total = out * groups * self.dtype_bytes
-        asym = not self.scheme.symmetric
+        packed = self.scheme.bits == 4 or packed8
+        total = out * groups * self.dtype_bytes + zero_point_bytes(out, inp, self.scheme, packed)
         if self.scheme.bits == 4:
-            return total + 4 * out * math.ceil(inp / 8) + 16 + (4 * groups * math.ceil(out / 8) if asym else 0)
+            return total + 4 * out * math.ceil(inp / 8) + 16
         if packed8:
-            return total + 4 * out * math.ceil(inp / 4) + 16 + (4 * groups * math.ceil(out / 4) if asym else 0)
-        return total + out * inp + (out * groups if asym else 0)
+            return total + 4 * out * math.ceil(inp / 4) + 16
+        return total + out * inp
 
 
 @dataclass(frozen=True)

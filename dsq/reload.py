@@ -66,6 +66,49 @@ def _quiet_load(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.M
         ct_log.setLevel(ct_level)
 
 
+# transformers' compressed-tensors reader of fused MoE experts (CompressedTensorsDequantize, 5.24 and 5.25)
+# decompresses each expert from its weight_packed, weight_scale and weight_shape only: it never collects
+# weight_zero_point, so asymmetric experts fail to load (upstream fix: transformers pull request 47430).
+EXPERT_ZERO_POINT_GAP = (
+    "transformers {transformers} (compressed-tensors {compressed_tensors}) cannot read asymmetric quantized "
+    "fused MoE experts: its expert loader does not collect weight_zero_point (upstream fix: transformers "
+    "pull request 47430); asymmetric experts: {modules}. dsq.load_artifact reads them exactly"
+)
+
+
+def asymmetric_experts(model: nn.Module) -> list[str]:
+    """Names of the quantized fused-expert modules of ``model`` whose scheme has zero points."""
+    from dsq.quantize.modules import QuantExperts
+
+    return [name for name, m in model.named_modules()
+            if isinstance(m, QuantExperts) and not (m.gate_up_proj.scheme.symmetric and m.down_proj.scheme.symmetric)]
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    found = {}
+    for dist in ("transformers", "compressed-tensors"):
+        try:
+            found[dist.replace("-", "_")] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist.replace("-", "_")] = "not installed"
+    return found
+
+
+def _expert_gap(experts: list[str]) -> str:
+    shown = ", ".join(experts[:4]) + (f" and {len(experts) - 4} more" if len(experts) > 4 else "")
+    return EXPERT_ZERO_POINT_GAP.format(modules=shown, **_versions())
+
+
+def _failure_reason(exc: Exception, model: nn.Module) -> str:
+    """What to report when transformers cannot load the artifact: the known gap when it applies."""
+    message = str(exc).strip()
+    raised = f"{type(exc).__name__}: {message.splitlines()[0] if message else type(exc).__name__}"
+    experts = asymmetric_experts(model)
+    return f"{_expert_gap(experts)} (transformers raised {raised})" if experts else raised
+
+
 def transformers_reload_check(
     artifact: Path, model: nn.Module, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
     tolerance: float = TOLERANCE,
@@ -74,15 +117,24 @@ def transformers_reload_check(
 
     Returns:
         A :class:`ReloadCheck`; ``loaded=False`` with the reason when transformers cannot read it.
+        Asymmetric fused experts that transformers fails to load, or loads without their zero points
+        (the ``block`` strategy of a ragged last group: logits beyond ``tolerance``), give
+        ``loaded=False`` with the known gap in transformers' expert loader and the modules named.
     """
     ids = probe_ids(model.config.vocab_size)
     expected = logits_of(model, ids)
     try:
         reloaded = _quiet_load(artifact, dtype, trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - reported to the user, never swallowed silently
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = _failure_reason(exc, model)
         logging.getLogger(__name__).warning("transformers could not reload %s: %s", artifact, reason)
-        return ReloadCheck(False, None, tolerance, f"{type(exc).__name__}: {reason}")
+        return ReloadCheck(False, None, tolerance, reason)
     got = logits_of(reloaded, ids)
     diff = float((got - expected).abs().max())
+    experts = asymmetric_experts(model)
+    if diff > tolerance and experts:
+        loaded_without = f"transformers loaded the experts without their zero points: logits differ by {diff:.3g}"
+        reason = f"{_expert_gap(experts)} ({loaded_without})"
+        logging.getLogger(__name__).warning("transformers could not reload %s: %s", artifact, reason)
+        return ReloadCheck(False, diff, tolerance, reason)
     return ReloadCheck(True, diff, tolerance)

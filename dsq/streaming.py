@@ -33,6 +33,7 @@ from .checkpoint import CheckpointFiles, inspect_checkpoint, read_safetensors_he
 from .errors import CheckpointError, QuantizationError
 from .fp8 import fp8_format
 from .shards import DEFAULT_MAX_SHARD_BYTES, SCALE_SUFFIX, ShardedTensors, ShardWriter, module_state
+from .tied import drop_tied_duplicate, tie_notes, tied_embeddings, untie_config
 
 log = logging.getLogger(__name__)
 
@@ -227,9 +228,11 @@ def quantize_streaming(
     report = quantize_(model, config, calibration=calibration, progress=progress, lifecycle=on)
     if lifecycle.layers_written != len(layers):
         raise QuantizationError(f"streaming wrote {lifecycle.layers_written} of {len(layers)} decoder layers")
-    writer.add(_outside_layers(model, prefix, compressor))
+    tie = tied_embeddings(model)
+    writer.add(drop_tied_duplicate(_outside_layers(model, prefix, compressor), tie))
     names = writer.close()
-    config_dict = model.config.to_dict()
+    config_dict = untie_config(model.config.to_dict(), tie)
+    report.notes += tie_notes(model)
     config_dict["quantization_config"] = compressor.quantization_config()
     config_dict["dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(dtype, str(dtype).removeprefix("torch."))
     unused = source.unused()

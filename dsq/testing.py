@@ -314,3 +314,45 @@ def make_rtn_artifact(checkpoint: Path, directory: Path, scheme=None) -> Path:
     save_quantized_model(loaded.model, loaded.tokenizer, directory)
     write_manifest(directory, source=loaded.source.to_dict())
     return directory
+
+
+def write_sentencepiece_tokenizer(
+    path: str | Path, *, add_bos: bool = True, add_eos: bool = False, vocab_size: int = 400
+) -> Path:
+    """Write a sentencepiece tokenizer as Llama checkpoints ship it: ``tokenizer.model`` only.
+
+    A BPE sentencepiece model with byte fallback is trained in-process on a fixed text (ids 0,
+    1 and 2 are ``<unk>``, ``<s>`` and ``</s>``) and saved with a ``LlamaTokenizer`` config;
+    any ``tokenizer.json`` in ``path`` is removed, so transformers converts ``tokenizer.model``
+    when it loads the directory. Needs the ``sentencepiece`` package.
+
+    Args:
+        path: Directory to write into (created if needed).
+        add_bos: Encoding prepends ``<s>``.
+        add_eos: Encoding appends ``</s>``.
+        vocab_size: Vocabulary size of the model.
+
+    Returns:
+        ``path``.
+    """
+    import io
+
+    import sentencepiece
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(_TOKENIZER_TEXT), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, character_coverage=1.0,
+        num_threads=1, minloglevel=2,
+    )
+    (path / "tokenizer.model").write_bytes(model.getvalue())
+    (path / "tokenizer.json").unlink(missing_ok=True)
+    config = {
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": add_bos, "add_eos_token": add_eos, "legacy": False, "model_max_length": 4096,
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (path / "special_tokens_map.json").unlink(missing_ok=True)
+    return path

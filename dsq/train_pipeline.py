@@ -35,6 +35,7 @@ from .errors import QuantizationError
 from .preflight import check_recipe_against_checkpoint
 from .recipe import FinetuneSection, LoraSection, Recipe, TrainDataSection, TrainingSection
 from .reload import ReloadCheck, transformers_reload_check
+from .tied import tie_notes
 from dsq.eval import Evaluator, Report, check_gates, write_report
 from dsq.eval.harness import ModelMetrics
 from dsq.eval.memory import PeakRSS
@@ -118,6 +119,7 @@ def _ptq(ctx: _Context, model: nn.Module) -> tuple[object, QuantizationReport, f
 
     step = QuantizeStep.from_recipe(ctx.recipe, ctx.loaded.tokenizer)
     qreport, seconds, _ = step.apply(model, progress=ctx.recipe.progress and ctx.main)
+    qreport.notes += tie_notes(model)
     return step.config, qreport, seconds
 
 
@@ -221,6 +223,7 @@ def _qat(ctx: _Context, tmp: Path | None, original: ModelMetrics | None):
     qreport = convert_qat(model, method=f"qat-from-{recipe.quantize.method}")
     if ptq_report is not None:
         qreport.calibration = ptq_report.calibration
+    qreport.notes += tie_notes(model)
     save_artifact_config = _rtn_like_config(config)
     _save(ctx, tmp, model, save_artifact_config)
     reload = _reload_check(ctx, tmp, model, save_artifact_config)

@@ -16,6 +16,7 @@ import datasets
 import torch
 
 from dsq.errors import DataError
+from dsq.tokens import encode_document
 
 _TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 _MC_FIELDS = ("context", "choices", "gold")
@@ -230,14 +231,15 @@ def tokenize_text(
 ) -> torch.Tensor:
     """Tokenize a corpus into one flat id sequence.
 
-    No special tokens are added except, when ``add_bos`` is true and the tokenizer has
-    one, a single leading BOS token.
+    The ids are ``tokenizer(text)["input_ids"]``: the special tokens the tokenizer itself
+    adds (a leading BOS for Llama tokenizers, none for GPT-2 style ones; see
+    :mod:`dsq.tokens`), never a second BOS, and a trailing EOS where the tokenizer appends one.
 
     Args:
         tokenizer: A Hugging Face tokenizer.
         text: The corpus.
         max_tokens: Keep only the first ``max_tokens`` ids (BOS included).
-        add_bos: Prepend ``tokenizer.bos_token_id`` if it is defined.
+        add_bos: Keep the ids the tokenizer puts before the text (its BOS, if it adds one).
 
     Returns:
         1-D ``torch.long`` tensor of token ids.  # (tokens,)
@@ -247,10 +249,7 @@ def tokenize_text(
     """
     if max_tokens is not None and max_tokens <= 0:
         raise DataError(f"max_tokens must be positive, got {max_tokens}")
-    ids: list[int] = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if add_bos and bos is not None:
-        ids = [int(bos)] + ids
+    ids = encode_document(tokenizer, text, with_prefix=add_bos)
     if max_tokens is not None:
         ids = ids[:max_tokens]
     if not ids:

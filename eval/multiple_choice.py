@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from dsq.errors import DataError
 from dsq.eval.data import MCItem
+from dsq.tokens import special_tokens
 
 
 @dataclass(frozen=True)
@@ -173,9 +174,10 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
 
 
 def _prefix_ids(tokenizer: Any, add_bos: bool) -> list[int]:
-    """Tokens put before every context: BOS when requested and defined."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    return [int(bos)] if add_bos and bos is not None else []
+    """Tokens put before every context: those ``tokenizer(text)`` puts before a text (its BOS,
+    if it adds one), when requested. A suffix the tokenizer appends (EOS) ends the text, not
+    the context, so it is not part of a request."""
+    return list(special_tokens(tokenizer).prefix) if add_bos else []
 
 
 def _requests(
@@ -187,7 +189,9 @@ def _requests(
     continuation longer than ``max_length`` cannot be scored whole and is an error.
     """
     prefix = _prefix_ids(tokenizer, add_bos)
-    fallback = getattr(tokenizer, "eos_token_id", None)
+    # An empty context conditions on one token, as lm-evaluation-harness: BOS, else EOS.
+    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
+    fallback = bos if bos is not None else eos
     requests: list[_Request] = []
     for item_index, item in enumerate(items):
         for choice_index, choice in enumerate(item.choices):
@@ -273,7 +277,8 @@ def multiple_choice(
         items: Items to score.
         progress: Show a tqdm progress bar.
         batch_size: (item, choice) pairs per forward pass; pairs are right-padded.
-        add_bos: Prepend the tokenizer's BOS token to every context when it has one.
+        add_bos: Prepend to every context the ids the tokenizer itself puts before a text
+            (its BOS where ``tokenizer(text)`` adds one; nothing for GPT-2 style tokenizers).
         max_length: The model's window: an input longer than this loses context tokens from
             the left (few-shot exemplars first); the continuation is never cut (``None``: no limit).
         fewshot: Exemplars to put before each context (``None``: zero-shot).

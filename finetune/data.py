@@ -8,14 +8,16 @@ else at blank lines into groups of at least 2,000 characters (:func:`split_docum
 
 Two formats, chosen by the type of ``TrainDataSpec.fields``:
 
-- :class:`TextFields` (plain text): each document becomes ``[BOS] text [EOS]`` (BOS/EOS
-  when the tokenizer has them) and every token is scored (``labels == input_ids``).
+- :class:`TextFields` (plain text): each document becomes ``tokenizer(text)["input_ids"]``
+  (a leading BOS only where the tokenizer adds one; see :mod:`dsq.tokens`) ending in EOS
+  (the tokenizer's own suffix, else its EOS when it has one), and every token is scored
+  (``labels == input_ids``).
 - :class:`InstructionFields`: prompt tokens get label ``-100``, response tokens (and the
   EOS after them) are scored. A ``messages`` column, or a prompt/response pair when the
   tokenizer has a chat template, is rendered with ``tokenizer.apply_chat_template`` and
   only the assistant turns are scored (the template supplies BOS and turn markers; EOS is
   added only if the render does not end with it); without a template a prompt/response pair
-  becomes ``[BOS] prompt "\\n" response [EOS]``.
+  becomes ``[BOS] prompt "\\n" response [EOS]`` with BOS and EOS as for plain text.
 
 Documents (or examples) are split into train and validation *before* packing, so no
 validation text reaches a training block. Packing concatenates the examples of a split and
@@ -44,6 +46,7 @@ import torch
 
 from dsq.errors import DataError
 from dsq.local_data import load_directory, load_file
+from dsq.tokens import special_tokens
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -422,21 +425,24 @@ class _Layout:
     format: str  # text | prompt_response | messages
     fields: tuple[str, ...]  # columns read
     chat_template: bool
-    bos: int | None
+    prefix: tuple[int, ...]  # ids the tokenizer puts before a text (its BOS, if it adds one)
+    end: tuple[int, ...]  # ids closing an example: the tokenizer's own suffix, else its EOS
     eos: int | None
     hint: str  # what to change when nothing is scored
 
 
 def _layout(fields: TextFields | InstructionFields, tokenizer: PreTrainedTokenizerBase) -> _Layout:
-    bos, eos = _token_id(tokenizer, "bos_token_id"), _token_id(tokenizer, "eos_token_id")
+    eos = _token_id(tokenizer, "eos_token_id")
+    added = special_tokens(tokenizer)
+    end = added.suffix or (() if eos is None else (eos,))
     if isinstance(fields, TextFields):
-        return _Layout("text", (fields.text_field,), False, bos, eos, "the documents hold no text")
+        return _Layout("text", (fields.text_field,), False, added.prefix, end, eos, "the documents hold no text")
     has_template = bool(getattr(tokenizer, "chat_template", None))
     hint = "check that responses (assistant turns) are not empty and fit in seq_len"
     if fields.messages_field is not None:
-        return _Layout("messages", (fields.messages_field,), True, bos, eos, hint)
+        return _Layout("messages", (fields.messages_field,), True, added.prefix, end, eos, hint)
     columns = (fields.prompt_field, fields.response_field)
-    return _Layout("prompt_response", columns, has_template, bos, eos, hint)
+    return _Layout("prompt_response", columns, has_template, added.prefix, end, eos, hint)
 
 
 def _token_id(tokenizer: PreTrainedTokenizerBase, name: str) -> int | None:
@@ -501,11 +507,10 @@ def _text_column(src: _Source, field: str) -> list[str]:
 
 
 def _text_example(text: str, layout: _Layout) -> _Example:
-    """``[BOS] text [EOS]``, every token scored."""
-    pieces: list[_Piece] = [] if layout.bos is None else [(layout.bos, True)]
+    """``prefix text end`` (``[BOS] text [EOS]`` for a Llama tokenizer), every token scored."""
+    pieces: list[_Piece] = [(token, True) for token in layout.prefix]
     pieces.append((text, True))
-    if layout.eos is not None:
-        pieces.append((layout.eos, True))
+    pieces += [(token, True) for token in layout.end]
     return tuple(pieces)
 
 
@@ -524,10 +529,9 @@ def _prompt_response_examples(
             chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
             examples.append(_chat_example(chat, tokenizer, layout, f"{src.description}, row {row}"))
         else:
-            pieces: list[_Piece] = [] if layout.bos is None else [(layout.bos, False)]
+            pieces: list[_Piece] = [(token, False) for token in layout.prefix]
             pieces += [(prompt + "\n", False), (response, True)]
-            if layout.eos is not None:
-                pieces.append((layout.eos, True))
+            pieces += [(token, True) for token in layout.end]
             examples.append(tuple(pieces))
     return examples
 

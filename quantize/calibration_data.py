@@ -7,10 +7,12 @@ Sources, in order of precedence: a local ``path`` (``.txt``, ``.jsonl``/``.json`
 nothing is written to the user's cache and an edited file always gives fresh data.
 Nothing is unpickled and no remote code is run.
 
-Documents are tokenized without special tokens, joined with the tokenizer's EOS id (when
-it has one) into one stream, and ``samples`` non-overlapping ``seq_len`` windows are drawn
-from it with a generator seeded by ``seed``: the same spec and tokenizer always give the
-same tensor.
+Each document is encoded as ``tokenizer(document)["input_ids"]`` (the tokenizer's own
+special tokens: a leading BOS where it adds one, a trailing EOS where it appends one; see
+:mod:`dsq.tokens`); consecutive documents are joined with the tokenizer's EOS id (when it
+has one) unless the first already ends with it, into one stream, and ``samples``
+non-overlapping ``seq_len`` windows are drawn from it with a generator seeded by ``seed``:
+the same spec and tokenizer always give the same tensor.
 
 Example:
     >>> spec = CalibrationDataSpec(path="calib.jsonl", samples=64, seq_len=256)
@@ -30,6 +32,7 @@ import torch
 from dsq.assets import data_file
 from dsq.errors import DataError
 from dsq.local_data import SUPPORTED_SUFFIXES, load_directory, load_file, quiet_progress
+from dsq.tokens import special_tokens
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -296,23 +299,26 @@ def _check_messages(messages: Any, row: int, field: str, source: str) -> None:
 
 
 def _token_stream(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, int]:
-    """Tokenize documents without special tokens and join them with EOS.
+    """Encode documents as the tokenizer does (its own special tokens) and join them with EOS.
 
     Returns:
         ``(stream, documents)``: 1-D int64 ids and the number of documents that gave tokens.
     """
     eos = getattr(tokenizer, "eos_token_id", None)
-    separator = torch.tensor([] if eos is None else [int(eos)], dtype=torch.long)
+    added = special_tokens(tokenizer)
     pieces: list[torch.Tensor] = []
     documents = 0
+    previous: list[int] = []
     for start in range(0, len(texts), _TOKENIZE_BATCH):
         batch = list(texts[start : start + _TOKENIZE_BATCH])
         for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
             if not ids:
                 continue
-            if documents:
-                pieces.append(separator)
+            ids = [*added.prefix, *ids, *added.suffix]
+            if documents and eos is not None and previous[-1] != int(eos):
+                pieces.append(torch.tensor([int(eos)], dtype=torch.long))
             pieces.append(torch.tensor(ids, dtype=torch.long))
+            previous = ids
             documents += 1
     stream = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.long)
     return stream, documents  # (tokens,)

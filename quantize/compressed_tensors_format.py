@@ -5,8 +5,9 @@ transformers, vLLM and llm-compressor read. Per quantized Linear ``X``:
 
 * ``pack-quantized`` (4-bit): ``X.weight_packed`` int32 ``[out, ceil(in/8)]`` (eight values
   per word, offset by 8, low nibble first), ``X.weight_scale`` ``[out, groups]``,
-  ``X.weight_shape`` int64 ``[2]``, and for asymmetric schemes ``X.weight_zero_point`` packed
-  the same way along the output dimension: int32 ``[ceil(out/8), groups]``.
+  ``X.weight_shape`` int64 ``[2]``, and for asymmetric schemes ``X.weight_zero_point``: int32
+  words packed along the output dimension (see :class:`ZeroPointLayout` for the shape, which
+  follows the installed compressed-tensors), or int8 ``[out, groups]`` for the ``block`` strategy.
 * ``int-quantized`` (8-bit): ``X.weight`` int8 ``[out, in]``, ``X.weight_scale``, and
   ``X.weight_zero_point`` int8 for asymmetric schemes.
 
@@ -24,8 +25,12 @@ on load; a group at least as wide as the row is written as ``channel``. Both are
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
+from enum import Enum
+from functools import lru_cache
+from importlib import metadata
 
 import torch
 from torch import nn
@@ -48,10 +53,95 @@ def _bytes_to_int32(packed: torch.Tensor) -> torch.Tensor:
     return packed.contiguous().reshape(-1).view(torch.int32).reshape(*rows, -1)
 
 
-def _pack_zero_point(zero: torch.Tensor) -> torch.Tensor:
-    """int8 zero points ``[out, groups]`` -> int32 ``[ceil(out/8), groups]`` packed along out."""
-    words = _bytes_to_int32(pack_int4(zero.t().contiguous()))  # (groups, ceil(out/8))
+class ZeroPointLayout(Enum):
+    """Shape of the int32 ``weight_zero_point`` of pack-quantized group and channel strategies.
+
+    Both hold the same words: zero points offset by ``2**(bits-1)``, packed along ``out``
+    (``32/bits`` values per word, lowest bits first), ``ceil(out*bits/32)`` words per group.
+    """
+
+    PACKED = "[ceil(out*bits/32), groups]"  # what compressed-tensors' own compressor writes
+    ROW_PADDED = "[out, groups]"  # the packed words in the leading rows, the other rows zero
+
+
+# compressed-tensors release (major, minor) -> the zero-point layout that release reads, newest first.
+# From 0.20 transformers (5.24, 5.25) builds each quantized module with compressed-tensors' unpacked
+# zero-point parameter [out, groups] and copies the checkpoint tensor into it by shape (a packed
+# tensor is a size mismatch and the load fails); compressed-tensors then unpacks that parameter as
+# int32 words packed along out and reads only the rows it needs. Row-padded words satisfy both
+# (measured with compressed-tensors 0.20.1 + transformers 5.25). Earlier releases: the packed shape
+# their compressor writes. dsq's reader takes either (:func:`decompress_tensor`).
+ZERO_POINT_LAYOUTS: tuple[tuple[tuple[int, int], ZeroPointLayout], ...] = (
+    ((0, 20), ZeroPointLayout.ROW_PADDED),
+    ((0, 0), ZeroPointLayout.PACKED),
+)
+
+
+def zero_point_layout(version: str) -> ZeroPointLayout:
+    """The zero-point layout a compressed-tensors ``version`` (e.g. ``"0.20.1"``) reads."""
+    parts = [int(p) for p in re.findall(r"\d+", version)[:2]] + [0, 0]
+    release = (parts[0], parts[1])
+    return next(layout for first, layout in ZERO_POINT_LAYOUTS if release >= first)
+
+
+@lru_cache(maxsize=1)
+def installed_zero_point_layout() -> ZeroPointLayout:
+    """The layout for the installed compressed-tensors (the newest one when it is not installed)."""
+    try:
+        return zero_point_layout(metadata.version("compressed-tensors"))
+    except metadata.PackageNotFoundError:
+        return ZERO_POINT_LAYOUTS[0][1]
+
+
+def _pack_along_out(zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """int8 zero points ``[out, groups]`` -> int32 ``[ceil(out*bits/32), groups]`` packed along out."""
+    by_group = zero.t().contiguous()  # (groups, out)
+    words = _bytes_to_int32(pack_int4(by_group)) if bits == 4 else _pack_int8(by_group)
     return words.t().contiguous()
+
+
+def pack_zero_point(zero: torch.Tensor, bits: int, strategy: str, layout: ZeroPointLayout) -> torch.Tensor:
+    """The pack-quantized ``weight_zero_point`` tensor of int8 zero points ``[out, groups]``.
+
+    Args:
+        zero: int8 zero points, one per row and group.
+        bits: weight bits (4 or 8).
+        strategy: compressed-tensors strategy of the module (:func:`weight_args`).
+        layout: the int32 shape for the group and channel strategies.
+
+    Returns:
+        int8 ``[out, groups]`` for the ``block`` strategy (compressed-tensors packs zero points
+        of the group and channel strategies only), else int32 words in ``layout``.
+    """
+    if strategy == "block":
+        return zero.contiguous()
+    words = _pack_along_out(zero, bits)
+    if layout is ZeroPointLayout.PACKED:
+        return words
+    padded = torch.zeros(zero.shape, dtype=torch.int32)
+    padded[: words.shape[0]] = words
+    return padded
+
+
+def zero_point_bytes(out: int, in_features: int, scheme: WeightScheme, packed: bool,
+                     layout: ZeroPointLayout | None = None) -> int:
+    """Bytes of the ``weight_zero_point`` dsq writes for a ``[out, in_features]`` matrix (0 if symmetric).
+
+    Args:
+        out: rows of the matrix.
+        in_features: columns of the matrix.
+        scheme: its weight scheme.
+        packed: whether the matrix is written pack-quantized (else int-quantized, int8 zero points).
+        layout: the int32 layout; None: the one of the installed compressed-tensors.
+    """
+    if scheme.symmetric:
+        return 0
+    groups = scheme.granularity.num_groups(in_features)
+    if not packed or _strategy(scheme, in_features)["strategy"] == "block":
+        return out * groups
+    layout = layout or installed_zero_point_layout()
+    rows = out if layout is ZeroPointLayout.ROW_PADDED else math.ceil(out * scheme.bits / 32)
+    return 4 * rows * groups
 
 
 def _strategy(scheme: WeightScheme, in_features: int) -> dict:
@@ -97,13 +187,15 @@ def compress_tensor(
     index: tuple = (),
     *,
     packed_format: bool | None = None,
+    zero_layout: ZeroPointLayout | None = None,
 ) -> dict[str, torch.Tensor]:
     """compressed-tensors tensors for one quantized weight, or the part ``qt[index]`` of it.
 
     ``index`` selects along the leading dimensions (e.g. ``(expert, rows)``); it must leave a
     2-D ``[out, in]`` weight. ``packed_format`` forces pack-quantized layout for 8-bit weights
     (transformers reads quantized MoE experts back only in packed form); by default 4-bit is
-    packed and 8-bit is int-quantized.
+    packed and 8-bit is int-quantized. ``zero_layout`` is the shape of packed zero points
+    (None: the one the installed compressed-tensors reads).
     """
     packed, scale = qt.packed[index], qt.scale[index]
     zero = qt.zero_point[index] if qt.zero_point is not None else None
@@ -119,9 +211,9 @@ def compress_tensor(
     tensors[f"{prefix}.weight_packed"] = _bytes_to_int32(packed) if bits == 4 else _pack_int8(packed)
     tensors[f"{prefix}.weight_shape"] = torch.tensor([packed.shape[0], qt.in_features], dtype=torch.int64)
     if zero is not None:
-        tensors[f"{prefix}.weight_zero_point"] = (
-            _pack_zero_point(zero) if bits == 4 else _pack_int8(zero.t()).t().contiguous()
-        )
+        strategy = _strategy(qt.scheme, qt.in_features)["strategy"]
+        layout = zero_layout or installed_zero_point_layout()
+        tensors[f"{prefix}.weight_zero_point"] = pack_zero_point(zero, bits, strategy, layout)
     return tensors
 
 
@@ -320,6 +412,17 @@ def _int32_to_bytes(words: torch.Tensor, n: int) -> torch.Tensor:
     return words.contiguous().reshape(-1).view(torch.uint8).reshape(*rows, -1)[..., :n]
 
 
+def _unpack_zero_point(words: torch.Tensor, out: int, bits: int) -> torch.Tensor:
+    """int32 zero points packed along out, in either :class:`ZeroPointLayout` -> int8 ``[out, groups]``.
+
+    Only the leading ``ceil(out*bits/32)`` rows are read, so packed and row-padded tensors agree.
+    """
+    by_group = words.t()  # (groups, rows)
+    if bits == 4:
+        return unpack_int4(_int32_to_bytes(by_group, (out + 1) // 2), out).t().contiguous()
+    return (_int32_to_bytes(by_group, out).to(torch.int16) - 128).to(torch.int8).t().contiguous()
+
+
 def scheme_from_args(args: dict) -> WeightScheme:
     """compressed-tensors weight args -> the equivalent :class:`WeightScheme`."""
     strategy = args.get("strategy")
@@ -345,12 +448,10 @@ def decompress_tensor(tensors: dict[str, torch.Tensor], prefix: str, scheme: Wei
         words = tensors[f"{prefix}.weight_packed"]
         if scheme.bits == 4:
             q = unpack_int4(_int32_to_bytes(words, (in_features + 1) // 2), in_features)
-            if zero is not None:
-                zero = unpack_int4(_int32_to_bytes(zero.t(), (out + 1) // 2), out).t().contiguous()
         else:
             q = (_int32_to_bytes(words, in_features).to(torch.int16) - 128).to(torch.int8)
-            if zero is not None:
-                zero = (_int32_to_bytes(zero.t(), out).to(torch.int16) - 128).to(torch.int8).t().contiguous()
+        if zero is not None and zero.dtype == torch.int32:
+            zero = _unpack_zero_point(zero, out, scheme.bits)
     else:
         q = tensors[f"{prefix}.weight"]
     return QuantizedWeight(qweight=q, scale=scale, zero=zero, scheme=scheme)

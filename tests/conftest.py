@@ -1,12 +1,18 @@
 """Shared fixtures: tiny checkpoints of every supported architecture."""
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
+# Nothing is fetched at run time, as under the CLI: set before transformers and huggingface_hub are
+# imported (bitsandbytes 0.50 on an AVX512-BF16 CPU otherwise asks the hub for a CPU kernel on import).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from dsq.testing import make_tiny_checkpoint
+import pytest  # noqa: E402
+
+from dsq.testing import make_tiny_checkpoint  # noqa: E402
 
 TinyCheckpoint = Callable[..., Path]
 

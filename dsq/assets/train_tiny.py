@@ -223,7 +223,6 @@ def train_tokenizer(texts: list[str]):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
         min_frequency=2,
@@ -233,6 +232,11 @@ def train_tokenizer(texts: list[str]):
     )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     assert tok.get_vocab_size() == VOCAB_SIZE, tok.get_vocab_size()
+    bos = tok.token_to_id("<|bos|>")  # the tokenizer adds <|bos|> itself: the model is trained on <bos> doc <eos>
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B:1", special_tokens=[("<|bos|>", bos)]),
+    ])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|bos|>",

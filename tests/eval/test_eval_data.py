@@ -135,7 +135,7 @@ def test_multiple_choice_unparsable_file_names_the_file(tmp_path: Path) -> None:
 
 
 def test_tokenize_text_adds_only_an_optional_bos() -> None:
-    tokenizer = _tokenizer()
+    tokenizer = byte_bpe_tokenizer(["the quick brown fox jumps over the lazy dog. " * 20], 300, prepend_bos=True)
     plain = tokenizer("the lazy dog", add_special_tokens=False)["input_ids"]
     with_bos = tokenize_text(tokenizer, "the lazy dog")
     assert with_bos.dtype == torch.long and with_bos.dim() == 1

@@ -119,16 +119,19 @@ def test_transformers_reload_matches_dsq_forward(tiny_checkpoint, tmp_path, arch
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v3", "llama"])
-def test_asymmetric_int4_reload_gap_is_reported(tiny_checkpoint, tmp_path, arch):
-    """transformers 5.23 + compressed-tensors 0.20 cannot read packed int4 zero points: reported, not hidden."""
+def test_asymmetric_int4_reloads_or_the_expert_gap_is_reported(tiny_checkpoint, tmp_path, arch):
+    """Dense asymmetric int4 reloads in transformers; DeepSeek's asymmetric experts cannot be read by
+    transformers <= 5.25 (their zero points are never collected): reported, never hidden."""
     loaded = _load(tiny_checkpoint, arch)
     quantize_(loaded.model, RTNConfig(WeightScheme(4, PerGroup(64), symmetric=False)), progress=False)
     save_quantized_model(loaded.model, loaded.tokenizer, tmp_path)
     check = transformers_reload_check(tmp_path, loaded.model)
-    if check.loaded:  # a transformers that reads them must then read them right
+    if arch == "llama":
+        assert check.passed, (check.reason, check.max_abs_diff)
+    elif check.loaded:  # a transformers that reads them must then read them right
         assert check.passed, check.max_abs_diff
     else:
-        assert check.reason and not check.passed
+        assert not check.passed and "zero_point" in check.reason and "experts" in check.reason, check.reason
 
 
 @pytest.mark.parametrize("scheme", [
