@@ -76,8 +76,18 @@ def fake_quantize_ste(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor |
     q = round_ste(w / s)
     if zero is not None:
         z = expand_groups(zero, scheme, in_features).to(q.dtype)
-        return (q + z).clamp(scheme.qmin, scheme.qmax).sub(z).mul(s)
-    return q.clamp(scheme.qmin, scheme.qmax).mul(s)
+        return clamp_ste(q + z, scheme.qmin, scheme.qmax).sub(z).mul(s)
+    return clamp_ste(q, scheme.qmin, scheme.qmax).mul(s)
+
+
+def clamp_ste(q: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """``q.clamp(qmin, qmax)`` whose gradient is 1 inside the range, bounds included, and 0 outside.
+
+    ``torch.clamp``'s own gradient at a bound changed between torch releases (2.14 gives 0 there); a
+    group's largest weight sits exactly on the bound under min/max scales and must keep its gradient.
+    """
+    inside = (q >= qmin) & (q <= qmax)
+    return torch.where(inside, q, q.detach().clamp(qmin, qmax))
 
 
 class _FakeQuantWeight(nn.Module):
