@@ -356,3 +356,14 @@ def write_sentencepiece_tokenizer(
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (path / "special_tokens_map.json").unlink(missing_ok=True)
     return path
+
+
+def tensor_data_bytes(files) -> int:
+    """Bytes of tensor data in safetensors files, from their headers (file size minus header)."""
+    from dsq.checkpoint import read_safetensors_header
+
+    total = 0
+    for path in files:
+        _, header_len = read_safetensors_header(path)
+        total += path.stat().st_size - 8 - header_len
+    return total

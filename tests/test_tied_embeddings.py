@@ -12,12 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsq.checkpoint import read_safetensors_header
 from dsq.cli import main
 from dsq.load_artifact import load_artifact
 from dsq.plan import plan_checkpoint
 from dsq.recipe import load_recipe
-from dsq.testing import make_tiny_checkpoint
+from dsq.testing import make_tiny_checkpoint, tensor_data_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -73,14 +72,6 @@ def _run(recipe: str, model: Path, out: Path, data: Path, *overrides: str) -> tu
     return code, config, report, load_file(str(out / "model.safetensors"))
 
 
-def _tensor_bytes(files) -> int:
-    total = 0
-    for path in files:
-        _, header_len = read_safetensors_header(path)
-        total += path.stat().st_size - 8 - header_len
-    return total
-
-
 def _check_tie(config: dict, tensors: dict, quantized_head: bool) -> None:
     assert config["tie_word_embeddings"] is (not quantized_head)
     assert EMBED in tensors and tensors[EMBED].dtype == torch.float32
@@ -104,7 +95,7 @@ def test_run_writes_a_tied_artifact_that_reloads(tmp_path, tied, data, model_typ
     assert (model.lm_head.weight is model.model.embed_tokens.weight) if not quantized_head else not hasattr(model.lm_head, "weight")
     # the plan predicts the bytes written, tied tensors once
     plan = plan_checkpoint(tied(model_type), load_recipe(ROOT / "recipes" / "demo.yaml", overrides))
-    assert plan.schemes[-1].tensor_bytes == _tensor_bytes(sorted(out.glob("*.safetensors")))
+    assert plan.schemes[-1].tensor_bytes == tensor_data_bytes(sorted(out.glob("*.safetensors")))
     # streaming writes the same tensors, and says so when the tie is broken
     streamed = tmp_path / "streamed"
     _, s_config, s_report, s_tensors = _run("demo.yaml", tied(model_type), streamed, data, *overrides, "streaming=true")

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from dsq.checkpoint import bundled_model_path, read_safetensors_header
+from dsq.checkpoint import bundled_model_path
+from dsq.testing import tensor_data_bytes
 from dsq.cli import main
 from dsq.plan import (
     DEFAULT_CPU_TFLOPS, DEFAULT_GPU_TFLOPS, EXPERT_INTEGER_BYTES, RTN_TEMPORARY_BYTES, STACK_PACK_BYTES, plan_checkpoint,
@@ -25,14 +26,6 @@ GiB = 1 << 30
 # Bytes a safetensors file adds to its tensor data: the 8-byte length and the JSON header.
 HEADER_OVERHEAD = 0.01
 
-
-def tensor_data_bytes(files) -> int:
-    """Bytes of tensor data in safetensors files, from their headers (file size minus header)."""
-    total = 0
-    for path in files:
-        _, header_len = read_safetensors_header(path)
-        total += path.stat().st_size - 8 - header_len
-    return total
 
 
 def compressed_bytes(model) -> int:
