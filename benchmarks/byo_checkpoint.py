@@ -44,14 +44,14 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
-from dsq.checkpoint import load_checkpoint
-from dsq.errors import DataError, DsqInputError
+from dsq.core.loading import load_checkpoint
+from dsq.core.errors import DataError, DsqInputError
 from dsq.eval.data import load_text
-from dsq.pipeline import quant_config
+from dsq.run.pipeline import quant_config
 from dsq.quantize import quantize_
 from dsq.quantize.api import tensor_bytes
 from dsq.quantize.calibration_data import CalibrationDataSpec, load_calibration
-from dsq.recipe import QuantizeSection, WeightsSection
+from dsq.run.recipe import QuantizeSection, WeightsSection
 
 METHODS = ("rtn", "gptq", "awq", "w8a8", "nf4")
 """Method names accepted by ``--methods``, in table order."""

@@ -12,8 +12,8 @@ import tempfile
 import time
 
 import torch
-from dsq.testing import make_tiny_checkpoint
-from dsq.checkpoint import load_checkpoint
+from dsq.tools.testing import make_tiny_checkpoint
+from dsq.core.loading import load_checkpoint
 from dsq.quantize import GPTQConfig, AWQConfig, W8A8Config, WeightScheme, PerGroup, quantize_, BnbNF4Config
 from dsq.quantize.w8a8 import StaticPerTensor, w8a8_matmul_calls
 

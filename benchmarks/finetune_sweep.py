@@ -18,8 +18,8 @@ import argparse
 import json
 from pathlib import Path
 
-from dsq.pipeline import run
-from dsq.recipe import load_recipe
+from dsq.run.pipeline import run
+from dsq.run.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 QAT = {

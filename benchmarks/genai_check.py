@@ -26,11 +26,11 @@ import onnx
 import onnxruntime
 import torch
 import transformers
-from dsq.checkpoint import load_checkpoint
+from dsq.core.loading import load_checkpoint
 from dsq.export import OrtCausalLM, export_onnx
 from dsq.export.genai import genai_greedy as _genai_greedy
 from dsq.quantize import PerGroup, RTNConfig, TargetSpec, WeightScheme, quantize_
-from dsq.testing import make_tiny_checkpoint
+from dsq.tools.testing import make_tiny_checkpoint
 
 NEW_TOKENS = 32
 THREADS = 1

@@ -1,4 +1,4 @@
-"""Write a copy of a checkpoint with the activation outlier channels of large LLMs (dsq.outliers).
+"""Write a copy of a checkpoint with the activation outlier channels of large LLMs (dsq.tools.outliers).
 
 The copy computes the same function in fp32 (the script checks the logits), but a few input
 channels of every Linear behind a norm carry 20-100x the median magnitude, as in large trained
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from dsq.artifact import atomic_directory, prepare_output
+from dsq.core.atomic import atomic_directory, prepare_output
 from dsq.assets import tiny_model_dir
-from dsq.checkpoint import load_checkpoint
-from dsq.outliers import OutlierSpec, add_outlier_channels, input_outlier_ratios
+from dsq.core.loading import load_checkpoint
+from dsq.tools.outliers import OutlierSpec, add_outlier_channels, input_outlier_ratios
 from dsq.quantize.calibration_data import CalibrationDataSpec, load_calibration
 
 MARKER = "outliers.json"

@@ -1,6 +1,6 @@
 """Write a synthetic DeepSeek-V3-shaped checkpoint (random weights, real layout), shard by shard.
 
-Sizes not given follow DeepSeek-V3's proportions to --hidden (see dsq.synthetic.deepseek_v3_config).
+Sizes not given follow DeepSeek-V3's proportions to --hidden (see dsq.tools.synthetic.deepseek_v3_config).
 With --fp8 the decoder layers' Linear weights (attention, dense/shared MLPs, every routed expert) are
 float8_e4m3fn with 128x128 float32 block scales, as in the official DeepSeek-V3/R1 checkpoints.
 
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from dsq.synthetic import deepseek_v3_config, num_parameters, tensor_specs, write_synthetic_checkpoint
+from dsq.tools.synthetic import deepseek_v3_config, write_synthetic_checkpoint
+from dsq.core.layout import num_parameters, tensor_specs
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

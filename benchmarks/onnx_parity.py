@@ -46,8 +46,8 @@ def _row_facts(torch_row: dict, onnx_row: dict) -> dict:
 
 
 def run_fp32(out: Path) -> dict:
-    from dsq.checkpoint import bundled_model_path
-    from dsq.export_step import run_export
+    from dsq.core.checkpoint import bundled_model_path
+    from dsq.run.export_step import run_export
 
     result = run_export(bundled_model_path(), out / "fp32", evaluate=True, speed=True, overwrite=True, progress=False)
     data = json.loads((out / "fp32" / "report.json").read_text())
@@ -55,8 +55,8 @@ def run_fp32(out: Path) -> dict:
 
 
 def run_recipe(name: str, out: Path) -> dict:
-    from dsq.pipeline import run
-    from dsq.recipe import load_recipe
+    from dsq.run.pipeline import run
+    from dsq.run.recipe import load_recipe
 
     recipe_file, overrides = VARIANTS[name]
     recipe = load_recipe(ROOT / "recipes" / recipe_file, [

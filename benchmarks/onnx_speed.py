@@ -638,8 +638,8 @@ def timed_rounds(makers: dict, config, vocab: int) -> dict[str, dict]:
 
 
 def build_model(args, workdir: Path):
-    from dsq.checkpoint import load_checkpoint
-    from dsq.testing import make_tiny_checkpoint
+    from dsq.core.loading import load_checkpoint
+    from dsq.tools.testing import make_tiny_checkpoint
 
     ckpt = make_tiny_checkpoint(
         "llama", workdir / "checkpoint", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
@@ -730,7 +730,7 @@ def main(argv=None) -> int:
 
 
 def _run(args, workdir: Path, results: dict, shapes) -> int:
-    from dsq.errors import ExportError
+    from dsq.core.errors import ExportError
     from dsq.eval.speed import SpeedConfig, TorchCachedLM
     from dsq.export import OrtCausalLM
 

@@ -13,8 +13,8 @@ import argparse
 import re
 from pathlib import Path
 
-from dsq.plan import CATEGORIES, Plan, plan_checkpoint
-from dsq.recipe import load_recipe
+from dsq.tools.plan import CATEGORIES, Plan, plan_checkpoint
+from dsq.run.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "dsq" / "assets" / "public_configs"

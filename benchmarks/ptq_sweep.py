@@ -13,8 +13,8 @@ import argparse
 import json
 
 from dsq.eval.memory import machine_info
-from dsq.pipeline import run
-from dsq.recipe import load_recipe
+from dsq.run.pipeline import run
+from dsq.run.recipe import load_recipe
 
 G128 = ["quantize.weights.bits=4", "quantize.weights.group_size=128"]
 G32 = ["quantize.weights.bits=4", "quantize.weights.group_size=32"]

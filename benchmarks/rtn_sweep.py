@@ -12,8 +12,8 @@ import argparse
 import json
 
 from dsq.eval.memory import machine_info
-from dsq.pipeline import run
-from dsq.recipe import load_recipe
+from dsq.run.pipeline import run
+from dsq.run.recipe import load_recipe
 
 VARIANTS = {
     "int8 per-channel sym": ["quantize.weights.bits=8", "quantize.weights.granularity=channel"],

@@ -34,7 +34,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     from dsq.quantize import GPTQConfig, PerGroup, RTNConfig, WeightScheme
-    from dsq.streaming import quantize_streaming
+    from dsq.quantize.streaming import quantize_streaming
 
     torch.set_num_threads(args.threads)
     baseline = _status_kib("VmRSS") * 1024
@@ -65,7 +65,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def _checkpoint(args: argparse.Namespace, layers: int) -> Path:
-    from dsq.synthetic import deepseek_v3_config, write_synthetic_checkpoint
+    from dsq.tools.synthetic import deepseek_v3_config, write_synthetic_checkpoint
 
     root = Path(args.root) / f"v3-{layers}L{'-fp8' if args.fp8 else ''}"
     if (root / "config.json").exists():

@@ -8,11 +8,12 @@ import statistics
 
 import torch
 
-from dsq.checkpoint import bundled_model_path, load_checkpoint
+from dsq.core.checkpoint import bundled_model_path
+from dsq.core.loading import load_checkpoint
 from dsq.quantize import AWQConfig, GPTQConfig, PerChannel, PerGroup, RTNConfig, W8A8Config, WeightScheme, quantize_
-from dsq.pipeline import calibration_spec
+from dsq.run.pipeline import calibration_spec
 from dsq.quantize.calibration_data import load_calibration_with_summary
-from dsq.recipe import QuantizeSection
+from dsq.run.recipe import QuantizeSection
 
 CONFIGS = {
     "rtn int8 per-channel": RTNConfig(WeightScheme(8, PerChannel())),

@@ -15,8 +15,8 @@ import signal
 import sys
 import traceback
 
-from . import __version__
-from .errors import DsqError, DsqInputError, Interrupted
+from dsq import __version__
+from dsq.core.errors import DsqError, DsqInputError, Interrupted
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_INPUT = 0, 1, 2
 EXIT_SIGNAL_BASE = 128  # exit 128 + N after signal N: 130 for SIGINT, 143 for SIGTERM (shell convention)
@@ -149,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import run
-    from .recipe import load_recipe
+    from dsq.run.pipeline import run
+    from dsq.run.recipe import load_recipe
     from dsq.eval import format_terminal_table
 
     overrides = list(args.overrides) + (["progress=false"] if args.quiet else [])
@@ -188,7 +188,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_recipe(args: argparse.Namespace) -> int:
-    from .recipe import dump_recipe, load_recipe
+    from dsq.run.recipe import dump_recipe, load_recipe
 
     print(dump_recipe(load_recipe(args.recipe, args.overrides)), end="")
     return EXIT_OK
@@ -197,7 +197,7 @@ def _cmd_recipe(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .export_step import run_export
+    from dsq.run.export_step import run_export
 
     source = Path(args.artifact).expanduser()
     output = Path(args.output).expanduser() if args.output else source.parent / f"{source.name}-onnx"
@@ -224,7 +224,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     from dsq.eval import format_terminal_table
 
-    from .validate import validate
+    from dsq.run.validate import validate
 
     result = validate(
         Path(args.artifact).expanduser(), baseline=Path(args.baseline).expanduser() if args.baseline else None,
@@ -246,8 +246,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     import json
 
-    from .plan import plan_checkpoint
-    from .recipe import load_recipe
+    from dsq.tools.plan import plan_checkpoint
+    from dsq.run.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides) if args.recipe or args.overrides else None
     plan = plan_checkpoint(args.checkpoint, recipe, tflops=args.tflops)

@@ -2,20 +2,11 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from pathlib import Path
 
 from dsq.eval.gates import GateResult
 from dsq.eval.report import Report, format_terminal_table
-
-
-@dataclass(frozen=True)
-class Check:
-    """A pass/fail check that is not a metric gate (e.g. the manifest's sha256 of every file)."""
-
-    name: str
-    passed: bool
-    message: str
+from dsq.core.check import Check
 
 
 def write_junit(path: Path, suite: str, checks: list[Check], gates: list[GateResult], report: Report | None) -> Path:

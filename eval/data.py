@@ -15,8 +15,8 @@ from typing import Any
 import datasets
 import torch
 
-from dsq.errors import DataError
-from dsq.tokens import encode_document
+from dsq.core.errors import DataError
+from dsq.core.tokens import encode_document
 
 _TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 _MC_FIELDS = ("context", "choices", "gold")
@@ -233,7 +233,7 @@ def tokenize_text(
 
     The ids are ``tokenizer(text)["input_ids"]``: the special tokens the tokenizer itself
     adds (a leading BOS for Llama tokenizers, none for GPT-2 style ones; see
-    :mod:`dsq.tokens`), never a second BOS, and a trailing EOS where the tokenizer appends one.
+    :mod:`dsq.core.tokens`), never a second BOS, and a trailing EOS where the tokenizer appends one.
 
     Args:
         tokenizer: A Hugging Face tokenizer.

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dsq.errors import DataError
+from dsq.core.errors import DataError
 
 
 @dataclass(frozen=True, eq=False)

@@ -11,16 +11,16 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from dsq.errors import RecipeError
+from dsq.core.errors import RecipeError
 from dsq.eval.harness import ModelMetrics
-from dsq.recipe import GatesSection, format_errors
+from dsq.run.recipe import GatesSection, format_errors
 
 
 class Gates(GatesSection):
     """Thresholds; ``None`` leaves a gate unchecked.
 
     The fields, their ranges and the measurement each one needs are those of a recipe's
-    ``eval.gates`` (:class:`dsq.recipe.GatesSection`): one definition for recipes, the gates file
+    ``eval.gates`` (:class:`dsq.run.recipe.GatesSection`): one definition for recipes, the gates file
     of ``dsq validate`` and this class. A threshold out of its range (or NaN/inf) is a
     :class:`RecipeError` naming the gate.
 

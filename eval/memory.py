@@ -12,7 +12,7 @@ from types import TracebackType
 import torch
 from torch import nn
 
-from dsq.errors import CheckpointError
+from dsq.core.errors import CheckpointError
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")

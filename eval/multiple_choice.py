@@ -30,9 +30,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dsq.errors import DataError
+from dsq.core.errors import DataError
 from dsq.eval.data import MCItem
-from dsq.tokens import special_tokens
+from dsq.core.tokens import special_tokens
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from dsq.errors import DataError, RecipeError
+from dsq.core.errors import DataError, RecipeError
 
 
 @dataclass(frozen=True)

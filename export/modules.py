@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsq.errors import ExportError
+from dsq.core.errors import ExportError
 from dsq.quantize.modules import QuantExperts, QuantLinear, QuantTensor, is_fused_experts, set_module
 from dsq.quantize.primitives import dequantize_weight, quantize_rtn
 from dsq.quantize.scheme import PerChannel, WeightScheme

@@ -8,7 +8,7 @@
 2. traces :class:`~dsq.export.decoder.FlatDecoder` with ``torch.onnx.export(dynamo=True)`` (dynamic
    batch, sequence and past lengths), writing the weights as external data (no 2 GB protobuf limit);
 3. opens the graph in ONNX Runtime and validates it against the original torch model
-   (:mod:`dsq.export.validate`); a mismatch raises :class:`~dsq.errors.ExportError`;
+   (:mod:`dsq.export.validate`); a mismatch raises :class:`~dsq.core.errors.ExportError`;
 4. writes ``export_manifest.json`` (layout, ops, validation figures), ``genai_config.json`` and the
    tokenizer, all in a temporary directory renamed into place at the end.
 """
@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from dsq import __version__
-from dsq.artifact import atomic_directory, sha256_file, versions
-from dsq.errors import ExportError
+from dsq.core.atomic import atomic_directory
+from dsq.core.manifest import sha256_file, versions
+from dsq.core.errors import ExportError
 
 from . import ops
 from .decoder import CacheLayout, FlatDecoder, cache_layout, empty_past, input_names, output_names

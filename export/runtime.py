@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from dsq.errors import CheckpointError
+from dsq.core.errors import CheckpointError
 
 from .decoder import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, CacheLayout, past_names
 

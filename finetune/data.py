@@ -9,7 +9,7 @@ else at blank lines into groups of at least 2,000 characters (:func:`split_docum
 Two formats, chosen by the type of ``TrainDataSpec.fields``:
 
 - :class:`TextFields` (plain text): each document becomes ``tokenizer(text)["input_ids"]``
-  (a leading BOS only where the tokenizer adds one; see :mod:`dsq.tokens`) ending in EOS
+  (a leading BOS only where the tokenizer adds one; see :mod:`dsq.core.tokens`) ending in EOS
   (the tokenizer's own suffix, else its EOS when it has one), and every token is scored
   (``labels == input_ids``).
 - :class:`InstructionFields`: prompt tokens get label ``-100``, response tokens (and the
@@ -44,9 +44,9 @@ from typing import TYPE_CHECKING, Any
 import datasets
 import torch
 
-from dsq.errors import DataError
-from dsq.local_data import load_directory, load_file
-from dsq.tokens import special_tokens
+from dsq.core.errors import DataError
+from dsq.core.textdata import load_directory, load_file
+from dsq.core.tokens import special_tokens
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

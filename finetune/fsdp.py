@@ -14,7 +14,7 @@ import logging
 import torch
 from torch import nn
 
-from dsq.errors import TrainingError
+from dsq.core.errors import TrainingError
 
 log = logging.getLogger(__name__)
 

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from dsq.errors import CheckpointError, DsqInputError
+from dsq.core.errors import CheckpointError, DsqInputError
 from dsq.quantize.bnb import set_cpu_bf16_kernel_
 from dsq.quantize.modules import QuantExperts, QuantLinear, QuantTensor, is_fused_experts
 

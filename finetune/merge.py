@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsq.errors import DataError, DsqInputError
+from dsq.core.errors import DataError, DsqInputError
 from dsq.eval.fidelity import fidelity_windows
 from dsq.eval.perplexity import PerplexityConfig, perplexity
 from dsq.quantize.api import check_finite

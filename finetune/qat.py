@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsq.errors import QuantizationError
+from dsq.core.errors import QuantizationError
 from dsq.quantize.gptq import static_qparams
 from dsq.quantize.api import ModuleRecord, QuantizationReport, check_finite, start_report, tensor_bytes
 from dsq.quantize.modules import QuantExperts, QuantLinear, route_tokens, set_module

@@ -49,7 +49,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from dsq.errors import CheckpointError, TrainingError
+from dsq.core.errors import CheckpointError, TrainingError
 
 from .fsdp import (
     device_of, full_tensor, gather_objects, is_dtensor, is_sharded, local_shard, reshard, shard_model, unshard_model,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dsq.errors import QuantizationError
+from dsq.core.errors import QuantizationError
 
 from .modules import QuantExperts, QuantLinear, QuantTensor, set_module
 from .primitives import QuantizedWeight, quantize_rtn, quantize_rtn_slices

@@ -71,7 +71,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dsq.errors import DsqInputError, QuantizationError
+from dsq.core.errors import DsqInputError, QuantizationError
 
 from .api import ModuleRecord, QuantizationReport, register_handler, require_resident, start_report, tensor_bytes
 from .sequential import LayerLifecycle
@@ -280,7 +280,7 @@ def save_bnb_model(model: nn.Module, tokenizer: Any, root: Path) -> None:
     from transformers import PreTrainedModel
     from transformers.utils.quantization_config import QuantizationMethod
 
-    from dsq.checkpoint import PICKLE_SUFFIXES
+    from dsq.core.checkpoint import PICKLE_SUFFIXES
 
     quantizer = getattr(model, "hf_quantizer", None)
     if not isinstance(model, PreTrainedModel) or quantizer is None or (

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dsq.errors import QuantizationError
+from dsq.core.errors import QuantizationError
 
 from .api import QuantizationReport, check_finite, register_handler, require_resident, start_report, swap_decision
 from .awq import ScaleSearch, candidate_scales, fake_quantize, search_clip, search_scale, weight_mean

@@ -9,7 +9,7 @@ Nothing is unpickled and no remote code is run.
 
 Each document is encoded as ``tokenizer(document)["input_ids"]`` (the tokenizer's own
 special tokens: a leading BOS where it adds one, a trailing EOS where it appends one; see
-:mod:`dsq.tokens`); consecutive documents are joined with the tokenizer's EOS id (when it
+:mod:`dsq.core.tokens`); consecutive documents are joined with the tokenizer's EOS id (when it
 has one) unless the first already ends with it, into one stream, and ``samples``
 non-overlapping ``seq_len`` windows are drawn from it with a generator seeded by ``seed``:
 the same spec and tokenizer always give the same tensor.
@@ -30,9 +30,9 @@ import datasets
 import torch
 
 from dsq.assets import data_file
-from dsq.errors import DataError
-from dsq.local_data import SUPPORTED_SUFFIXES, load_directory, load_file, quiet_progress
-from dsq.tokens import special_tokens
+from dsq.core.errors import DataError
+from dsq.core.textdata import SUPPORTED_SUFFIXES, load_directory, load_file, quiet_progress
+from dsq.core.tokens import special_tokens
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

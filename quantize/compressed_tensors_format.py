@@ -242,7 +242,7 @@ def compress_w8a8_experts(prefix: str, experts: W8A8Experts) -> dict[str, torch.
     its expert loader dequantizes only packed or fp8 experts and fails on int8 ``weight`` tensors;
     writing the experts packed instead makes transformers load them but run them with unquantized
     activations (and drop the static input scales), silently unlike this module. dsq's own reader
-    (:func:`dsq.load_artifact.load_artifact`) reads it exactly.
+    (:func:`dsq.quantize.artifact_load.load_artifact`) reads it exactly.
     """
     inter = experts.intermediate_dim
     tensors: dict[str, torch.Tensor] = {}

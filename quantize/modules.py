@@ -15,6 +15,7 @@ from torch import nn
 
 from .primitives import QuantizedWeight, dequantize, pack_int4, unpack_int4
 from .scheme import WeightScheme
+from dsq.core.layout import set_module  # noqa: F401  (re-exported: the module-swap helper of every quantize module)
 
 
 class QuantTensor(nn.Module):
@@ -85,13 +86,6 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule called ``name`` (dotted path) of ``model`` with ``new``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def is_fused_experts(module: nn.Module) -> bool:

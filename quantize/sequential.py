@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dsq.errors import QuantizationError
 
 from .modules import is_fused_experts, set_module
+from dsq.core.layout import decoder_layers
 
 
 class _StopForward(Exception):
@@ -43,15 +43,6 @@ class LayerInputs:
 
     hidden: list[torch.Tensor]
     kwargs: list[dict]
-
-
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """Name and module list of the decoder layers (``model.layers`` in every supported architecture)."""
-    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.endswith("layers") and (count is None or len(module) == count):
-            return name, module
-    raise QuantizationError(f"{type(model).__name__}: no decoder layer list found (expected 'model.layers')")
 
 
 def first_tensor(output) -> torch.Tensor:
@@ -95,7 +86,7 @@ class LayerLifecycle(Protocol):
 
     The driver calls ``load`` before a layer is used and ``release`` once its quantized outputs are
     computed. :class:`ResidentLayers` (every layer already in memory) does nothing; the streaming
-    runner (:mod:`dsq.streaming`) reads the layer's tensors from the checkpoint's shards on ``load``
+    runner (:mod:`dsq.quantize.streaming`) reads the layer's tensors from the checkpoint's shards on ``load``
     and writes the quantized layer to the output shards and frees it on ``release``.
     """
 

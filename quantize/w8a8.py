@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dsq.errors import QuantizationError
+from dsq.core.errors import QuantizationError
 
 from .api import ModuleRecord, QuantizationReport, check_finite, module_sqnr, start_report, tensor_bytes
 from .modules import QuantTensor, route_tokens, set_module

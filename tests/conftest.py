@@ -12,7 +12,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from dsq.testing import make_tiny_checkpoint  # noqa: E402
+from dsq.tools.testing import make_tiny_checkpoint  # noqa: E402
 
 TinyCheckpoint = Callable[..., Path]
 

@@ -5,13 +5,13 @@ from pathlib import Path
 import pytest
 
 from dsq.cli import main
-from dsq.recipe import load_recipe
+from dsq.run.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bundled_model_is_a_trained_deepseek_v3():
-    from dsq.checkpoint import bundled_model_path, inspect_checkpoint
+    from dsq.core.checkpoint import bundled_model_path, inspect_checkpoint
 
     files = inspect_checkpoint(bundled_model_path())
     cfg = files.config

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dsq.cli import main
-from dsq.load_artifact import load_artifact
+from dsq.quantize.artifact_load import load_artifact
 
 from cpu_paths import describe
 
@@ -94,8 +94,8 @@ def test_recipe_under_two_processes(tmp_path):
 
 
 def test_finetune_recipe_errors_name_the_section(tmp_path):
-    from dsq.errors import RecipeError
-    from dsq.recipe import load_recipe
+    from dsq.core.errors import RecipeError
+    from dsq.run.recipe import load_recipe
 
     with pytest.raises(RecipeError, match="quantize.method must be one of rtn, gptq, awq"):
         load_recipe(ROOT / "recipes" / "qlora_nf4_domain.yaml", ["finetune.lora=null", "finetune.qat.learnable_scales=false"])
@@ -153,7 +153,8 @@ def test_lora_recipe_saves_adapter_and_merged_artifact(tmp_path, capsys, recipe)
     assert manifest["base"]["fingerprint"] and manifest["targets"]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     if not quantized:  # the adapter loads onto the original base and only onto it
-        from dsq.checkpoint import bundled_model_path, load_checkpoint
+        from dsq.core.checkpoint import bundled_model_path
+        from dsq.core.loading import load_checkpoint
 
         base = load_checkpoint(bundled_model_path()).model
         model = load_adapter(base, out / "adapter", expected_base=manifest["base"])

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from dsq.cli import main
-from dsq.load_artifact import load_artifact
-from dsq.plan import plan_checkpoint
-from dsq.recipe import load_recipe
-from dsq.testing import make_tiny_checkpoint, tensor_data_bytes
+from dsq.quantize.artifact_load import load_artifact
+from dsq.tools.plan import plan_checkpoint
+from dsq.run.recipe import load_recipe
+from dsq.tools.testing import make_tiny_checkpoint, tensor_data_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -134,7 +134,7 @@ def test_finetuned_tied_models_save(tmp_path, tied, data, model_type, recipe, ov
 @pytest.mark.parametrize("quantized_head", [False, True])
 def test_export_of_a_tied_artifact_validates(tmp_path, tied, data, quantized_head, capsys):
     from dsq.quantize import PerGroup, WeightScheme
-    from dsq.testing import make_rtn_artifact
+    from dsq.tools.testing import make_rtn_artifact
 
     art = tmp_path / "art"
     if quantized_head:

@@ -12,7 +12,7 @@ from dsq.eval.data import MCItem, tokenize_text
 from dsq.eval.multiple_choice import _requests
 from dsq.finetune.data import TextFields, TrainDataSpec, load_training_data
 from dsq.quantize.calibration_data import CalibrationDataSpec, load_calibration
-from dsq.testing import _TOKENIZER_TEXT, byte_bpe_tokenizer, make_tiny_checkpoint, write_sentencepiece_tokenizer
+from dsq.tools.testing import _TOKENIZER_TEXT, byte_bpe_tokenizer, make_tiny_checkpoint, write_sentencepiece_tokenizer
 
 pytest.importorskip("sentencepiece")
 

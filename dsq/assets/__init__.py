@@ -1,6 +1,6 @@
 """Bundled assets: a tiny trained DeepSeek-V3 checkpoint and its benchmark sets.
 
-``tiny_deepseek_v3/`` is produced by ``python -m dsq.assets.train_tiny``; ``data/`` holds the
+``tiny_deepseek_v3/`` is produced by ``python -m dsq.tools.train_tiny``; ``data/`` holds the
 frozen held-out text split, a multiple-choice set built from held-out text and a calibration
 sample (CPython standard library text, PSF License; see ``data/LICENSE-DATA.md``).
 """

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from dsq import artifact
-from dsq.artifact import OutputExistsError, atomic_directory, claim_output, save_weights
-from dsq.errors import DsqInputError, Interrupted
-from dsq.output_lock import OutputLockedError, OutputPathError, lock_path, output_lock
+from dsq.core.atomic import OutputExistsError, atomic_directory, claim_output
+from dsq.quantize.artifact_save import save_weights
+from dsq.core.errors import DsqInputError, Interrupted
+from dsq.core.output_lock import OutputLockedError, OutputPathError, lock_path, output_lock
 
 ROOT = Path(__file__).resolve().parents[2]
 OLD = {"manifest.json": "old", "a.txt": "old-a"}
@@ -182,7 +183,7 @@ def test_leftovers_of_dead_runs_are_removed_and_others_only_named(tmp_path, capl
     live = _write(tmp_path / ".out.partial-live", {".dsq-partial": json.dumps({**marker, "pid": os.getppid()})})
     foreign = _write(tmp_path / ".out.partial-user", {"notes.txt": "mine"})
     other_output = _write(tmp_path / ".out.partial-x.partial-1", {".dsq-partial": json.dumps({**marker, "output": "out.partial-x"})})
-    with caplog.at_level(logging.WARNING, logger="dsq.artifact"):
+    with caplog.at_level(logging.WARNING, logger="dsq.core.atomic"):
         with atomic_directory(out, overwrite=False) as tmp:
             _write(tmp, NEW)
     assert not dead.exists() and live.exists() and foreign.exists() and other_output.exists()
@@ -197,7 +198,7 @@ def test_artifact_renamed_aside_is_restored_or_removed(tmp_path, caplog, output_
     aside = _write(tmp_path / ".out.old-1234", OLD)
     if output_present:
         _write(out, NEW)
-    with caplog.at_level(logging.WARNING, logger="dsq.artifact"), claim_output(out, overwrite=True):
+    with caplog.at_level(logging.WARNING, logger="dsq.core.atomic"), claim_output(out, overwrite=True):
         assert _read(out) == (NEW if output_present else OLD)
     assert not aside.exists() and _beside(out) == []
     assert ("removed" if output_present else "restored") in caplog.text
@@ -250,8 +251,8 @@ def test_safetensors_write_failure_is_an_os_error_naming_the_file(tmp_path):
 WRITER = r"""
 import os, signal, sys
 from pathlib import Path
-import dsq.artifact as artifact
-from dsq.errors import DsqInputError
+import dsq.core.atomic as artifact
+from dsq.core.errors import DsqInputError
 
 out, overwrite, point = Path(sys.argv[1]), sys.argv[2] == "1", sys.argv[3]
 die = lambda *_: os.kill(os.getpid(), signal.SIGKILL)
@@ -354,7 +355,7 @@ def test_sigterm_mid_run_exits_143_and_leaves_nothing(tmp_path, tiny_deepseek_v3
 def validated(tmp_path, tiny_checkpoint):
     """``validate(-o DIR)`` on a tiny INT8 artifact: returns ``run(out) -> (exit code, stderr)``."""
     from dsq.cli import main
-    from dsq.testing import make_rtn_artifact
+    from dsq.tools.testing import make_rtn_artifact
 
     art = make_rtn_artifact(tiny_checkpoint("llama"), tmp_path / "int8")
     text = tmp_path / "held.txt"
@@ -381,12 +382,12 @@ def test_validate_output_is_replaced_whole_or_refused(tmp_path, validated, capsy
     assert not (out / "stale.txt").exists() and (out / "junit.xml").is_file()
     before = _read(out)
 
-    import dsq.validate
+    import dsq.run.validate
 
     def full_disk(path, *args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(dsq.validate, "write_junit", full_disk)
+    monkeypatch.setattr(dsq.run.validate, "write_junit", full_disk)
     code, err = validated(out, capsys)
     assert code == 2 and f"cannot write output {out}: No space left on device" in err
     assert _read(out) == before and _beside(out) == []  # the previous output, whole; no partial one

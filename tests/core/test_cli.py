@@ -5,7 +5,7 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from dsq.artifact import sha256_file
+from dsq.core.manifest import sha256_file
 from dsq.cli import main
 
 HELD_OUT = "def add(a, b):\n    return a + b\n\n" * 40

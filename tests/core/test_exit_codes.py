@@ -8,7 +8,7 @@ import time
 import pytest
 
 from dsq import cli
-from dsq.errors import QuantizationError, RecipeError
+from dsq.core.errors import QuantizationError, RecipeError
 
 
 def _fail_with(exc: BaseException):

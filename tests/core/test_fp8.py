@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from dsq.errors import CheckpointError
-from dsq.fp8 import (
+from dsq.core.errors import CheckpointError
+from dsq.core.fp8 import (
     FP8BlockFormat,
     dequantize_fp8_blocks,
     fp8_format,

@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsq.artifact import write_manifest
+from dsq.core.manifest import write_manifest
 from dsq.cli import main
-from dsq.manifest import ArtifactIntegrityError, extend_manifest, verify_manifest
+from dsq.core.manifest import ArtifactIntegrityError, extend_manifest, verify_manifest
 from dsq.quantize import PerGroup, WeightScheme
-from dsq.testing import make_rtn_artifact
+from dsq.tools.testing import make_rtn_artifact
 
 ARTIFACTS = {  # name: (architecture, scheme)
     "int8": ("llama", WeightScheme(8, PerGroup(32), True)),

@@ -12,13 +12,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from dsq.checkpoint import bundled_model_path
-from dsq.testing import tensor_data_bytes
+from dsq.core.checkpoint import bundled_model_path
+from dsq.tools.testing import tensor_data_bytes
 from dsq.cli import main
-from dsq.plan import (
+from dsq.tools.plan import (
     DEFAULT_CPU_TFLOPS, DEFAULT_GPU_TFLOPS, EXPERT_INTEGER_BYTES, RTN_TEMPORARY_BYTES, STACK_PACK_BYTES, plan_checkpoint,
 )
-from dsq.recipe import load_recipe
+from dsq.run.recipe import load_recipe
 
 PUBLIC = Path(__file__).resolve().parents[2] / "dsq" / "assets" / "public_configs"
 ARCHITECTURES = ("deepseek_v3", "deepseek_v2", "llama", "qwen2")
@@ -54,7 +54,7 @@ def test_parameter_count_equals_the_real_model(tiny_checkpoint, model_type):
 
 
 def test_tied_embeddings_are_counted_once(tmp_path):
-    from dsq.testing import make_tiny_checkpoint
+    from dsq.tools.testing import make_tiny_checkpoint
 
     root = make_tiny_checkpoint("qwen2", tmp_path / "tied", tie_word_embeddings=True)
     plan = plan_checkpoint(root)
@@ -91,8 +91,8 @@ QUANT_CASES = [
 @pytest.mark.parametrize("model_type, overrides", QUANT_CASES)
 def test_recipe_bytes_equal_what_the_writer_produces(tiny_checkpoint, model_type, overrides):
     """The plan's artifact bytes equal the tensors compressed-tensors serialization writes, exactly."""
-    from dsq.checkpoint import load_checkpoint
-    from dsq.pipeline import DTYPES, quant_config
+    from dsq.core.loading import load_checkpoint
+    from dsq.run.pipeline import DTYPES, quant_config
     from dsq.quantize import quantize_
 
     recipe = load_recipe(None, overrides)

@@ -12,12 +12,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from dsq.checkpoint import bundled_model_path, load_checkpoint, validate_checkpoint
+from dsq.core.checkpoint import bundled_model_path, validate_checkpoint
+from dsq.core.loading import load_checkpoint
 from dsq.cli import main
-from dsq.errors import CheckpointError
-from dsq.preflight import check_config_types, check_recipe_against_model, check_tokenizer, model_facts
-from dsq.recipe import load_recipe
-from dsq.testing import make_tiny_checkpoint, make_tiny_tokenizer
+from dsq.core.errors import CheckpointError
+from dsq.core.checkpoint_checks import check_config_types, check_tokenizer, model_facts
+from dsq.run.preflight import check_recipe_against_model
+from dsq.run.recipe import load_recipe
+from dsq.tools.testing import make_tiny_checkpoint, make_tiny_tokenizer
 
 PUBLIC = Path(__file__).resolve().parents[2] / "dsq" / "assets" / "public_configs"
 EXPERT = "model.layers.1.mlp.experts.3.up_proj.weight"  # (moe_intermediate 64, hidden 128) in the tiny model
@@ -140,13 +142,13 @@ def test_broken_checkpoint_exits_2_naming_it_and_writes_nothing(tmp_path, tiny_d
 
 @pytest.mark.parametrize("case", sorted(BAD_RECIPES))
 def test_recipe_that_does_not_fit_the_model_exits_2_before_loading(tmp_path, tiny_deepseek_v3, capsys, monkeypatch, case):
-    import dsq.checkpoint
+    import dsq.core.checkpoint
 
     def never(*args, **kwargs):
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr(dsq.checkpoint, "_load_model", never)
-    monkeypatch.setattr(dsq.checkpoint, "_load_tokenizer", never)
+    monkeypatch.setattr(dsq.core.checkpoint, "_load_model", never)
+    monkeypatch.setattr(dsq.core.checkpoint, "_load_tokenizer", never)
     overrides, expected = BAD_RECIPES[case]
     code, err = _run(capsys, tmp_path, tiny_deepseek_v3, overrides)
     assert code == 2, err

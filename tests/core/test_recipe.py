@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from dsq.errors import RecipeError
-from dsq.recipe import dump_recipe, load_recipe
+from dsq.core.errors import RecipeError
+from dsq.run.recipe import dump_recipe, load_recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from dsq.cli import main
-from dsq.errors import RecipeError
+from dsq.core.errors import RecipeError
 from dsq.eval.gates import _SPECS, Gates
-from dsq.recipe import GatesSection, load_recipe
-from dsq.validate import load_gates_file
+from dsq.run.recipe import GatesSection, load_recipe
+from dsq.run.validate import load_gates_file
 
 PUBLIC_V3 = Path(__file__).resolve().parents[2] / "dsq" / "assets" / "public_configs" / "deepseek-v3"
 MAX_MESSAGE = 3000 + len("dsq: error: \n")  # characters, whatever the input

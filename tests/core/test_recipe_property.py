@@ -3,7 +3,7 @@
 Starting from every recipe in recipes/, hypothesis drops, inserts, renames and replaces keys (random
 scalars, strings, lists, mappings, None, huge numbers, NaN, deep nesting), splices raw lines into
 the YAML text and adds command-line overrides. ``load_recipe`` must return a Recipe or raise RecipeError (anything else is a defect in
-dsq/recipe.py), and the CLI must agree with it.
+dsq/run/recipe.py), and the CLI must agree with it.
 """
 import contextlib
 import io
@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dsq.cli import main
-from dsq.errors import RecipeError
-from dsq.recipe import Recipe, load_recipe
+from dsq.core.errors import RecipeError
+from dsq.run.recipe import Recipe, load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 BASES = [yaml.safe_load(p.read_text()) for p in RECIPES]

@@ -8,16 +8,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsq.artifact import save_quantized_model
-from dsq.checkpoint import load_checkpoint
+from dsq.quantize.artifact_save import save_quantized_model
+from dsq.core.loading import load_checkpoint
 from dsq.cli import main
-from dsq.errors import CheckpointError, RecipeError
-from dsq.pipeline import run
+from dsq.core.errors import CheckpointError, RecipeError
+from dsq.run.pipeline import run
 from dsq.quantize import AWQConfig, GPTQConfig, PerChannel, PerGroup, RTNConfig, TargetSpec, WeightScheme, quantize_
-from dsq.recipe import load_recipe
-from dsq.shards import ShardWriter
-from dsq.streaming import decide_streaming, quantize_streaming
-from dsq.checkpoint import validate_checkpoint
+from dsq.run.recipe import load_recipe
+from dsq.core.shards import ShardWriter
+from dsq.quantize.streaming import quantize_streaming
+from dsq.run.streaming import decide_streaming
+from dsq.core.checkpoint import validate_checkpoint
 
 
 def _tensors(root: Path) -> dict[str, torch.Tensor]:
@@ -129,7 +130,7 @@ def test_streamed_run_evaluates_and_reports(tmp_path, tiny_checkpoint):
 def test_auto_streaming_when_memory_is_short(tmp_path, tiny_checkpoint, monkeypatch):
     src = tiny_checkpoint("llama", shards=2)
     files = validate_checkpoint(src)
-    monkeypatch.setattr("dsq.streaming.available_memory_bytes", lambda: 1000)
+    monkeypatch.setattr("dsq.run.streaming.available_memory_bytes", lambda: 1000)
     decision = decide_streaming(None, files, torch.float32)
     assert decision.stream and "available" in decision.reason
     assert not decide_streaming(False, files, torch.float32).stream
@@ -209,7 +210,7 @@ def _mk(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def fp8_pair(tmp_path_factory):
     """A tiny DeepSeek-V3-shaped checkpoint stored FP8 block-scaled (as DeepSeek-V3/R1 ship), and its BF16 twin."""
-    from dsq.synthetic import deepseek_v3_config, write_synthetic_checkpoint
+    from dsq.tools.synthetic import deepseek_v3_config, write_synthetic_checkpoint
 
     config = deepseek_v3_config(
         hidden_size=320, num_layers=3, num_experts=4, moe_intermediate_size=192, intermediate_size=448,

@@ -9,23 +9,17 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dsq.checkpoint import (
+from dsq.core.checkpoint import (
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
     bundled_model_path,
     inspect_checkpoint,
     read_safetensors_header,
 )
-from dsq.fp8 import FP8BlockFormat, dequantize_fp8_blocks, fp8_format, fp8_quantization_config, scale_name
-from dsq.synthetic import (
-    FP8_KINDS,
-    deepseek_v3_config,
-    generate_tensor,
-    num_parameters,
-    tensor_specs,
-    write_synthetic_checkpoint,
-)
-from dsq.testing import make_tiny_checkpoint
+from dsq.core.fp8 import FP8BlockFormat, dequantize_fp8_blocks, fp8_format, fp8_quantization_config, scale_name
+from dsq.tools.synthetic import deepseek_v3_config, generate_tensor, write_synthetic_checkpoint
+from dsq.core.layout import FP8_KINDS, num_parameters, tensor_specs
+from dsq.tools.testing import make_tiny_checkpoint
 
 MAX_SHARD = 256 * 1024
 SEED = 7

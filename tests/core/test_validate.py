@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsq.artifact import write_manifest
+from dsq.core.manifest import write_manifest
 from dsq.cli import main
-from dsq.testing import make_rtn_artifact
+from dsq.tools.testing import make_rtn_artifact
 
 HELD_OUT = "def add(a, b):\n    return a + b\n\n" * 40
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from dsq.testing import tiny_llama
+from dsq.tools.testing import tiny_llama
 
 VOCAB = 300
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from dsq.testing import byte_bpe_tokenizer
-from dsq.errors import DataError
+from dsq.tools.testing import byte_bpe_tokenizer
+from dsq.core.errors import DataError
 from dsq.eval.data import MCItem, load_multiple_choice, load_text, tokenize_text
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from dsq.testing import byte_bpe_tokenizer, tiny_llama
-from dsq.errors import RecipeError
+from dsq.tools.testing import byte_bpe_tokenizer, tiny_llama
+from dsq.core.errors import RecipeError
 from dsq.eval import (
     BenchmarkSuite,
     Evaluator,

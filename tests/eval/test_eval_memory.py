@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from dsq.errors import CheckpointError
+from dsq.core.errors import CheckpointError
 from dsq.eval.memory import PeakRSS, dir_bytes, files_bytes, machine_info, weight_bytes_in_memory
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
-from dsq.testing import byte_bpe_tokenizer, tiny_llama
+from dsq.tools.testing import byte_bpe_tokenizer, tiny_llama
 from dsq.eval.data import MCItem
 from dsq.eval.multiple_choice import _requests, _score_batch, encode_pair, multiple_choice
 

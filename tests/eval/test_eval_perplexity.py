@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from dsq.errors import DataError, RecipeError
+from dsq.core.errors import DataError, RecipeError
 from dsq.eval.perplexity import PerplexityConfig, perplexity, sliding_windows
 
 VOCAB = 300

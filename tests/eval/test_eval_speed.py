@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dsq.eval.speed import SpeedConfig, TorchCachedLM, measure_speed
-from dsq.testing import tiny_llama
+from dsq.tools.testing import tiny_llama
 
 
 def test_cached_decoding_gives_the_full_forward_logits():

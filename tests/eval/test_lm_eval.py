@@ -22,7 +22,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from dsq.eval import MCItem, multiple_choice  # noqa: E402
 from dsq.eval.lm_eval_adapter import DsqLM  # noqa: E402
-from dsq.export_step import load_for_export  # noqa: E402
+from dsq.run.export_step import load_for_export  # noqa: E402
 
 TASK = "dsq_tiny_mc"
 TASK_DIR = Path(__file__).parent / "lm_eval_task"
@@ -51,7 +51,7 @@ def checkpoint(tiny_checkpoint) -> Path:
 @pytest.fixture(scope="module")
 def onnx_dir(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from dsq.export import export_onnx
-    from dsq.testing import fast_export_config
+    from dsq.tools.testing import fast_export_config
 
     loaded = load_for_export(checkpoint)
     out = tmp_path_factory.mktemp("lm_eval_onnx") / "onnx"

@@ -6,15 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from dsq.checkpoint import bundled_model_path, load_checkpoint
-from dsq.errors import DataError, RecipeError
+from dsq.core.checkpoint import bundled_model_path
+from dsq.core.loading import load_checkpoint
+from dsq.core.errors import DataError, RecipeError
 from dsq.eval import BenchmarkSuite, Evaluator, PerplexityConfig
 from dsq.eval.data import MCItem
 from dsq.eval.multiple_choice import FewShot, _requests, encode_pair, fewshot_prompts, multiple_choice
-from dsq.pipeline import benchmark_suite
-from dsq.recipe import Recipe
-from dsq.testing import byte_bpe_tokenizer, tiny_llama
-from dsq.validate import load_gates_file
+from dsq.run.pipeline import benchmark_suite
+from dsq.run.recipe import Recipe
+from dsq.tools.testing import byte_bpe_tokenizer, tiny_llama
+from dsq.run.validate import load_gates_file
 
 ANIMALS = ["cat", "dog", "cow", "pig", "hen", "fox", "owl", "bee", "ant", "elk", "yak", "emu"]
 

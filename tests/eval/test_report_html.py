@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsq.checkpoint import load_checkpoint
+from dsq.core.loading import load_checkpoint
 from dsq.cli import main
 from dsq.eval import (
     BenchmarkSuite, Evaluator, FidelityResult, Gates, MCResult, ModelMetrics, PeakCUDA, PerplexityConfig, PerplexityResult,
     Report, check_gates, format_terminal_table, write_html_report, write_report,
 )
 from dsq.eval.report import SQNR_KEY
-from dsq.pipeline import summary
+from dsq.run.pipeline import summary
 from dsq.quantize import PerGroup, RTNConfig, WeightScheme, quantize_
-from dsq.testing import byte_bpe_tokenizer, tiny_llama
+from dsq.tools.testing import byte_bpe_tokenizer, tiny_llama
 
 MIB = 1024 * 1024
 ODD_NAME = 'rtn <int4> & "co"'

@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsq.checkpoint import load_checkpoint
+from dsq.core.loading import load_checkpoint
 from dsq.export import export_onnx
 from dsq.quantize import PerGroup, RTNConfig, TargetSpec, W8A8Config, WeightScheme, quantize_
 from dsq.quantize.w8a8 import DynamicPerToken
-from dsq.testing import fast_export_config
+from dsq.tools.testing import fast_export_config
 
 FAST = fast_export_config()
 

@@ -8,12 +8,12 @@ import onnx
 import pytest
 import torch
 
-from dsq.checkpoint import load_checkpoint
-from dsq.errors import DsqInputError, ExportError
+from dsq.core.loading import load_checkpoint
+from dsq.core.errors import DsqInputError, ExportError
 from dsq.export import DequantizeLinearWeights, ExportConfig, OrtCausalLM, SamplingConfig, ValidationConfig, export_onnx
 from dsq.quantize import PerChannel, PerGroup, RTNConfig, TargetSpec, WeightScheme, quantize_
 
-from dsq.testing import fast_export_config
+from dsq.tools.testing import fast_export_config
 
 FAST = fast_export_config()
 

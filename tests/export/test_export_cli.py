@@ -66,7 +66,7 @@ def test_export_of_bitsandbytes_method_is_a_recipe_error(tmp_path, tiny_deepseek
 
 def test_dsq_export_of_a_dsq_artifact_checks_it_against_dsq_forward(tmp_path, tiny_checkpoint, capsys):
     from dsq.quantize import PerGroup, WeightScheme
-    from dsq.testing import make_rtn_artifact
+    from dsq.tools.testing import make_rtn_artifact
 
     art = make_rtn_artifact(tiny_checkpoint("deepseek_v2"), tmp_path / "int8", WeightScheme(8, PerGroup(64), False))
     code, out, err = run(capsys, "export", art, "-q")

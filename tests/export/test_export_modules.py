@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from dsq.errors import ExportError
+from dsq.core.errors import ExportError
 from dsq.export import ops
 from dsq.export.modules import Int8Linear, NBitsLinear, nbits_layout
 from dsq.quantize.modules import QuantLinear

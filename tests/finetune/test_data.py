@@ -11,8 +11,8 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from dsq.assets import data_file
-from dsq.checkpoint import bundled_model_path
-from dsq.errors import DataError
+from dsq.core.checkpoint import bundled_model_path
+from dsq.core.errors import DataError
 from dsq.finetune.data import (
     IGNORE_INDEX,
     InstructionFields,
@@ -23,7 +23,7 @@ from dsq.finetune.data import (
     load_training_data,
     split_documents,
 )
-from dsq.testing import make_tiny_tokenizer
+from dsq.tools.testing import make_tiny_tokenizer
 
 # Renders each message on its own, so every prefix of a chat renders as a prefix of the whole.
 CHAT_TEMPLATE = (

@@ -164,7 +164,7 @@ def _load(out: Path, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
 def runs(tmp_path_factory) -> Path:
     """DDP and FSDP runs of LoRA and QAT in one launch; then, in fresh processes, the FSDP runs
     resumed from their step-2 checkpoints (``resume-KIND``)."""
-    from dsq.testing import make_tiny_checkpoint
+    from dsq.tools.testing import make_tiny_checkpoint
 
     if shutil.which("torchrun") is None:
         pytest.skip("torchrun is not on PATH")
@@ -290,8 +290,8 @@ def test_validation_shares_pad_to_equal_counts_and_cover_every_block_once():
 
 
 def test_the_training_box_recipe_sets_fsdp():
-    from dsq.recipe import load_recipe
-    from dsq.train_pipeline import train_config
+    from dsq.run.recipe import load_recipe
+    from dsq.run.train import train_config
 
     recipe = load_recipe(ROOT / "recipes" / "training_box_fsdp_lora.yaml")
     assert recipe.finetune.lora is not None

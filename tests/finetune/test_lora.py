@@ -13,7 +13,7 @@ pytest.importorskip("peft")
 
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from dsq.errors import CheckpointError  # noqa: E402
+from dsq.core.errors import CheckpointError  # noqa: E402
 from dsq.finetune.lora import (  # noqa: E402
     LoraSpec,
     LoraTargetError,
@@ -27,7 +27,7 @@ from dsq.finetune.lora import (  # noqa: E402
 )
 from dsq.quantize import BnbNF4Config, PerGroup, QuantLinear, RTNConfig, WeightScheme, quantize_  # noqa: E402
 from dsq.quantize.bnb import cpu_bf16_kernel_off  # noqa: E402
-from dsq.testing import randomize_lora, tiny_config, tiny_llama  # noqa: E402
+from dsq.tools.testing import randomize_lora, tiny_config, tiny_llama  # noqa: E402
 
 MLA = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")

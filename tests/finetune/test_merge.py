@@ -12,7 +12,7 @@ pytest.importorskip("peft")
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from dsq.assets import data_file  # noqa: E402
-from dsq.checkpoint import bundled_model_path  # noqa: E402
+from dsq.core.checkpoint import bundled_model_path  # noqa: E402
 from dsq.finetune.lora import LoraSpec, adapted_modules, apply_lora  # noqa: E402
 from dsq.finetune.merge import (  # noqa: E402
     MergeDrift,
@@ -22,7 +22,7 @@ from dsq.finetune.merge import (  # noqa: E402
     merge_requantize,
 )
 from dsq.quantize import BnbNF4Config, PerGroup, QuantLinear, RTNConfig, WeightScheme, quantize_  # noqa: E402
-from dsq.testing import randomize_lora, tiny_config  # noqa: E402
+from dsq.tools.testing import randomize_lora, tiny_config  # noqa: E402
 
 
 def tiny_deepseek(kind: str = "fp") -> nn.Module:

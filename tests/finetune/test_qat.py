@@ -7,15 +7,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dsq.artifact import save_quantized_model
-from dsq.errors import QuantizationError
+from dsq.quantize.artifact_save import save_quantized_model
+from dsq.core.errors import QuantizationError
 from dsq.finetune.qat import (
     FakeQuantExperts, FakeQuantLinear, QATConfig, convert_qat, fake_quant_modules, fake_quantize_ste, prepare_qat,
 )
-from dsq.load_artifact import load_artifact
+from dsq.quantize.artifact_load import load_artifact
 from dsq.quantize import GPTQConfig, PerChannel, PerGroup, QuantExperts, QuantLinear, RTNConfig, WeightScheme, quantize_
 from dsq.quantize.primitives import dequantize_weight, quantize_rtn
-from dsq.testing import make_tiny_checkpoint, make_tiny_tokenizer
+from dsq.tools.testing import make_tiny_checkpoint, make_tiny_tokenizer
 
 SCHEMES = [WeightScheme(4, PerGroup(32)), WeightScheme(4, PerGroup(32), symmetric=False), WeightScheme(8, PerChannel())]
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dsq.errors import CheckpointError
+from dsq.core.errors import CheckpointError
 from dsq.finetune.trainer import (
     Constant, Cosine, TrainConfig, TrainingError, checkpoint_steps, micro_batches, step_indices, train, weights_digest,
 )
-from dsq.testing import make_tiny_checkpoint
+from dsq.tools.testing import make_tiny_checkpoint
 
 SCRIPT = Path(__file__).with_name("train_script.py")
 sys.path.insert(0, str(SCRIPT.parent))

@@ -27,8 +27,8 @@ bnb = pytest.importorskip("bitsandbytes")
 
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from dsq.checkpoint import PICKLE_SUFFIXES, bundled_model_path  # noqa: E402
-from dsq.errors import QuantizationError  # noqa: E402
+from dsq.core.checkpoint import PICKLE_SUFFIXES, bundled_model_path  # noqa: E402
+from dsq.core.errors import QuantizationError  # noqa: E402
 from dsq.quantize.bnb import (  # noqa: E402
     BnbFP4Config,
     BnbInt8Config,
@@ -43,7 +43,7 @@ from dsq.quantize.bnb import (  # noqa: E402
     set_cpu_bf16_kernel_,
 )
 from dsq.quantize.targets import TargetSpec, select_targets  # noqa: E402
-from dsq.reload import logits_of, probe_ids, transformers_reload_check  # noqa: E402
+from dsq.run.reload import logits_of, probe_ids, transformers_reload_check  # noqa: E402
 
 from cpu_paths import BF16_UNIT_ROUNDOFF, bf16_kernel_detected, describe, repack_like_the_bf16_kernel_  # noqa: E402
 
@@ -348,7 +348,7 @@ def test_4bit_options_survive_reload(tmp_path):
     """Double quant, a larger block and bf16 compute are read back from the checkpoint."""
     from safetensors import safe_open
 
-    from dsq.testing import make_tiny_checkpoint
+    from dsq.tools.testing import make_tiny_checkpoint
 
     path = make_tiny_checkpoint("llama", tmp_path / "src", num_hidden_layers=1)
     model = _load(path)
@@ -413,7 +413,7 @@ def test_a_save_after_a_repacking_forward_writes_the_standard_layout(tmp_path, t
 
 def test_shapes_off_the_cpu_kernel_are_kept_and_reload(tmp_path):
     """kv_a_proj_with_mqa 80 wide (kv_lora 64 + rope 16) misses bnb's CPU AVX512-BF16 kernel (out % 32)."""
-    from dsq.testing import make_tiny_checkpoint
+    from dsq.tools.testing import make_tiny_checkpoint
 
     assert cpu_kernel_fits(96, 128, 64) and not cpu_kernel_fits(80, 128, 64)
     assert not cpu_kernel_fits(96, 96, 64) and not cpu_kernel_fits(128, 64, 128)

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from dsq.artifact import save_quantized_model
-from dsq.checkpoint import load_checkpoint
-from dsq.errors import QuantizationError
+from dsq.quantize.artifact_save import save_quantized_model
+from dsq.core.loading import load_checkpoint
+from dsq.core.errors import QuantizationError
 from dsq.quantize import (
     AWQConfig, GPTQConfig, PerChannel, PerGroup, QuantExperts, QuantLinear, RTNConfig, W8A8Config, WeightScheme,
     quantize_, quantize_rtn,
@@ -18,7 +18,7 @@ from dsq.quantize.mappings import Balance, fold, resolve
 from dsq.quantize.primitives import dequantize_weight, quantize_with_qparams
 from dsq.quantize.sequential import decoder_layers
 from dsq.quantize.w8a8 import StaticPerTensor, W8A8Experts, W8A8Linear
-from dsq.reload import transformers_reload_check
+from dsq.run.reload import transformers_reload_check
 
 ARCHS = ["llama", "qwen2", "deepseek_v3", "deepseek_v2"]
 

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from dsq.assets import data_file, tiny_model_dir
-from dsq.errors import DataError
+from dsq.core.errors import DataError
 from dsq.quantize.calibration_data import (
     SUPPORTED_SUFFIXES,
     CalibrationDataSpec,
@@ -20,7 +20,7 @@ from dsq.quantize.calibration_data import (
     load_calibration,
     load_calibration_with_summary,
 )
-from dsq.testing import byte_bpe_tokenizer
+from dsq.tools.testing import byte_bpe_tokenizer
 
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
 

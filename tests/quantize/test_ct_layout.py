@@ -5,15 +5,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsq.artifact import save_quantized_model
-from dsq.artifact_check import check_quantized_tensors, parse_quantization_config, read_tensor_specs
-from dsq.checkpoint import inspect_checkpoint, load_checkpoint
-from dsq.errors import CheckpointError
-from dsq.load_artifact import load_artifact
+from dsq.quantize.artifact_save import save_quantized_model
+from dsq.quantize.artifact_check import check_quantized_tensors, parse_quantization_config, read_tensor_specs
+from dsq.core.checkpoint import inspect_checkpoint
+from dsq.core.loading import load_checkpoint
+from dsq.core.errors import CheckpointError
+from dsq.quantize.artifact_load import load_artifact
 from dsq.quantize import PerChannel, PerGroup, QuantExperts, QuantLinear, RTNConfig, WeightScheme, quantize_
 from dsq.quantize import compressed_tensors_format as ctf
 from dsq.quantize.compressed_tensors_format import ZeroPointLayout, zero_point_bytes, zero_point_layout
-from dsq.reload import TOLERANCE, logits_of, probe_ids, transformers_reload_check
+from dsq.run.reload import TOLERANCE, logits_of, probe_ids, transformers_reload_check
 
 ARCHS = ["llama", "qwen2", "deepseek_v2", "deepseek_v3"]
 SCHEMES = [

@@ -1,4 +1,4 @@
-"""Outlier channels (dsq.outliers): function-preserving, measurable, and what AWQ is for."""
+"""Outlier channels (dsq.tools.outliers): function-preserving, measurable, and what AWQ is for."""
 import copy
 import statistics
 import subprocess
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsq.checkpoint import load_checkpoint
-from dsq.outliers import OutlierSpec, add_outlier_channels, input_outlier_ratios, outlier_gains
+from dsq.core.loading import load_checkpoint
+from dsq.tools.outliers import OutlierSpec, add_outlier_channels, input_outlier_ratios, outlier_gains
 from dsq.quantize import AWQConfig, PerGroup, RTNConfig, WeightScheme, quantize_
 
 

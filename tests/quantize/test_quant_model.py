@@ -4,13 +4,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsq.artifact import save_quantized_model
-from dsq.checkpoint import load_checkpoint
+from dsq.quantize.artifact_save import save_quantized_model
+from dsq.core.loading import load_checkpoint
 from dsq.quantize import (
     PerChannel, PerGroup, QuantExperts, QuantLinear, RTNConfig, TargetSpec, WeightScheme, quantize_, quantize_rtn,
 )
 from dsq.quantize.primitives import dequantize_weight
-from dsq.reload import transformers_reload_check
+from dsq.run.reload import transformers_reload_check
 
 
 def _load(tiny_checkpoint, arch):
@@ -173,8 +173,8 @@ LOAD_CASES = [
 @pytest.mark.parametrize("arch,scheme", LOAD_CASES, ids=lambda v: getattr(v, "describe", lambda: v)())
 def test_dsq_load_artifact_is_exact(tiny_checkpoint, tmp_path, arch, scheme):
     """dsq reads back every scheme it writes, bit for bit (asymmetric int4 included)."""
-    from dsq.load_artifact import load_artifact
-    from dsq.reload import logits_of, probe_ids
+    from dsq.quantize.artifact_load import load_artifact
+    from dsq.run.reload import logits_of, probe_ids
 
     loaded = _quantized_artifact(tiny_checkpoint, arch, scheme, tmp_path)
     back = load_artifact(tmp_path).model

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import dsq.quantize.w8a8 as w8a8
-from dsq.artifact import save_quantized_model
-from dsq.checkpoint import load_checkpoint
-from dsq.errors import QuantizationError
+from dsq.quantize.artifact_save import save_quantized_model
+from dsq.core.loading import load_checkpoint
+from dsq.core.errors import QuantizationError
 from dsq.quantize import TargetSpec
 from dsq.quantize.modules import is_fused_experts
 from dsq.quantize.mappings import divide_smooth, multiply_consumer
@@ -20,7 +20,7 @@ from dsq.quantize.w8a8 import (
     DynamicPerToken, StaticPerTensor, W8A8Experts, W8A8Linear, int8_matmul, int8_matmul_backend, quantize_activation,
     quantize_w8a8_, teacher_forced_diffs, w8a8_matmul_calls,
 )
-from dsq.reload import logits_of, probe_ids, transformers_reload_check
+from dsq.run.reload import logits_of, probe_ids, transformers_reload_check
 
 ACTS = [DynamicPerToken(), StaticPerTensor()]
 act_id = lambda a: type(a).__name__  # noqa: E731
@@ -332,7 +332,7 @@ def test_smoothquant_reduces_w8a8_error_with_outlier_channel(act):
 def test_compressed_tensors_round_trip_through_dsq_is_exact(loaded_models, tmp_path, arch, act):
     from safetensors.torch import load_file
 
-    from dsq.load_artifact import load_artifact
+    from dsq.quantize.artifact_load import load_artifact
 
     loaded, model, _ = w8a8_copy(loaded_models, arch, act)
     save_quantized_model(model, loaded.tokenizer, tmp_path)
@@ -375,7 +375,7 @@ def test_transformers_reload_of_dense_w8a8(loaded_models, tmp_path, monkeypatch,
     ulp, which flips the int8 rounding of some downstream activation (one int8 step each). Measured
     on the standard probe: static 3.6e-7 (llama) and 6.5e-3 (qwen2); dynamic 1.3e-2 (both).
     """
-    from dsq.reload import _quiet_load
+    from dsq.run.reload import _quiet_load
 
     loaded, model, _ = w8a8_copy(loaded_models, arch, act)
     save_quantized_model(model, loaded.tokenizer, tmp_path)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from dsq.checkpoint import bundled_model_path, load_checkpoint
+from dsq.core.checkpoint import bundled_model_path
+from dsq.core.loading import load_checkpoint
 from dsq.quantize import (
     AWQConfig, GPTQConfig, PerChannel, PerGroup, RTNConfig, W8A8Config, WeightScheme, quantize_,
 )

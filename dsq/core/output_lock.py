@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .errors import DsqInputError
+from dsq.core.errors import DsqInputError
 
 LOCK_SUFFIX = ".dsq-lock"
 _COMMAND_CHARS = 200  # of the holder's command line, in an error message

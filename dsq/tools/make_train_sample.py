@@ -2,7 +2,7 @@
 
 QAT wants text from the distribution the model was trained on, more of it than the 150 KB
 calibration sample. The script takes the CPython standard library files that
-:mod:`dsq.assets.train_tiny` put in the *training* split (never a held-out file), orders them
+:mod:`dsq.tools.train_tiny` put in the *training* split (never a held-out file), orders them
 by the hex sha256 of their relative path (a fixed shuffle), takes each file of 2,000..30,000
 characters that still fits in the 1,000,000-character budget, sorts the chosen ones by path
 and joins them unmodified with one form feed between files (one document per file for
@@ -10,7 +10,7 @@ and joins them unmodified with one form feed between files (one document per fil
 
 Usage::
 
-    python -m dsq.assets.make_train_sample [--out DIR]
+    python -m dsq.tools.make_train_sample [--out DIR]
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import argparse
 import hashlib
 from pathlib import Path
 
-from .train_tiny import collect_corpus, is_heldout
+from dsq.tools.train_tiny import collect_corpus, is_heldout
 
 BUDGET_CHARS = 1_000_000
 MIN_FILE_CHARS, MAX_FILE_CHARS = 2_000, 30_000

@@ -20,18 +20,71 @@ A file written into a directory after its manifest must be added with :func:`ext
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import platform
 import re
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .artifact import MANIFEST, sha256_file
-from .errors import DsqInputError
-from dsq.eval.ci import Check
+from dsq import __version__
+from dsq.core.atomic import MANIFEST, MANIFEST_VERSION
+from dsq.core.check import Check
+from dsq.core.errors import DsqInputError
 
 EXPORT_MANIFEST = "export_manifest.json"
 MANIFEST_NAMES = (MANIFEST, EXPORT_MANIFEST)  # looked for in this order
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    found = {"dsq": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+             "python": platform.python_version()}
+    with contextlib.suppress(ImportError):
+        import compressed_tensors
+
+        found["compressed_tensors"] = compressed_tensors.__version__
+    return found
+
+
+@dataclass(frozen=True)
+class Manifest:
+    files: dict[str, str]  # relative path -> sha256
+    versions: dict[str, str]
+    source: dict
+    extra: dict
+
+    def to_dict(self) -> dict:
+        return {"version": MANIFEST_VERSION, "kind": "dsq-artifact", "files": self.files,
+                "versions": self.versions, "source": self.source, **self.extra}
+
+
+def write_manifest(root: Path, source: dict, extra: dict | None = None) -> Manifest:
+    """Hash every file under ``root``, recursively (except ``root/manifest.json``), and write ``manifest.json``.
+
+    Call it last: :func:`dsq.core.manifest.verify_manifest` refuses a file added afterwards.
+
+    Raises:
+        ArtifactIntegrityError: ``root`` holds a symbolic link or a special file (named).
+    """
+
+    files = {name: sha256_file(root / name) for name in directory_files(root, exclude=MANIFEST)}
+    manifest = Manifest(files=files, versions=versions(), source=source, extra=extra or {})
+    (root / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    return manifest
 
 
 class ArtifactIntegrityError(DsqInputError):

@@ -9,7 +9,7 @@ their per-expert tensors); on ``release`` the quantized layer is converted to co
 tensors, appended to the output shards and returned to ``meta``. Peak memory is the resident
 non-layer tensors, one layer and its calibration activations, whatever the depth.
 
-The tensors written are exactly those of the in-memory path (:func:`dsq.artifact.save_quantized_model`):
+The tensors written are exactly those of the in-memory path (:func:`dsq.quantize.artifact_save.save_quantized_model`):
 the same modules are quantized with the same math in the same order.
 
 Example:
@@ -17,10 +17,7 @@ Example:
 """
 from __future__ import annotations
 
-import ctypes
-import gc
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,90 +25,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
-from .checkpoint import CheckpointFiles, inspect_checkpoint, read_safetensors_header
-from .errors import CheckpointError, QuantizationError
-from .fp8 import fp8_format
-from .shards import DEFAULT_MAX_SHARD_BYTES, SCALE_SUFFIX, ShardedTensors, ShardWriter, module_state
-from .tied import drop_tied_duplicate, tie_notes, tied_embeddings, untie_config
+from dsq import __version__
+from dsq.core.checkpoint import inspect_checkpoint
+from dsq.core.errors import CheckpointError, QuantizationError
+from dsq.core.fp8 import fp8_format
+from dsq.core.shards import DEFAULT_MAX_SHARD_BYTES, ShardedTensors, ShardWriter, module_state
+from dsq.core.tied import drop_tied_duplicate, tie_notes, tied_embeddings, untie_config
+from dsq.core.layered import _holder, _return_freed_memory, build_skeleton, materialize_outside_layers
 
 log = logging.getLogger(__name__)
 
-# A checkpoint is streamed automatically when its tensors exceed this share of available memory.
-AUTO_STREAM_FRACTION = 0.5
-
-# ----------------------------------------------------------------------------- the skeleton
-
-
-def build_skeleton(root: Path, *, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
-    """The causal LM of ``root`` with every tensor on ``meta`` (no memory, no weights read)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    remote = {"trust_remote_code": True} if trust_remote_code else {}
-    config = AutoConfig.from_pretrained(str(root), local_files_only=True, **remote)
-    if getattr(config, "quantization_config", None) is not None:
-        del config.quantization_config  # FP8 weights are dequantized while reading
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **remote)
-    model.eval()
-    return model
-
-
-def materialize_outside_layers(model: nn.Module, layers_prefix: str, source: ShardedTensors) -> None:
-    """Read every tensor outside the decoder layers; rebuild non-persistent buffers (rotary tables)."""
-    state = model.state_dict(keep_vars=True)
-    tied = bool(getattr(model.config, "tie_word_embeddings", False)) and "lm_head.weight" not in source
-    keys = [k for k in state if not k.startswith(layers_prefix + ".") and not (tied and k == "lm_head.weight")]
-    with source.reader() as read:
-        values = {k: read(k, state[k]) for k in keys}
-    model.load_state_dict(values, strict=False, assign=True)
-    for name, module in list(model.named_modules()):
-        if name.startswith(layers_prefix):
-            continue
-        if any(b.is_meta for b in module.buffers(recurse=False)):
-            _rebuild(model, name, module)
-    if tied:
-        model.tie_weights()
-    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta and not n.startswith(layers_prefix + ".")]
-    if left:
-        raise CheckpointError(f"checkpoint {source.root}: no value for {', '.join(left[:5])}")
-
-
-def _rebuild(model: nn.Module, name: str, module: nn.Module) -> None:
-    """A module whose buffers are computed, not stored (rotary ``inv_freq``): build it again on CPU."""
-    from dsq.quantize.modules import set_module
-
-    try:
-        with torch.device("cpu"):
-            fresh = type(module)(config=model.config)
-    except TypeError as exc:
-        raise CheckpointError(f"{name} ({type(module).__name__}) has computed buffers that cannot be rebuilt: {exc}") from exc
-    set_module(model, name, fresh)
-
-
-def _return_freed_memory() -> None:
-    """Give freed heap pages back to the OS (glibc keeps them otherwise, and RSS would creep up layer by layer)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
-
-
-def _holder(name: str, module: nn.Module) -> nn.Module:
-    """A container in which ``module`` has the full name ``name`` (e.g. ``model.layers.3``)."""
-    root = nn.Module()
-    parent = root
-    *path, last = name.split(".")
-    for part in path:
-        child = nn.Module()
-        parent.add_module(part, child)
-        parent = child
-    parent.add_module(last, module)
-    return root
 
 
 # ----------------------------------------------------------------------------- the lifecycle
+
+
+# ----------------------------------------------------------------------------- the run
 
 
 @dataclass
@@ -156,9 +85,6 @@ class StreamedLayers:
         _return_freed_memory()
         self.layers_written += 1
         self.seconds_writing += time.perf_counter() - started
-
-
-# ----------------------------------------------------------------------------- the run
 
 
 @dataclass
@@ -260,69 +186,6 @@ def _outside_layers(model: nn.Module, prefix: str, compressor) -> dict[str, torc
         set_module(model, prefix, layers)
 
 
-def load_model_by_layers(files: CheckpointFiles, *, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
-    """The whole model in memory, read tensor by tensor the way streaming reads it (FP8 dequantized)."""
-    from dsq.quantize.sequential import decoder_layers
-
-    source = ShardedTensors(files, fp8=fp8_format(files.config))
-    model = build_skeleton(files.root, dtype=dtype, trust_remote_code=trust_remote_code)
-    prefix, layers = decoder_layers(model)
-    materialize_outside_layers(model, prefix, source)
-    for i, layer in enumerate(layers):
-        with source.reader() as read:
-            layer.load_state_dict(module_state(layer, f"{prefix}.{i}", read), strict=True, assign=True)
-    unused = source.unused()
-    if unused:
-        log.warning("checkpoint %s: %d tensor(s) not used by the model (e.g. %s)", files.root, len(unused), ", ".join(unused[:3]))
-    return model
-
-
 # ----------------------------------------------------------------------------- when to stream
 
 
-def available_memory_bytes() -> int | None:
-    """``MemAvailable`` from /proc/meminfo (None where it cannot be read)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def checkpoint_values(files: CheckpointFiles) -> int:
-    """Number of values in the checkpoint's tensors, from the safetensors headers (FP8 scales excluded)."""
-    total = 0
-    for path in files.weight_files:
-        header, _ = read_safetensors_header(path)
-        for name, entry in header.items():
-            if name != "__metadata__" and not name.endswith(SCALE_SUFFIX):
-                total += math.prod(entry["shape"])
-    return total
-
-
-@dataclass(frozen=True)
-class StreamingDecision:
-    """Whether a run streams, and the sentence that says why (logged and put in the report)."""
-
-    stream: bool
-    reason: str
-
-
-def decide_streaming(requested: bool | None, files: CheckpointFiles, dtype: torch.dtype) -> StreamingDecision:
-    """``requested`` True/False wins; None streams when the model in ``dtype`` needs more than
-    :data:`AUTO_STREAM_FRACTION` of the available memory."""
-    if requested is not None:
-        return StreamingDecision(requested, "streaming: true in the recipe" if requested else "streaming: false in the recipe")
-    in_memory = checkpoint_values(files) * torch.empty((), dtype=dtype).element_size()
-    available = available_memory_bytes()
-    if available is None:
-        return StreamingDecision(False, "available memory unknown; loading the model in memory")
-    if in_memory > AUTO_STREAM_FRACTION * available:
-        return StreamingDecision(
-            True,
-            f"the model needs ~{in_memory / 2**30:.1f} GiB in memory, more than {AUTO_STREAM_FRACTION:.0%} of the "
-            f"{available / 2**30:.1f} GiB available: streaming one decoder layer at a time",
-        )
-    return StreamingDecision(False, f"the model (~{in_memory / 2**30:.2f} GiB) fits in memory")

@@ -21,7 +21,7 @@ The same SymPy version gives byte-identical files.
 
 Usage::
 
-    python -m dsq.assets.make_domain_data [--out DIR]
+    python -m dsq.tools.make_domain_data [--out DIR]
 """
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ Test code and examples, benchmarks, generated ANTLR parsers, `sympy/parsing/late
 hash order while they fit in {TRAIN_BUDGET_CHARS:,} (train) and {HELDOUT_BUDGET_CHARS:,} (held-out)
 characters, and written in path order. Held-out files: {names}.
 
-Regenerate with `python -m dsq.assets.make_domain_data` (same SymPy version: identical files).
+Regenerate with `python -m dsq.tools.make_domain_data` (same SymPy version: identical files).
 
 SymPy's license (parts of SymPy taken from the Diofant project carry the same BSD-3-Clause
 terms, Copyright (c) 2006-2018 SymPy Development Team, 2013-2023 Sergey B Kirpichev):

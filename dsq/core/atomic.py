@@ -11,7 +11,7 @@ Layout of an artifact directory::
 
 Everything is written into a temporary sibling directory that is moved into place only when the
 run has succeeded (:func:`atomic_directory`), under an exclusive lock on the output path
-(:mod:`dsq.output_lock`): a failed or killed run leaves the previous artifact or nothing, and a
+(:mod:`dsq.core.output_lock`): a failed or killed run leaves the previous artifact or nothing, and a
 second run on the same path fails at once.
 """
 from __future__ import annotations
@@ -19,27 +19,23 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import hashlib
 import json
 import logging
 import os
-import platform
 import re
 import secrets
 import shutil
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from . import __version__
-from .errors import DsqInputError
-from .output_lock import holds_output_lock, output_lock, output_path_error
+from dsq.core.errors import DsqInputError
+from dsq.core.output_lock import holds_output_lock, output_lock, output_path_error
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -47,101 +43,7 @@ MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    found = {"dsq": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-             "python": platform.python_version()}
-    with contextlib.suppress(ImportError):
-        import compressed_tensors
-
-        found["compressed_tensors"] = compressed_tensors.__version__
-    return found
-
-
-@dataclass(frozen=True)
-class Manifest:
-    files: dict[str, str]  # relative path -> sha256
-    versions: dict[str, str]
-    source: dict
-    extra: dict
-
-    def to_dict(self) -> dict:
-        return {"version": MANIFEST_VERSION, "kind": "dsq-artifact", "files": self.files,
-                "versions": self.versions, "source": self.source, **self.extra}
-
-
-def write_manifest(root: Path, source: dict, extra: dict | None = None) -> Manifest:
-    """Hash every file under ``root``, recursively (except ``root/manifest.json``), and write ``manifest.json``.
-
-    Call it last: :func:`dsq.manifest.verify_manifest` refuses a file added afterwards.
-
-    Raises:
-        ArtifactIntegrityError: ``root`` holds a symbolic link or a special file (named).
-    """
-    from .manifest import directory_files
-
-    files = {name: sha256_file(root / name) for name in directory_files(root, exclude=MANIFEST)}
-    manifest = Manifest(files=files, versions=versions(), source=source, extra=extra or {})
-    (root / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
-    return manifest
-
-
 _OS_ERROR = re.compile(r"os error (\d+)")
-
-
-def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors' ``save_file``; its I/O failures raised as the ``OSError`` they are."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    try:
-        save_file(tensors, str(path), metadata={"format": "pt"})
-    except SafetensorError as exc:
-        found = _OS_ERROR.search(str(exc))
-        if found is None:
-            raise
-        code = int(found.group(1))
-        raise OSError(code, os.strerror(code), str(path)) from exc
-
-
-def save_weights(tensors: dict[str, torch.Tensor], root: Path, *, max_shard_bytes: int = 4 << 30) -> list[str]:
-    """Write tensors as one ``model.safetensors`` or as shards plus an index.
-
-    Raises:
-        OSError: a file cannot be written (a full disk, ...), naming it.
-    """
-    sizes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
-    total = sum(sizes.values())
-    if total <= max_shard_bytes:
-        _save_file(tensors, root / "model.safetensors")
-        return ["model.safetensors"]
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    used = 0
-    for key in sorted(tensors):
-        if used + sizes[key] > max_shard_bytes and shards[-1]:
-            shards.append({})
-            used = 0
-        shards[-1][key] = tensors[key]
-        used += sizes[key]
-    names, weight_map = [], {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _save_file(shard, root / name)
-        names.append(name)
-        weight_map.update({k: name for k in shard})
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return names
 
 
 class OutputExistsError(DsqInputError):
@@ -178,7 +80,7 @@ def prepare_output(output: Path, overwrite: bool, marker: str = MANIFEST) -> Non
 # replaced) or, to overwrite, swapped with the old artifact with RENAME_EXCHANGE, so that the old
 # artifact is at ``output`` until the instant the new one is. Without renameat2 (not Linux, or a
 # file system without it) the old one is first renamed aside to ``.NAME.old-XXXX``. All of it under
-# :func:`dsq.output_lock.output_lock`, so no other run writes the same path meanwhile, and what is
+# :func:`dsq.core.output_lock.output_lock`, so no other run writes the same path meanwhile, and what is
 # left beside ``output`` by a killed run belongs to no live run: the next run clears it.
 
 PARTIAL_MARKER = ".dsq-partial"
@@ -312,7 +214,7 @@ def _clear_replaced(output: Path, olds: list[Path], marker: str) -> None:
 def clear_leftovers(output: Path, marker: str = MANIFEST) -> list[Path]:
     """Remove what interrupted runs left beside ``output``; name (log) what dsq cannot vouch for.
 
-    Call it while holding :func:`dsq.output_lock.output_lock` for ``output``: no live run then owns
+    Call it while holding :func:`dsq.core.output_lock.output_lock` for ``output``: no live run then owns
     a temporary directory of that path. A ``.NAME.partial-*`` directory is removed only if it holds
     dsq's ``.dsq-partial`` marker for ``output``; an artifact renamed aside (``.NAME.old-*``) is
     moved back when ``output`` is missing, removed when ``output`` holds its replacement.
@@ -420,7 +322,7 @@ def atomic_directory(output: Path, overwrite: bool, marker: str = MANIFEST) -> I
     The block runs under :func:`claim_output` (the lock on ``output``; re-entrant). An existing
     ``output`` is replaced only with ``overwrite`` and only if it holds ``marker`` (or is empty),
     checked again at the end; the replacement is an atomic swap. Whatever ends the block (an error,
-    SIGINT/SIGTERM as :class:`dsq.errors.Interrupted`), the temporary directory is removed and
+    SIGINT/SIGTERM as :class:`dsq.core.errors.Interrupted`), the temporary directory is removed and
     ``output`` is what it was.
 
     Args:
@@ -456,51 +358,3 @@ def atomic_directory(output: Path, overwrite: bool, marker: str = MANIFEST) -> I
         _discard_partial(shell)  # the marker, and after a swap the replaced artifact
 
 
-def copy_tokenizer(tokenizer, root: Path) -> None:
-    tokenizer.save_pretrained(str(root))
-
-
-def save_quantized_model(
-    model, tokenizer, root: Path, *, dtype_name: str = "float32", max_shard_bytes: int = 4 << 30
-) -> list[str]:
-    """Write a dsq-quantized transformers model as a compressed-tensors HF directory.
-
-    Tied embeddings (:mod:`dsq.tied`): an fp ``lm_head`` that is the input embedding's tensor is
-    written once and config.json keeps ``tie_word_embeddings: true``; a quantized ``lm_head`` is
-    written beside the fp embedding with ``tie_word_embeddings: false`` (the report's note:
-    :func:`dsq.tied.tie_notes`).
-
-    Args:
-        model: model whose quantized modules are dsq ``QuantLinear`` / ``QuantExperts``.
-        tokenizer: saved beside the weights.
-        root: an existing, empty directory.
-        dtype_name: the dtype recorded in config.json for the unquantized tensors.
-        max_shard_bytes: weight files of at most this size (with an index when more than one).
-
-    Returns:
-        The weight file names written.
-    """
-    import torch
-
-    from dsq.quantize.compressed_tensors_format import compress_model
-
-    from .errors import QuantizationError
-    from .tied import drop_tied_duplicate, tied_embeddings, untie_config
-
-    checkpoint = compress_model(model, __version__)
-    tie = tied_embeddings(model)
-    tensors = drop_tied_duplicate(checkpoint.tensors, tie)
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise QuantizationError(f"tensor {name} has NaN or inf values; refusing to write the artifact")
-    files = save_weights(tensors, root, max_shard_bytes=max_shard_bytes)
-    config = untie_config(model.config.to_dict(), tie)
-    config["quantization_config"] = checkpoint.quantization_config
-    config["dtype"] = dtype_name
-    write_config(config, root)
-    copy_tokenizer(tokenizer, root)
-    return files
-
-
-def write_config(config_dict: dict, root: Path) -> None:
-    (root / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")

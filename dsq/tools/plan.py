@@ -34,13 +34,12 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .checkpoint import (
-    CONFIG_NAME, PICKLE_SUFFIXES, SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_DTYPE_BITS,
-    SUPPORTED_MODEL_TYPES, _checkpoint_dir, _read_config, inspect_checkpoint, read_safetensors_header,
-)
-from .errors import CheckpointError
-from .preflight import check_recipe_against_model, model_facts
-from .recipe import Recipe, load_recipe
+from dsq.core.checkpoint import CONFIG_NAME, PICKLE_SUFFIXES, SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_DTYPE_BITS, _checkpoint_dir, _read_config, inspect_checkpoint, read_safetensors_header
+from dsq.core.layout import SUPPORTED_MODEL_TYPES
+from dsq.core.errors import CheckpointError
+from dsq.core.checkpoint_checks import model_facts
+from dsq.run.preflight import check_recipe_against_model
+from dsq.run.recipe import Recipe, load_recipe
 
 GiB = 1 << 30
 
@@ -758,7 +757,7 @@ def _scheme_bytes(facts: _Facts, label: str, fmt: ArtifactFormat, dtype_name: st
 
 
 def recipe_format(config: object, dtype_bytes: int) -> ArtifactFormat:
-    """The artifact format of a method config (as :func:`dsq.pipeline.quant_config` builds it).
+    """The artifact format of a method config (as :func:`dsq.run.pipeline.quant_config` builds it).
 
     Args:
         config: an RTN/GPTQ/AWQ/W8A8/bitsandbytes config, or None (no quantization).
@@ -1446,7 +1445,7 @@ def plan_checkpoint(path: str | Path, recipe: Recipe | None = None, *, tflops: f
         RecipeError: the recipe does not fit the model (a sequence length beyond its positions,
             an include pattern that matches no module).
     """
-    from dsq.pipeline import DTYPES, quant_config, target_spec
+    from dsq.run.pipeline import DTYPES, quant_config, target_spec
     from dsq.quantize import TargetSpec
 
     source_name = "recipe" if recipe is not None else "defaults"

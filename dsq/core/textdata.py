@@ -3,7 +3,7 @@
 Shared by calibration (``dsq.quantize.calibration_data``) and fine-tuning (``dsq.finetune.data``).
 Files are read with a packaged builder into memory through a throw-away cache directory, so
 nothing is written to the user's cache and an edited file is always re-read. Nothing is
-unpickled and no remote code runs. Every error is a :class:`~dsq.errors.DataError` whose message
+unpickled and no remote code runs. Every error is a :class:`~dsq.core.errors.DataError` whose message
 starts with the caller's ``description`` of the source (e.g. ``"calibration file /x.jsonl"``).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import datasets
 
-from .errors import DataError
+from dsq.core.errors import DataError
 
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 """File suffixes a data path may have (a directory is read with ``load_from_disk``)."""

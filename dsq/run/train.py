@@ -28,14 +28,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .artifact import atomic_directory, claim_output, write_manifest
-from .assets import resolve_data_path
-from .checkpoint import LoadedModel, load_checkpoint, validate_checkpoint
-from .errors import QuantizationError
-from .preflight import check_recipe_against_checkpoint
-from .recipe import FinetuneSection, LoraSection, Recipe, TrainDataSection, TrainingSection
-from .reload import ReloadCheck, transformers_reload_check
-from .tied import tie_notes
+from dsq.core.atomic import atomic_directory, claim_output
+from dsq.core.manifest import write_manifest
+from dsq.assets import resolve_data_path
+from dsq.core.checkpoint import validate_checkpoint
+from dsq.core.loading import LoadedModel, load_checkpoint
+from dsq.core.errors import QuantizationError
+from dsq.run.preflight import check_recipe_against_checkpoint
+from dsq.run.recipe import FinetuneSection, LoraSection, Recipe, TrainDataSection, TrainingSection
+from dsq.run.reload import ReloadCheck, transformers_reload_check
+from dsq.core.tied import tie_notes
 from dsq.eval import Evaluator, Report, check_gates, write_report
 from dsq.eval.harness import ModelMetrics
 from dsq.eval.memory import PeakRSS
@@ -115,7 +117,7 @@ class _Context:
 
 def _ptq(ctx: _Context, model: nn.Module) -> tuple[object, QuantizationReport, float]:
     """Run the recipe's ``quantize:`` section on ``model`` (the QAT start or the QLoRA base)."""
-    from .pipeline import QuantizeStep
+    from dsq.run.pipeline import QuantizeStep
 
     step = QuantizeStep.from_recipe(ctx.recipe, ctx.loaded.tokenizer)
     qreport, seconds, _ = step.apply(model, progress=ctx.recipe.progress and ctx.main)
@@ -148,7 +150,7 @@ def _leave_process_group(accelerator) -> None:
 
 
 def _reload_check(ctx: _Context, root: Path, model: nn.Module, config: object | None) -> ReloadCheck | None:
-    from .pipeline import DTYPES, reload_tolerance
+    from dsq.run.pipeline import DTYPES, reload_tolerance
 
     if not ctx.recipe.eval.reload_check:
         return None
@@ -166,8 +168,8 @@ def _reload_check(ctx: _Context, root: Path, model: nn.Module, config: object | 
 
 def _save(ctx: _Context, root: Path, model: nn.Module, config: object | None) -> None:
     """Quantized models as PTQ artifacts are saved; an FP model as a plain transformers checkpoint."""
-    from .pipeline import save_artifact
-    from .recipe import dump_recipe
+    from dsq.run.pipeline import save_artifact
+    from dsq.run.recipe import dump_recipe
 
     if config is None:
         model.save_pretrained(str(root))
@@ -185,7 +187,7 @@ def _evaluate(ctx: _Context, name: str, model: nn.Module, root: Path | None = No
 
 def _finish(ctx: _Context, tmp: Path, original: ModelMetrics, rows: list[ModelMetrics], manifest_extra: dict,
             reload: ReloadCheck | None, gated: list[ModelMetrics] | None = None):
-    from .pipeline import RunResult, gates_of, run_meta
+    from dsq.run.pipeline import RunResult, gates_of, run_meta
 
     # the artifact's row (and its ONNX row) is gated, not the intermediate ones
     results = check_gates(gates_of(ctx.recipe), original, gated if gated is not None else rows[-1:])
@@ -199,7 +201,7 @@ def _finish(ctx: _Context, tmp: Path, original: ModelMetrics, rows: list[ModelMe
 
 
 def _qat(ctx: _Context, tmp: Path | None, original: ModelMetrics | None):
-    from .pipeline import candidate_name, export_rows, summary, target_spec, weight_scheme
+    from dsq.run.pipeline import candidate_name, export_rows, summary, target_spec, weight_scheme
 
     recipe, model = ctx.recipe, ctx.loaded.model
     section = ctx.finetune.qat
@@ -237,7 +239,7 @@ def _qat(ctx: _Context, tmp: Path | None, original: ModelMetrics | None):
 
 def _start_name(recipe: Recipe) -> str:
     """What step 0 of QAT is: the PTQ result, or round-to-nearest with min/max or searched ranges."""
-    from .pipeline import candidate_name
+    from dsq.run.pipeline import candidate_name
 
     section = recipe.finetune.qat
     if recipe.quantize.method == "rtn" and section.learnable_scales and section.mse_init:
@@ -256,7 +258,7 @@ def _rtn_like_config(config: QATConfig):
 
 
 def _base_identity(ctx: _Context, ptq_config: object | None) -> dict:
-    from .pipeline import candidate_name
+    from dsq.run.pipeline import candidate_name
 
     source = ctx.loaded.source.to_dict()
     return {
@@ -268,7 +270,7 @@ def _base_identity(ctx: _Context, ptq_config: object | None) -> dict:
 
 
 def _lora(ctx: _Context, tmp: Path | None, original: ModelMetrics | None):
-    from .pipeline import candidate_name, summary
+    from dsq.run.pipeline import candidate_name, summary
     from dsq.finetune.lora import apply_lora, save_adapter, trainable_share
     from dsq.finetune.merge import measure_merge_drift, merge_into_fp, merge_requantize
 
@@ -324,7 +326,7 @@ def run_finetune(recipe: Recipe):
 
     On a non-main process of a multi-process run it returns None after training.
     """
-    from .pipeline import DTYPES, benchmark_suite, model_path
+    from dsq.run.pipeline import DTYPES, benchmark_suite, model_path
 
     torch.manual_seed(recipe.seed)
     output = Path(recipe.output).expanduser()

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from dsq.errors import CheckpointError
+from dsq.core.errors import CheckpointError
 
 FP8_DTYPE = torch.float8_e4m3fn
 """Storage dtype of FP8 weights."""

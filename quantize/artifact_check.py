@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import read_safetensors_header
-from .errors import CheckpointError
+from dsq.core.checkpoint import read_safetensors_header
+from dsq.core.errors import CheckpointError
 from dsq.quantize.modules import is_fused_experts
 from dsq.quantize.scheme import SUPPORTED_BITS, PerChannel, PerGroup, WeightScheme
 from dsq.quantize.w8a8 import WEIGHT_SCHEME as W8A8_WEIGHT_SCHEME

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dsq.errors import DataError
+from dsq.core.errors import DataError
 
 _PROBE = "Hello world"  # any text that encodes to at least one token
 

@@ -18,8 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import CheckpointFiles, read_safetensors_header
-from .errors import CheckpointError, QuantizationError
+from dsq.core.checkpoint import CheckpointFiles, read_safetensors_header
+from dsq.core.errors import CheckpointError, QuantizationError
 
 DEFAULT_MAX_SHARD_BYTES = 4 << 30
 SCALE_SUFFIX = "_scale_inv"  # FP8 block scales: ``X.weight`` -> ``X.weight_scale_inv``
@@ -34,7 +34,7 @@ class ShardedTensors:
     """Where every tensor of a safetensors checkpoint lives, read lazily through memory maps.
 
     Args:
-        files: a validated checkpoint (:func:`dsq.checkpoint.inspect_checkpoint`).
+        files: a validated checkpoint (:func:`dsq.core.checkpoint.inspect_checkpoint`).
         fp8: the block format when the checkpoint stores FP8 weights with ``weight_scale_inv``.
     """
 
@@ -84,7 +84,7 @@ class ShardedTensors:
         raw = handle(path).get_tensor(name)
         scale_name = name + SCALE_SUFFIX
         if self.fp8 is not None and scale_name in self.where:
-            from .fp8 import dequantize_fp8_blocks
+            from dsq.core.fp8 import dequantize_fp8_blocks
 
             self.used.add(scale_name)
             scale = handle(self.where[scale_name]).get_tensor(scale_name)

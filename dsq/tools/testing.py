@@ -18,7 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
 
-from dsq.checkpoint import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, SUPPORTED_MODEL_TYPES
+from dsq.core.checkpoint import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+from dsq.core.layout import SUPPORTED_MODEL_TYPES
 
 BOS_TOKEN = "<s>"
 EOS_TOKEN = "</s>"
@@ -84,7 +85,7 @@ def tiny_config(model_type: str, *, vocab_size: int = 512, **overrides: Any) -> 
     """Return the configuration of a tiny model of a supported type.
 
     Args:
-        model_type: One of :data:`dsq.checkpoint.SUPPORTED_MODEL_TYPES`.
+        model_type: One of :data:`dsq.core.checkpoint.SUPPORTED_MODEL_TYPES`.
         vocab_size: Vocabulary size of the model.
         **overrides: Configuration fields that replace the tiny defaults.
 
@@ -192,7 +193,7 @@ def make_tiny_checkpoint(
     state is left untouched.
 
     Args:
-        model_type: One of :data:`dsq.checkpoint.SUPPORTED_MODEL_TYPES`.
+        model_type: One of :data:`dsq.core.checkpoint.SUPPORTED_MODEL_TYPES`.
         path: Directory to write (created if needed).
         seed: Seed of the random initialisation.
         shards: Number of safetensors shards; above 1 an index file is written too.
@@ -303,8 +304,9 @@ def make_rtn_artifact(checkpoint: Path, directory: Path, scheme=None) -> Path:
     Returns:
         ``directory``.
     """
-    from dsq.artifact import save_quantized_model, write_manifest
-    from dsq.checkpoint import load_checkpoint
+    from dsq.quantize.artifact_save import save_quantized_model
+    from dsq.core.manifest import write_manifest
+    from dsq.core.loading import load_checkpoint
     from dsq.quantize import PerGroup, RTNConfig, TargetSpec, WeightScheme, quantize_
 
     loaded = load_checkpoint(checkpoint)
@@ -360,7 +362,7 @@ def write_sentencepiece_tokenizer(
 
 def tensor_data_bytes(files) -> int:
     """Bytes of tensor data in safetensors files, from their headers (file size minus header)."""
-    from dsq.checkpoint import read_safetensors_header
+    from dsq.core.checkpoint import read_safetensors_header
 
     total = 0
     for path in files:

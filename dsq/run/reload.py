@@ -72,7 +72,7 @@ def _quiet_load(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.M
 EXPERT_ZERO_POINT_GAP = (
     "transformers {transformers} (compressed-tensors {compressed_tensors}) cannot read asymmetric quantized "
     "fused MoE experts: its expert loader does not collect weight_zero_point (upstream fix: transformers "
-    "pull request 47430); asymmetric experts: {modules}. dsq.load_artifact reads them exactly"
+    "pull request 47430); asymmetric experts: {modules}. dsq.quantize.artifact_load reads them exactly"
 )
 
 

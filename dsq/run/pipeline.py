@@ -13,19 +13,20 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .artifact import atomic_directory, claim_output, copy_tokenizer, save_quantized_model, write_config, write_manifest
-from .assets import data_file, resolve_data_path
-from .checkpoint import (
-    CheckpointFiles, LoadedModel, bundled_model_path, load_checkpoint, load_tokenizer, source_info, validate_checkpoint,
-)
-from .errors import QuantizationError, RecipeError
-from .preflight import check_recipe_against_checkpoint
-from .tied import tie_notes
-from .load_artifact import load_artifact
-from .streaming import StreamingDecision, decide_streaming
-from .recipe import QuantizeSection, Recipe, WeightsSection, dump_recipe
-from .reload import TOLERANCE, ReloadCheck, transformers_reload_check
+from dsq import __version__
+from dsq.core.atomic import atomic_directory, claim_output
+from dsq.quantize.artifact_save import copy_tokenizer, save_quantized_model, write_config
+from dsq.core.manifest import write_manifest
+from dsq.assets import data_file, resolve_data_path
+from dsq.core.checkpoint import CheckpointFiles, bundled_model_path, source_info, validate_checkpoint
+from dsq.core.loading import LoadedModel, load_checkpoint, load_tokenizer
+from dsq.core.errors import QuantizationError, RecipeError
+from dsq.run.preflight import check_recipe_against_checkpoint
+from dsq.core.tied import tie_notes
+from dsq.quantize.artifact_load import load_artifact
+from dsq.run.streaming import StreamingDecision, decide_streaming
+from dsq.run.recipe import QuantizeSection, Recipe, WeightsSection, dump_recipe
+from dsq.run.reload import TOLERANCE, ReloadCheck, transformers_reload_check
 from dsq.eval import BenchmarkSuite, Evaluator, Gates, GateResult, PerplexityConfig, Report, check_gates, write_report
 from dsq.eval.memory import PeakRSS
 from dsq.eval.plots import write_plots_if_installed
@@ -225,13 +226,13 @@ def run(recipe: Recipe) -> RunResult:
     Returns:
         A :class:`RunResult`; ``gates_passed`` is False when a gate failed (the artifact
         is still written). Recipes with a ``finetune:`` section go through
-        :func:`dsq.train_pipeline.run_finetune` (None on non-main processes of a multi-process run). Input problems raise :class:`dsq.errors.DsqInputError` and leave
+        :func:`dsq.run.train.run_finetune` (None on non-main processes of a multi-process run). Input problems raise :class:`dsq.core.errors.DsqInputError` and leave
         no artifact behind. A checkpoint is quantized one decoder layer at a time
         (:func:`run_streamed`) when the recipe says ``streaming: true``, or when it leaves
         ``streaming`` unset and the model needs more than half the available memory.
     """
     if recipe.finetune is not None:
-        from .train_pipeline import run_finetune
+        from dsq.run.train import run_finetune
 
         return run_finetune(recipe)
     with claim_output(Path(recipe.output).expanduser(), recipe.overwrite):  # before the model is loaded
@@ -311,7 +312,7 @@ def run_streamed(recipe: Recipe, files: CheckpointFiles, decision: StreamingDeci
     and the artifact in memory; when the model does not fit (the reason streaming was chosen),
     it is not run: the report says so, and every gate the recipe sets fails as not evaluated.
     """
-    from .streaming import quantize_streaming
+    from dsq.quantize.streaming import quantize_streaming
 
     dtype = DTYPES[recipe.dtype]
     output = Path(recipe.output).expanduser()
@@ -385,7 +386,7 @@ def export_rows(recipe: Recipe, loaded: LoadedModel, root: Path, evaluator: Eval
     """The recipe's ``export:`` step: ONNX under ``root/onnx`` (validated), and its report row if asked."""
     if recipe.export is None:
         return []
-    from .export_step import export_and_evaluate
+    from dsq.run.export_step import export_and_evaluate
 
     outcome = export_and_evaluate(
         loaded.model, loaded.tokenizer, root / ONNX_DIR, recipe.export, evaluator=evaluator, name=name,

@@ -17,12 +17,13 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .artifact_check import (
+from dsq.quantize.artifact_check import (
     check_quantized_tensors, check_weight_shapes, group_for, parse_quantization_config, read_tensor_specs,
 )
-from .checkpoint import LoadedModel, inspect_checkpoint, source_info
-from .errors import CheckpointError
-from .tied import tied_embeddings
+from dsq.core.checkpoint import inspect_checkpoint, source_info
+from dsq.core.loading import LoadedModel
+from dsq.core.errors import CheckpointError
+from dsq.core.tied import tied_embeddings
 from dsq.quantize.compressed_tensors_format import decompress_tensor
 from dsq.quantize.modules import QuantExperts, QuantLinear, is_fused_experts, set_module
 from dsq.quantize.primitives import QuantizedWeight, stack_weights
@@ -59,7 +60,7 @@ def load_artifact(path: str | Path, *, dtype: torch.dtype = torch.float32) -> Lo
 
     Raises:
         CheckpointError: not a compressed-tensors artifact; a ``quantization_config`` key dsq does not read
-            (named, see :mod:`dsq.artifact_check`); a tensor missing, unexpected or of the wrong shape or
+            (named, see :mod:`dsq.quantize.artifact_check`); a tensor missing, unexpected or of the wrong shape or
             dtype for its module (named). All of these are found before any quantized module is built.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .quantize.mappings import fold, resolve
-from .quantize.sequential import decoder_layers
-from .quantize.stats import max_over_median
+from dsq.quantize.mappings import fold, resolve
+from dsq.quantize.sequential import decoder_layers
+from dsq.quantize.stats import max_over_median
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,13 @@
 
 1. Integrity: the manifest (``manifest.json`` of an artifact, ``export_manifest.json`` of an ONNX
    export) lists exactly the files under the directory, each inside it and with its sha256
-   (:mod:`dsq.manifest`); otherwise :class:`ArtifactIntegrityError` (exit 2) naming the file.
+   (:mod:`dsq.core.manifest`); otherwise :class:`ArtifactIntegrityError` (exit 2) naming the file.
 2. Evaluation: the benchmark sets of the gates file's ``eval`` settings (default: the bundled sets)
    on the baseline (if given) and the artifact.
 3. Gates: absolute ones (``max_ppl``, ``min_mc_acc``) and, with a baseline, relative ones
    (perplexity increase, accuracy drop, recovery, size and speed ratios, top-1, KL).
 4. Outputs: report.{json,md}, junit.xml and summary.md in the output directory, written together
-   (:func:`dsq.artifact.atomic_directory`); an earlier output of ``dsq validate`` there is replaced, a
+   (:func:`dsq.core.atomic.atomic_directory`); an earlier output of ``dsq validate`` there is replaced, a
    directory it did not write is refused.
 """
 from __future__ import annotations
@@ -19,12 +19,13 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .artifact import MANIFEST, atomic_directory, claim_output
-from .errors import DsqInputError, RecipeError
-from .manifest import EXPORT_MANIFEST, ArtifactIntegrityError, verify_manifest  # noqa: F401 (re-exported)
-from .recipe import EvalSection, _format_errors, read_yaml
+from dsq.core.atomic import MANIFEST, atomic_directory, claim_output
+from dsq.core.errors import DsqInputError, RecipeError
+from dsq.core.manifest import EXPORT_MANIFEST, ArtifactIntegrityError, verify_manifest  # noqa: F401 (re-exported)
+from dsq.run.recipe import EvalSection, _format_errors, read_yaml
 from dsq.eval import Evaluator, Gates, GateResult, Report, check_gates, write_report
-from dsq.eval.ci import Check, summary_markdown, write_junit
+from dsq.eval.ci import summary_markdown, write_junit
+from dsq.core.check import Check
 from dsq.eval.plots import write_plots_if_installed
 from dsq.eval.report import SQNR_KEY, weight_sqnr_summary, write_html_report
 
@@ -46,7 +47,7 @@ def load_gates_file(path: Path | None, artifact: Path) -> EvalSection:
         RecipeError: Naming the file and the key: unreadable or invalid YAML, an unknown key, a value out
             of range, or a gate whose section is null.
     """
-    from .recipe import check_eval_section
+    from dsq.run.recipe import check_eval_section
 
     prefix = ""
     if path is None:
@@ -72,7 +73,7 @@ def _load(path: Path):
         from dsq.export import OrtCausalLM
 
         return OrtCausalLM(path), AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    from .export_step import load_for_export
+    from dsq.run.export_step import load_for_export
 
     loaded = load_for_export(path)
     return loaded.model, loaded.tokenizer
@@ -117,8 +118,8 @@ def validate(artifact: Path, *, baseline: Path | None = None, gates_file: Path |
 
 def _validate(artifact: Path, baseline: Path | None, gates_file: Path | None, output: Path,
               progress: bool) -> ValidateResult:
-    from .pipeline import benchmark_suite
-    from .recipe import Recipe
+    from dsq.run.pipeline import benchmark_suite
+    from dsq.run.recipe import Recipe
 
     integrity = verify_manifest(artifact)
     section = load_gates_file(gates_file, artifact)

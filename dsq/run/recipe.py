@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import RecipeError
+from dsq.core.errors import RecipeError
 
 SEED_MAX = 2**32 - 1  # numpy, torch and random all take a seed in [0, 2**32 - 1]
 MAX_SEQUENCE = 1 << 20  # longest token sequence any setting may ask for
@@ -398,7 +398,7 @@ def format_errors(exc: ValidationError, source: str, root: type[BaseModel] | Non
     return _cut("\n".join(lines), MAX_MESSAGE_CHARS)
 
 
-_format_errors = format_errors  # the name dsq.validate imports
+_format_errors = format_errors  # the name dsq.run.validate imports
 
 
 class _RecipeLoader(yaml.SafeLoader):

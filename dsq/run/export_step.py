@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from .artifact import MANIFEST, claim_output
-from .checkpoint import LoadedModel, load_checkpoint
-from .errors import CheckpointError, RecipeError
-from .load_artifact import load_artifact
-from .manifest import EXPORT_MANIFEST, ArtifactIntegrityError, directory_files, extend_manifest, verify_manifest
-from .recipe import ExportSection
+from dsq.core.atomic import MANIFEST, claim_output
+from dsq.core.loading import LoadedModel, load_checkpoint
+from dsq.core.errors import CheckpointError, RecipeError
+from dsq.quantize.artifact_load import load_artifact
+from dsq.core.manifest import EXPORT_MANIFEST, ArtifactIntegrityError, directory_files, extend_manifest, verify_manifest
+from dsq.run.recipe import ExportSection
 from dsq.eval import Evaluator, ModelMetrics
 from dsq.export import (
     DequantizeLinearWeights, ExportConfig, ExportResult, MatMulNBitsWeights, OrtCausalLM, ValidationConfig, export_onnx,
@@ -106,7 +106,7 @@ def _quantization_config(path: Path) -> dict | None:
 def verify_export_source(path: Path, output: Path) -> None:
     """What ``dsq export`` accepts: a dsq artifact whose manifest verifies, or an fp checkpoint.
 
-    A directory with ``manifest.json`` is verified (:func:`dsq.manifest.verify_manifest`), and ``output``
+    A directory with ``manifest.json`` is verified (:func:`dsq.core.manifest.verify_manifest`), and ``output``
     may not lie inside it (the artifact would no longer match its manifest). Without a manifest,
     a compressed-tensors ``quantization_config`` is refused: dsq's artifacts always carry a manifest, so
     such a directory was not written by dsq or lost its manifest. Other quantization methods are left to
@@ -138,7 +138,7 @@ def load_for_export(path: Path) -> LoadedModel:
 
     Raises:
         CheckpointError: no readable ``config.json``, a quantization method dsq cannot read, or an
-            artifact that does not load (see :func:`dsq.load_artifact.load_artifact`).
+            artifact that does not load (see :func:`dsq.quantize.artifact_load.load_artifact`).
     """
     qconfig = _quantization_config(path)
     if qconfig is None:
@@ -165,7 +165,7 @@ def _export_section(*, tolerance: float | None, **options) -> ExportSection:
     """The export settings of ``dsq export``, checked by the recipe's own ``export:`` schema."""
     from pydantic import ValidationError
 
-    from .recipe import ExportValidationSection, format_errors
+    from dsq.run.recipe import ExportValidationSection, format_errors
 
     try:
         return ExportSection(validation=ExportValidationSection(tolerance=tolerance), **options)
@@ -193,8 +193,8 @@ def run_export(
 
     from dsq.eval import Report, write_report
 
-    from .pipeline import benchmark_suite
-    from .recipe import Recipe
+    from dsq.run.pipeline import benchmark_suite
+    from dsq.run.recipe import Recipe
 
     verify_export_source(source, output)  # before anything is loaded or written
     with claim_output(output, overwrite, marker=EXPORT_MANIFEST):  # held from before the model is loaded

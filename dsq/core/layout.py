@@ -1,0 +1,164 @@
+"""What a checkpoint of a config holds: the tensors on disk and the decoder layer list.
+
+Derived from the model transformers builds on the ``meta`` device, so names and shapes are
+transformers' own. The ground floor's model of a checkpoint's layout: checkpoint checks, synthetic
+checkpoints and the plan all read it.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dsq.core.errors import QuantizationError
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("deepseek_v3", "deepseek_v2", "llama", "qwen2")
+"""The ``model_type`` values dsq reads."""
+
+KINDS: tuple[str, ...] = ("embedding", "linear", "expert", "lm_head", "norm", "router", "router_bias", "bias", "other")
+"""What a tensor is: ``linear`` is a Linear weight inside a decoder layer (other than the router),
+``expert`` one routed expert's projection; both are stored as FP8 in an FP8 checkpoint."""
+
+
+FP8_KINDS: frozenset[str] = frozenset({"linear", "expert"})
+"""Kinds stored as float8_e4m3fn + ``weight_scale_inv`` in FP8 checkpoints (as DeepSeek-V3/R1)."""
+
+
+_FUSED_EXPERT_PARAMS: tuple[str, ...] = ("gate_up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a checkpoint as stored on disk (before any FP8 conversion).
+
+    Attributes:
+        name: On-disk name, e.g. ``model.layers.3.mlp.experts.7.up_proj.weight``.
+        shape: Its shape.
+        kind: One of :data:`KINDS`.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+
+def _pretrained_config(config: Mapping[str, Any]) -> Any:
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"config model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    kwargs = {k: v for k, v in config.items() if k not in ("model_type", "quantization_config")}
+    return CONFIG_MAPPING[model_type](**kwargs)
+
+
+def _kind(name: str, module: torch.nn.Module, output_embeddings: torch.nn.Module | None) -> str:
+    leaf = name.rsplit(".", 1)[-1]
+    cls = type(module).__name__
+    if isinstance(module, torch.nn.Embedding):
+        return "embedding"
+    if output_embeddings is not None and module is output_embeddings:
+        return "lm_head"
+    if cls.endswith(("RMSNorm", "LayerNorm")) or isinstance(module, torch.nn.LayerNorm):
+        return "norm"
+    if "Router" in cls or name.endswith("mlp.gate.weight") or name.endswith("mlp.gate.e_score_correction_bias"):
+        return "router_bias" if leaf != "weight" else "router"
+    if isinstance(module, torch.nn.Linear):
+        return "linear" if leaf == "weight" else "bias"
+    return "other"
+
+
+def _split_fused(name: str, shape: tuple[int, ...]) -> list[TensorSpec]:
+    """Fused expert parameter -> per-expert on-disk tensors (as ``split_fused_experts`` writes)."""
+    prefix, param = name.rsplit(".", 1)
+    if param == "gate_up_proj":  # (E, 2I, H) -> gate_proj and up_proj (I, H) per expert
+        experts, two_inter, hidden = shape
+        inter = two_inter // 2
+        return [
+            TensorSpec(f"{prefix}.{e}.{proj}.weight", (inter, hidden), "expert")
+            for e in range(experts)
+            for proj in ("gate_proj", "up_proj")
+        ]
+    experts, hidden, inter = shape  # down_proj (E, H, I) -> (H, I) per expert
+    return [TensorSpec(f"{prefix}.{e}.down_proj.weight", (hidden, inter), "expert") for e in range(experts)]
+
+
+def tensor_specs(config: Mapping[str, Any]) -> list[TensorSpec]:
+    """The tensors a checkpoint of ``config`` holds on disk, in model order, as transformers expects.
+
+    Derived from the model instantiated on the meta device (no memory), so the names and shapes
+    are transformers' own. Fused routed experts (``mlp.experts.gate_up_proj`` [E, 2I, H] and
+    ``mlp.experts.down_proj`` [E, H, I]) become ``mlp.experts.N.{gate,up,down}_proj.weight``, the
+    layout of DeepSeek's checkpoints; a tied ``lm_head`` is left out.
+
+    Args:
+        config: A ``config.json`` dict of a supported model type.
+
+    Returns:
+        One :class:`TensorSpec` per stored tensor (an FP8 weight's scale is not listed).
+
+    Raises:
+        ValueError: Unsupported model type, or a fused parameter this module cannot split.
+
+    Example:
+        >>> import json
+        >>> cfg = json.loads((bundled_model_path() / "config.json").read_text())
+        >>> tensor_specs(cfg)[0]
+        TensorSpec(name='model.embed_tokens.weight', shape=(2048, 256), kind='embedding')
+    """
+    from transformers import AutoModelForCausalLM
+
+    pretrained = _pretrained_config(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(pretrained)
+    modules = dict(model.named_modules())
+    output_embeddings = model.get_output_embeddings()
+    tied: set[str] = set()
+    if getattr(pretrained.get_text_config(), "tie_word_embeddings", False):
+        tied = set(getattr(model, "_tied_weights_keys", None) or {"lm_head.weight": None})
+    specs: list[TensorSpec] = []
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name in tied:
+            continue
+        shape = tuple(tensor.shape)
+        module_name, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+        module = modules[module_name]
+        if tensor.dim() == 3 and module_name.endswith("experts"):
+            if leaf not in _FUSED_EXPERT_PARAMS:
+                raise ValueError(f"cannot name the on-disk tensors of fused expert parameter {name} {shape}")
+            specs.extend(_split_fused(name, shape))
+            continue
+        specs.append(TensorSpec(name, shape, _kind(name, module, output_embeddings)))
+    return specs
+
+
+def num_parameters(specs: list[TensorSpec]) -> int:
+    """Total elements of ``specs`` (the model's parameter count; FP8 scales not included)."""
+    return sum(s.numel for s in specs)
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Name and module list of the decoder layers (``model.layers`` in every supported architecture)."""
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.endswith("layers") and (count is None or len(module) == count):
+            return name, module
+    raise QuantizationError(f"{type(model).__name__}: no decoder layer list found (expected 'model.layers')")
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule called ``name`` (dotted path) of ``model`` with ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

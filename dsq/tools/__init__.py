@@ -1,0 +1,2 @@
+"""Tools beside the run path: the memory and time plan, synthetic checkpoints, outlier models, test helpers.
+"""
