@@ -47,11 +47,11 @@ from torch import nn
 from dsq.core.loading import load_checkpoint
 from dsq.core.errors import DataError, DsqInputError
 from dsq.eval.data import load_text
-from dsq.run.pipeline import quant_config
 from dsq.quantize import quantize_
 from dsq.quantize.api import tensor_bytes
 from dsq.quantize.calibration_data import CalibrationDataSpec, load_calibration
-from dsq.run.recipe import QuantizeSection, WeightsSection
+from dsq.quantize.method import METHODS as REGISTRY
+from dsq.quantize.sections import MethodSection, WeightsSection
 
 METHODS = ("rtn", "gptq", "awq", "w8a8", "nf4")
 """Method names accepted by ``--methods``, in table order."""
@@ -130,22 +130,22 @@ def window_perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int, batch_s
     return math.exp(nll) if nll < 709.0 else math.inf
 
 
-def sections(methods: Sequence[str], calibration: CalibrationDataSpec) -> list[tuple[str, str, QuantizeSection]]:
+def sections(methods: Sequence[str], calibration: CalibrationDataSpec) -> list[tuple[str, str, MethodSection]]:
     """``(method, scheme, recipe section)`` of every quantized row, in table order."""
     calib = {"samples": calibration.samples, "seq_len": calibration.seq_len, "seed": calibration.seed}
-    rows: list[tuple[str, str, QuantizeSection]] = []
+    rows: list[tuple[str, str, MethodSection]] = []
     for method in METHODS:
         if method not in methods:
             continue
         if method in ("rtn", "gptq", "awq"):
             for scheme, weights in _INT4_SCHEMES:
-                section = QuantizeSection(method=method, weights=WeightsSection(**weights), calibration=calib)
+                section = REGISTRY[method].section(weights=WeightsSection(**weights), calibration=calib)
                 rows.append((method, scheme, section))
         elif method == "w8a8":
-            section = QuantizeSection(method="w8a8", calibration=calib)
+            section = REGISTRY["w8a8"].section(calibration=calib)
             rows.append((method, "int8 w, int8 dynamic per-token a, smoothquant 0.5", section))
         else:
-            rows.append((method, "nf4 block 64", QuantizeSection(method="bnb-nf4")))
+            rows.append((method, "nf4 block 64", REGISTRY["bnb-nf4"].section()))
     return rows
 
 
@@ -176,7 +176,7 @@ def measure(
     del fp
     for method, scheme, section in sections(methods, spec):
         model = load_checkpoint(checkpoint).model
-        config = quant_config(section)
+        config = section.config()
         start = time.perf_counter()
         report = quantize_(model, config, calibration=calibration if method in _CALIBRATED else None, progress=False)
         seconds = time.perf_counter() - start

@@ -47,7 +47,7 @@ def _row_facts(torch_row: dict, onnx_row: dict) -> dict:
 
 def run_fp32(out: Path) -> dict:
     from dsq.core.checkpoint import bundled_model_path
-    from dsq.run.export_step import run_export
+    from dsq.run.export_command import run_export
 
     result = run_export(bundled_model_path(), out / "fp32", evaluate=True, speed=True, overwrite=True, progress=False)
     data = json.loads((out / "fp32" / "report.json").read_text())

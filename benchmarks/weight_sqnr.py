@@ -11,9 +11,8 @@ import torch
 from dsq.core.checkpoint import bundled_model_path
 from dsq.core.loading import load_checkpoint
 from dsq.quantize import AWQConfig, GPTQConfig, PerChannel, PerGroup, RTNConfig, W8A8Config, WeightScheme, quantize_
-from dsq.run.pipeline import calibration_spec
 from dsq.quantize.calibration_data import load_calibration_with_summary
-from dsq.run.recipe import QuantizeSection
+from dsq.quantize.sections import CalibrationSection
 
 CONFIGS = {
     "rtn int8 per-channel": RTNConfig(WeightScheme(8, PerChannel())),
@@ -27,7 +26,7 @@ CONFIGS = {
 def main() -> None:
     torch.manual_seed(0)
     tokenizer = load_checkpoint(bundled_model_path()).tokenizer
-    spec = calibration_spec(QuantizeSection())  # the bundled calibration sample, 128 x 256 tokens
+    spec = CalibrationSection().spec()  # the bundled calibration sample, 128 x 256 tokens
     ids, _ = load_calibration_with_summary(spec, tokenizer)
     print("| method | modules | min dB | median dB | max dB | worst module | worst expert (module, index, dB) |")
     print("|---|---|---|---|---|---|---|")

@@ -91,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="print the full traceback of an unexpected error (also DSQ_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_run(sub)
+    _add_export(sub)
+    _add_validate(sub)
+    _add_plan(sub)
+    show = sub.add_parser("recipe", help="print a recipe fully resolved (defaults filled in, overrides applied)",
+                          description="Validate a recipe and print it resolved.")
+    show.add_argument("recipe", nargs="?", help="recipe YAML file (default: all defaults)")
+    show.add_argument("overrides", nargs="*", metavar="key.path=value")
+    return parser
+
+
+def _add_run(sub) -> None:
     run = sub.add_parser(
         "run", help="run a recipe: quantize, save the artifact, evaluate against the original",
         description="Run one recipe end to end.", epilog=RUN_EPILOG,
@@ -99,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="recipe YAML file")
     run.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _add_export(sub) -> None:
     export = sub.add_parser(
         "export", help="export an fp checkpoint or a dsq artifact to ONNX (KV cache), validated against PyTorch",
         description="Export a model directory to an ONNX decoder with KV cache and check it in ONNX Runtime.",
@@ -119,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--speed", action="store_true", help="with --evaluate: measure prefill/decode tokens/s")
     export.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
     export.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _add_validate(sub) -> None:
     val = sub.add_parser(
         "validate", help="CI gate: verify an artifact's manifest, re-run the benchmarks, apply gates, write JUnit",
         description="Verify, evaluate and gate a dsq artifact (torch) or ONNX export.", epilog=VALIDATE_EPILOG,
@@ -130,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "default: the artifact's recipe.yaml eval section")
     val.add_argument("-o", "--output", help="where report.{json,md}, junit.xml and summary.md go (default: ARTIFACT-validation)")
     val.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _add_plan(sub) -> None:
     plan = sub.add_parser(
         "plan", help="estimate parameters, weight bytes, peak memory and calibration time without loading weights",
         description="Plan a recipe on a checkpoint from its config.json and safetensors headers alone.",
@@ -141,17 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("--tflops", type=_positive_float, default=None,
                       help="throughput for the calibration time (default: both 50 for a GPU and 1 for a CPU)")
-    show = sub.add_parser("recipe", help="print a recipe fully resolved (defaults filled in, overrides applied)",
-                          description="Validate a recipe and print it resolved.")
-    show.add_argument("recipe", nargs="?", help="recipe YAML file (default: all defaults)")
-    show.add_argument("overrides", nargs="*", metavar="key.path=value")
-    return parser
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from dsq.run.pipeline import run
     from dsq.run.recipe import load_recipe
-    from dsq.eval import format_terminal_table
+    from dsq.eval import QuantizationFacts, format_terminal_table
 
     overrides = list(args.overrides) + (["progress=false"] if args.quiet else [])
     recipe = load_recipe(args.recipe, overrides)
@@ -160,18 +176,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_OK
     if result.report is not None:
         print(format_terminal_table(result.report))
-        rows = [(c.name, c.extra.get("quantization") or {}) for c in result.report.candidates]
+        rows = [(c.name, c.quantization.report) for c in result.report.candidates if isinstance(c.quantization, QuantizationFacts)]
     else:
         print("evaluation not run: the model does not fit in memory here (see report.md)")
-        rows = [("artifact", result.quantization or {})]
+        rows = [("artifact", result.quantization.report)] if result.quantization is not None else []
     for note in result.report.meta.get("checkpoint_notes", []) if result.report is not None else []:
         print(f"NOTE checkpoint: {note}")
     for name, quantization in rows:
-        for note in quantization.get("notes", []):
+        for note in quantization.notes:
             print(f"NOTE {name}: {note}")
-        for kept in quantization.get("kept", []):
-            if not kept["name"].endswith("lm_head"):
-                print(f"KEPT {name}: {kept['name']} ({kept['reason']})")
+        for kept in quantization.kept:
+            if not kept.name.endswith("lm_head"):
+                print(f"KEPT {name}: {kept.name} ({kept.reason})")
     if result.reload is not None:
         r = result.reload
         if r.loaded:
@@ -197,7 +213,7 @@ def _cmd_recipe(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from dsq.run.export_step import run_export
+    from dsq.run.export_command import run_export
 
     source = Path(args.artifact).expanduser()
     output = Path(args.output).expanduser() if args.output else source.parent / f"{source.name}-onnx"

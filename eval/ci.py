@@ -5,7 +5,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from dsq.eval.gates import GateResult
-from dsq.eval.report import Report, format_terminal_table
+from dsq.eval.report import Report
+from dsq.eval.report_tables import format_terminal_table
 from dsq.core.check import Check
 
 

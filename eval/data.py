@@ -1,24 +1,21 @@
 """Benchmark data sets: held-out text and multiple-choice items, read from local files.
 
-Files are read with the ``datasets`` packaged builders (``text``, ``json``, ``parquet``),
-which never contact the network for local paths. Each load uses a throw-away cache
-directory and keeps the table in memory, so nothing is written to the user's cache.
+Files are read by :mod:`dsq.core.textdata` (the ``datasets`` packaged builders, which never
+contact the network for local paths, through a throw-away cache directory), so nothing is
+written to the user's cache. Multiple-choice items are read line by line, as written.
 """
 from __future__ import annotations
 
-import tempfile
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
 
 from dsq.core.errors import DataError
+from dsq.core.textdata import check_file, json_lines, read_file, short_repr
 from dsq.core.tokens import encode_document
 
-_TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 _MC_FIELDS = ("context", "choices", "gold")
 
 
@@ -40,60 +37,6 @@ class MCItem:
     origin: str | None = field(default=None, compare=False)
 
 
-def _require_file(path: Path) -> Path:
-    """Return ``path`` as a Path if it is a non-empty file, else raise ``DataError``."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"benchmark file {path} does not exist or is not a file")
-    if path.stat().st_size == 0:
-        raise DataError(f"benchmark file {path} is empty")
-    return path
-
-
-def _load_table(builder: str, path: Path, **kwargs: Any) -> datasets.Dataset:
-    """Load one local file with a packaged ``datasets`` builder, offline and uncached.
-
-    Args:
-        builder: Packaged builder name: ``"text"``, ``"json"`` or ``"parquet"``.
-        path: Local file to read.
-        **kwargs: Extra builder options (e.g. ``sample_by``).
-
-    Returns:
-        The ``train`` split, held in memory.
-
-    Raises:
-        DataError: The file cannot be parsed by the builder.
-    """
-    progress_was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        with tempfile.TemporaryDirectory(prefix="dsq-eval-data-") as cache_dir:
-            return datasets.load_dataset(
-                builder,
-                data_files=str(path),
-                split="train",
-                cache_dir=cache_dir,
-                keep_in_memory=True,
-                **kwargs,
-            )
-    except Exception as exc:  # the builders raise many unrelated types for bad files
-        raise DataError(f"cannot read benchmark file {path} as {builder}: {exc}") from exc
-    finally:
-        if progress_was_enabled:
-            datasets.enable_progress_bars()
-
-
-def _text_column(table: datasets.Dataset, path: Path) -> list[str]:
-    """Return the ``text`` column of ``table``, checking that every row holds a string."""
-    if "text" not in table.column_names:
-        raise DataError(f"benchmark file {path} has no 'text' field (fields: {table.column_names})")
-    texts = table["text"]
-    for row, value in enumerate(texts):
-        if not isinstance(value, str):
-            raise DataError(f"benchmark file {path}, row {row}: field 'text' must be a string, got {value!r}")
-    return list(texts)
-
-
 def load_text(path: Path | str) -> str:
     """Load a held-out text corpus for perplexity and fidelity.
 
@@ -109,21 +52,13 @@ def load_text(path: Path | str) -> str:
 
     Raises:
         DataError: The file is missing, empty, has an unsupported suffix, lacks a
-            ``text`` field, or holds no text.
+            ``text`` field, has a record without a string there, or holds no text.
     """
-    path = _require_file(Path(path))
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        table = _load_table("text", path, sample_by="document")
-        text = "".join(_text_column(table, path))
-    elif suffix in (".jsonl", ".json"):
-        text = "\n\n".join(_text_column(_load_table("json", path), path))
-    elif suffix == ".parquet":
-        text = "\n\n".join(_text_column(_load_table("parquet", path), path))
-    else:
-        raise DataError(f"benchmark file {path}: unsupported suffix {suffix!r}, expected one of {_TEXT_SUFFIXES}")
+    records = read_file(Path(path), "benchmark")
+    texts = records.texts("text", None, skip_missing=False)
+    text = "".join(texts) if records.is_txt else "\n\n".join(texts)
     if not text.strip():
-        raise DataError(f"benchmark file {path} contains no text")
+        raise DataError(f"{records.description} contains no text")
     return text
 
 
@@ -147,44 +82,18 @@ def _mc_item(row: Any, where: str) -> MCItem:
             raise DataError(f"{where}: missing field {name!r}")
     context, choices, gold = row["context"], row["choices"], row["gold"]
     if not isinstance(context, str):
-        raise DataError(f"{where}: field 'context' must be a string, got {_short(context)}")
+        raise DataError(f"{where}: field 'context' must be a string, got {short_repr(context)}")
     if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
-        raise DataError(f"{where}: field 'choices' must be a list of strings, got {_short(choices)}")
+        raise DataError(f"{where}: field 'choices' must be a list of strings, got {short_repr(choices)}")
     if len(choices) < 2:
         raise DataError(f"{where}: field 'choices' needs at least 2 choices, got {len(choices)}")
     if any(not c for c in choices):
         raise DataError(f"{where}: field 'choices' contains an empty choice")
     if isinstance(gold, bool) or not isinstance(gold, int):
-        raise DataError(f"{where}: field 'gold' must be an integer index into 'choices', got {_short(gold)}")
+        raise DataError(f"{where}: field 'gold' must be an integer index into 'choices', got {short_repr(gold)}")
     if not 0 <= gold < len(choices):
         raise DataError(f"{where}: field 'gold' = {gold} is out of range for {len(choices)} choices")
     return MCItem(context=context, choices=tuple(choices), gold=gold, origin=where.removeprefix("benchmark file "))
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 100 else text[:97] + "..."
-
-
-def _jsonl_records(path: Path):
-    """``(line number, parsed value)`` for every non-blank line of a UTF-8 JSONL file.
-
-    Raises:
-        DataError: A line that is not UTF-8 or not JSON, naming the file and the line.
-    """
-    with path.open("rb") as stream:
-        for number, raw in enumerate(stream, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DataError(f"benchmark file {path}, line {number}: not UTF-8 text") from None
-            if not text.strip():
-                continue
-            try:
-                yield number, json.loads(text)
-            except (json.JSONDecodeError, RecursionError) as exc:
-                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
-                raise DataError(f"benchmark file {path}, line {number}: not a JSON object ({reason})") from None
 
 
 def load_multiple_choice(path: Path | str, limit: int | None = None) -> list[MCItem]:
@@ -208,17 +117,19 @@ def load_multiple_choice(path: Path | str, limit: int | None = None) -> list[MCI
     """
     if limit is not None and limit <= 0:
         raise DataError(f"multiple-choice limit must be positive, got {limit}")
-    path = _require_file(Path(path))
+    path = Path(path)
+    description = f"benchmark file {path}"
+    check_file(path, description)
     items: list[MCItem] = []
     try:
-        for number, row in _jsonl_records(path):
+        for number, row in json_lines(path, description):
             if limit is not None and len(items) >= limit:
                 break
-            items.append(_mc_item(row, f"benchmark file {path}, line {number}"))
+            items.append(_mc_item(row, f"{description}, line {number}"))
     except OSError as exc:
-        raise DataError(f"cannot read benchmark file {path}: {exc.strerror or exc}") from None
+        raise DataError(f"cannot read {description}: {exc.strerror or exc}") from None
     if not items:
-        raise DataError(f"benchmark file {path} contains no multiple-choice items")
+        raise DataError(f"{description} contains no multiple-choice items")
     return items
 
 

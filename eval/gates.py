@@ -8,19 +8,53 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 from dsq.core.errors import RecipeError
 from dsq.eval.harness import ModelMetrics
-from dsq.run.recipe import GatesSection, format_errors
+from dsq.core.schema import Strict, format_errors
+
+
+def _gate(needs: str | None, **bounds: float) -> Any:
+    """A gate threshold: ``None`` (unchecked) or a finite number within ``bounds``.
+
+    ``needs`` names the ``eval`` section whose measurement the gate reads (``None``: always measured).
+    """
+    return Field(None, json_schema_extra={"needs": needs}, **bounds)
+
+
+class GatesSection(Strict):
+    """Thresholds; a run whose artifact misses one exits 1 naming the metric.
+
+    The one definition of the gates, their ranges and what each needs measured: recipes, the gates
+    file of ``dsq validate`` and :class:`dsq.eval.Gates` all validate through it.
+    """
+
+    max_ppl_increase_pct: float | None = _gate("perplexity", gt=-100)  # % over the original (negative: must improve)
+    max_ppl: float | None = _gate("perplexity", ge=1)  # a perplexity is at least 1
+    min_mc_acc: float | None = _gate("multiple_choice", ge=0, le=1)  # fraction
+    max_mc_acc_drop_pts: float | None = _gate("multiple_choice", ge=-100, le=100)  # percentage points
+    min_top1_agreement: float | None = _gate("perplexity", ge=0, le=1)  # fraction; fidelity reads the held-out text
+    max_mean_kl: float | None = _gate("perplexity", ge=0)  # nats
+    max_size_ratio: float | None = _gate(None, gt=0)  # weight bytes on disk, candidate / original
+    min_mc_recovery_pct: float | None = _gate("multiple_choice", gt=0)  # candidate accuracy in % of the original's
+    min_prefill_speed_ratio: float | None = _gate("speed", gt=0)  # tokens/s, candidate / original
+    min_decode_speed_ratio: float | None = _gate("speed", gt=0)
+
+    @classmethod
+    def needs(cls, gate: str) -> str | None:
+        """The ``eval`` section (``perplexity``, ``multiple_choice``, ``speed``) gate ``gate`` reads, or ``None``."""
+        extra = cls.model_fields[gate].json_schema_extra
+        return extra.get("needs") if isinstance(extra, dict) else None
 
 
 class Gates(GatesSection):
     """Thresholds; ``None`` leaves a gate unchecked.
 
     The fields, their ranges and the measurement each one needs are those of a recipe's
-    ``eval.gates`` (:class:`dsq.run.recipe.GatesSection`): one definition for recipes, the gates file
+    ``eval.gates`` (:class:`GatesSection` above): one definition for recipes, the gates file
     of ``dsq validate`` and this class. A threshold out of its range (or NaN/inf) is a
     :class:`RecipeError` naming the gate.
 

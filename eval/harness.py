@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -10,10 +10,15 @@ import torch
 from torch import nn
 
 from dsq.eval.data import MCItem, load_multiple_choice, load_text, tokenize_text
+from dsq.eval.facts import (
+    ArtifactQuantization, ExactMerge, LoraFacts, OnnxFacts, QuantizationFacts, ReloadNotRun, RequantizedMerge, TrainingFacts,
+    reload_check_dict,
+)
 from dsq.eval.fidelity import FidelityResult, ReferenceLogprobs, compare_to_reference, reference_logprobs
 from dsq.eval.memory import PeakCUDA, PeakRSS, dir_bytes, files_bytes, model_device, weight_bytes_in_memory
 from dsq.eval.multiple_choice import FewShot, MCResult, fewshot_prompts, multiple_choice
 from dsq.eval.perplexity import PerplexityConfig, PerplexityResult, perplexity
+from dsq.eval.reload import ReloadCheck
 from dsq.eval.speed import CachedLM, SpeedConfig, SpeedResult, TorchCachedLM, measure_speed
 
 
@@ -56,9 +61,20 @@ class BenchmarkSuite:
     mc_fewshot_delimiter: str = "\n\n"
 
 
-@dataclass
+Quantization = QuantizationFacts | ArtifactQuantization
+"""How a row's model was quantized: in this run, or as its saved artifact records it."""
+Reload = ReloadCheck | ReloadNotRun
+Merge = ExactMerge | RequantizedMerge
+
+_FACTS = ("quantization", "onnx", "training", "lora", "merge", "reload_check")  # in the order of a row's extra
+
+
+@dataclass(frozen=True)
 class ModelMetrics:
-    """One row of the report: every measurement of one model.
+    """One row of the report: every measurement of one model, and what the stages did to it.
+
+    The stage facts are set by the caller that ran the stage (``dataclasses.replace(row,
+    quantization=...)``); each present one is a key of the row's ``extra`` in ``report.json``.
 
     Attributes:
         name: Row label, e.g. ``"original"`` or ``"int4-g128"``.
@@ -70,13 +86,19 @@ class ModelMetrics:
         artifact_bytes_disk: All bytes of the saved artifact directory, if one was given.
         peak_rss_bytes: Peak process RSS during this model's evaluation.
         eval_seconds: Wall time of this model's evaluation.
-        extra: Free-form facts (e.g. a quantization summary); must be JSON-serializable.
         peak_rss_reset_supported: ``False`` when ``peak_rss_bytes`` is the process-lifetime
             peak because the high-water mark could not be reset.
         speed: Prefill and decode tokens/s with a KV cache, if the suite asks for it.
         peak_cuda_allocated_bytes: Peak ``torch.cuda.max_memory_allocated`` of the model's device
             during its evaluation (high-water mark reset first); ``None`` for a model not on CUDA.
         peak_cuda_reserved_bytes: Peak ``torch.cuda.max_memory_reserved`` likewise.
+        quantization: How the model was quantized (``extra.quantization``).
+        onnx: The ONNX export this row evaluates (``extra.onnx``).
+        training: What training did (``extra.training``).
+        lora: The LoRA adapter the model carries (``extra.lora``).
+        merge: How the adapter was merged (``extra.merge``).
+        reload_check: transformers reading the saved artifact back (``extra.reload_check``;
+            :class:`ReloadNotRun`: turned off, ``null``).
     """
 
     name: str
@@ -88,19 +110,46 @@ class ModelMetrics:
     artifact_bytes_disk: int | None
     peak_rss_bytes: int | None
     eval_seconds: float
-    extra: dict = field(default_factory=dict)
     peak_rss_reset_supported: bool = True
     speed: SpeedResult | None = None
     peak_cuda_allocated_bytes: int | None = None
     peak_cuda_reserved_bytes: int | None = None
+    quantization: Quantization | None = None
+    onnx: OnnxFacts | None = None
+    training: TrainingFacts | None = None
+    lora: LoraFacts | None = None
+    merge: Merge | None = None
+    reload_check: Reload | None = None
+
+    def facts_dict(self) -> dict:
+        """The row's ``extra``: one key per stage fact present (an artifact quantization record
+        without a weight SQNR has none)."""
+        out: dict[str, Any] = {}
+        if self.quantization is not None and (quantization := self.quantization.to_dict()) is not None:
+            out["quantization"] = quantization
+        for key, facts in (("onnx", self.onnx), ("training", self.training), ("lora", self.lora), ("merge", self.merge)):
+            if facts is not None:
+                out[key] = facts.to_dict()
+        if self.reload_check is not None:
+            out["reload_check"] = reload_check_dict(self.reload_check)
+        return out
 
     def to_dict(self) -> dict:
-        """Plain-data form (nested results become dicts, missing ones ``None``).
+        """Plain-data form: the measurements (nested results become dicts, missing ones ``None``)
+        and the stage facts under ``extra``, in ``report.json``'s order of keys.
 
         Returns:
-            A JSON-serializable dict, provided ``extra`` is.
+            A JSON-serializable dict.
         """
-        return asdict(self)
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name in _FACTS:
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = asdict(value) if is_dataclass(value) else value
+            if f.name == "eval_seconds":
+                out["extra"] = self.facts_dict()
+        return out
 
 
 class Evaluator:
@@ -233,7 +282,6 @@ class Evaluator:
         *,
         reference: bool = False,
         disk_path: Path | None = None,
-        extra: dict | None = None,
     ) -> ModelMetrics:
         """Run perplexity, multiple choice and fidelity on one model.
 
@@ -244,11 +292,10 @@ class Evaluator:
             reference: This is the original: keep its log-probs for later candidates
                 (its own ``fidelity`` is ``None``).
             disk_path: Saved artifact (directory or file) whose size is reported.
-            extra: Free-form facts copied into the row.
 
         Returns:
-            The row of metrics. ``fidelity`` is ``None`` for the original and for
-            candidates evaluated before any original or without a text set.
+            The row of metrics, without stage facts. ``fidelity`` is ``None`` for the original and
+            for candidates evaluated before any original or without a text set.
 
         Raises:
             DataError: A benchmark cannot be run on this data.
@@ -278,7 +325,6 @@ class Evaluator:
             artifact_bytes_disk=artifact_bytes_disk,
             peak_rss_bytes=peak.peak_bytes,
             eval_seconds=time.perf_counter() - started,
-            extra=dict(extra or {}),
             peak_rss_reset_supported=peak.reset_supported,
             speed=speed,
             peak_cuda_allocated_bytes=cuda.allocated_bytes,

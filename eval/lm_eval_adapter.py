@@ -20,7 +20,7 @@ Command line (the ``lm_eval`` command with ``dsq`` registered; same arguments as
 ``model_args``:
     artifact: a directory. One holding ``model.onnx`` is an ONNX export run by
         :class:`dsq.export.OrtCausalLM`; any other is loaded by
-        :func:`dsq.run.export_step.load_for_export` (fp checkpoint or dsq compressed-tensors artifact).
+        :func:`dsq.quantize.model_dir.load_for_export` (fp checkpoint or dsq compressed-tensors artifact).
     batch_size: requests per forward pass of the log-likelihood requests (default 8; the
         ``lm_eval`` command passes its own ``--batch_size``, 1 unless given, when ``model_args``
         does not name one). Generation runs one request at a time.
@@ -134,7 +134,7 @@ class DsqLM(LM):
 
     Args:
         artifact: ONNX export directory (holds ``model.onnx``) or a directory that
-            :func:`dsq.run.export_step.load_for_export` loads.
+            :func:`dsq.quantize.model_dir.load_for_export` loads.
         batch_size: log-likelihood requests per forward pass.
         max_length: context window; longer inputs are truncated from the left.
         add_bos_token: prepend BOS to every context.
@@ -174,7 +174,7 @@ class DsqLM(LM):
             default_length = _onnx_context_length(path)
             self._device = torch.device("cpu")
         else:
-            from dsq.run.export_step import load_for_export
+            from dsq.quantize.model_dir import load_for_export
 
             if threads:
                 torch.set_num_threads(threads)

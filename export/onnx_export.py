@@ -205,6 +205,50 @@ def _files_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.iterdir() if p.is_file() and p.name.startswith(ONNX_FILE))
 
 
+def _export_copies(model: nn.Module, config: ExportConfig) -> tuple[nn.Module, nn.Module, ExportPlan]:
+    """``(reference, export_model, plan)``: the fp32 model validation compares against, and a copy of it
+    with its quantized modules swapped for their ONNX forms (``model`` itself is not modified)."""
+    # the graph computes in fp32 (activations, router, norms); quantized weights stay integers
+    reference = model if _is_fp32(model) and not config.quantize_embeddings else copy.deepcopy(model).float()
+    embedding = quantize_embedding_(reference) if config.quantize_embeddings else None
+    export_model = copy.deepcopy(reference)
+    plan = prepare_for_export(export_model, config.accuracy_level, embedding)
+    return reference, export_model, plan
+
+
+def _finish_graph(path: Path, config: ExportConfig, plan: ExportPlan) -> dict[str, int]:
+    """Make the saved graph portable if asked, and check the plan reached it; returns its op counts."""
+    if isinstance(config.weights, DequantizeLinearWeights):
+        _to_portable(path)
+    counts = _op_counts(path)
+    _check_plan_in_graph(plan, counts, config.weights)
+    return counts
+
+
+def _write_manifest(tmp: Path, layout: CacheLayout, config: ExportConfig, counts: dict[str, int], plan: ExportPlan,
+                    validation: ValidationReport, source: dict | None) -> None:
+    """Write ``EXPORT_MANIFEST`` last, with the sha256 of every other file in ``tmp``."""
+    manifest = {
+        "format": "dsq-onnx-decoder",
+        "version": 1,
+        "dsq_version": __version__,
+        "versions": versions(),
+        "opset": OPSET,
+        "files": {},  # filled below: sha256 of every file in the directory
+        "inputs": input_names(layout),
+        "outputs": output_names(layout),
+        "cache": layout.to_dict(),
+        "accuracy_level": config.accuracy_level,
+        "weight_op": config.weights.op,
+        "ops": counts,
+        "quantized_modules": plan.to_dict(),
+        "validation": validation.to_dict(),
+        "source": source or {},
+    }
+    manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
 def export_onnx(
     model: nn.Module,
     tokenizer,
@@ -236,43 +280,18 @@ def export_onnx(
     model.eval()
     layout = cache_layout(model.config)
     vocab = model.config.vocab_size
-    # the graph computes in fp32 (activations, router, norms); quantized weights stay integers
-    reference = model if _is_fp32(model) and not config.quantize_embeddings else copy.deepcopy(model).float()
-    embedding = quantize_embedding_(reference) if config.quantize_embeddings else None
-    export_model = copy.deepcopy(reference)
-    plan = prepare_for_export(export_model, config.accuracy_level, embedding)
+    reference, export_model, plan = _export_copies(model, config)
     tolerance = config.validation.tolerance or default_tolerance(plan, config.accuracy_level)
     with atomic_directory(output, overwrite, marker=EXPORT_MANIFEST) as tmp:
         _trace(export_model, layout, vocab, tmp / ONNX_FILE)
         del export_model
-        if isinstance(config.weights, DequantizeLinearWeights):
-            _to_portable(tmp / ONNX_FILE)
-        counts = _op_counts(tmp / ONNX_FILE)
-        _check_plan_in_graph(plan, counts, config.weights)
+        counts = _finish_graph(tmp / ONNX_FILE, config, plan)
         ort_lm = OrtCausalLM(tmp / ONNX_FILE, threads=config.threads, accuracy_level=config.accuracy_level)
         validation = validate_export(ort_lm, reference, layout, vocab, config.validation, tolerance)
         if not validation.passed:
             raise ExportError("the ONNX export does not match PyTorch: " + "; ".join(validation.failures()))
         tokenizer.save_pretrained(str(tmp))
         write_genai_config(tmp, model.config, tokenizer, layout)
-        manifest = {
-            "format": "dsq-onnx-decoder",
-            "version": 1,
-            "dsq_version": __version__,
-            "versions": versions(),
-            "opset": OPSET,
-            "files": {},  # filled below: sha256 of every file in the directory
-            "inputs": input_names(layout),
-            "outputs": output_names(layout),
-            "cache": layout.to_dict(),
-            "accuracy_level": config.accuracy_level,
-            "weight_op": config.weights.op,
-            "ops": counts,
-            "quantized_modules": plan.to_dict(),
-            "validation": validation.to_dict(),
-            "source": source or {},
-        }
-        manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _write_manifest(tmp, layout, config, counts, plan, validation, source)
         onnx_bytes = _files_bytes(tmp)
     return ExportResult(output, layout, plan, validation, time.perf_counter() - started, onnx_bytes, config.accuracy_level, counts, config.weights.op)

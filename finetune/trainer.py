@@ -33,137 +33,31 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from dsq.core.errors import CheckpointError, TrainingError
+from dsq.core.errors import TrainingError
 
-from .fsdp import (
-    device_of, full_tensor, gather_objects, is_dtensor, is_sharded, local_shard, reshard, shard_model, unshard_model,
+from .fsdp import device_of, full_tensor, gather_objects, shard_model, unshard_model
+from .train_checkpoint import (
+    CHECKPOINT_VERSION, _step_dir, checkpoint_steps, data_digest, load_checkpoint, save_checkpoint, trainable_state,
+    weights_digest,
 )
+from .train_config import Constant, Cosine, Linear, Schedule, TrainConfig
 
 if TYPE_CHECKING:
     from .data import TokenBlocks, TrainingData
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Cosine:
-    """Cosine decay from the peak to ``min_ratio`` x peak at ``max_steps``."""
-
-    min_ratio: float = 0.1
-
-    def factor(self, progress: float) -> float:
-        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-@dataclass(frozen=True)
-class Linear:
-    """Linear decay from the peak to ``min_ratio`` x peak at ``max_steps``."""
-
-    min_ratio: float = 0.0
-
-    def factor(self, progress: float) -> float:
-        return 1 - (1 - self.min_ratio) * progress
-
-
-@dataclass(frozen=True)
-class Constant:
-    """The peak learning rate after warmup."""
-
-    def factor(self, progress: float) -> float:
-        return 1.0
-
-
-Schedule = Cosine | Linear | Constant
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Training hyper-parameters (one optimizer step = ``batch_size x grad_accum x processes`` blocks).
-
-    Args:
-        max_steps: optimizer steps.
-        batch_size: blocks per micro-batch per process.
-        grad_accum: micro-batches per optimizer step.
-        lr: peak learning rate.
-        warmup_steps: linear warmup from ``lr / warmup_steps``.
-        schedule: decay after warmup.
-        weight_decay: AdamW decay on matrices (parameters with 2+ dimensions).
-        max_grad_norm: global gradient-norm clip (None: off).
-        mixed_precision: ``"no"`` or ``"bf16"`` (autocast; weights and optimizer stay fp32).
-        distill_weight: share of the loss from distillation against the teacher (0: plain CE).
-        eval_every: validation interval in steps (0: only at the end).
-        save_every: checkpoint interval in steps (0: none).
-        keep_checkpoints: how many recent checkpoints to keep.
-        seed: data order and initial RNG state.
-        eval_batch_size: blocks per validation forward.
-        fsdp: shard parameters, gradients and optimizer state across the processes (FSDP2)
-            instead of replicating them (DDP); no effect with one process.
-    """
-
-    max_steps: int = 100
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-4
-    warmup_steps: int = 10
-    schedule: Schedule = Cosine()
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    mixed_precision: str = "no"
-    distill_weight: float = 0.0
-    eval_every: int = 50
-    save_every: int = 50
-    keep_checkpoints: int = 2
-    seed: int = 0
-    eval_batch_size: int = 16
-    fsdp: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "save_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.mixed_precision not in ("no", "bf16"):
-            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
-        if not 0 <= self.distill_weight <= 1:
-            raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
-
-    def lr_at(self, step: int) -> float:
-        """Learning rate of optimizer step ``step`` (0-based)."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        span = max(1, self.max_steps - self.warmup_steps)
-        return self.lr * self.schedule.factor(min(1.0, (step - self.warmup_steps) / span))
-
-    def fingerprint(self) -> dict:
-        """The fields a resumed run must share with its checkpoint (all but the intervals and the
-        parameter layout: checkpoints hold full tensors, sharded or not)."""
-        d = asdict(self)
-        d["schedule"] = {type(self.schedule).__name__: asdict(self.schedule)}
-        for key in ("eval_every", "save_every", "keep_checkpoints", "eval_batch_size", "fsdp"):
-            d.pop(key)
-        return d
 
 
 @dataclass
@@ -285,142 +179,6 @@ def validation_loss(model: nn.Module, blocks: TokenBlocks, accelerator, batch_si
     return float(total[0] / total[1].clamp_min(1))
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def trainable_state(model: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
-    """Full trainable tensors by name (on CPU). On a sharded model every rank must call it (one
-    gather per tensor); ``keep=False`` joins the gathers and keeps nothing."""
-    reshard(model)
-    out = {}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            full = full_tensor(p.detach())
-            if keep:
-                out[n] = full.cpu().contiguous()
-    return out
-
-
-def weights_digest(model: nn.Module) -> str:
-    """sha256 over the trainable tensors' names and bytes."""
-    h = hashlib.sha256()
-    for name, t in sorted(trainable_state(model).items()):
-        h.update(name.encode())
-        h.update(t.float().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _optimizer_tensors(optimizer: torch.optim.Optimizer, keep: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
-    """The optimizer's state as flat full tensors (``state.{param}.{key}``) plus JSON-able groups
-    (sharded state: gathered, every rank must call it; ``keep=False`` keeps nothing)."""
-    sd = optimizer.state_dict()
-    tensors = {}
-    for pid, state in sd["state"].items():
-        for key, value in state.items():
-            full = full_tensor(value) if isinstance(value, torch.Tensor) else torch.tensor(value)
-            if keep:
-                tensors[f"state.{pid}.{key}"] = full.cpu().contiguous()
-    return tensors, {"param_groups": sd["param_groups"]}
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        _, pid, name = key.split(".", 2)
-        param = params[int(pid)] if int(pid) < len(params) else None
-        if param is not None and is_dtensor(param) and value.shape == param.shape:
-            value = local_shard(value, param)  # full tensor -> this rank's shard
-        state.setdefault(int(pid), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def checkpoint_steps(root: Path) -> list[int]:
-    """Steps of the complete checkpoints under ``root`` (``step-NNNNNNN`` dirs), ascending."""
-    if not root.is_dir():
-        return []
-    steps = []
-    for d in root.iterdir():
-        if d.is_dir() and d.name.startswith("step-") and (d / "trainer_state.json").is_file():
-            steps.append(int(d.name.removeprefix("step-")))
-    return sorted(steps)
-
-
-def _step_dir(root: Path, step: int) -> Path:
-    return root / f"step-{step:07d}"
-
-
-def data_digest(data: TrainingData) -> str:
-    """sha256 of the training and validation blocks: a resumed run must train on the same data."""
-    h = hashlib.sha256()
-    for blocks in (data.train, data.validation):
-        for t in (blocks.input_ids, blocks.labels, blocks.attention_mask):
-            h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, accelerator, config: TrainConfig, history: dict,
-                    data_sha256: str = "") -> Path:
-    """Write ``root/step-N`` atomically: trainable tensors, optimizer, per-rank RNG, state JSON."""
-    final = _step_dir(root, step)
-    tmp = root / f".tmp-step-{step:07d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    save_file({"cpu": torch.get_rng_state()}, str(tmp / f"rng-rank{accelerator.process_index}.safetensors"))
-    sharded = is_sharded(model)
-    if sharded or accelerator.is_main_process:  # sharded tensors: every rank joins the gathers, the main one keeps
-        tensors = trainable_state(accelerator.unwrap_model(model), keep=accelerator.is_main_process)
-        opt_tensors, opt_meta = _optimizer_tensors(optimizer, keep=accelerator.is_main_process)
-    if accelerator.is_main_process:
-        save_file(tensors, str(tmp / "trainable.safetensors"))
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        state = {"version": CHECKPOINT_VERSION, "step": step, "world_size": accelerator.num_processes,
-                 "config": config.fingerprint(), "data_sha256": data_sha256, "optimizer": opt_meta, "history": history}
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in checkpoint_steps(root)[: -config.keep_checkpoints]:
-            shutil.rmtree(_step_dir(root, old), ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def load_checkpoint(path: Path, model: nn.Module, optimizer, accelerator, config: TrainConfig, data_sha256: str = "") -> dict:
-    """Restore a checkpoint written by :func:`save_checkpoint`; returns its state JSON."""
-    state = json.loads((path / "trainer_state.json").read_text())
-    if state.get("data_sha256") != data_sha256:
-        raise CheckpointError(f"{path}: the checkpoint was trained on other data (token blocks differ); "
-                              "resume needs the same data (or a new checkpoint directory)")
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {state.get('version')} is not {CHECKPOINT_VERSION}")
-    if state["world_size"] != accelerator.num_processes:
-        raise CheckpointError(f"{path}: written by {state['world_size']} processes, resumed with {accelerator.num_processes}")
-    mine = config.fingerprint()
-    for key, value in state["config"].items():
-        if mine.get(key) != value:
-            raise CheckpointError(f"{path}: training setting '{key}' was {value!r}, the recipe now says {mine.get(key)!r}; "
-                                  "resume needs the same settings (or a new checkpoint directory)")
-    tensors = load_file(str(path / "trainable.safetensors"))
-    reshard(model)
-    params = dict(accelerator.unwrap_model(model).named_parameters())
-    for name, value in tensors.items():
-        p = params.get(name)
-        if p is None or not p.requires_grad or p.shape != value.shape:
-            raise CheckpointError(f"{path / 'trainable.safetensors'}: tensor {name} {tuple(value.shape)} does not match the model")
-        with torch.no_grad():
-            p.copy_(local_shard(value, p) if is_dtensor(p) else value)
-    missing = sorted({n for n, p in params.items() if p.requires_grad} - set(tensors))
-    if missing:
-        raise CheckpointError(f"{path / 'trainable.safetensors'}: no tensor for trainable parameter {missing[0]}")
-    _load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
-    torch.set_rng_state(load_file(str(path / f"rng-rank{accelerator.process_index}.safetensors"))["cpu"])
-    return state
-
-
 # ----------------------------------------------------------------------------- loop
 
 
@@ -453,6 +211,160 @@ def _check_data(data: TrainingData) -> None:
         raise TrainingError("no training blocks")
     if len(data.validation) == 0:
         raise TrainingError("no validation blocks")
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What the training loop drives, once the model is prepared (wrapped in DDP, or sharded)."""
+
+    accelerator: Any
+    config: TrainConfig
+    wrapped: nn.Module  # what forward and backward run on: the DDP wrapper, or the sharded model itself
+    optimizer: torch.optim.Optimizer
+    teacher: nn.Module | None
+    fsdp: bool
+    sharding: dict | None  # FSDP runs: what each rank held
+    model_home: torch.device  # where the model's parameters were before sharding
+    teacher_home: torch.device | None
+
+
+def _shard(model: nn.Module, accelerator, total: int) -> dict:
+    """Shard ``model`` (FSDP2) and return what every rank holds, for :attr:`TrainResult.sharding`."""
+    facts = shard_model(model, accelerator)
+    sharding = {k: v for k, v in facts.items() if k not in ("local_numel", "local_params")}
+    per_rank = gather_objects((facts["local_numel"], facts["local_params"]), accelerator.num_processes)
+    sharding.update(local_numel=[a for a, _ in per_rank], local_params=[b for _, b in per_rank], total_params=total)
+    return sharding
+
+
+def _prepare(model: nn.Module, teacher: nn.Module | None, config: TrainConfig, accelerator, total: int) -> _Run:
+    """Wrap the model in DDP (accelerate), or shard it and the teacher (FSDP2), and build the optimizer."""
+    fsdp = config.fsdp and accelerator.num_processes > 1
+    if config.fsdp and not fsdp:
+        log.warning("fsdp: one process, nothing to shard; training unsharded")
+    home = device_of(model)
+    if not fsdp:
+        wrapped, optimizer = accelerator.prepare(model, _optimizer(model, config))
+        return _Run(accelerator, config, wrapped, optimizer, teacher, False, None, home, None)
+    # FSDP2 by hand (accelerate would wrap in DDP on CPU); accelerate prepares the optimizer only
+    sharding = _shard(model, accelerator, total)
+    teacher_home = None
+    if teacher is not None:
+        teacher_home = device_of(teacher)
+        shard_model(teacher, accelerator, reshard_root=True)
+    optimizer = accelerator.prepare(_optimizer(model, config))
+    return _Run(accelerator, config, model, optimizer, teacher, True, sharding, home, teacher_home)
+
+
+def _resume(run: _Run, checkpoint_dir: Path | None, digest: str) -> tuple[int, int | None, dict]:
+    """``(first step, step resumed from or None, loss history)`` from the last complete checkpoint."""
+    history: dict = {"train_loss": [], "validation": [], "step_log": []}
+    if checkpoint_dir is None or not (steps := checkpoint_steps(checkpoint_dir)):
+        return 0, None, history
+    path = _step_dir(checkpoint_dir, steps[-1])
+    state = load_checkpoint(path, run.wrapped, run.optimizer, run.accelerator, run.config, digest)
+    log.info("resumed from %s", path)
+    return state["step"], state["step"], {"step_log": [], **state["history"]}
+
+
+def _backward_micro_batches(run: _Run, data: TrainingData, step: int) -> float:
+    """Forward and backward over this rank's micro-batches of optimizer step ``step``; returns the step's loss."""
+    accelerator, config = run.accelerator, run.config
+    rank, world = accelerator.process_index, accelerator.num_processes
+    global_batch = config.batch_size * config.grad_accum * world
+    idx = step_indices(len(data.train), step, global_batch, config.seed)
+    step_loss = 0.0
+    for m, micro in enumerate(micro_batches(idx, rank, world, config.grad_accum, config.batch_size)):
+        # DDP: gradients all-reduced on the last micro-batch only. FSDP: reduce-scattered after
+        # every micro-batch and accumulated sharded (skipping the sync would keep full-size
+        # unsharded gradients on every rank until the last one)
+        sync = m == config.grad_accum - 1
+        ctx = accelerator.no_sync(run.wrapped) if not sync and world > 1 and not run.fsdp else contextlib.nullcontext()
+        with ctx:
+            with autocast(config, accelerator):
+                batch = _take(data.train, micro, accelerator.device)
+                loss = _loss(run.wrapped, batch, run.teacher, config) / config.grad_accum
+            accelerator.backward(loss)
+        step_loss += float(loss.detach())
+    return step_loss
+
+
+def _clip_gradients(run: _Run) -> float | None:
+    """Clip the global gradient norm to ``max_grad_norm``; returns the norm before clipping (None: off)."""
+    if run.config.max_grad_norm is None:
+        return None
+    if run.fsdp:  # torch clips DTensor gradients by their global norm
+        params = [p for p in run.wrapped.parameters() if p.grad is not None]
+        return float(full_tensor(torch.nn.utils.clip_grad_norm_(params, run.config.max_grad_norm)))
+    norm = run.accelerator.clip_grad_norm_(run.wrapped.parameters(), run.config.max_grad_norm)
+    return float(norm) if norm is not None else None
+
+
+def _optimizer_step(run: _Run, data: TrainingData, step: int) -> tuple[float, float | None]:
+    """One optimizer step (0-based ``step``); returns ``(loss, gradient norm before clipping)``."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = run.config.lr_at(step)
+    step_loss = _backward_micro_batches(run, data, step)
+    if not math.isfinite(step_loss):
+        raise TrainingError(f"loss is {step_loss} at step {step + 1}; lower lr or check the data")
+    grad_norm = _clip_gradients(run)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm
+
+
+def _validate(run: _Run, data: TrainingData, done: int, history: dict, bar: tqdm, progress: bool) -> None:
+    """Validation loss after step ``done``, appended to ``history`` (and shown on the main process)."""
+    with autocast(run.config, run.accelerator):
+        val = validation_loss(run.wrapped, data.validation, run.accelerator, run.config.eval_batch_size)
+    history["validation"].append((done, val))
+    if run.accelerator.is_main_process and progress:
+        bar.write(f"step {done}: validation loss {val:.4f} (ppl {math.exp(val):.3f})")
+
+
+def _loop(run: _Run, data: TrainingData, start: int, history: dict, checkpoint_dir: Path | None, digest: str,
+          progress: bool) -> None:
+    """Optimizer steps ``start .. max_steps - 1`` with logging, validation and checkpoints into ``history``."""
+    config = run.config
+    show = progress and run.accelerator.is_main_process
+    bar = tqdm(total=config.max_steps, initial=start, desc="train", disable=not show)
+    running: list[float] = []
+    for step in range(start, config.max_steps):
+        step_loss, grad_norm = _optimizer_step(run, data, step)
+        done = step + 1
+        running.append(step_loss)
+        history["step_log"].append((done, step_loss, grad_norm))
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{config.lr_at(step):.2e}")
+        if done % 10 == 0 or done == config.max_steps:
+            history["train_loss"].append((done, sum(running) / len(running)))
+            running = []
+        if (config.eval_every and done % config.eval_every == 0) or done == config.max_steps:
+            _validate(run, data, done, history, bar, progress)
+        if checkpoint_dir is not None and config.save_every and done % config.save_every == 0:
+            save_checkpoint(checkpoint_dir, done, run.wrapped, run.optimizer, run.accelerator, config, history, digest)
+    bar.close()
+
+
+def _finish(run: _Run, model: nn.Module) -> list[str]:
+    """Make a sharded model plain again and check that every rank ends with the same weights.
+
+    Returns:
+        The per-rank digests of the trainable weights (:func:`weights_digest`).
+    """
+    if run.fsdp:  # plain again for merge / convert / save: full tensors on the device the model came on
+        unshard_model(model, run.model_home)
+        if run.teacher is not None:
+            unshard_model(run.teacher, run.teacher_home)
+    unwrapped = run.accelerator.unwrap_model(run.wrapped)
+    unwrapped.eval()
+    if run.accelerator.num_processes > 1:
+        digests = run.accelerator.gather_for_metrics([weights_digest(unwrapped)], use_gather_object=True)
+    else:
+        digests = [weights_digest(unwrapped)]
+    if len(set(digests)) > 1:
+        raise TrainingError(f"processes ended with different weights: {digests}")
+    return list(digests)
 
 
 def train(
@@ -488,101 +400,51 @@ def train(
     if config.distill_weight > 0 and teacher is None:
         raise ValueError("distill_weight > 0 needs a teacher model")
     accelerator = accelerator or make_accelerator()
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     _check_data(data)
-    torch.manual_seed(config.seed + rank)
+    torch.manual_seed(config.seed + accelerator.process_index)
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     if teacher is not None:
         teacher.eval().requires_grad_(False)
-    fsdp = config.fsdp and world > 1
-    if config.fsdp and world == 1:
-        log.warning("fsdp: one process, nothing to shard; training unsharded")
-    sharding, home = None, device_of(model)
-    if fsdp:  # FSDP2 by hand (accelerate would wrap in DDP on CPU); accelerate prepares the optimizer only
-        facts = shard_model(model, accelerator)
-        sharding = {k: v for k, v in facts.items() if k not in ("local_numel", "local_params")}
-        per_rank = gather_objects((facts["local_numel"], facts["local_params"]), world)
-        sharding.update(local_numel=[a for a, _ in per_rank], local_params=[b for _, b in per_rank], total_params=total)
-        if teacher is not None:
-            teacher_home = device_of(teacher)
-            shard_model(teacher, accelerator, reshard_root=True)
-        wrapped, optimizer = model, accelerator.prepare(_optimizer(model, config))
-    else:
-        wrapped, optimizer = accelerator.prepare(model, _optimizer(model, config))
-
-    start, resumed, history = 0, None, {"train_loss": [], "validation": [], "step_log": []}
+    run = _prepare(model, teacher, config, accelerator, total)
     digest = data_digest(data)
-    if checkpoint_dir is not None and resume and (steps := checkpoint_steps(checkpoint_dir)):
-        state = load_checkpoint(_step_dir(checkpoint_dir, steps[-1]), wrapped, optimizer, accelerator, config, digest)
-        start = resumed = state["step"]
-        history = {"step_log": [], **state["history"]}
-        log.info("resumed from %s", _step_dir(checkpoint_dir, steps[-1]))
-
-    global_batch = config.batch_size * config.grad_accum * world
-    tokens_per_step = global_batch * data.train.input_ids.shape[1]
+    start, resumed, history = _resume(run, checkpoint_dir if resume else None, digest)
+    tokens_per_step = config.batch_size * config.grad_accum * world * data.train.input_ids.shape[1]
     started = time.perf_counter()
-    bar = tqdm(total=config.max_steps, initial=start, desc="train", disable=not (progress and accelerator.is_main_process))
-    running: list[float] = []
-    for step in range(start, config.max_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr_at(step)
-        idx = step_indices(len(data.train), step, global_batch, config.seed)
-        step_loss = 0.0
-        for m, micro in enumerate(micro_batches(idx, rank, world, config.grad_accum, config.batch_size)):
-            # DDP: gradients all-reduced on the last micro-batch only. FSDP: reduce-scattered after
-            # every micro-batch and accumulated sharded (skipping the sync would keep full-size
-            # unsharded gradients on every rank until the last one)
-            sync = m == config.grad_accum - 1
-            ctx = accelerator.no_sync(wrapped) if not sync and world > 1 and not fsdp else contextlib.nullcontext()
-            with ctx:
-                with autocast(config, accelerator):
-                    loss = _loss(wrapped, _take(data.train, micro, accelerator.device), teacher, config) / config.grad_accum
-                accelerator.backward(loss)
-            step_loss += float(loss.detach())
-        if not math.isfinite(step_loss):
-            raise TrainingError(f"loss is {step_loss} at step {step + 1}; lower lr or check the data")
-        grad_norm = None
-        if config.max_grad_norm is not None:
-            if fsdp:  # torch clips DTensor gradients by their global norm
-                params = [p for p in wrapped.parameters() if p.grad is not None]
-                grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)))
-            else:
-                norm = accelerator.clip_grad_norm_(wrapped.parameters(), config.max_grad_norm)
-                grad_norm = float(norm) if norm is not None else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        running.append(step_loss)
-        history["step_log"].append((done, step_loss, grad_norm))
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{config.lr_at(step):.2e}")
-        if done % 10 == 0 or done == config.max_steps:
-            history["train_loss"].append((done, sum(running) / len(running)))
-            running = []
-        if (config.eval_every and done % config.eval_every == 0) or done == config.max_steps:
-            with autocast(config, accelerator):
-                val = validation_loss(wrapped, data.validation, accelerator, config.eval_batch_size)
-            history["validation"].append((done, val))
-            if accelerator.is_main_process and progress:
-                bar.write(f"step {done}: validation loss {val:.4f} (ppl {math.exp(val):.3f})")
-        if checkpoint_dir is not None and config.save_every and done % config.save_every == 0:
-            save_checkpoint(checkpoint_dir, done, wrapped, optimizer, accelerator, config, history, digest)
-    bar.close()
-    if fsdp:  # plain again for merge / convert / save: full tensors on the device the model came on
-        unshard_model(model, home)
-        if teacher is not None:
-            unshard_model(teacher, teacher_home)
-    unwrapped = accelerator.unwrap_model(wrapped)
-    unwrapped.eval()
-    digests = accelerator.gather_for_metrics([weights_digest(unwrapped)], use_gather_object=True) if world > 1 else [weights_digest(unwrapped)]
-    if len(set(digests)) > 1:
-        raise TrainingError(f"processes ended with different weights: {digests}")
+    _loop(run, data, start, history, checkpoint_dir, digest, progress)
+    digests = _finish(run, model)
     return TrainResult(
         steps=config.max_steps, world_size=world, resumed_from_step=resumed,
         tokens_seen=tokens_per_step * (config.max_steps - start), seconds=time.perf_counter() - started,
         trainable_params=trainable, total_params=total,
         train_loss=[tuple(x) for x in history["train_loss"]], validation=[tuple(x) for x in history["validation"]],
-        rank_weight_digests=list(digests), step_log=[tuple(x) for x in history["step_log"]], sharding=sharding,
+        rank_weight_digests=digests, step_log=[tuple(x) for x in history["step_log"]], sharding=run.sharding,
     )
+
+
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "Constant",
+    "Cosine",
+    "Linear",
+    "Schedule",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingError",
+    "autocast",
+    "checkpoint_steps",
+    "data_digest",
+    "distill_kl",
+    "load_checkpoint",
+    "make_accelerator",
+    "micro_batches",
+    "save_checkpoint",
+    "step_indices",
+    "train",
+    "trainable_state",
+    "validation_loss",
+    "validation_shares",
+    "weights_digest",
+]

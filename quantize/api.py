@@ -1,7 +1,7 @@
 """The public verb: ``quantize_(model, config)`` dispatches on the config's type.
 
-A new method is a new config class plus a handler registered in ``_HANDLERS``; there are no
-mode strings. Every handler returns a :class:`QuantizationReport` that accounts for every
+A new method is one module under :mod:`dsq.quantize.methods` registering a
+:class:`~dsq.quantize.method.Method` (config class, handler, recipe section); there are no mode strings. Every handler returns a :class:`QuantizationReport` that accounts for every
 parameter of the model: what was quantized and what was kept, in parameters and bytes.
 
 Example:
@@ -21,18 +21,10 @@ from tqdm.auto import tqdm
 from dsq.core.errors import QuantizationError
 
 from .modules import QuantExperts, QuantLinear, QuantTensor, set_module
-from .primitives import QuantizedWeight, quantize_rtn, quantize_rtn_slices
+from .primitives import QuantizedWeight
 from .scheme import WeightScheme
 from .sequential import RESIDENT, LayerLifecycle, decoder_layers
 from .targets import TargetDecision, TargetSpec, select_targets
-
-
-@dataclass(frozen=True)
-class RTNConfig:
-    """Round-to-nearest weight-only quantization with min/max scales."""
-
-    scheme: WeightScheme = WeightScheme()
-    targets: TargetSpec = TargetSpec()
 
 
 @dataclass(frozen=True)
@@ -291,34 +283,12 @@ def _other_breakdown(model: nn.Module, covered: set[str]) -> dict[str, int]:
 def require_resident(lifecycle: LayerLifecycle, method: str) -> None:
     """Fail for a method that needs the whole model in memory when the layers are streamed."""
     if not lifecycle.resident:
+        from .method import method_names
+
         raise QuantizationError(
-            f"{method} needs the whole model in memory; streaming (one layer at a time) supports rtn, gptq and awq"
+            f"{method} needs the whole model in memory; streaming (one layer at a time) supports "
+            f"{', '.join(method_names(lambda m: m.streams))}"
         )
-
-
-def _rtn(
-    model: nn.Module, config: RTNConfig, calibration: torch.Tensor | None, progress: bool, lifecycle: LayerLifecycle = RESIDENT
-) -> QuantizationReport:
-    def quantizer(name: str, weight: torch.Tensor) -> QuantizedWeight:
-        if weight.dim() == 3:  # fused experts one by one: fp32 temporaries of one expert, not of all E
-            qw = quantize_rtn_slices(weight, config.scheme)
-        else:
-            qw = quantize_rtn(weight, config.scheme)
-        check_finite(name, qw)
-        return qw
-
-    return apply_weight_quantizer(
-        model, config.targets, quantizer, method="rtn", scheme=config.scheme, progress=progress, lifecycle=lifecycle
-    )
-
-
-Handler = Callable[[nn.Module, object, "torch.Tensor | None", bool, LayerLifecycle], QuantizationReport]
-_HANDLERS: dict[type, Handler] = {RTNConfig: _rtn}
-
-
-def register_handler(config_type: type, handler: Handler) -> None:
-    """Register the handler of a method's config class (one per class)."""
-    _HANDLERS[config_type] = handler
 
 
 def quantize_(
@@ -329,7 +299,7 @@ def quantize_(
 
     Args:
         model: a transformers causal LM (or any module with Linears / fused experts).
-        config: a method config, e.g. :class:`RTNConfig`, ``GPTQConfig``, ``AWQConfig``.
+        config: a registered method's config, e.g. ``RTNConfig``, ``GPTQConfig``, ``AWQConfig``.
         calibration: ``(samples, seq_len)`` token ids; required by calibrated methods.
         progress: show a progress bar.
         lifecycle: how decoder layers are loaded and released (default: all resident); the
@@ -338,11 +308,9 @@ def quantize_(
     Returns:
         A :class:`QuantizationReport` listing every quantizable module and what happened to it.
     """
-    handler = _HANDLERS.get(type(config))
-    if handler is None:
-        known = ", ".join(t.__name__ for t in _HANDLERS)
-        raise TypeError(f"no quantization handler for {type(config).__name__}; known configs: {known}")
-    return handler(model, config, calibration, progress, lifecycle)
+    from .method import method_of
+
+    return method_of(config).handler(model, config, calibration, progress, lifecycle)
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -351,7 +319,6 @@ def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 __all__ = [
-    "RTNConfig",
     "QuantizationReport",
     "ModuleRecord",
     "quantize_",

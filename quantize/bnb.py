@@ -73,8 +73,7 @@ from tqdm.auto import tqdm
 
 from dsq.core.errors import DsqInputError, QuantizationError
 
-from .api import ModuleRecord, QuantizationReport, register_handler, require_resident, start_report, tensor_bytes
-from .sequential import LayerLifecycle
+from .api import ModuleRecord, QuantizationReport, start_report, tensor_bytes
 from .modules import set_module
 from .targets import TargetDecision, TargetSpec, select_targets
 
@@ -165,7 +164,6 @@ class BnbInt8Config:
 Bnb4bitConfig = Union[BnbNF4Config, BnbFP4Config]
 BnbConfig = Union[BnbNF4Config, BnbFP4Config, BnbInt8Config]
 
-METHOD_NAMES: dict[type, str] = {BnbNF4Config: "bnb-nf4", BnbFP4Config: "bnb-fp4", BnbInt8Config: "bnb-int8"}
 
 
 def _check_4bit(config: Bnb4bitConfig) -> None:
@@ -227,10 +225,11 @@ def quantize_bnb_(model: nn.Module, config: BnbConfig, *, progress: bool = True)
         >>> report = quantize_bnb_(model, BnbInt8Config())
         >>> [(m.name, m.reason) for m in report.kept]
     """
-    method = METHOD_NAMES.get(type(config))
-    if method is None:
-        known = ", ".join(t.__name__ for t in METHOD_NAMES)
-        raise TypeError(f"quantize_bnb_ takes one of {known}; got {type(config).__name__}")
+    if not isinstance(config, (BnbNF4Config, BnbFP4Config, BnbInt8Config)):
+        raise TypeError(f"quantize_bnb_ takes BnbNF4Config, BnbFP4Config or BnbInt8Config; got {type(config).__name__}")
+    from .method import method_of
+
+    method = method_of(config).name
     bnb = import_bnb()
     _refuse_quantized(model, bnb)
 
@@ -596,20 +595,6 @@ def _mark_as_transformers_bnb(model: nn.Module, config: BnbConfig, skip: list[st
     else:
         model.is_loaded_in_4bit = True
 
-
-BNB_CONFIGS = (BnbNF4Config, BnbFP4Config, BnbInt8Config)
-
-
-def _handler(
-    model: nn.Module, config: BnbConfig, calibration: torch.Tensor | None, progress: bool, lifecycle: LayerLifecycle
-) -> QuantizationReport:
-    require_resident(lifecycle, type(config).__name__)
-    return quantize_bnb_(model, config, progress=progress)
-
-
-for _config_type in BNB_CONFIGS:
-    register_handler(_config_type, _handler)
-"""Handlers in the shape of ``dsq.quantize.api._HANDLERS`` (config type -> handler)."""
 
 __all__ = [
     "BLOCKSIZES",

@@ -1,11 +1,10 @@
 """Calibration data for post-training quantization: token windows drawn from a text corpus.
 
 Sources, in order of precedence: a local ``path`` (``.txt``, ``.jsonl``/``.json``,
-``.parquet`` or a directory written by ``datasets``' ``save_to_disk``), else a Hub
-``dataset`` name, else the bundled ``calibration.txt``. Everything is read through the
-``datasets`` library; local files use a throw-away cache directory and stay in memory, so
-nothing is written to the user's cache and an edited file always gives fresh data.
-Nothing is unpickled and no remote code is run.
+``.parquet`` or a directory written by ``datasets``' ``save_to_disk``, read by
+:mod:`dsq.core.textdata`), else a Hub ``dataset`` name, else the bundled ``calibration.txt``.
+Local files never reach the user's cache and an edited file always gives fresh data. Chat
+records are rendered by :mod:`dsq.core.chat`. Nothing is unpickled and no remote code is run.
 
 Each document is encoded as ``tokenizer(document)["input_ids"]`` (the tokenizer's own
 special tokens: a leading BOS where it adds one, a trailing EOS where it appends one; see
@@ -30,15 +29,19 @@ import datasets
 import torch
 
 from dsq.assets import data_file
+from dsq.core.chat import chats, render_chat
 from dsq.core.errors import DataError
-from dsq.core.textdata import SUPPORTED_SUFFIXES, load_directory, load_file, quiet_progress
-from dsq.core.tokens import special_tokens
+from dsq.core.textdata import (
+    SUPPORTED_SUFFIXES,
+    Records,
+    quiet_progress,
+    read_file,
+    read_records,
+)
+from dsq.core.tokens import encode_texts, special_tokens
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-_TOKENIZE_BATCH = 256  # documents per tokenizer call
-
 
 @dataclass(frozen=True)
 class CalibrationDataSpec:
@@ -159,19 +162,18 @@ def load_calibration_with_summary(
         DataError: As :func:`load_calibration`.
     """
     src = _load_source(spec)
+    records = src.records
     if spec.messages_field is not None:
         field = spec.messages_field
-        texts = _render_chats(src.table, field, tokenizer, src.description)
+        texts = _render_chats(records, field, tokenizer)
     else:
-        field = "text" if src.is_txt else spec.text_field
-        texts = _text_column(src.table, field, src.description)
+        field = "text" if records.is_txt else spec.text_field
+        texts = [text for text in records.texts(field, "text_field", skip_missing=True) if text]
     stream, documents = _token_stream(texts, tokenizer)  # (tokens,)
     if documents == 0:
-        raise DataError(
-            f"calibration {src.description} holds no text in field {field!r} (0 documents, 0 tokens)"
-        )
+        raise DataError(f"{records.description} holds no text in field {field!r} (0 documents, 0 tokens)")
     windows = stream.numel() // spec.seq_len
-    _check_enough(stream.numel(), windows, spec, src.description)
+    _check_enough(stream.numel(), windows, spec, records.description)
     ids = _draw_windows(stream, spec)  # (samples, seq_len)
     summary = CalibrationSummary(
         source=src.resolved,
@@ -190,33 +192,25 @@ def load_calibration_with_summary(
 
 @dataclass(frozen=True)
 class _Source:
-    """A resolved, loaded source: records plus how to name it."""
+    """A resolved, loaded source: its records, what it resolved to and its kind."""
 
-    table: datasets.Dataset
+    records: Records  # described as "calibration file PATH", "calibration dataset 'NAME' (split 'S')", ...
     resolved: str  # the path, or hub:NAME
     kind: str  # file | directory | hub | bundled
-    description: str  # for messages: "file PATH", "directory PATH", "dataset 'NAME' (split 'S')"
-    is_txt: bool  # a .txt file: one document in column "text"
 
 
 def _load_source(spec: CalibrationDataSpec) -> _Source:
     """Resolve the source of ``spec`` (path, else dataset, else bundled file) and read it."""
     if spec.path is not None:
         path = Path(spec.path).expanduser().resolve()
-        if path.is_dir():
-            table = load_directory(path, spec.split, f"calibration directory {path}")
-            return _Source(table, str(path), "directory", f"directory {path}", False)
-        return _Source(load_file(path, f"calibration file {path}"), str(path), "file", f"file {path}", _is_txt(path))
+        kind = "directory" if path.is_dir() else "file"
+        return _Source(read_records(path, "calibration", spec.split), str(path), kind)
     if spec.dataset is not None:
-        table = _load_hub(spec.dataset, spec.split)
-        description = f"dataset {spec.dataset!r} (split {spec.split!r})"
-        return _Source(table, f"hub:{spec.dataset}", "hub", description, False)
+        description = f"calibration dataset {spec.dataset!r} (split {spec.split!r})"
+        records = Records(_load_hub(spec.dataset, spec.split), None, description)
+        return _Source(records, f"hub:{spec.dataset}", "hub")
     path = data_file("calibration.txt")
-    return _Source(load_file(path, f"calibration file {path}"), str(path), "bundled", f"file {path}", True)
-
-
-def _is_txt(path: Path) -> bool:
-    return path.suffix.lower() == ".txt"
+    return _Source(read_file(path, "calibration"), str(path), "bundled")
 
 
 def _load_hub(name: str, split: str) -> datasets.Dataset:
@@ -235,67 +229,15 @@ def _load_hub(name: str, split: str) -> datasets.Dataset:
     return loaded
 
 
-def _require_column(table: datasets.Dataset, field: str, source: str, key: str) -> None:
-    if field not in table.column_names:
-        raise DataError(
-            f"calibration {source} has no column {field!r} ({key}); columns: {table.column_names}"
-        )
-
-
-def _text_column(table: datasets.Dataset, field: str, source: str) -> list[str]:
-    """Return the non-empty strings of column ``field``; ``None`` cells are skipped."""
-    _require_column(table, field, source, "text_field")
+def _render_chats(records: Records, field: str, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Render each record's messages with the tokenizer's chat template (as text); ``None`` rows are skipped."""
     texts: list[str] = []
-    for row, value in enumerate(table[field]):
-        if value is None:
-            continue
-        if not isinstance(value, str):
-            raise DataError(
-                f"calibration {source}, row {row}: field {field!r} must be a string, "
-                f"got {type(value).__name__}"
-            )
-        if value:
-            texts.append(value)
-    return texts
-
-
-def _render_chats(
-    table: datasets.Dataset, field: str, tokenizer: PreTrainedTokenizerBase, source: str
-) -> list[str]:
-    """Render each record's messages with the tokenizer's chat template (as text)."""
-    _require_column(table, field, source, "messages_field")
-    if not getattr(tokenizer, "chat_template", None):
-        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise DataError(
-            f"calibration {source}: messages_field {field!r} is set but the tokenizer {name!r} has no "
-            f"chat template; use text_field with plain text or a tokenizer that has one"
-        )
-    texts: list[str] = []
-    for row, messages in enumerate(table[field]):
-        if messages is None:
-            continue
-        _check_messages(messages, row, field, source)
-        try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False)
-        except Exception as exc:  # jinja errors raised by the template itself
-            raise DataError(
-                f"calibration {source}, row {row}: chat template failed on {field!r}: {exc}"
-            ) from exc
+    remedy = "use text_field with plain text or a tokenizer that has one"
+    for where, messages in chats(records, field, "messages_field", tokenizer, remedy):
+        text = render_chat(tokenizer, messages, where)
         if text:
             texts.append(text)
     return texts
-
-
-def _check_messages(messages: Any, row: int, field: str, source: str) -> None:
-    ok = isinstance(messages, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in messages
-    )
-    if not ok:
-        raise DataError(
-            f"calibration {source}, row {row}: field {field!r} must be a list of "
-            f"{{'role': str, 'content': str}} messages, got {messages!r:.200}"
-        )
 
 
 def _token_stream(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, int]:
@@ -309,17 +251,15 @@ def _token_stream(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> t
     pieces: list[torch.Tensor] = []
     documents = 0
     previous: list[int] = []
-    for start in range(0, len(texts), _TOKENIZE_BATCH):
-        batch = list(texts[start : start + _TOKENIZE_BATCH])
-        for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
-            if not ids:
-                continue
-            ids = [*added.prefix, *ids, *added.suffix]
-            if documents and eos is not None and previous[-1] != int(eos):
-                pieces.append(torch.tensor([int(eos)], dtype=torch.long))
-            pieces.append(torch.tensor(ids, dtype=torch.long))
-            previous = ids
-            documents += 1
+    for ids in encode_texts(tokenizer, texts):
+        if not ids:
+            continue
+        ids = [*added.prefix, *ids, *added.suffix]
+        if documents and eos is not None and previous[-1] != int(eos):
+            pieces.append(torch.tensor([int(eos)], dtype=torch.long))
+        pieces.append(torch.tensor(ids, dtype=torch.long))
+        previous = ids
+        documents += 1
     stream = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.long)
     return stream, documents  # (tokens,)
 
@@ -332,7 +272,7 @@ def _check_enough(tokens: int, windows: int, spec: CalibrationDataSpec, source: 
         f"seq_len to at most {max_seq_len}" if max_seq_len >= 2 else "seq_len (too few tokens even at 2)"
     )
     raise DataError(
-        f"calibration {source} is too short: {tokens} tokens give {windows} non-overlapping windows of "
+        f"{source} is too short: {tokens} tokens give {windows} non-overlapping windows of "
         f"seq_len {spec.seq_len}, but samples = {spec.samples}. Lower samples to at most {windows} or "
         f"{lower_seq}, or provide more text."
     )

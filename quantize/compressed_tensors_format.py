@@ -11,6 +11,10 @@ transformers, vLLM and llm-compressor read. Per quantized Linear ``X``:
 * ``int-quantized`` (8-bit): ``X.weight`` int8 ``[out, in]``, ``X.weight_scale``, and
   ``X.weight_zero_point`` int8 for asymmetric schemes.
 
+Words are packed and unpacked by compressed-tensors itself (``pack_to_int32`` /
+``unpack_from_int32``), and the ``quantization_config`` is its ``QuantizationConfig`` of
+``QuantizationScheme`` groups with ``QuantizationArgs``, serialized by the library.
+
 Fused MoE experts are written one tensor set per expert, as in the original DeepSeek
 checkpoints: ``...mlp.experts.{e}.{gate_proj,up_proj,down_proj}.*``.
 
@@ -27,16 +31,19 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from enum import Enum
 from functools import lru_cache
-from importlib import metadata
 
+import compressed_tensors
 import torch
+from compressed_tensors.compressors import pack_to_int32, unpack_from_int32
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from torch import nn
 
 from .modules import QuantExperts, QuantLinear, QuantTensor
-from .primitives import QuantizedWeight, pack_int4, unpack_int4
+from .primitives import QuantizedWeight, unpack_int4
 from .scheme import PerChannel, PerGroup, WeightScheme
 from .w8a8 import ActivationScheme, DynamicPerToken, StaticPerTensor, W8A8Experts, W8A8Linear
 
@@ -44,13 +51,58 @@ FORMAT_4BIT = "pack-quantized"
 FORMAT_8BIT = "int-quantized"
 
 
-def _bytes_to_int32(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[rows, n]`` -> int32 ``[rows, ceil(n/4)]`` (little-endian words, zero padded)."""
-    pad = (-packed.shape[-1]) % 4
-    if pad:
-        packed = torch.nn.functional.pad(packed, (0, pad), value=0x88)
-    rows = packed.shape[:-1]
-    return packed.contiguous().reshape(-1).view(torch.int32).reshape(*rows, -1)
+# Values per call of compressed-tensors' pack_to_int32 / unpack_from_int32, which hold int32 copies
+# of every value they are given: a large matrix is converted in blocks of rows.
+_BLOCK_VALUES = 1 << 24
+
+# The unused bits of a row's last word. dsq fills them with 0x88 bytes (int4: value 0 in each nibble;
+# int8: value 8), as it always has; readers ignore them. pack_to_int32 would fill them with raw zero
+# bits, so rows are padded to whole words before it is called and the words stay those dsq wrote.
+_PAD_BYTE = 0x88
+
+
+def _pad_to_words(q: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """int8 ``q`` padded along ``dim`` (0 or 1) to a whole number of ``32/bits``-value words."""
+    pad = (-q.shape[dim]) % (32 // bits)
+    if not pad:
+        return q
+    value = (_PAD_BYTE & ((1 << bits) - 1)) - (1 << (bits - 1))  # the value stored as the pad bits
+    return torch.nn.functional.pad(q, (0, pad) if dim == 1 else (0, 0, 0, pad), value=value)
+
+
+def _row_blocks(rows: int, width: int) -> Iterator[slice]:
+    """Slices of ``rows`` rows of ``width`` values, about ``_BLOCK_VALUES`` values each."""
+    step = max(1, _BLOCK_VALUES // max(width, 1))
+    return (slice(start, start + step) for start in range(0, rows, step))
+
+
+def _pack_weight(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """``weight_packed`` int32 ``[out, ceil(in*bits/32)]`` of a 2-D weight as :class:`QuantTensor` holds it.
+
+    Args:
+        packed: int4 bytes ``[out, ceil(in/2)]`` (:func:`~dsq.quantize.primitives.pack_int4`) or int8
+            values ``[out, in]``.
+        bits: 4 or 8.
+        in_features: values per row.
+    """
+    # 8-bit: older compressed-tensors (0.12, 0.16) document pack_to_int32 for fewer than 8 bits, but its
+    # arithmetic (int8 values + 128, wrapping, as uint8) gives the words of newer ones (0.19, 0.20); tests pin it.
+    rows = packed.shape[0]
+    words = torch.empty((rows, math.ceil(in_features * bits / 32)), dtype=torch.int32, device=packed.device)
+    for block in _row_blocks(rows, in_features):
+        values = unpack_int4(packed[block], in_features) if bits == 4 else packed[block]  # int8 [rows, in]
+        words[block] = pack_to_int32(_pad_to_words(values, bits, dim=1), bits)
+    return words
+
+
+def _unpack_weight(words: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """int8 ``[out, in]`` of ``weight_packed`` int32 ``[out, ceil(in*bits/32)]``."""
+    rows = words.shape[0]
+    q = torch.empty((rows, in_features), dtype=torch.int8, device=words.device)
+    for block in _row_blocks(rows, in_features):
+        part = words[block]
+        q[block] = unpack_from_int32(part, bits, torch.Size([part.shape[0], in_features]))
+    return q
 
 
 class ZeroPointLayout(Enum):
@@ -86,18 +138,8 @@ def zero_point_layout(version: str) -> ZeroPointLayout:
 
 @lru_cache(maxsize=1)
 def installed_zero_point_layout() -> ZeroPointLayout:
-    """The layout for the installed compressed-tensors (the newest one when it is not installed)."""
-    try:
-        return zero_point_layout(metadata.version("compressed-tensors"))
-    except metadata.PackageNotFoundError:
-        return ZERO_POINT_LAYOUTS[0][1]
-
-
-def _pack_along_out(zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """int8 zero points ``[out, groups]`` -> int32 ``[ceil(out*bits/32), groups]`` packed along out."""
-    by_group = zero.t().contiguous()  # (groups, out)
-    words = _bytes_to_int32(pack_int4(by_group)) if bits == 4 else _pack_int8(by_group)
-    return words.t().contiguous()
+    """The layout for the installed compressed-tensors."""
+    return zero_point_layout(compressed_tensors.__version__)
 
 
 def pack_zero_point(zero: torch.Tensor, bits: int, strategy: str, layout: ZeroPointLayout) -> torch.Tensor:
@@ -115,10 +157,11 @@ def pack_zero_point(zero: torch.Tensor, bits: int, strategy: str, layout: ZeroPo
     """
     if strategy == "block":
         return zero.contiguous()
-    words = _pack_along_out(zero, bits)
+    # compressed-tensors' own compressor packs zero points with packed_dim=0
+    words = pack_to_int32(_pad_to_words(zero, bits, dim=0), bits, packed_dim=0)  # (ceil(out*bits/32), groups)
     if layout is ZeroPointLayout.PACKED:
         return words
-    padded = torch.zeros(zero.shape, dtype=torch.int32)
+    padded = torch.zeros(zero.shape, dtype=torch.int32, device=zero.device)
     padded[: words.shape[0]] = words
     return padded
 
@@ -145,40 +188,31 @@ def zero_point_bytes(out: int, in_features: int, scheme: WeightScheme, packed: b
 
 
 def _strategy(scheme: WeightScheme, in_features: int) -> dict:
-    """compressed-tensors weight args for ``scheme`` on a row of ``in_features``."""
+    """The ``QuantizationArgs`` fields that lay out ``scheme``'s groups on a row of ``in_features``."""
     g = scheme.granularity
     if isinstance(g, PerChannel) or (isinstance(g, PerGroup) and g.size >= in_features):
-        return {"strategy": "channel", "group_size": None, "block_structure": None}
+        return {"strategy": "channel"}
     if in_features % g.size == 0:
-        return {"strategy": "group", "group_size": g.size, "block_structure": None}
-    return {"strategy": "block", "group_size": None, "block_structure": [1, g.size]}
+        return {"strategy": "group", "group_size": g.size}
+    return {"strategy": "block", "block_structure": [1, g.size]}
 
 
-def weight_args(scheme: WeightScheme, in_features: int) -> dict:
-    return {
-        "num_bits": scheme.bits,
-        "type": "int",
-        "symmetric": scheme.symmetric,
-        "dynamic": False,
-        "observer": "minmax",
-        "actorder": None,
+def weight_args(scheme: WeightScheme, in_features: int) -> QuantizationArgs:
+    """compressed-tensors weight args of ``scheme`` on a row of ``in_features`` (static, min/max observer)."""
+    return QuantizationArgs(
+        num_bits=scheme.bits, type="int", symmetric=scheme.symmetric, dynamic=False, observer="minmax",
         **_strategy(scheme, in_features),
-    }
+    )
 
 
-def input_args(act: ActivationScheme) -> dict:
+def input_args(act: ActivationScheme) -> QuantizationArgs:
     """compressed-tensors ``input_activations`` args of a W8A8 activation scheme (symmetric int8)."""
-    common = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "block_structure": None, "actorder": None}
+    int8 = {"num_bits": 8, "type": "int", "symmetric": True}
     if isinstance(act, DynamicPerToken):
-        return {**common, "strategy": "token", "dynamic": True, "observer": None}
+        return QuantizationArgs(**int8, strategy="token", dynamic=True, observer=None)
     if isinstance(act, StaticPerTensor):
-        return {**common, "strategy": "tensor", "dynamic": False, "observer": "minmax"}
+        return QuantizationArgs(**int8, strategy="tensor", dynamic=False, observer="minmax")
     raise ValueError(f"no compressed-tensors input args for activation scheme {act!r}")
-
-
-def _pack_int8(q: torch.Tensor) -> torch.Tensor:
-    """int8 ``[rows, n]`` -> int32 ``[rows, ceil(n/4)]``: four values per word, offset by 128."""
-    return _bytes_to_int32((q.to(torch.int16) + 128).to(torch.uint8))
 
 
 def compress_tensor(
@@ -208,7 +242,7 @@ def compress_tensor(
         if zero is not None:
             tensors[f"{prefix}.weight_zero_point"] = zero.contiguous()
         return tensors
-    tensors[f"{prefix}.weight_packed"] = _bytes_to_int32(packed) if bits == 4 else _pack_int8(packed)
+    tensors[f"{prefix}.weight_packed"] = _pack_weight(packed, bits, qt.in_features)
     tensors[f"{prefix}.weight_shape"] = torch.tensor([packed.shape[0], qt.in_features], dtype=torch.int64)
     if zero is not None:
         strategy = _strategy(qt.scheme, qt.in_features)["strategy"]
@@ -274,8 +308,19 @@ class CompressedCheckpoint:
     quantization_config: dict
 
 
-def _group_key(args: dict) -> tuple:
-    return tuple(sorted((k, str(v)) for k, v in args.items()))
+@dataclass(frozen=True)
+class _Group:
+    """A config group being gathered: the modules (``re:`` targets) quantized alike."""
+
+    weights: QuantizationArgs
+    format: str
+    input_activations: QuantizationArgs | None
+    targets: list[str] = field(default_factory=list)
+
+    def scheme(self) -> QuantizationScheme:
+        return QuantizationScheme(
+            targets=self.targets, weights=self.weights, input_activations=self.input_activations, format=self.format
+        )
 
 
 def compress_model(model: nn.Module, version: str) -> CompressedCheckpoint:
@@ -313,13 +358,12 @@ class Compressor:
     def __init__(self, version: str, *, has_experts: bool) -> None:
         self.version = version
         self.has_experts = has_experts
-        self.groups: dict[tuple, dict] = {}
+        self.groups: dict[tuple[str, str, str], _Group] = {}
         self.ignore: list[str] = []
 
-    def _add_target(self, args: dict, target: str, fmt: str, inputs: dict | None = None) -> None:
-        key = _group_key(args) + (fmt,) + (_group_key(inputs) if inputs else ())
-        group = self.groups.setdefault(key, {"targets": [], "weights": args, "format": fmt, "input_activations": inputs})
-        group["targets"].append(target)
+    def _add_target(self, args: QuantizationArgs, target: str, fmt: str, inputs: QuantizationArgs | None = None) -> None:
+        key = (args.model_dump_json(), fmt, inputs.model_dump_json() if inputs else "")
+        self.groups.setdefault(key, _Group(args, fmt, inputs)).targets.append(target)
 
     def add(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The compressed-tensors tensors of every module and tensor in ``model``."""
@@ -379,79 +423,48 @@ class Compressor:
         return {k: v.detach().contiguous() for k, v in tensors.items()}
 
     def quantization_config(self) -> dict:
-        """The ``quantization_config`` of everything added so far."""
-        formats = {g["format"] for g in self.groups.values()}
-        fmt = formats.pop() if len(formats) == 1 else "mixed-precision"
-        config_groups = {}
-        for i, group in enumerate(self.groups.values()):
-            config_groups[f"group_{i}"] = {
-                "targets": group["targets"],
-                "weights": group["weights"],
-                "input_activations": group["input_activations"],
-                "output_activations": None,
-                "format": group["format"],
-            }
-        return {
-            "quant_method": "compressed-tensors",
-            "format": fmt,
-            "quantization_status": "compressed",
-            "config_groups": config_groups,
-            "ignore": sorted(self.ignore),  # sorted: the same whether the model was added whole or layer by layer
-            "kv_cache_scheme": None,
-            "global_compression_ratio": None,
-            "producer": {"name": "dsq", "version": self.version},
-        }
+        """The ``quantization_config`` of everything added so far, as compressed-tensors serializes it.
+
+        Returns:
+            ``QuantizationConfig.model_dump(mode="json")`` plus dsq's ``producer`` key (compressed-tensors
+            ignores keys it does not define). The fields written follow the installed compressed-tensors
+            (e.g. 0.20 omits null ``actorder`` / ``block_structure`` and adds ``moe_sparsity_config``).
+        """
+        formats = {g.format for g in self.groups.values()}
+        config = QuantizationConfig(
+            config_groups={f"group_{i}": group.scheme() for i, group in enumerate(self.groups.values())},
+            format=formats.pop() if len(formats) == 1 else "mixed-precision",
+            quantization_status="compressed",
+            ignore=sorted(self.ignore),  # sorted: the same whether the model was added whole or layer by layer
+            kv_cache_scheme=None,
+            global_compression_ratio=None,
+        )
+        return {**config.model_dump(mode="json"), "producer": {"name": "dsq", "version": self.version}}
 
 
 # ----------------------------------------------------------------------------- reading
 
 
-def _int32_to_bytes(words: torch.Tensor, n: int) -> torch.Tensor:
-    """int32 ``[rows, w]`` -> uint8 ``[rows, n]`` (inverse of :func:`_bytes_to_int32`)."""
-    rows = words.shape[:-1]
-    return words.contiguous().reshape(-1).view(torch.uint8).reshape(*rows, -1)[..., :n]
-
-
-def _unpack_zero_point(words: torch.Tensor, out: int, bits: int) -> torch.Tensor:
-    """int32 zero points packed along out, in either :class:`ZeroPointLayout` -> int8 ``[out, groups]``.
+def _unpack_zero_point(words: torch.Tensor, bits: int, out: int) -> torch.Tensor:
+    """int8 ``[out, groups]`` of int32 zero points packed along ``out``, in either :class:`ZeroPointLayout`.
 
     Only the leading ``ceil(out*bits/32)`` rows are read, so packed and row-padded tensors agree.
     """
-    by_group = words.t()  # (groups, rows)
-    if bits == 4:
-        return unpack_int4(_int32_to_bytes(by_group, (out + 1) // 2), out).t().contiguous()
-    return (_int32_to_bytes(by_group, out).to(torch.int16) - 128).to(torch.int8).t().contiguous()
-
-
-def scheme_from_args(args: dict) -> WeightScheme:
-    """compressed-tensors weight args -> the equivalent :class:`WeightScheme`."""
-    strategy = args.get("strategy")
-    if args.get("type", "int") != "int" or args.get("num_bits") not in (4, 8):
-        raise ValueError(f"unsupported weight args {args}: dsq reads int4/int8 integer weights")
-    if strategy == "channel":
-        granularity = PerChannel()
-    elif strategy == "group":
-        granularity = PerGroup(int(args["group_size"]))
-    elif strategy == "block" and args.get("block_structure", [None])[0] == 1:
-        granularity = PerGroup(int(args["block_structure"][1]))
-    else:
-        raise ValueError(f"unsupported weight strategy {strategy!r} (dsq reads channel, group and [1, g] block)")
-    return WeightScheme(bits=int(args["num_bits"]), granularity=granularity, symmetric=bool(args.get("symmetric", True)))
+    # compressed-tensors 0.20's unpack_from_int32(..., packed_dim=0) fails when each group holds one word
+    # (``out <= 32/bits`` packed): its transposed view keeps a stride that the uint8 view rejects. The
+    # words are therefore transposed here, into fresh memory, and unpacked along dim 1.
+    by_group = words.t().clone(memory_format=torch.contiguous_format)  # (groups, rows)
+    return unpack_from_int32(by_group, bits, torch.Size([by_group.shape[0], out])).t().contiguous()
 
 
 def decompress_tensor(tensors: dict[str, torch.Tensor], prefix: str, scheme: WeightScheme) -> QuantizedWeight:
     """Integer weight and parameters of module ``prefix`` from compressed-tensors tensors."""
     scale = tensors[f"{prefix}.weight_scale"]
     zero = tensors.get(f"{prefix}.weight_zero_point")
-    if f"{prefix}.weight_packed" in tensors:
-        out, in_features = (int(v) for v in tensors[f"{prefix}.weight_shape"])
-        words = tensors[f"{prefix}.weight_packed"]
-        if scheme.bits == 4:
-            q = unpack_int4(_int32_to_bytes(words, (in_features + 1) // 2), in_features)
-        else:
-            q = (_int32_to_bytes(words, in_features).to(torch.int16) - 128).to(torch.int8)
-        if zero is not None and zero.dtype == torch.int32:
-            zero = _unpack_zero_point(zero, out, scheme.bits)
-    else:
-        q = tensors[f"{prefix}.weight"]
+    if f"{prefix}.weight_packed" not in tensors:
+        return QuantizedWeight(qweight=tensors[f"{prefix}.weight"], scale=scale, zero=zero, scheme=scheme)
+    out, in_features = (int(v) for v in tensors[f"{prefix}.weight_shape"])
+    q = _unpack_weight(tensors[f"{prefix}.weight_packed"], scheme.bits, in_features)
+    if zero is not None and zero.dtype == torch.int32:
+        zero = _unpack_zero_point(zero, scheme.bits, out)
     return QuantizedWeight(qweight=q, scale=scale, zero=zero, scheme=scheme)

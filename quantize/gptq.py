@@ -159,22 +159,12 @@ def gptq_quantize(
         :class:`GPTQResult` with a :class:`QuantizedWeight` in ``scheme`` (original column order).
     """
     out_features, in_features = weight.shape
-    W = weight.detach().to(torch.float32).clone()  # (out, in)
-    H = hessian.detach().to(torch.float32, copy=True)
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-
+    W, H = _zero_dead_columns(weight, hessian)  # (out, in), (in, in)
     width = scheme.granularity.group_width(in_features)
     groups = scheme.granularity.num_groups(in_features)
     grouped = groups > 1
     # Per-channel, and act-order with groups: every scale is fixed up front from W.
-    static = not grouped or act_order
-    if static:
-        scale, zero = static_qparams(W, scheme, mse_scales)  # (out, groups)
-    else:
-        scale = torch.empty(out_features, groups, dtype=torch.float32, device=W.device)
-        zero = torch.empty(out_features, groups, dtype=torch.int8, device=W.device) if not scheme.symmetric else None
+    grid = _initial_grid(W, scheme, width, groups, static=not grouped or act_order, mse=mse_scales)
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_features, device=W.device)
     W = W[:, perm]
@@ -187,33 +177,81 @@ def gptq_quantize(
     losses = torch.zeros(out_features, dtype=torch.float32, device=W.device)
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = int(perm[i1 + i])
-            g = col // width
-            if not static and col % width == 0:
-                # group g starts here (no permutation): its columns are W1[:, i:i+width], all in this block
-                s, z = _qparams_for(W1[:, i : i + width], scheme, mse=mse_scales)
-                scale[:, g : g + 1] = s
-                if zero is not None:
-                    zero[:, g : g + 1] = z
-            s = scale[:, g]
-            z = zero[:, g] if zero is not None else None
-            w = W1[:, i]
-            q, dq = _round_column(w, s, z, scheme)
-            Q1[:, i] = q
-            d = Hinv1[i, i]
-            err = (w - dq) / d
-            losses += (w - dq) ** 2 / d**2 / 2
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+        Q1, Err1 = _quantize_block(W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2], perm[i1:i2], grid, losses)
         Q[:, i1:i2] = Q1
+        # lazy batch update: the block's accumulated error reaches the remaining columns at once
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     inverse = torch.argsort(perm)
     qweight = Q[:, inverse].to(torch.int8)
-    qw = QuantizedWeight(qweight=qweight, scale=scale, zero=zero, scheme=scheme)
+    qw = QuantizedWeight(qweight=qweight, scale=grid.scale, zero=grid.zero, scheme=scheme)
     return GPTQResult(qweight=qw, loss=float(losses.sum()))
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """The quantization grid GPTQ fills: per-group scale (and zero) ``(out, groups)``, written in place."""
+
+    scheme: WeightScheme
+    width: int  # columns per group (the last may be shorter)
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    static: bool  # every group's scale fixed up front; otherwise set when the group's first column comes
+    mse: bool
+
+
+def _zero_dead_columns(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 copies of ``weight`` and ``hessian``; inputs that never fire get ``H_ii = 1`` and a zero weight."""
+    W = weight.detach().to(torch.float32).clone()  # (out, in)
+    H = hessian.detach().to(torch.float32, copy=True)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    return W, H
+
+
+def _initial_grid(W: torch.Tensor, scheme: WeightScheme, width: int, groups: int, *, static: bool, mse: bool) -> _Grid:
+    """Static grids get every scale from ``W`` now; dynamic ones get empty tensors to fill."""
+    out_features = W.shape[0]
+    if static:
+        scale, zero = static_qparams(W, scheme, mse)  # (out, groups)
+    else:
+        scale = torch.empty(out_features, groups, dtype=torch.float32, device=W.device)
+        zero = torch.empty(out_features, groups, dtype=torch.int8, device=W.device) if not scheme.symmetric else None
+    return _Grid(scheme, width, scale, zero, static, mse)
+
+
+def _column_qparams(grid: _Grid, W1: torch.Tensor, i: int, col: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and zero) ``(out,)`` of original column ``col``, at position ``i`` of the block ``W1``."""
+    g = col // grid.width
+    if not grid.static and col % grid.width == 0:
+        # group g starts here (no permutation): its columns are W1[:, i:i+width], all in this block
+        s, z = _qparams_for(W1[:, i : i + grid.width], grid.scheme, mse=grid.mse)
+        grid.scale[:, g : g + 1] = s
+        if grid.zero is not None:
+            grid.zero[:, g : g + 1] = z
+    return grid.scale[:, g], (grid.zero[:, g] if grid.zero is not None else None)
+
+
+def _quantize_block(
+    W1: torch.Tensor, Hinv1: torch.Tensor, cols: torch.Tensor, grid: _Grid, losses: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round the block ``W1`` ``(out, b)`` column by column, each error fed back onto the block's later
+    columns through ``Hinv1`` ``(b, b)`` (Algorithm 1, inner loop); ``losses`` ``(out,)`` grows in place.
+
+    Returns:
+        ``(Q1, Err1)``: the integer columns and the scaled errors ``(w - Q(w)) / [H^-1]_ii``, ``(out, b)``.
+    """
+    Q1 = torch.zeros_like(W1)
+    Err1 = torch.zeros_like(W1)
+    for i in range(W1.shape[1]):
+        s, z = _column_qparams(grid, W1, i, int(cols[i]))
+        w = W1[:, i]
+        q, dq = _round_column(w, s, z, grid.scheme)
+        Q1[:, i] = q
+        d = Hinv1[i, i]
+        err = (w - dq) / d
+        losses += (w - dq) ** 2 / d**2 / 2
+        W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+        Err1[:, i] = err
+    return Q1, Err1

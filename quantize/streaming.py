@@ -26,12 +26,15 @@ import torch
 from torch import nn
 
 from dsq import __version__
-from dsq.core.checkpoint import inspect_checkpoint
+from dsq.core.checkpoint import CheckpointFiles, inspect_checkpoint
 from dsq.core.errors import CheckpointError, QuantizationError
 from dsq.core.fp8 import fp8_format
 from dsq.core.shards import DEFAULT_MAX_SHARD_BYTES, ShardedTensors, ShardWriter, module_state
 from dsq.core.tied import drop_tied_duplicate, tie_notes, tied_embeddings, untie_config
 from dsq.core.layered import _holder, _return_freed_memory, build_skeleton, materialize_outside_layers
+
+from .compressed_tensors_format import Compressor
+from .sequential import OnDevice, decoder_layers
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +110,7 @@ def experts_quantized(model: nn.Module, targets) -> bool:
 
 
 def quantize_streaming(
-    src: Path,
+    src: Path | CheckpointFiles,
     out: Path,
     config: object,
     *,
@@ -121,9 +124,10 @@ def quantize_streaming(
     """Quantize the checkpoint ``src`` layer by layer into the existing, empty directory ``out``.
 
     Args:
-        src: a local checkpoint directory (safetensors shards, BF16/FP32 or FP8 block-scaled).
+        src: a local checkpoint directory (safetensors shards, BF16/FP32 or FP8 block-scaled), or its
+            :class:`~dsq.core.checkpoint.CheckpointFiles` already inspected (its headers are not read again).
         out: where the weights and config.json are written (the caller adds tokenizer and manifest).
-        config: an ``RTNConfig``, ``GPTQConfig`` or ``AWQConfig``.
+        config: the config of a method that streams (``Method.streams``: RTN, GPTQ, AWQ).
         calibration: ``(samples, seq_len)`` token ids for calibrated methods.
         dtype: the working dtype of the model (as the in-memory path's ``dtype``).
         trust_remote_code: passed to transformers for the config and model class.
@@ -135,19 +139,19 @@ def quantize_streaming(
         A :class:`StreamedArtifact`.
     """
     from dsq.quantize import quantize_
-    from dsq.quantize.compressed_tensors_format import Compressor
-    from dsq.quantize.sequential import OnDevice, decoder_layers
+    from dsq.quantize.method import method_names, method_of
 
+    if not method_of(config).streams:
+        raise QuantizationError(
+            f"{type(config).__name__} cannot be streamed; streaming supports {', '.join(method_names(lambda m: m.streams))}"
+        )
     started = time.perf_counter()
-    files = inspect_checkpoint(src, allow_unsupported=trust_remote_code)
+    files = src if isinstance(src, CheckpointFiles) else inspect_checkpoint(src, allow_unsupported=trust_remote_code)
     source = ShardedTensors(files, fp8=fp8_format(files.config))
     model = build_skeleton(files.root, dtype=dtype, trust_remote_code=trust_remote_code)
     prefix, layers = decoder_layers(model)
     materialize_outside_layers(model, prefix, source)
-    targets = getattr(config, "targets", None)
-    if targets is None:
-        raise QuantizationError(f"{type(config).__name__} cannot be streamed; streaming supports rtn, gptq and awq")
-    compressor = Compressor(__version__, has_experts=experts_quantized(model, targets))
+    compressor = Compressor(__version__, has_experts=experts_quantized(model, config.targets))
     writer = ShardWriter(out, max_shard_bytes)
     lifecycle = StreamedLayers(source, compressor, writer)
     on = OnDevice(lifecycle, device) if device is not None else lifecycle
@@ -157,21 +161,33 @@ def quantize_streaming(
     tie = tied_embeddings(model)
     writer.add(drop_tied_duplicate(_outside_layers(model, prefix, compressor), tie))
     names = writer.close()
-    config_dict = untie_config(model.config.to_dict(), tie)
     report.notes += tie_notes(model)
+    unused = source.unused()
+    report.notes += _stream_notes(unused, files.root, len(layers))
+    return StreamedArtifact(
+        report=report, files=names, seconds=time.perf_counter() - started, seconds_reading=lifecycle.seconds_reading,
+        seconds_writing=lifecycle.seconds_writing, unused_tensors=unused,
+        config=_artifact_config(model, tie, compressor, dtype),
+    )
+
+
+def _artifact_config(model: nn.Module, tie, compressor: Compressor, dtype: torch.dtype) -> dict:
+    """config.json of the streamed artifact: the model's config, untied if the tie was broken, with its quantization_config."""
+    config_dict = untie_config(model.config.to_dict(), tie)
     config_dict["quantization_config"] = compressor.quantization_config()
     config_dict["dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(dtype, str(dtype).removeprefix("torch."))
-    unused = source.unused()
+    return config_dict
+
+
+def _stream_notes(unused: list[str], root: Path, num_layers: int) -> list[str]:
+    notes = []
     if unused:
-        report.notes.append(
+        notes.append(
             f"{len(unused)} checkpoint tensor(s) are not used by the transformers model and were not written "
             f"(e.g. {', '.join(unused[:3])})"
         )
-    report.notes.append(f"streamed: one decoder layer at a time from {files.root} ({len(layers)} layers)")
-    return StreamedArtifact(
-        report=report, files=names, seconds=time.perf_counter() - started, seconds_reading=lifecycle.seconds_reading,
-        seconds_writing=lifecycle.seconds_writing, unused_tensors=unused, config=config_dict,
-    )
+    notes.append(f"streamed: one decoder layer at a time from {root} ({num_layers} layers)")
+    return notes
 
 
 def _outside_layers(model: nn.Module, prefix: str, compressor) -> dict[str, torch.Tensor]:

@@ -446,15 +446,7 @@ def quantize_w8a8_(
     input_absmax = input_absmax or {}
     decisions = select_targets(model, targets)
     if isinstance(act, StaticPerTensor):  # fail before touching the model
-        for d in decisions:
-            if not d.quantize:
-                continue
-            keys = [d.name] if d.kind == "linear" else [f"{d.name}.gate_up_proj", f"{d.name}.down_proj"]
-            missing = [k for k in keys if k not in input_absmax]
-            if missing:
-                raise QuantizationError(
-                    f"{d.name}: static W8A8 needs calibrated input absmax; missing key(s) {', '.join(missing)}"
-                )
+        _check_static_absmax([(d.name, d.kind) for d in decisions if d.quantize], input_absmax)
     backend = int8_matmul_backend(_model_device(model))
     scheme_text = describe_w8a8(act, backend)
     report = start_report(model, decisions, method="w8a8", scheme=scheme_text)
@@ -464,22 +456,39 @@ def quantize_w8a8_(
         if not d.quantize:
             report.modules.append(ModuleRecord(d.name, d.kind, False, d.reason, params, before, before))
             continue
-        reason = d.reason
-        if d.kind == "linear":
-            new = W8A8Linear.from_linear(d.module, act, input_absmax.get(d.name), name=d.name)
-        else:
-            gu, dn = input_absmax.get(f"{d.name}.gate_up_proj"), input_absmax.get(f"{d.name}.down_proj")
-            new = W8A8Experts.from_experts(d.module, act, gu, dn, name=d.name)
-            if gu is not None:
-                empty = int((gu.reshape(-1) == 0).sum()) + int((dn.reshape(-1) == 0).sum())
-                if empty:
-                    reason += f"; {empty} expert input(s) saw no calibration tokens (scale from the layer's largest absmax)"
+        new, reason = _w8a8_module(d.name, d.kind, d.module, d.reason, act, input_absmax)
         new.to(_model_device(model))
         set_module(model, d.name, new)
         sqnr, expert_sqnr = module_sqnr(d.module, new)
         report.modules.append(ModuleRecord(d.name, d.kind, True, reason, params, before, tensor_bytes(new), scheme_text,
                                            sqnr, expert_sqnr))
     return report
+
+
+def _check_static_absmax(selected: list[tuple[str, str]], input_absmax: dict[str, torch.Tensor]) -> None:
+    """Every selected ``(name, kind)`` must have its calibrated input absmax key(s) for static W8A8."""
+    for name, kind in selected:
+        keys = [name] if kind == "linear" else [f"{name}.gate_up_proj", f"{name}.down_proj"]
+        missing = [k for k in keys if k not in input_absmax]
+        if missing:
+            raise QuantizationError(
+                f"{name}: static W8A8 needs calibrated input absmax; missing key(s) {', '.join(missing)}"
+            )
+
+
+def _w8a8_module(
+    name: str, kind: str, module: nn.Module, reason: str, act: ActivationScheme, input_absmax: dict[str, torch.Tensor]
+) -> tuple[nn.Module, str]:
+    """The W8A8 version of ``module`` and its report reason (noting experts that saw no calibration token)."""
+    if kind == "linear":
+        return W8A8Linear.from_linear(module, act, input_absmax.get(name), name=name), reason
+    gu, dn = input_absmax.get(f"{name}.gate_up_proj"), input_absmax.get(f"{name}.down_proj")
+    new = W8A8Experts.from_experts(module, act, gu, dn, name=name)
+    if gu is not None:
+        empty = int((gu.reshape(-1) == 0).sum()) + int((dn.reshape(-1) == 0).sum())
+        if empty:
+            reason += f"; {empty} expert input(s) saw no calibration tokens (scale from the layer's largest absmax)"
+    return new, reason
 
 
 @torch.no_grad()

@@ -14,10 +14,16 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from dsq.core.checkpoint import CheckpointFiles, bundled_model_path, inspect_checkpoint, read_safetensors_header, source_info
+from dsq.core.checkpoint import (
+    CheckpointFiles,
+    bundled_model_path,
+    inspect_checkpoint,
+    read_safetensors_header,
+    source_info,
+)
+from dsq.core.errors import CheckpointError, DsqInputError
 from dsq.core.layout import SUPPORTED_MODEL_TYPES
 from dsq.core.loading import load_checkpoint
-from dsq.core.errors import CheckpointError, DsqInputError
 from dsq.tools.testing import make_tiny_checkpoint, make_tiny_tokenizer, tiny_config
 
 ATTENTION_KEY = "model.layers.0.self_attn.q_b_proj.weight"
@@ -352,9 +358,9 @@ def test_unexpected_tensor_is_a_warning(
 ) -> None:
     root = _copy(tiny_deepseek_v3, tmp_path)
     _rewrite_weights(root, lambda tensors: tensors.update({"extra.weight": torch.zeros(3)}))
-    with caplog.at_level(logging.WARNING, logger="dsq.core.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="dsq.core.loading"):
         load_checkpoint(root)
-    messages = [record.getMessage() for record in caplog.records if record.name == "dsq.core.checkpoint"]
+    messages = [record.getMessage() for record in caplog.records if record.name == "dsq.core.loading"]
     assert any("extra.weight" in message and str(root) in message for message in messages)
 
 

@@ -8,7 +8,8 @@ Floors, from the ground up (README, "Design"):
 * ``dsq.run``: the orchestration (recipes, runs, the run tail, validate);
 * ``dsq.tools`` and ``dsq.cli``: beside and above the run path.
 
-Every import counts, the ones inside functions too: a lazy import is still a dependency.
+Every import counts, the ones inside functions too (a lazy import is still a dependency), except those
+under ``if TYPE_CHECKING:``, which only name types for annotations.
 """
 from __future__ import annotations
 
@@ -49,7 +50,15 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
     """The dsq modules ``name`` imports, anywhere in the file."""
     is_package = path.name == "__init__.py"
     out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    typing_only = {
+        id(inner) for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for stmt in node.body for inner in ast.walk(stmt)
+    }
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = name.split(".") if is_package else name.split(".")[:-1]
@@ -141,3 +150,12 @@ def test_the_checker_sees_a_cycle_and_a_wrong_floor():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert part("dsq.quantize.gptq") == "dsq.quantize"
     assert "dsq.run" not in ALLOWED[part("dsq.eval.gates")]
+
+
+def test_every_package_is_installed():
+    """pyproject's ``packages`` names every folder of the package, so a non-editable install has them all."""
+    import tomllib
+
+    declared = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {name for name, path in modules().items() if path.name == "__init__.py"}
+    assert found == declared

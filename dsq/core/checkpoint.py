@@ -9,6 +9,10 @@ expert counts, every tensor's shape and dtype; see :mod:`dsq.core.checkpoint_che
 weights are refused outright and never unpickled. Loading is local only; the hub is
 never contacted.
 
+Each weight file's header is read once, by :func:`inspect_checkpoint`, and carried in the
+:class:`CheckpointFiles` it returns: the streaming decision, the shard reader, the identity
+(:func:`source_info`) and :func:`dsq.core.loading.load_checkpoint` take the headers from there.
+
 Tensors the model needs but the files lack are errors (:func:`validate_checkpoint`):
 transformers would otherwise initialise them randomly. A tokenizer with more tokens than
 ``vocab_size`` is an error too; one with fewer is a note.
@@ -17,28 +21,32 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import math
 import struct
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import MappingProxyType
+from typing import Any
 
-
+from dsq.core.config_checks import check_config_types, model_facts, name_some
 from dsq.core.errors import CheckpointError
-
 from dsq.core.fp8 import fp8_format
-from dsq.core.layout import SUPPORTED_MODEL_TYPES
-from dsq.core.checkpoint_checks import (
-    HeaderCheck, check_config_types, check_expert_counts, check_headers_against_config,
-    describe_missing, model_facts, name_some, stored_tensors,
+from dsq.core.header_checks import (
+    HeaderCheck,
+    check_expert_counts,
+    check_headers_against_config,
+    describe_missing,
 )
-
-if TYPE_CHECKING:
-    pass
-
-logger = logging.getLogger(__name__)
+from dsq.core.layout import SUPPORTED_MODEL_TYPES
+from dsq.core.safetensors_header import (
+    SAFETENSORS_DTYPE_BITS,  # noqa: F401 (re-exported)
+    SafetensorsHeader,
+    StoredTensor,
+    file_size,
+    read_header,
+    read_safetensors_header,  # noqa: F401 (re-exported)
+    stored_tensors,
+)
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -53,9 +61,6 @@ TOKENIZER_FILES: tuple[str, ...] = (
 )
 BUNDLED_MODEL_DIR = "tiny_deepseek_v3"
 
-MAX_HEADER_BYTES = 100_000_000
-"""Largest safetensors header accepted (the limit the safetensors library itself uses)."""
-
 FINGERPRINT_FULL_HASH_BYTES = 64 * 2**20
 """Weight files whose data section is at most this large are fingerprinted byte for byte."""
 
@@ -64,31 +69,6 @@ FINGERPRINT_SAMPLE_BLOCKS = 16
 
 FINGERPRINT_BLOCK_BYTES = 64 * 2**10
 """Size of each sampled data block."""
-
-SAFETENSORS_DTYPE_BITS: Mapping[str, int] = {
-    "BOOL": 8,
-    "U8": 8,
-    "I8": 8,
-    "F8_E5M2": 8,
-    "F8_E4M3": 8,
-    "F8_E8M0": 8,
-    "I16": 16,
-    "U16": 16,
-    "F16": 16,
-    "BF16": 16,
-    "I32": 32,
-    "U32": 32,
-    "F32": 32,
-    "I64": 64,
-    "U64": 64,
-    "F64": 64,
-    "C64": 64,
-    "F4": 4,
-    "F6_E2M3": 6,
-    "F6_E3M2": 6,
-}
-"""Bits per element of every safetensors dtype."""
-
 
 @dataclass(frozen=True)
 class SourceInfo:
@@ -138,6 +118,9 @@ class CheckpointFiles:
         weight_files: Safetensors files the model loads from, sorted by name.
         index: Parsed ``model.safetensors.index.json`` if the checkpoint is sharded.
         tensor_names: Names of all tensors stored in ``weight_files``.
+        headers: The validated safetensors header of each weight file, in ``weight_files`` order.
+        tensors: Every tensor by name: its file, dtype, shape and data offsets (a tensor the
+            shard index names counts in the shard it names).
         missing: Tensors the model needs that no weight file holds (empty when the headers were
             not checked against the config: an already-quantized or custom-code checkpoint).
         notes: Sentences for the run's report (e.g. a multi-token-prediction layer not used).
@@ -149,6 +132,8 @@ class CheckpointFiles:
     weight_files: tuple[Path, ...]
     index: dict[str, Any] | None
     tensor_names: frozenset[str]
+    headers: tuple[SafetensorsHeader, ...]
+    tensors: Mapping[str, StoredTensor]
     missing: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
 
@@ -160,140 +145,7 @@ def bundled_model_path() -> Path:
         Path of ``dsq/assets/tiny_deepseek_v3`` (it may be absent in a source tree
         where the asset has not been generated).
     """
-    return Path(__file__).resolve().parent / "assets" / BUNDLED_MODEL_DIR
-
-
-# --------------------------------------------------------------------------- headers
-
-
-def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """Parse and validate the header of a safetensors file without reading tensor data.
-
-    Checks that the header length is sane, the header is a JSON object, every tensor
-    has a known dtype and a shape whose byte size equals its ``data_offsets`` span, the
-    tensors tile the data section without gaps or overlaps, and the file size equals
-    ``8 + header_len + end of the last tensor`` (a truncated file is reported with the
-    expected and actual sizes).
-
-    Args:
-        path: The ``.safetensors`` file.
-
-    Returns:
-        The parsed header (tensor name to ``{"dtype", "shape", "data_offsets"}``, plus
-        ``"__metadata__"`` when present) and the header length in bytes.
-
-    Raises:
-        CheckpointError: The file is missing, unreadable, corrupt or truncated.
-    """
-    path = Path(path)
-    file_size = _file_size(path)
-    header_len, raw = _read_raw_header(path, file_size)
-    header = _parse_header_json(path, raw)
-    data_end = _check_tensor_entries(path, header)
-    expected_size = 8 + header_len + data_end
-    if file_size != expected_size:
-        problem = "is truncated" if file_size < expected_size else "has trailing bytes"
-        raise CheckpointError(
-            f"safetensors file {path} {problem}: its header implies {expected_size} bytes "
-            f"(8 + {header_len} header + {data_end} data) but the file has {file_size} bytes"
-        )
-    return header, header_len
-
-
-def _file_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError as exc:
-        raise CheckpointError(f"cannot read safetensors file {path}: {exc}") from exc
-
-
-def _read_raw_header(path: Path, file_size: int) -> tuple[int, bytes]:
-    """Return the header length and the raw header bytes (without the length prefix)."""
-    if file_size < 8:
-        raise CheckpointError(
-            f"safetensors file {path} is {file_size} bytes, too small to hold a header"
-        )
-    try:
-        with path.open("rb") as handle:
-            (header_len,) = struct.unpack("<Q", handle.read(8))
-            if header_len == 0 or header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
-                raise CheckpointError(
-                    f"safetensors file {path} is corrupt: header length {header_len} is "
-                    f"impossible for a file of {file_size} bytes"
-                )
-            raw = handle.read(header_len)
-    except OSError as exc:
-        raise CheckpointError(f"cannot read safetensors file {path}: {exc}") from exc
-    return header_len, raw
-
-
-def _parse_header_json(path: Path, raw: bytes) -> dict[str, Any]:
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(
-            f"safetensors file {path} is corrupt: its header is not valid JSON ({exc})"
-        ) from exc
-    if not isinstance(header, dict):
-        raise CheckpointError(f"safetensors file {path} is corrupt: its header is not a JSON object")
-    metadata = header.get("__metadata__")
-    if metadata is not None and not isinstance(metadata, dict):
-        raise CheckpointError(f"safetensors file {path} is corrupt: __metadata__ is not an object")
-    return header
-
-
-def _check_tensor_entries(path: Path, header: Mapping[str, Any]) -> int:
-    """Validate every tensor entry; return the end offset of the data section."""
-    spans: list[tuple[int, int, str]] = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        spans.append(_check_tensor_entry(path, name, entry))
-    spans.sort()
-    position = 0
-    for start, end, name in spans:
-        if start != position:
-            raise CheckpointError(
-                f"safetensors file {path} is corrupt: tensor {name!r} starts at data offset "
-                f"{start}, expected {position} (tensor data overlaps or has a gap)"
-            )
-        position = end
-    return position
-
-
-def _check_tensor_entry(path: Path, name: str, entry: Any) -> tuple[int, int, str]:
-    if not isinstance(entry, dict):
-        raise CheckpointError(f"safetensors file {path} is corrupt: entry {name!r} is not an object")
-    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    bits = SAFETENSORS_DTYPE_BITS.get(dtype) if isinstance(dtype, str) else None
-    if bits is None:
-        raise CheckpointError(
-            f"safetensors file {path}: tensor {name!r} has unknown dtype {dtype!r}"
-        )
-    if not _is_int_list(shape) or any(dim < 0 for dim in shape):
-        raise CheckpointError(f"safetensors file {path}: tensor {name!r} has invalid shape {shape!r}")
-    if not _is_int_list(offsets) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
-        raise CheckpointError(
-            f"safetensors file {path}: tensor {name!r} has invalid data_offsets {offsets!r}"
-        )
-    start, end = offsets
-    expected_bytes = math.ceil(math.prod(shape) * bits / 8)
-    if end - start != expected_bytes:
-        raise CheckpointError(
-            f"safetensors file {path}: tensor {name!r} ({dtype}, shape {shape}) needs "
-            f"{expected_bytes} bytes but data_offsets {offsets} span {end - start}"
-        )
-    return start, end, name
-
-
-def _is_int_list(value: Any) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(item, int) and not isinstance(item, bool) for item in value
-    )
-
-
-def _tensor_entries(header: Mapping[str, Any]) -> dict[str, Any]:
-    return {name: entry for name, entry in header.items() if name != "__metadata__"}
+    return Path(__file__).resolve().parents[1] / "assets" / BUNDLED_MODEL_DIR
 
 
 # --------------------------------------------------------------------------- inspection
@@ -307,32 +159,37 @@ def inspect_checkpoint(path: str | Path, *, allow_unsupported: bool = False) -> 
     scales. Tensors the model does not use are tolerated; tensors it needs but the files lack are
     recorded in ``missing`` (:func:`validate_checkpoint` refuses them). Checkpoints of a custom
     ``model_type`` and already-quantized ones (a ``quantization_config`` other than FP8) are checked
-    up to their expert tensors only.
+    up to their expert tensors only. Each weight file's header is read here, once, and carried in
+    the result.
 
     Args:
         path: The checkpoint directory.
         allow_unsupported: Accept a ``model_type`` outside :data:`SUPPORTED_MODEL_TYPES`.
 
     Returns:
-        The validated layout of the checkpoint.
+        The validated layout of the checkpoint, with its parsed headers.
 
     Raises:
         CheckpointError: The directory, its config or its weights cannot be used, or the
             weights and the config disagree; the message names the offending path, key,
             file or tensor.
     """
-    root = _checkpoint_dir(path)
-    config = _read_config(root)
+    root = checkpoint_dir(path)
+    return _inspect(root, read_config(root), allow_unsupported=allow_unsupported)
+
+
+def _inspect(root: Path, config: dict[str, Any], *, allow_unsupported: bool) -> CheckpointFiles:
     model_type = config["model_type"]
     if not allow_unsupported and model_type not in SUPPORTED_MODEL_TYPES:
         raise _unsupported_model_type(root, model_type, config)
     weight_files, index = _find_weight_files(root)
-    headers = {file: read_safetensors_header(file)[0] for file in weight_files}
+    headers = tuple(read_header(file) for file in weight_files)
     if index is not None:
         _check_index_against_headers(root, index, headers)
-    tensor_names = frozenset(name for header in headers.values() for name in _tensor_entries(header))
+    tensor_names = frozenset(name for header in headers for name in header.tensors)
     check_expert_counts(root, config, tensor_names)
-    check = _check_against_config(root, config, headers, index)
+    tensors = MappingProxyType(stored_tensors(headers, index))
+    check = _check_against_config(root, config, tensors)
     return CheckpointFiles(
         root=root,
         config=config,
@@ -340,24 +197,25 @@ def inspect_checkpoint(path: str | Path, *, allow_unsupported: bool = False) -> 
         weight_files=weight_files,
         index=index,
         tensor_names=tensor_names,
+        headers=headers,
+        tensors=tensors,
         missing=check.missing,
         notes=check.notes,
     )
 
 
-def _check_against_config(
-    root: Path, config: Mapping[str, Any], headers: Mapping[Path, Mapping[str, Any]], index: Mapping[str, Any] | None
-) -> HeaderCheck:
+def _check_against_config(root: Path, config: Mapping[str, Any], tensors: Mapping[str, StoredTensor]) -> HeaderCheck:
     """The headers against the model of a supported, unquantized (or FP8) config; nothing otherwise."""
     qc = config.get("quantization_config")
     already_quantized = qc is not None and fp8_format(config) is None
     if config["model_type"] not in SUPPORTED_MODEL_TYPES or already_quantized:
         return HeaderCheck()
     facts = model_facts(config, root / CONFIG_NAME)
-    return check_headers_against_config(root, config, stored_tensors(headers, index), facts)
+    return check_headers_against_config(root, config, tensors, facts)
 
 
-def _checkpoint_dir(path: str | Path) -> Path:
+def checkpoint_dir(path: str | Path) -> Path:
+    """``path`` as an absolute checkpoint directory; a file or a missing path is a :class:`CheckpointError`."""
     root = Path(path).expanduser().resolve()
     if root.is_file():
         raise CheckpointError(
@@ -369,7 +227,8 @@ def _checkpoint_dir(path: str | Path) -> Path:
     return root
 
 
-def _read_config(root: Path) -> dict[str, Any]:
+def read_config(root: Path) -> dict[str, Any]:
+    """The checkpoint's config.json, parsed and type-checked (it must name a ``model_type``)."""
     config_path = root / CONFIG_NAME
     if not config_path.is_file():
         raise CheckpointError(f"checkpoint directory {root} has no {CONFIG_NAME}")
@@ -466,12 +325,11 @@ def _index_shards(root: Path, index_path: Path, index: Mapping[str, Any]) -> tup
     return tuple(shards)
 
 
-def _check_index_against_headers(
-    root: Path, index: Mapping[str, Any], headers: Mapping[Path, Mapping[str, Any]]
-) -> None:
+def _check_index_against_headers(root: Path, index: Mapping[str, Any], headers: tuple[SafetensorsHeader, ...]) -> None:
+    by_path = {header.path: header for header in headers}
     for tensor, shard in index["weight_map"].items():
         shard_path = root / shard
-        if tensor not in headers[shard_path]:
+        if tensor not in by_path[shard_path].tensors:
             raise CheckpointError(
                 f"shard index {root / SAFE_WEIGHTS_INDEX_NAME} maps tensor {tensor!r} to shard "
                 f"{shard!r}, but {shard_path} does not contain it"
@@ -484,6 +342,8 @@ def _check_index_against_headers(
 def source_info(files: CheckpointFiles) -> SourceInfo:
     """Describe a validated checkpoint for manifests, without loading weights.
 
+    The headers are those :func:`inspect_checkpoint` read; each file's bytes are hashed from disk.
+
     Args:
         files: The result of :func:`inspect_checkpoint`.
 
@@ -491,30 +351,30 @@ def source_info(files: CheckpointFiles) -> SourceInfo:
         Its identity: path, type, parameter count, weight files and fingerprint.
 
     Raises:
-        CheckpointError: A file changed or vanished since inspection.
+        CheckpointError: A file vanished or changed size since inspection.
     """
     digest = hashlib.sha256()
     config_bytes = _read_bytes(files.root / CONFIG_NAME)
     _hash_field(digest, CONFIG_NAME.encode())
     _hash_field(digest, config_bytes)
-    num_parameters = 0
-    weight_bytes = 0
-    for weight_file in files.weight_files:
-        header, header_len = read_safetensors_header(weight_file)
-        size = _file_size(weight_file)
-        num_parameters += sum(math.prod(entry["shape"]) for entry in _tensor_entries(header).values())
-        weight_bytes += size
-        _hash_field(digest, weight_file.name.encode())
+    for header in files.headers:
+        size = file_size(header.path)
+        if size != header.size:
+            raise CheckpointError(
+                f"safetensors file {header.path} changed since the checkpoint was inspected: "
+                f"it had {header.size} bytes, it has {size}"
+            )
+        _hash_field(digest, header.path.name.encode())
         _hash_field(digest, str(size).encode())
-        _hash_weight_file(digest, weight_file, 8 + header_len, size)
+        _hash_weight_file(digest, header.path, header.data_start, size)
     architectures = files.config.get("architectures") or ()
     return SourceInfo(
         path=str(files.root),
         model_type=files.model_type,
         architectures=tuple(str(name) for name in architectures),
-        num_parameters=num_parameters,
+        num_parameters=sum(tensor.numel for header in files.headers for tensor in header.tensors.values()),
         weight_files=tuple(file.name for file in files.weight_files),
-        weight_bytes=weight_bytes,
+        weight_bytes=sum(header.size for header in files.headers),
         fingerprint=digest.hexdigest(),
     )
 
@@ -568,19 +428,34 @@ def validate_checkpoint(path: str | Path, *, trust_remote_code: bool = False) ->
         trust_remote_code: Accept a custom ``model_type`` whose config declares ``auto_map``.
 
     Returns:
-        The validated layout of the checkpoint.
+        The validated layout of the checkpoint, with its parsed headers.
 
     Raises:
         CheckpointError: naming the file, key or tensor at fault.
     """
-    root = _checkpoint_dir(path)
-    config = _read_config(root)
-    files = inspect_checkpoint(root, allow_unsupported=trust_remote_code and "auto_map" in config)
+    root = checkpoint_dir(path)
+    config = read_config(root)
+    files = _inspect(root, config, allow_unsupported=trust_remote_code and "auto_map" in config)
+    require_loadable(files, trust_remote_code=trust_remote_code)
+    return files
+
+
+def require_loadable(files: CheckpointFiles, *, trust_remote_code: bool = False) -> None:
+    """Check an inspected checkpoint the way :func:`validate_checkpoint` does (no file is read).
+
+    Args:
+        files: The result of :func:`inspect_checkpoint` or :func:`validate_checkpoint`.
+        trust_remote_code: Accept a custom ``model_type`` whose config declares ``auto_map``.
+
+    Raises:
+        CheckpointError: The ``model_type`` is not supported (and not custom code allowed by
+            ``trust_remote_code``), or tensors the model needs are missing (named).
+    """
+    allowed = trust_remote_code and "auto_map" in files.config
+    if files.model_type not in SUPPORTED_MODEL_TYPES and not allowed:
+        raise _unsupported_model_type(files.root, files.model_type, files.config)
     if files.missing:
         raise CheckpointError(
             f"checkpoint {files.root} is missing {len(files.missing)} tensor(s) the model needs (config.json "
             f"implies them; transformers would initialise them randomly): {name_some(describe_missing(files.missing))}"
         )
-    return files
-
-

@@ -9,11 +9,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dsq.core.checkpoint import TOKENIZER_FILES, CheckpointFiles, SourceInfo, _read_config, source_info, validate_checkpoint
-from dsq.core.checkpoint_checks import check_tokenizer, name_some
+from dsq.core.checkpoint import (
+    TOKENIZER_FILES,
+    CheckpointFiles,
+    SourceInfo,
+    read_config,
+    require_loadable,
+    source_info,
+    validate_checkpoint,
+)
+from dsq.core.config_checks import name_some
 from dsq.core.errors import CheckpointError
 from dsq.core.fp8 import fp8_format
 from dsq.core.layered import load_model_by_layers
+from dsq.core.tokenizer_check import check_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -40,20 +49,21 @@ class LoadedModel:
 
 
 def load_checkpoint(
-    path: str | Path,
+    path_or_files: str | Path | CheckpointFiles,
     *,
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     device: str | torch.device = "cpu",
 ) -> LoadedModel:
-    """Validate and load a local checkpoint: causal LM, tokenizer and identity.
+    """Load a local checkpoint: causal LM, tokenizer and identity.
 
     Only local files are read and only safetensors weights are loaded. A model_type
     outside :data:`SUPPORTED_MODEL_TYPES` is accepted only when ``trust_remote_code``
     is set and the config declares custom code (``auto_map``).
 
     Args:
-        path: The checkpoint directory.
+        path_or_files: A checkpoint already validated (:func:`dsq.core.checkpoint.validate_checkpoint`:
+            its headers are not read again), or the checkpoint directory (validated here).
         dtype: dtype of the loaded parameters.
         trust_remote_code: Allow transformers to run code shipped with the checkpoint.
         device: Device to place the model on.
@@ -67,7 +77,11 @@ def load_checkpoint(
             or has the wrong shape, the tokenizer cannot be loaded or has token ids beyond
             the vocabulary.
     """
-    files = validate_checkpoint(path, trust_remote_code=trust_remote_code)
+    if isinstance(path_or_files, CheckpointFiles):
+        files = path_or_files
+        require_loadable(files, trust_remote_code=trust_remote_code)
+    else:
+        files = validate_checkpoint(path_or_files, trust_remote_code=trust_remote_code)
     remote_code = {"trust_remote_code": True} if trust_remote_code else {}
     tokenizer = _load_tokenizer(files.root, remote_code)
     tokenizer_note = check_tokenizer(tokenizer, files.config, files.root)
@@ -100,7 +114,7 @@ def load_tokenizer(root: Path, *, trust_remote_code: bool = False) -> PreTrained
     """
     root = Path(root)
     tokenizer = _load_tokenizer(root, {"trust_remote_code": True} if trust_remote_code else {})
-    note = check_tokenizer(tokenizer, _read_config(root), root)
+    note = check_tokenizer(tokenizer, read_config(root), root)
     if note is not None:
         logger.info("checkpoint %s: %s", root, note)
     return tokenizer

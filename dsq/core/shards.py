@@ -9,20 +9,26 @@ into a part file and groups the parts into shards with an index at the end.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from dsq.core.checkpoint import CheckpointFiles, read_safetensors_header
+from dsq.core.checkpoint import CheckpointFiles
 from dsq.core.errors import CheckpointError, QuantizationError
+from dsq.core.fp8 import (
+    FP8_SAFETENSORS_DTYPE,
+    SCALE_SUFFIX,
+    FP8BlockFormat,
+    dequantize_fp8_blocks,
+)
+from dsq.core.safetensors_header import StoredTensor, read_safetensors_header
 
 DEFAULT_MAX_SHARD_BYTES = 4 << 30
-SCALE_SUFFIX = "_scale_inv"  # FP8 block scales: ``X.weight`` -> ``X.weight_scale_inv``
 
 Reader = Callable[[str, torch.Tensor], torch.Tensor]
 
@@ -33,22 +39,22 @@ Reader = Callable[[str, torch.Tensor], torch.Tensor]
 class ShardedTensors:
     """Where every tensor of a safetensors checkpoint lives, read lazily through memory maps.
 
+    Which file holds a tensor, and its dtype and shape, come from the headers ``files`` carries
+    (a shape the model does not expect is refused before any byte of the tensor is read).
+
     Args:
         files: a validated checkpoint (:func:`dsq.core.checkpoint.inspect_checkpoint`).
         fp8: the block format when the checkpoint stores FP8 weights with ``weight_scale_inv``.
     """
 
-    def __init__(self, files: CheckpointFiles, fp8=None) -> None:
+    def __init__(self, files: CheckpointFiles, fp8: FP8BlockFormat | None = None) -> None:
         self.root = files.root
         self.fp8 = fp8
-        if files.index is not None:  # validated against the shards' headers by inspect_checkpoint
-            self.where = {name: files.root / shard for name, shard in files.index["weight_map"].items()}
-        else:
-            self.where = dict.fromkeys(files.tensor_names, files.weight_files[0])
+        self.tensors: Mapping[str, StoredTensor] = files.tensors
         self.used: set[str] = set()
 
     def __contains__(self, name: str) -> bool:
-        return name in self.where
+        return name in self.tensors
 
     @contextmanager
     def reader(self) -> Iterator[Reader]:
@@ -66,39 +72,40 @@ class ShardedTensors:
                 return handles[path]
 
             def read(name: str, like: torch.Tensor) -> torch.Tensor:
-                tensor = self._read(handle, name, like.dtype)
-                if tuple(tensor.shape) != tuple(like.shape):
+                stored = self._stored(name)
+                if stored.shape != tuple(like.shape):
                     raise CheckpointError(
-                        f"{self.where[name]}: tensor {name} has shape {tuple(tensor.shape)}, "
+                        f"{stored.file}: tensor {name} has shape {stored.shape}, "
                         f"the model needs {tuple(like.shape)}"
                     )
-                return tensor
+                return self._read(handle, name, stored, like.dtype)
 
             yield read
 
-    def _read(self, handle: Callable, name: str, dtype: torch.dtype) -> torch.Tensor:
-        path = self.where.get(name)
-        if path is None:
+    def _stored(self, name: str) -> StoredTensor:
+        stored = self.tensors.get(name)
+        if stored is None:
             raise CheckpointError(f"checkpoint {self.root} has no tensor {name}, which the model needs")
-        self.used.add(name)
-        raw = handle(path).get_tensor(name)
-        scale_name = name + SCALE_SUFFIX
-        if self.fp8 is not None and scale_name in self.where:
-            from dsq.core.fp8 import dequantize_fp8_blocks
+        return stored
 
+    def _read(self, handle: Callable, name: str, stored: StoredTensor, dtype: torch.dtype) -> torch.Tensor:
+        self.used.add(name)
+        scale_name = name + SCALE_SUFFIX
+        scale = self.tensors.get(scale_name)
+        if self.fp8 is not None and scale is not None:
             self.used.add(scale_name)
-            scale = handle(self.where[scale_name]).get_tensor(scale_name)
-            return dequantize_fp8_blocks(name, raw, scale, self.fp8, dtype=dtype)
-        if raw.dtype == torch.float8_e4m3fn:
+            raw = handle(stored.file).get_tensor(name)
+            return dequantize_fp8_blocks(name, raw, handle(scale.file).get_tensor(scale_name), self.fp8, dtype=dtype)
+        if stored.dtype == FP8_SAFETENSORS_DTYPE:
             raise CheckpointError(
-                f"{path}: tensor {name} is float8_e4m3fn but the checkpoint has no {scale_name} "
+                f"{stored.file}: tensor {name} is float8_e4m3fn but the checkpoint has no {scale_name} "
                 "(or config.json declares no fp8 quantization_config)"
             )
-        return raw.to(dtype=dtype, copy=True)
+        return handle(stored.file).get_tensor(name).to(dtype=dtype, copy=True)
 
     def unused(self) -> list[str]:
         """Tensors in the checkpoint that nothing read (e.g. DeepSeek-V3's multi-token-prediction layer)."""
-        return sorted(set(self.where) - self.used)
+        return sorted(set(self.tensors) - self.used)
 
 
 def module_state(module: nn.Module, prefix: str, read: Reader) -> dict[str, torch.Tensor]:

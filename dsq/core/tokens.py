@@ -13,12 +13,14 @@ Example:
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from dsq.core.errors import DataError
 
 _PROBE = "Hello world"  # any text that encodes to at least one token
+_BATCH = 256  # texts per tokenizer call
 
 
 @dataclass(frozen=True)
@@ -76,3 +78,19 @@ def encode_document(tokenizer: Any, text: str, *, with_prefix: bool = True) -> l
     added = special_tokens(tokenizer)
     ids = [int(i) for i in tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]]
     return [*(added.prefix if with_prefix else ()), *ids, *added.suffix]
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str]) -> Iterator[list[int]]:
+    """Encode texts without special tokens, a batch at a time.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer.
+        texts: The texts.
+
+    Yields:
+        The ids of each text, in order (``[]`` for a text that gives no tokens).
+    """
+    for start in range(0, len(texts), _BATCH):
+        batch = list(texts[start : start + _BATCH])
+        for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
+            yield list(ids)

@@ -1,6 +1,7 @@
 """The recipe against the model, before any weight is read: context lengths and target patterns.
 
-The checkpoint's own checks (config types, headers, tokenizer) are :mod:`dsq.core.checkpoint_checks`.
+The checkpoint's own checks (config types, headers, tokenizer) are :mod:`dsq.core.checkpoint_checks`
+(:mod:`dsq.core.config_checks`, :mod:`dsq.core.header_checks`, :mod:`dsq.core.tokenizer_check`).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dsq.core.checkpoint_checks import ModelFacts, _is_int, model_facts
+from dsq.core.config_checks import ModelFacts, is_int, model_facts
 from dsq.core.errors import RecipeError
 
 if TYPE_CHECKING:
@@ -39,17 +40,15 @@ def recipe_lengths(recipe: Recipe) -> list[tuple[str, int]]:
     Returns:
         The lengths of the sections the run uses (calibration only for calibrated methods).
     """
-    from dsq.run.recipe import METHOD_SECTIONS
-
     ev = recipe.eval
     lengths = [("eval.fidelity.seq_len", ev.fidelity.seq_len)]
     if ev.perplexity is not None:
         lengths.append(("eval.perplexity.context", ev.perplexity.context))
     if ev.speed is not None:
         lengths.append(("eval.speed.prompt_len + eval.speed.new_tokens", ev.speed.prompt_len + ev.speed.new_tokens))
-    q = recipe.quantize
-    if q is not None and "calibration" in METHOD_SECTIONS[q.method]:
-        lengths.append(("quantize.calibration.seq_len", q.calibration.seq_len))
+    calibration = recipe.quantize.calibration_section if recipe.quantize is not None else None
+    if calibration is not None:
+        lengths.append(("quantize.calibration.seq_len", calibration.seq_len))
     if recipe.finetune is not None:
         lengths.append(("finetune.data.seq_len", recipe.finetune.data.seq_len))
     if recipe.export is not None:
@@ -158,7 +157,7 @@ def check_recipe_against_checkpoint(recipe: Recipe, files: CheckpointFiles) -> t
     config_path = files.root / CONFIG_NAME
     if files.model_type not in SUPPORTED_MODEL_TYPES:  # custom code: only what config.json says
         positions = files.config.get("max_position_embeddings")
-        check_recipe_lengths(recipe, positions if _is_int(positions) else None, config_path)
+        check_recipe_lengths(recipe, positions if is_int(positions) else None, config_path)
         return ()
     notes = check_recipe_against_model(recipe, model_facts(files.config, config_path), config_path)
     for note in notes:

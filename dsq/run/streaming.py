@@ -1,14 +1,13 @@
 """Whether a run streams: the model's bytes in memory against the memory this machine has free."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dsq.core.checkpoint import CheckpointFiles, read_safetensors_header
-from dsq.core.shards import SCALE_SUFFIX
+from dsq.core.checkpoint import CheckpointFiles
+from dsq.core.fp8 import SCALE_SUFFIX
 
 AUTO_STREAM_FRACTION = 0.5
 """A checkpoint is streamed automatically when its tensors exceed this share of available memory."""
@@ -25,14 +24,13 @@ def available_memory_bytes() -> int | None:
 
 
 def checkpoint_values(files: CheckpointFiles) -> int:
-    """Number of values in the checkpoint's tensors, from the safetensors headers (FP8 scales excluded)."""
-    total = 0
-    for path in files.weight_files:
-        header, _ = read_safetensors_header(path)
-        for name, entry in header.items():
-            if name != "__metadata__" and not name.endswith(SCALE_SUFFIX):
-                total += math.prod(entry["shape"])
-    return total
+    """Number of values in the checkpoint's tensors, from the headers ``files`` carries (FP8 scales excluded)."""
+    return sum(
+        tensor.numel
+        for header in files.headers
+        for name, tensor in header.tensors.items()
+        if not name.endswith(SCALE_SUFFIX)
+    )
 
 
 @dataclass(frozen=True)

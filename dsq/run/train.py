@@ -29,22 +29,26 @@ import torch
 from torch import nn
 
 from dsq.core.atomic import atomic_directory, claim_output
-from dsq.core.manifest import write_manifest
 from dsq.assets import resolve_data_path
 from dsq.core.checkpoint import validate_checkpoint
 from dsq.core.loading import LoadedModel, load_checkpoint
-from dsq.core.errors import QuantizationError
 from dsq.run.preflight import check_recipe_against_checkpoint
 from dsq.run.recipe import FinetuneSection, LoraSection, Recipe, TrainDataSection, TrainingSection
-from dsq.run.reload import ReloadCheck, transformers_reload_check
+from dsq.eval.reload import ReloadCheck
 from dsq.core.tied import tie_notes
-from dsq.eval import Evaluator, Report, check_gates, write_report
-from dsq.eval.harness import ModelMetrics
+from dsq.eval import Evaluator
+from dsq.eval import ExactMerge, LoraFacts, ModelMetrics, QuantizationFacts, ReloadNotRun, RequantizedMerge, TrainingFacts
 from dsq.eval.memory import PeakRSS
 from dsq.finetune.data import InstructionFields, TextFields, TrainDataSpec, TrainingData, load_training_data
 from dsq.finetune.qat import QATConfig, convert_qat, prepare_qat
-from dsq.finetune.trainer import Constant, Cosine, Linear, TrainConfig, TrainResult, make_accelerator, train
+from dsq.finetune.trainer import Constant, Cosine, Linear, TrainConfig, make_accelerator, train
 from dsq.quantize import QuantizationReport
+from dsq.quantize import RTNConfig, method_of
+from dsq.quantize.method import TOLERANCE
+from dsq.run.export_step import export_rows
+from dsq.run.recipe import dump_recipe
+from dsq.run.steps import DTYPES, QuantizeStep, benchmark_suite, gates_of, model_path, run_meta, save_artifact
+from dsq.run.tail import ReloadSettings, RunResult, RunTail, write_artifact_records
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +107,7 @@ class _Context:
     loaded: LoadedModel
     data: TrainingData
     accelerator: object
-    evaluator: Evaluator | None  # main process only
+    tail: RunTail  # its evaluator is None on non-main processes
     output: Path
 
     @property
@@ -117,15 +121,13 @@ class _Context:
 
 def _ptq(ctx: _Context, model: nn.Module) -> tuple[object, QuantizationReport, float]:
     """Run the recipe's ``quantize:`` section on ``model`` (the QAT start or the QLoRA base)."""
-    from dsq.run.pipeline import QuantizeStep
-
     step = QuantizeStep.from_recipe(ctx.recipe, ctx.loaded.tokenizer)
     qreport, seconds, _ = step.apply(model, progress=ctx.recipe.progress and ctx.main)
     qreport.notes += tie_notes(model)
     return step.config, qreport, seconds
 
 
-def _train(ctx: _Context, model: nn.Module, distill_weight: float, teacher: nn.Module | None) -> TrainResult:
+def _train(ctx: _Context, model: nn.Module, distill_weight: float, teacher: nn.Module | None) -> TrainingFacts:
     config = train_config(ctx.finetune.training, distill_weight)
     with PeakRSS() as rss:
         result = train(
@@ -134,11 +136,7 @@ def _train(ctx: _Context, model: nn.Module, distill_weight: float, teacher: nn.M
             progress=ctx.recipe.progress and ctx.main,
         )
     _leave_process_group(ctx.accelerator)
-    d = result.to_dict()
-    d["peak_rss_bytes"] = rss.peak_bytes
-    d["data"] = ctx.data.summary.to_dict()
-    result.extra = d
-    return result
+    return TrainingFacts(result.to_dict(), rss.peak_bytes, ctx.data.summary.to_dict())
 
 
 def _leave_process_group(accelerator) -> None:
@@ -150,27 +148,11 @@ def _leave_process_group(accelerator) -> None:
 
 
 def _reload_check(ctx: _Context, root: Path, model: nn.Module, config: object | None) -> ReloadCheck | None:
-    from dsq.run.pipeline import DTYPES, reload_tolerance
-
-    if not ctx.recipe.eval.reload_check:
-        return None
-    check = transformers_reload_check(
-        root, model, dtype=DTYPES[ctx.recipe.dtype], trust_remote_code=ctx.recipe.trust_remote_code,
-        tolerance=reload_tolerance(config),
-    )
-    if check.loaded and not check.passed:
-        raise QuantizationError(
-            f"transformers reloads the artifact with logits differing by {check.max_abs_diff:.3g} "
-            f"(tolerance {check.tolerance:g}); the artifact does not match dsq's model"
-        )
-    return check
+    return ctx.tail.reload_check(root, model, method_of(config).reload_tolerance if config is not None else TOLERANCE)
 
 
 def _save(ctx: _Context, root: Path, model: nn.Module, config: object | None) -> None:
     """Quantized models as PTQ artifacts are saved; an FP model as a plain transformers checkpoint."""
-    from dsq.run.pipeline import save_artifact
-    from dsq.run.recipe import dump_recipe
-
     if config is None:
         model.save_pretrained(str(root))
         ctx.loaded.tokenizer.save_pretrained(str(root))
@@ -179,21 +161,15 @@ def _save(ctx: _Context, root: Path, model: nn.Module, config: object | None) ->
     save_artifact(root, LoadedModel(model=model, tokenizer=ctx.loaded.tokenizer, source=ctx.loaded.source), ctx.recipe, config)
 
 
-def _evaluate(ctx: _Context, name: str, model: nn.Module, root: Path | None = None, **extra) -> ModelMetrics:
-    metrics = ctx.evaluator.evaluate(name, model, disk_path=root)
-    metrics.extra.update(extra)
-    return metrics
+def _evaluate(ctx: _Context, name: str, model: nn.Module, root: Path | None = None, **facts) -> ModelMetrics:
+    return ctx.tail.evaluate(name, model, root, **facts)
 
 
 def _finish(ctx: _Context, tmp: Path, original: ModelMetrics, rows: list[ModelMetrics], manifest_extra: dict,
-            reload: ReloadCheck | None, gated: list[ModelMetrics] | None = None):
-    from dsq.run.pipeline import RunResult, gates_of, run_meta
-
+            reload: ReloadCheck | None, gated: list[ModelMetrics] | None = None) -> RunResult:
     # the artifact's row (and its ONNX row) is gated, not the intermediate ones
-    results = check_gates(gates_of(ctx.recipe), original, gated if gated is not None else rows[-1:])
-    report = Report(original, rows, results, meta=run_meta(ctx.recipe, ctx.loaded))
-    write_report(report, tmp)
-    write_manifest(tmp, source=ctx.loaded.source.to_dict(), extra=manifest_extra)
+    report, results = ctx.tail.conclude(original, rows, gated if gated is not None else rows[-1:])
+    write_artifact_records(report, tmp, ctx.loaded.source.to_dict(), manifest_extra)
     return RunResult(output=ctx.output, report=report, gates=results, reload=reload)
 
 
@@ -201,15 +177,13 @@ def _finish(ctx: _Context, tmp: Path, original: ModelMetrics, rows: list[ModelMe
 
 
 def _qat(ctx: _Context, tmp: Path | None, original: ModelMetrics | None):
-    from dsq.run.pipeline import candidate_name, export_rows, summary, target_spec, weight_scheme
-
     recipe, model = ctx.recipe, ctx.loaded.model
     section = ctx.finetune.qat
     teacher = copy.deepcopy(model) if section.distill_weight > 0 else None
     ptq_report = None
     if recipe.quantize.method != "rtn":
         _, ptq_report, _ = _ptq(ctx, model)  # QAT starts from this PTQ result
-    config = QATConfig(weight_scheme(recipe.quantize.weights), target_spec(recipe.quantize),
+    config = QATConfig(recipe.quantize.weights.scheme(), recipe.quantize.targets.spec(),
                        learnable_scales=section.learnable_scales, mse_init=section.mse_init)
     prepare_qat(model, config)
     start_row = None
@@ -229,28 +203,24 @@ def _qat(ctx: _Context, tmp: Path | None, original: ModelMetrics | None):
     save_artifact_config = _rtn_like_config(config)
     _save(ctx, tmp, model, save_artifact_config)
     reload = _reload_check(ctx, tmp, model, save_artifact_config)
-    name = f"qat-{candidate_name(recipe.quantize)}"
-    row = _evaluate(ctx, name, model, tmp, quantization=summary(qreport, time.perf_counter() - started, None),
-                    training=result.extra, reload_check=reload.to_dict() if reload else None)
-    onnx_rows = export_rows(recipe, ctx.loaded, tmp, ctx.evaluator, name, row)
+    name = f"qat-{recipe.quantize.row_name()}"
+    facts = QuantizationFacts(qreport, time.perf_counter() - started, None)
+    row = _evaluate(ctx, name, model, tmp, quantization=facts, training=result, reload_check=reload or ReloadNotRun())
+    onnx_rows = export_rows(recipe.export, ctx.loaded, tmp, ctx.tail.evaluator, name, row)
     return _finish(ctx, tmp, original, [start_row, row, *onnx_rows],
-                   {"quantization": qreport.to_dict(), "training": result.extra}, reload, gated=[row, *onnx_rows])
+                   {"quantization": facts.record, "training": result.to_dict()}, reload, gated=[row, *onnx_rows])
 
 
 def _start_name(recipe: Recipe) -> str:
     """What step 0 of QAT is: the PTQ result, or round-to-nearest with min/max or searched ranges."""
-    from dsq.run.pipeline import candidate_name
-
     section = recipe.finetune.qat
     if recipe.quantize.method == "rtn" and section.learnable_scales and section.mse_init:
-        return candidate_name(recipe.quantize) + " range-searched"
-    return candidate_name(recipe.quantize)
+        return recipe.quantize.row_name() + " range-searched"
+    return recipe.quantize.row_name()
 
 
 def _rtn_like_config(config: QATConfig):
     """The PTQ config whose artifact layout a QAT model shares (compressed-tensors, same scheme)."""
-    from dsq.quantize import RTNConfig
-
     return RTNConfig(scheme=config.scheme, targets=config.targets)
 
 
@@ -258,63 +228,59 @@ def _rtn_like_config(config: QATConfig):
 
 
 def _base_identity(ctx: _Context, ptq_config: object | None) -> dict:
-    from dsq.run.pipeline import candidate_name
-
     source = ctx.loaded.source.to_dict()
     return {
         "model": source.get("path"),
         "model_type": source.get("model_type"),
         "fingerprint": source.get("fingerprint"),
-        "quantization": candidate_name(ctx.recipe.quantize) if ptq_config is not None else "none",
+        "quantization": ctx.recipe.quantize.row_name() if ptq_config is not None else "none",
     }
 
 
 def _lora(ctx: _Context, tmp: Path | None, original: ModelMetrics | None):
-    from dsq.run.pipeline import candidate_name, summary
     from dsq.finetune.lora import apply_lora, save_adapter, trainable_share
-    from dsq.finetune.merge import measure_merge_drift, merge_into_fp, merge_requantize
+    from dsq.eval.drift import measure_merge_drift
+    from dsq.finetune.merge import merge_into_fp, merge_requantize
 
     recipe, model = ctx.recipe, ctx.loaded.model
     section = ctx.finetune.lora
     rows: list[ModelMetrics] = []
-    ptq_config, ptq_report, base_name = None, None, "fp"
+    ptq_config, ptq_facts, base_name = None, None, "fp"
     if recipe.quantize is not None:
         ptq_config, ptq_report, seconds = _ptq(ctx, model)
-        base_name = candidate_name(recipe.quantize)
+        ptq_facts = QuantizationFacts(ptq_report, seconds, None)
+        base_name = recipe.quantize.row_name()
         if ctx.main:
-            rows.append(_evaluate(ctx, f"{base_name} (QLoRA base)", model,
-                                  quantization=summary(ptq_report, seconds, None)))
+            rows.append(_evaluate(ctx, f"{base_name} (QLoRA base)", model, quantization=ptq_facts))
     peft_model = apply_lora(model, lora_spec(section))
     trainable, total = trainable_share(peft_model)
     result = _train(ctx, peft_model, 0.0, None)
     if not ctx.main:
         return None
-    lora_facts = {"base": base_name, "trainable_params": trainable, "total_params": total,
-                  "trainable_share": trainable / total, "r": section.r, "alpha": section.alpha}
+    lora_facts = LoraFacts(base_name, trainable, total, section.r, section.alpha)
     identity = _base_identity(ctx, ptq_config)
     save_adapter(peft_model, tmp / "adapter", identity)
-    rows.append(_evaluate(ctx, f"lora-{base_name}", peft_model, tmp / "adapter", training=result.extra, lora=lora_facts))
-    manifest_extra = {"training": result.extra, "lora": lora_facts, "adapter_base": identity}
-    if ptq_report is not None:
-        manifest_extra["quantization"] = ptq_report.to_dict()
+    rows.append(_evaluate(ctx, f"lora-{base_name}", peft_model, tmp / "adapter", training=result, lora=lora_facts))
+    manifest_extra = {"training": result.to_dict(), "lora": lora_facts.to_dict(), "adapter_base": identity}
+    if ptq_facts is not None:
+        manifest_extra["quantization"] = ptq_facts.record
     if not section.merge:
         base = peft_model.get_base_model()
         _save(ctx, tmp, base, ptq_config)
         return _finish(ctx, tmp, original, rows, manifest_extra, None)
     if ptq_config is None:
         merged = merge_into_fp(peft_model)
-        merge_facts = {"exact": True}
+        merge_facts = ExactMerge()
     else:
         adapter_model = copy.deepcopy(peft_model)
         merged, records = merge_requantize(peft_model)
-        drift = measure_merge_drift(adapter_model, merged, ctx.evaluator.token_ids)
+        drift = measure_merge_drift(adapter_model, merged, ctx.tail.evaluator.token_ids)
         del adapter_model
-        merge_facts = {"exact": False, "drift_vs_adapter": drift.to_dict(), "modules": [r.to_dict() for r in records]}
+        merge_facts = RequantizedMerge(drift.to_dict(), [r.to_dict() for r in records])
     _save(ctx, tmp, merged, ptq_config)
     reload = _reload_check(ctx, tmp, merged, ptq_config)
-    rows.append(_evaluate(ctx, f"lora-merged-{base_name}", merged, tmp, merge=merge_facts,
-                          reload_check=reload.to_dict() if reload else None))
-    manifest_extra["merge"] = merge_facts
+    rows.append(_evaluate(ctx, f"lora-merged-{base_name}", merged, tmp, merge=merge_facts, reload_check=reload or ReloadNotRun()))
+    manifest_extra["merge"] = merge_facts.to_dict()
     return _finish(ctx, tmp, original, rows, manifest_extra, reload)
 
 
@@ -326,22 +292,26 @@ def run_finetune(recipe: Recipe):
 
     On a non-main process of a multi-process run it returns None after training.
     """
-    from dsq.run.pipeline import DTYPES, benchmark_suite, model_path
-
     torch.manual_seed(recipe.seed)
     output = Path(recipe.output).expanduser()
     accelerator = make_accelerator()
     # only the main process writes; it holds the output from before the model is loaded
     with claim_output(output, recipe.overwrite) if accelerator.is_main_process else contextlib.nullcontext():
-        suite = benchmark_suite(recipe)
+        suite = benchmark_suite(recipe.eval)
         src = model_path(recipe)
-        check_recipe_against_checkpoint(recipe, validate_checkpoint(src, trust_remote_code=recipe.trust_remote_code))
-        loaded = load_checkpoint(src, dtype=DTYPES[recipe.dtype], trust_remote_code=recipe.trust_remote_code)
+        files = validate_checkpoint(src, trust_remote_code=recipe.trust_remote_code)
+        check_recipe_against_checkpoint(recipe, files)
+        loaded = load_checkpoint(files, dtype=DTYPES[recipe.dtype], trust_remote_code=recipe.trust_remote_code)
         data = load_training_data(data_spec(recipe.finetune.data), loaded.tokenizer)
         main = accelerator.is_main_process
         evaluator = Evaluator(suite, loaded.tokenizer, progress=recipe.progress) if main else None
-        ctx = _Context(recipe, loaded, data, accelerator, evaluator, output)
+        ctx = _Context(recipe, loaded, data, accelerator, _tail(recipe, evaluator, loaded), output)
         step = _qat if recipe.finetune.qat is not None else _lora
         with (atomic_directory(output, recipe.overwrite) if main else contextlib.nullcontext(None)) as tmp:
-            original = evaluator.evaluate("original", loaded.model, reference=True, disk_path=src) if main else None
+            original = ctx.tail.evaluate("original", loaded.model, src, reference=True) if main else None
             return step(ctx, tmp, original)
+
+
+def _tail(recipe: Recipe, evaluator: Evaluator | None, loaded: LoadedModel) -> RunTail:
+    reload = ReloadSettings(DTYPES[recipe.dtype], recipe.trust_remote_code) if recipe.eval.reload_check else None
+    return RunTail(evaluator, gates_of(recipe.eval), run_meta(recipe, loaded.source, loaded.notes), reload)

@@ -22,12 +22,14 @@ from pydantic import ValidationError
 from dsq.core.atomic import MANIFEST, atomic_directory, claim_output
 from dsq.core.errors import DsqInputError, RecipeError
 from dsq.core.manifest import EXPORT_MANIFEST, ArtifactIntegrityError, verify_manifest  # noqa: F401 (re-exported)
-from dsq.run.recipe import EvalSection, _format_errors, read_yaml
-from dsq.eval import Evaluator, Gates, GateResult, Report, check_gates, write_report
+from dsq.core.schema import format_errors
+from dsq.core.yaml_file import read_yaml
+from dsq.run.recipe import EvalSection, check_eval_section
+from dsq.run.steps import benchmark_suite
+from dsq.run.tail import RunTail
+from dsq.eval import ArtifactQuantization, Evaluator, Gates, GateResult, Report, write_report
 from dsq.eval.ci import summary_markdown, write_junit
 from dsq.core.check import Check
-from dsq.eval.plots import write_plots_if_installed
-from dsq.eval.report import SQNR_KEY, weight_sqnr_summary, write_html_report
 
 VALIDATION_MARKER = ".dsq-validation"  # marks an output directory as written by dsq validate
 RELATIVE_GATES = (
@@ -47,8 +49,6 @@ def load_gates_file(path: Path | None, artifact: Path) -> EvalSection:
         RecipeError: Naming the file and the key: unreadable or invalid YAML, an unknown key, a value out
             of range, or a gate whose section is null.
     """
-    from dsq.run.recipe import check_eval_section
-
     prefix = ""
     if path is None:
         recipe = artifact / "recipe.yaml"
@@ -60,7 +60,7 @@ def load_gates_file(path: Path | None, artifact: Path) -> EvalSection:
     try:
         section = EvalSection.model_validate(tree)
     except ValidationError as exc:
-        raise RecipeError(_format_errors(exc, source, EvalSection)) from None
+        raise RecipeError(format_errors(exc, source, EvalSection)) from None
     check_eval_section(section, source, prefix)
     return section
 
@@ -73,7 +73,7 @@ def _load(path: Path):
         from dsq.export import OrtCausalLM
 
         return OrtCausalLM(path), AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    from dsq.run.export_step import load_for_export
+    from dsq.quantize.model_dir import load_for_export
 
     loaded = load_for_export(path)
     return loaded.model, loaded.tokenizer
@@ -118,9 +118,6 @@ def validate(artifact: Path, *, baseline: Path | None = None, gates_file: Path |
 
 def _validate(artifact: Path, baseline: Path | None, gates_file: Path | None, output: Path,
               progress: bool) -> ValidateResult:
-    from dsq.run.pipeline import benchmark_suite
-    from dsq.run.recipe import Recipe
-
     integrity = verify_manifest(artifact)
     section = load_gates_file(gates_file, artifact)
     gates = Gates(**section.gates.model_dump())
@@ -128,26 +125,21 @@ def _validate(artifact: Path, baseline: Path | None, gates_file: Path | None, ou
     if relative and baseline is None:
         raise DsqInputError(f"gate {relative[0]} compares with a baseline: pass --baseline (the original model)")
     model, tokenizer = _load(artifact)
-    evaluator = Evaluator(benchmark_suite(Recipe(eval=section)), tokenizer, progress=progress)
+    tail = RunTail(Evaluator(benchmark_suite(section), tokenizer, progress=progress), gates,
+                   meta={"artifact": str(artifact), "baseline": str(baseline) if baseline else None})
     reference = None
     if baseline is not None:
         base_model, _ = _load(baseline)
-        reference = evaluator.evaluate(f"baseline ({baseline.name})", base_model, reference=True, disk_path=baseline)
+        reference = tail.evaluate(f"baseline ({baseline.name})", base_model, baseline, reference=True)
         del base_model
-    row = evaluator.evaluate(artifact.name, model, disk_path=artifact)
     quant_record = _quantization_record(artifact)
-    sqnr = weight_sqnr_summary((quant_record or {}).get("modules") or [])
-    if sqnr is not None:  # the report's Worst layers section
-        row.extra["quantization"] = {"method": quant_record.get("method"), "scheme": quant_record.get("scheme"), SQNR_KEY: sqnr}
+    facts = {"quantization": ArtifactQuantization(quant_record)} if quant_record is not None else {}
+    row = tail.evaluate(artifact.name, model, artifact, **facts)
     original = reference if reference is not None else row
-    results = check_gates(gates, original, [row])
-    report = Report(original, [row] if reference is not None else [], results,
-                    meta={"artifact": str(artifact), "baseline": str(baseline) if baseline else None})
+    report, results = tail.conclude(original, [row] if reference is not None else [], gated=[row])
     # all files or none: an earlier validation output (it has the marker) is swapped out, anything else refused
     with atomic_directory(output, overwrite=True, marker=VALIDATION_MARKER) as tmp:
         write_report(report, tmp)
-        write_plots_if_installed(tmp, quant_record)
-        write_html_report(report, tmp)  # again, now with the plots embedded
         title = f"dsq validate {artifact}"
         write_junit(tmp / "junit.xml", title, [integrity], results, report)
         (tmp / "summary.md").write_text(summary_markdown(title, [integrity], results, report))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 from pathlib import Path
+from dsq.assets import ASSETS
 
 TRAIN_BUDGET_CHARS = 300_000
 HELDOUT_BUDGET_CHARS = 60_000
@@ -156,7 +157,7 @@ def write_license_section(license_path: Path, section: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="assets root")
+    parser.add_argument("--out", type=Path, default=ASSETS, help="assets root (default: dsq/assets)")
     args = parser.parse_args(argv)
     import sympy
 

@@ -19,6 +19,7 @@ import hashlib
 from pathlib import Path
 
 from dsq.tools.train_tiny import collect_corpus, is_heldout
+from dsq.assets import ASSETS
 
 BUDGET_CHARS = 1_000_000
 MIN_FILE_CHARS, MAX_FILE_CHARS = 2_000, 30_000
@@ -38,7 +39,7 @@ def choose(files: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "data"))
+    parser.add_argument("--out", default=str(ASSETS / "data"))
     args = parser.parse_args(argv)
     files = choose(collect_corpus().train)
     text = "\f".join(t for _, t in files)

@@ -151,48 +151,63 @@ def deepseek_v3_config(
         "n_group": n_group,
         "topk_group": topk_group,
     }
+    counts = {
+        "q_lora_rank": q_lora_rank, "first_k_dense_replace": first_k_dense_replace, "n_shared_experts": n_shared_experts
+    }
+    _check_v3_sizes(sizes, counts)
+    return _v3_config_from_template(sizes, counts, max_position_embeddings=max_position_embeddings, dtype=dtype)
+
+
+def _check_v3_sizes(sizes: dict[str, Any], counts: dict[str, int]) -> None:
+    """Raise ``ValueError`` unless every size is a positive integer, every count is >= 0 and the
+    routing settings fit together."""
     bad = [f"{k}={v!r}" for k, v in sizes.items() if not isinstance(v, int) or v <= 0]
-    if bad or q_lora_rank < 0 or first_k_dense_replace < 0 or n_shared_experts < 0:
-        raise ValueError(f"deepseek_v3_config: sizes must be positive integers, got {', '.join(bad) or 'a negative rank/count'}")
-    if num_experts_per_tok > num_experts or num_experts % n_group or topk_group > n_group:
+    if bad or any(v < 0 for v in counts.values()):
+        got = ", ".join(bad) or "a negative rank/count"
+        raise ValueError(f"deepseek_v3_config: sizes must be positive integers, got {got}")
+    num_experts, n_group = sizes["num_experts"], sizes["n_group"]
+    if sizes["num_experts_per_tok"] > num_experts or num_experts % n_group or sizes["topk_group"] > n_group:
         raise ValueError(
             f"deepseek_v3_config: inconsistent routing: num_experts={num_experts}, "
-            f"num_experts_per_tok={num_experts_per_tok}, n_group={n_group}, topk_group={topk_group}"
+            f"num_experts_per_tok={sizes['num_experts_per_tok']}, n_group={n_group}, topk_group={sizes['topk_group']}"
         )
+
+
+def _v3_config_from_template(
+    sizes: dict[str, int], counts: dict[str, int], *, max_position_embeddings: int, dtype: torch.dtype
+) -> dict[str, Any]:
+    """The bundled tiny model's ``config.json`` with the sizes of :func:`deepseek_v3_config` put in."""
     template = json.loads((bundled_model_path() / CONFIG_NAME).read_text())
     config = {k: v for k, v in template.items() if k not in _TEMPLATE_DROP}
     config.update(
         {
             "dtype": str(dtype).removeprefix("torch."),
-            "hidden_size": hidden_size,
-            "num_hidden_layers": num_layers,
-            "n_routed_experts": num_experts,
-            "moe_intermediate_size": moe_intermediate_size,
-            "intermediate_size": intermediate_size,
-            "vocab_size": vocab_size,
-            "first_k_dense_replace": first_k_dense_replace,
-            "q_lora_rank": q_lora_rank or None,
-            "kv_lora_rank": kv_lora_rank,
-            "num_attention_heads": heads,
-            "num_key_value_heads": heads,
-            "qk_nope_head_dim": qk_nope_head_dim,
-            "qk_rope_head_dim": qk_rope_head_dim,
-            "qk_head_dim": qk_nope_head_dim + qk_rope_head_dim,
-            "head_dim": qk_rope_head_dim,
-            "v_head_dim": v_head_dim,
-            "num_experts_per_tok": num_experts_per_tok,
-            "n_shared_experts": n_shared_experts,
-            "n_group": n_group,
-            "topk_group": topk_group,
+            "hidden_size": sizes["hidden_size"],
+            "num_hidden_layers": sizes["num_layers"],
+            "n_routed_experts": sizes["num_experts"],
+            "moe_intermediate_size": sizes["moe_intermediate_size"],
+            "intermediate_size": sizes["intermediate_size"],
+            "vocab_size": sizes["vocab_size"],
+            "first_k_dense_replace": counts["first_k_dense_replace"],
+            "q_lora_rank": counts["q_lora_rank"] or None,
+            "kv_lora_rank": sizes["kv_lora_rank"],
+            "num_attention_heads": sizes["heads"],
+            "num_key_value_heads": sizes["heads"],
+            "qk_nope_head_dim": sizes["qk_nope_head_dim"],
+            "qk_rope_head_dim": sizes["qk_rope_head_dim"],
+            "qk_head_dim": sizes["qk_nope_head_dim"] + sizes["qk_rope_head_dim"],
+            "head_dim": sizes["qk_rope_head_dim"],
+            "v_head_dim": sizes["v_head_dim"],
+            "num_experts_per_tok": sizes["num_experts_per_tok"],
+            "n_shared_experts": counts["n_shared_experts"],
+            "n_group": sizes["n_group"],
+            "topk_group": sizes["topk_group"],
             "max_position_embeddings": max_position_embeddings,
             # No multi-token-prediction layer is written, so none is declared.
             "num_nextn_predict_layers": 0,
         }
     )
     return config
-
-
-# --------------------------------------------------------------------------- tensor specs
 
 
 # --------------------------------------------------------------------------- generation
@@ -340,15 +355,7 @@ def write_synthetic_checkpoint(
         ValueError: Unsupported dtype or model type, or a vocabulary smaller than the tokenizer.
         FileExistsError: ``root`` exists and is not empty.
     """
-    from safetensors.torch import save_file
-
-    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
-    if max_shard_bytes <= 0:
-        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    root = Path(root)
-    if root.exists() and any(root.iterdir()):
-        raise FileExistsError(f"{root} exists and is not empty")
+    root = _check_output(root, dtype, max_shard_bytes)
     fmt = FP8BlockFormat(tuple(fp8_block)) if fp8 else None
     specs = tensor_specs(config)
     shards = plan_shards(specs, dtype=dtype, fp8=fmt, max_shard_bytes=max_shard_bytes)
@@ -359,6 +366,35 @@ def write_synthetic_checkpoint(
     out_config["dtype"] = str(dtype).removeprefix("torch.")
     if fmt is not None:
         out_config["quantization_config"] = fp8_quantization_config(fmt)
+    weight_map, total = _write_shards(root, shards, dtype=dtype, fmt=fmt, seed=seed)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (root / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    (root / CONFIG_NAME).write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n")
+    return root
+
+
+def _check_output(root: str | Path, dtype: torch.dtype, max_shard_bytes: int) -> Path:
+    """``root`` as a Path, after checking the dtype, the shard limit and that ``root`` is empty or absent."""
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    root = Path(root)
+    if root.exists() and any(root.iterdir()):
+        raise FileExistsError(f"{root} exists and is not empty")
+    return root
+
+
+def _write_shards(
+    root: Path, shards: list[list[TensorSpec]], *, dtype: torch.dtype, fmt: FP8BlockFormat | None, seed: int
+) -> tuple[dict[str, str], int]:
+    """Generate and write each shard in turn (one in memory at a time).
+
+    Returns:
+        ``(weight_map, total data bytes)``: the file of every tensor name, as the index records it.
+    """
+    from safetensors.torch import save_file
 
     names = (
         [SAFE_WEIGHTS_NAME]
@@ -376,21 +412,15 @@ def write_synthetic_checkpoint(
         weight_map.update(dict.fromkeys(tensors, file_name))
         logger.debug("wrote %s (%d tensors)", file_name, len(tensors))
         del tensors
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (root / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    (root / CONFIG_NAME).write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n")
-    return root
+    return weight_map, total
 
 
 __all__ = [
     "DEFAULT_SHARD_BYTES",
     "FP8_KINDS",
-    "KINDS",
     "TensorSpec",
     "deepseek_v3_config",
     "generate_tensor",
-    "num_parameters",
     "plan_shards",
     "tensor_specs",
     "write_synthetic_checkpoint",

@@ -25,16 +25,14 @@ data files to ``DIR/data`` (default: the directory of this file).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import platform
 import random
 import sys
-import sysconfig
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 # OpenMP workers that spin while waiting make 2 threads on a 2-core machine several times slower
@@ -43,393 +41,56 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-SEED = 1234
+from dsq.tools.tiny_corpus import (  # noqa: E402
+    SEED, Corpus, build_calibration_text, build_heldout_text, build_mc_items, collect_corpus, is_heldout, split_heldout,
+    write_data_license,
+)
+from dsq.tools.tiny_model import (  # noqa: E402
+    PPL_CONTEXT, PPL_STRIDE, VOCAB_SIZE, ExpertLoadTracker, check_linear_widths, encode, heldout_perplexity, make_config,
+    mc_accuracy, train_tokenizer,
+)
+from dsq.assets import ASSETS
+
 SEQ_LEN = 256
-VOCAB_SIZE = 2048
-SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>"]
-HELDOUT_PERMILLE = 30  # ~3% of the files are held out
-HELDOUT_TXT_MIN_CHARS = 80_000
-HELDOUT_TXT_MAX_CHARS = 115_000
-CALIB_TARGET_CHARS = 150_000
-CALIB_CHUNK_CHARS = 3_000
-MC_ITEMS = 250
-MC_CONTEXT_LINES = 8
-MC_MAX_PER_FILE = 25
-PPL_CONTEXT = 256
-PPL_STRIDE = 128
 BIAS_UPDATE_GAMMA = 1e-3
 
-EXCLUDED_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
-# Build-specific files: their content depends on how the interpreter was compiled.
-EXCLUDED_PREFIXES = ("config-3.", "_sysconfigdata_")
-TEXT_SUFFIXES = {".py", ".txt", ".rst"}
+
+@dataclass(frozen=True)
+class FrozenData:
+    """The evaluation and calibration data written to ``data/``, and the held-out files they come from."""
+
+    ppl_files: list[tuple[str, str]]  # (relpath, text) concatenated into heldout.txt
+    mc_files: list[tuple[str, str]]  # (relpath, text) the MC items are built from
+    heldout_text: str
+    calib_text: str
+    mc_items: list[dict]
 
 
-# --------------------------------------------------------------------------- corpus
+@dataclass(frozen=True)
+class TrainLog:
+    """What the training loop did."""
+
+    steps: int
+    tokens_seen: int
+    seconds: float  # the training loop only
+    batch_size: int  # sequences per step after the throughput probe
+    final_loss: float  # mean of the last 20 steps
+    # (step, tokens, seconds, loss, lr), about every 10% of the budget
+    milestones: list[tuple[int, int, float, float, float]]
 
 
-@dataclass
-class Corpus:
-    root: Path
-    train: list[tuple[str, str]] = field(default_factory=list)  # (relpath, text), sorted by relpath
-    heldout: list[tuple[str, str]] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # not valid UTF-8
+@dataclass(frozen=True)
+class Evaluation:
+    """The trained model on the frozen data, and its expert loads."""
 
-
-def _path_bucket(relpath: str) -> int:
-    return int.from_bytes(hashlib.sha256(relpath.encode("utf-8")).digest()[:8], "big") % 1000
-
-
-def is_heldout(relpath: str) -> bool:
-    return _path_bucket(relpath) < HELDOUT_PERMILLE
-
-
-def _excluded(rel: Path) -> bool:
-    parts = rel.parts
-    if any(p in EXCLUDED_DIRS for p in parts[:-1]):
-        return True
-    if parts[0].startswith(EXCLUDED_PREFIXES) or rel.name.startswith(EXCLUDED_PREFIXES):
-        return True
-    # lib2to3/tests and idlelib/idle_test are covered by EXCLUDED_DIRS.
-    return rel.suffix not in TEXT_SUFFIXES
-
-
-def collect_corpus(stdlib: str | None = None) -> Corpus:
-    root = Path(stdlib or sysconfig.get_paths()["stdlib"]).resolve()
-    corpus = Corpus(root=root)
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in EXCLUDED_DIRS)
-        for name in filenames:
-            rel = Path(dirpath, name).relative_to(root)
-            if not _excluded(rel):
-                files.append(rel.as_posix())
-    for rel in sorted(files):
-        try:
-            text = (root / rel).read_bytes().decode("utf-8")
-        except UnicodeDecodeError:
-            corpus.skipped.append(rel)
-            continue
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-        if not text.strip():
-            continue
-        (corpus.heldout if is_heldout(rel) else corpus.train).append((rel, text))
-    return corpus
-
-
-def split_heldout(corpus: Corpus) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Held-out files -> (files concatenated into heldout.txt, files used for mc.jsonl)."""
-    ppl_files, mc_files, total = [], [], 0
-    for rel, text in corpus.heldout:
-        if total < HELDOUT_TXT_MIN_CHARS and total + len(text) <= HELDOUT_TXT_MAX_CHARS:
-            ppl_files.append((rel, text))
-            total += len(text)
-        else:
-            mc_files.append((rel, text))
-    return ppl_files, mc_files
-
-
-def build_heldout_text(ppl_files: list[tuple[str, str]]) -> str:
-    return "\n\n".join(text.rstrip("\n") for _, text in ppl_files) + "\n"
-
-
-def build_calibration_text(corpus: Corpus) -> str:
-    """Line-aligned ~3 KB chunks from training files, chosen with a fixed seed."""
-    rng = random.Random(SEED + 1)
-    files = [f for f in corpus.train if len(f[1]) > 2 * CALIB_CHUNK_CHARS]
-    rng.shuffle(files)
-    chunks, total = [], 0
-    for _, text in files:
-        if total >= CALIB_TARGET_CHARS:
-            break
-        start = rng.randrange(0, len(text) - CALIB_CHUNK_CHARS)
-        start = text.rfind("\n", 0, start) + 1
-        end = text.rfind("\n", start, start + CALIB_CHUNK_CHARS)
-        chunk = text[start:end].strip("\n")
-        if chunk:
-            chunks.append(chunk)
-            total += len(chunk) + 2
-    return "\n\n".join(chunks) + "\n"
-
-
-def _mc_line_ok(line: str) -> bool:
-    s = line.strip()
-    return 12 <= len(s) <= 80 and not s.startswith("#")
-
-
-def build_mc_items(mc_files: list[tuple[str, str]], n_items: int = MC_ITEMS) -> list[dict]:
-    """Next-line prediction: context = MC_CONTEXT_LINES consecutive lines, gold = the next line,
-    distractors = lines of similar length from *other* held-out files, re-indented like the gold
-    line so that indentation alone does not give the answer."""
-    rng = random.Random(SEED + 2)
-    lines_by_file = [(rel, text.split("\n")) for rel, text in mc_files]
-    pool = [
-        (fi, line.strip())
-        for fi, (_, lines) in enumerate(lines_by_file)
-        for line in lines
-        if _mc_line_ok(line)
-    ]
-    candidates = []
-    for fi, (_, lines) in enumerate(lines_by_file):
-        for i in range(MC_CONTEXT_LINES, len(lines)):
-            ctx = lines[i - MC_CONTEXT_LINES : i]
-            if _mc_line_ok(lines[i]) and sum(bool(c.strip()) for c in ctx) >= MC_CONTEXT_LINES // 2:
-                candidates.append((fi, i))
-    rng.shuffle(candidates)
-    items, used, per_file = [], set(), [0] * len(lines_by_file)
-    for fi, i in candidates:
-        if len(items) >= n_items:
-            break
-        if per_file[fi] >= MC_MAX_PER_FILE:
-            continue
-        lines = lines_by_file[fi][1]
-        gold = lines[i]
-        # keep items apart from each other within a file
-        if any((fi, j) in used for j in range(i - MC_CONTEXT_LINES, i + MC_CONTEXT_LINES + 1)):
-            continue
-        indent = gold[: len(gold) - len(gold.lstrip())]
-        glen = len(gold.strip())
-        similar = [s for f, s in pool if f != fi and abs(len(s) - glen) <= max(3, glen // 5) and s != gold.strip()]
-        similar = sorted(set(similar))
-        if len(similar) < 3:
-            continue
-        distractors = [indent + s for s in rng.sample(similar, 3)]
-        choices = ["\n" + gold] + ["\n" + d for d in distractors]
-        order = list(range(4))
-        rng.shuffle(order)
-        items.append(
-            {
-                "context": "\n".join(lines[i - MC_CONTEXT_LINES : i]),
-                "choices": [choices[k] for k in order],
-                "gold": order.index(0),
-            }
-        )
-        used.add((fi, i))
-        per_file[fi] += 1
-    return items
-
-
-# --------------------------------------------------------------------------- tokenizer
-
-
-def train_tokenizer(texts: list[str]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        min_frequency=2,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    assert tok.get_vocab_size() == VOCAB_SIZE, tok.get_vocab_size()
-    bos = tok.token_to_id("<|bos|>")  # the tokenizer adds <|bos|> itself: the model is trained on <bos> doc <eos>
-    tok.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B:1", special_tokens=[("<|bos|>", bos)]),
-    ])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|bos|>",
-        eos_token="<|eos|>",
-        pad_token="<|pad|>",
-        clean_up_tokenization_spaces=False,
-        model_max_length=1024,
-    )
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-# --------------------------------------------------------------------------- model
-
-
-def make_config(tokenizer):
-    from transformers import DeepseekV3Config
-
-    cfg = DeepseekV3Config(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=256,
-        num_hidden_layers=4,
-        first_k_dense_replace=1,
-        intermediate_size=512,
-        moe_intermediate_size=128,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_shared_experts=1,
-        n_group=1,
-        topk_group=1,
-        norm_topk_prob=True,
-        routed_scaling_factor=1.0,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        q_lora_rank=128,
-        kv_lora_rank=64,
-        qk_rope_head_dim=32,
-        qk_nope_head_dim=32,
-        v_head_dim=64,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        rope_interleave=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    cfg.architectures = ["DeepseekV3ForCausalLM"]
-    return cfg
-
-
-def check_linear_widths(model: nn.Module, min_in: int = 64) -> None:
-    """Every nn.Linear (and every fused expert projection) must read at least `min_in` features."""
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear):
-            assert mod.in_features >= min_in, f"{name}: in_features={mod.in_features} < {min_in}"
-    for name, p in model.named_parameters():
-        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            assert p.shape[-1] >= min_in, f"{name}: in_features={p.shape[-1]} < {min_in}"
-
-
-class ExpertLoadTracker:
-    """Counts per-expert token assignments via forward hooks on each MoE router (`mlp.gate`)."""
-
-    def __init__(self, model: nn.Module):
-        self.routers: dict[str, nn.Module] = {}
-        for name, mod in model.named_modules():
-            if name.endswith("mlp.gate") and hasattr(mod, "e_score_correction_bias"):
-                self.routers[name.removesuffix(".mlp.gate")] = mod
-        self.step_counts = {k: torch.zeros(r.num_experts, dtype=torch.long) for k, r in self.routers.items()}
-        self.total_counts = {k: torch.zeros(r.num_experts, dtype=torch.long) for k, r in self.routers.items()}
-        self.handles = [r.register_forward_hook(self._hook(k)) for k, r in self.routers.items()]
-
-    def _hook(self, key):
-        def hook(module, inputs, output):
-            _, _, topk_indices = output
-            counts = torch.bincount(topk_indices.reshape(-1).detach().cpu(), minlength=module.num_experts)
-            self.step_counts[key] += counts
-            self.total_counts[key] += counts
-
-        return hook
-
-    def reset_total(self) -> None:
-        for v in self.total_counts.values():
-            v.zero_()
-
-    @torch.no_grad()
-    def update_bias(self, gamma: float) -> None:
-        """Aux-loss-free balancing (DeepSeek-V3): bias_i += gamma * sign(mean_load - load_i)."""
-        for key, router in self.routers.items():
-            load = self.step_counts[key].float()
-            router.e_score_correction_bias += gamma * torch.sign(load.mean() - load).to(
-                router.e_score_correction_bias.dtype
-            )
-            self.step_counts[key].zero_()
-
-    def fractions(self) -> dict[str, list[float]]:
-        out = {}
-        for key, counts in self.total_counts.items():
-            tot = max(int(counts.sum()), 1)
-            out[key] = [round(int(c) / tot, 4) for c in counts]
-        return out
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def sliding_window_nll(
-    model, ids: list[int], context: int = PPL_CONTEXT, stride: int = PPL_STRIDE, batch_size: int = 16
-) -> tuple[float, int]:
-    """Sum of NLL (nats) and number of scored tokens. Windows of `context` tokens start every
-    `stride` tokens; each window scores only the tokens no earlier window scored, so every token
-    after the first is scored once, with up to `context - 1` tokens of left context."""
-    model.eval()
-    n = len(ids)
-    windows = []  # (begin, end, index of the first newly scored target in the window)
-    begin = prev_end = 0
-    while prev_end < n:
-        end = min(begin + context, n)
-        windows.append((begin, end, max(prev_end, begin + 1) - (begin + 1)))
-        prev_end, begin = end, begin + stride
-    ids_t = torch.tensor(ids, dtype=torch.long)
-    total, count = 0.0, 0
-    for length in sorted({e - b for b, e, _ in windows}):
-        group = [w for w in windows if w[1] - w[0] == length]
-        for i in range(0, len(group), batch_size):
-            chunk = group[i : i + batch_size]
-            batch = torch.stack([ids_t[b:e] for b, e, _ in chunk])
-            logits = model(input_ids=batch).logits[:, :-1].float()
-            nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
-            for row, (_, _, first_new) in zip(nll, chunk):
-                total += float(row[first_new:].sum())
-                count += int(row.numel() - first_new)
-    return total, count
-
-
-def heldout_perplexity(model, tokenizer, text: str, context: int = PPL_CONTEXT, stride: int = PPL_STRIDE) -> dict:
-    ids = encode(tokenizer, text)
-    t0 = time.time()
-    total, count = sliding_window_nll(model, ids, context, stride)
-    return {
-        "ppl": math.exp(total / count),
-        "nll_per_token": total / count,
-        "tokens": count,
-        "bits_per_byte": total / math.log(2) / len(text.encode("utf-8")),
-        "seconds": time.time() - t0,
-    }
-
-
-@torch.no_grad()
-def mc_accuracy(model, tokenizer, items: list[dict], items_per_batch: int = 8) -> dict:
-    """lm-eval style: score(choice) = sum log p(choice tokens | context); acc and acc_norm
-    (score divided by the choice's length in bytes)."""
-    model.eval()
-    pad = tokenizer.pad_token_id
-    correct = correct_norm = 0
-    for start in range(0, len(items), items_per_batch):
-        chunk = items[start : start + items_per_batch]
-        seqs, conts = [], []
-        for item in chunk:
-            ctx_ids = encode(tokenizer, item["context"])
-            for choice in item["choices"]:
-                whole = encode(tokenizer, item["context"] + choice)
-                if whole[: len(ctx_ids)] == ctx_ids:
-                    cont = whole[len(ctx_ids) :]
-                else:  # tokenisation merged across the boundary
-                    cont = encode(tokenizer, choice)
-                seqs.append((ctx_ids + cont)[-(PPL_CONTEXT + 1) :])
-                conts.append(len(cont))
-        width = max(len(s) for s in seqs)
-        batch = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, s in enumerate(seqs):
-            batch[r, : len(s)] = torch.tensor(s)
-            mask[r, : len(s)] = 1
-        logp = model(input_ids=batch, attention_mask=mask).logits.float().log_softmax(-1)
-        scores = []
-        for r, s in enumerate(seqs):
-            pos = torch.arange(len(s) - conts[r], len(s))
-            scores.append(float(logp[r, pos - 1, batch[r, pos]].sum()))
-        for k, item in enumerate(chunk):
-            sc = scores[4 * k : 4 * k + 4]
-            norm = [v / len(c.encode("utf-8")) for v, c in zip(sc, item["choices"])]
-            correct += int(max(range(4), key=sc.__getitem__) == item["gold"])
-            correct_norm += int(max(range(4), key=norm.__getitem__) == item["gold"])
-    n = max(len(items), 1)
-    return {"acc": correct / n, "acc_norm": correct_norm / n, "n": len(items)}
+    ppl: dict  # heldout_perplexity
+    mc: dict  # mc_accuracy of the trained model
+    init_mc: dict  # mc_accuracy of the untrained model (same init)
+    train_loads: dict[str, list[float]]  # per MoE layer, over the last 10% of training
+    heldout_loads: dict[str, list[float]]  # per MoE layer, on heldout.txt
 
 
 # --------------------------------------------------------------------------- training
@@ -469,88 +130,36 @@ def choose_batch_size(tokens_per_s: float, seconds: float, target_steps: int = 8
     return int(min(32, max(16, 8 * round(b / 8))))
 
 
-# --------------------------------------------------------------------------- main
+def _optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, tracker: ExpertLoadTracker, batch: torch.Tensor,
+                    lr: float) -> float:
+    """One AdamW step on ``batch`` ``(B, SEQ_LEN)`` (clipped to norm 1.0), then the router bias update."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    out = model(input_ids=batch, labels=batch)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    tracker.update_bias(BIAS_UPDATE_GAMMA)
+    return float(out.loss.detach())
 
 
-def _fmt_size(n: int) -> str:
-    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
+def train_model(
+    model: nn.Module, windows: torch.Tensor, tracker: ExpertLoadTracker, args: argparse.Namespace
+) -> TrainLog:
+    """Train until the time or token budget of ``args`` is spent.
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=15.0, help="wall-clock budget of the training loop")
-    parser.add_argument("--max-tokens", type=int, default=50_000_000, help="token budget of the training loop")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="assets root")
-    parser.add_argument("--batch-size", type=int, default=0, help="sequences per step (0: chosen from throughput)")
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--warmup-steps", type=int, default=40)
-    parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-
-    t_start = time.time()
-    torch.manual_seed(SEED)
-    random.seed(SEED)
-    torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3ForCausalLM
-
-    model_dir = args.out / "tiny_deepseek_v3"
-    data_dir = args.out / "data"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    data_dir.mkdir(parents=True, exist_ok=True)
-
-    # ---- corpus and frozen data
-    corpus = collect_corpus()
-    ppl_files, mc_files = split_heldout(corpus)
-    heldout_text = build_heldout_text(ppl_files)
-    calib_text = build_calibration_text(corpus)
-    mc_items = build_mc_items(mc_files)
-    (data_dir / "heldout.txt").write_text(heldout_text, encoding="utf-8")
-    (data_dir / "calibration.txt").write_text(calib_text, encoding="utf-8")
-    with open(data_dir / "mc.jsonl", "w", encoding="utf-8") as f:
-        for item in mc_items:
-            f.write(json.dumps(item, ensure_ascii=False) + "\n")
-    train_chars = sum(len(t) for _, t in corpus.train)
-    print(
-        f"corpus: {len(corpus.train)} train files ({train_chars / 1e6:.2f}M chars), "
-        f"{len(corpus.heldout)} held-out files ({len(ppl_files)} -> heldout.txt, {len(mc_files)} -> mc.jsonl), "
-        f"{len(mc_items)} MC items, skipped (not UTF-8): {corpus.skipped}",
-        flush=True,
-    )
-
-    # ---- tokenizer
-    t0 = time.time()
-    tokenizer = train_tokenizer([t for _, t in corpus.train])
-    for _, t in ppl_files[:3] + mc_files[:3]:
-        assert tokenizer.decode(encode(tokenizer, t)) == t, "byte-level round trip failed"
-    train_ids = tokenizer([t for _, t in corpus.train], add_special_tokens=False)["input_ids"]
-    train_tokens = sum(len(x) for x in train_ids)
-    print(
-        f"tokenizer: vocab {len(tokenizer)}, {train_tokens:,} training tokens "
-        f"({train_chars / train_tokens:.2f} chars/token), {time.time() - t0:.1f}s",
-        flush=True,
-    )
-    windows = make_windows(train_ids, tokenizer.bos_token_id, tokenizer.eos_token_id)
-
-    # ---- model
-    torch.manual_seed(SEED)
-    config = make_config(tokenizer)
-    model = DeepseekV3ForCausalLM(config)
-    check_linear_widths(model)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params:,} parameters", flush=True)
-    init_mc = mc_accuracy(model, tokenizer, mc_items)
-    print(f"untrained MC: acc {init_mc['acc']:.3f} acc_norm {init_mc['acc_norm']:.3f}", flush=True)
-
-    tracker = ExpertLoadTracker(model)
+    The batch size, unless given, is chosen from the throughput of steps 3..10 at batch 16; the
+    tracker's loads are reset at 90% of the budget, so they cover the last 10% of training.
+    """
     tracker.reset_total()
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     budget_s = args.minutes * 60.0
     batch_size = args.batch_size or 16
     probe_steps = 8
-    step = tokens_seen = cursor = epochs = 0
+    step = tokens_seen = cursor = 0
     losses: list[float] = []
-    milestones: list[tuple[int, int, float, float, float]] = []  # ~every 10% of the budget
+    milestones: list[tuple[int, int, float, float, float]] = []
     train_time = 0.0
     probe_t0 = probe_tok0 = None
     tail_reset_done = False
@@ -560,19 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     while progress < 1.0:
         t_step = time.time()
         if cursor + batch_size > len(windows):
-            cursor, epochs = 0, epochs + 1
+            cursor = 0
         batch = windows[cursor : cursor + batch_size]
         cursor += batch_size
         lr = lr_at(step, progress, args.lr, args.warmup_steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        out = model(input_ids=batch, labels=batch)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        tracker.update_bias(BIAS_UPDATE_GAMMA)
-        loss = float(out.loss.detach())
+        loss = _optimizer_step(model, opt, tracker, batch, lr)
         assert math.isfinite(loss), f"loss diverged at step {step}"
         losses.append(loss)
         step += 1
@@ -593,24 +194,86 @@ def main(argv: list[str] | None = None) -> int:
         pbar.set_postfix_str(f"step {step} loss {sum(losses[-20:]) / len(losses[-20:]):.3f} lr {lr:.2e} tok {tokens_seen:,}", refresh=False)
         pbar.update(min(100, int(progress * 100)) - pbar.n)
     pbar.close()
-    train_loads = tracker.fractions()
     final_loss = sum(losses[-20:]) / len(losses[-20:])
+    return TrainLog(step, tokens_seen, train_time, batch_size, final_loss, milestones)
+
+
+# --------------------------------------------------------------------------- main steps
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=15.0, help="wall-clock budget of the training loop")
+    parser.add_argument("--max-tokens", type=int, default=50_000_000, help="token budget of the training loop")
+    parser.add_argument("--out", type=Path, default=ASSETS, help="assets root (default: the package's dsq/assets)")
+    parser.add_argument("--batch-size", type=int, default=0, help="sequences per step (0: chosen from throughput)")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--warmup-steps", type=int, default=40)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--threads", type=int, default=2)
+    return parser.parse_args(argv)
+
+
+def _write_frozen_data(corpus: Corpus, data_dir: Path) -> FrozenData:
+    """Build ``heldout.txt``, ``calibration.txt`` and ``mc.jsonl`` from ``corpus`` and write them."""
+    ppl_files, mc_files = split_heldout(corpus)
+    heldout_text = build_heldout_text(ppl_files)
+    calib_text = build_calibration_text(corpus)
+    mc_items = build_mc_items(mc_files)
+    (data_dir / "heldout.txt").write_text(heldout_text, encoding="utf-8")
+    (data_dir / "calibration.txt").write_text(calib_text, encoding="utf-8")
+    with open(data_dir / "mc.jsonl", "w", encoding="utf-8") as f:
+        for item in mc_items:
+            f.write(json.dumps(item, ensure_ascii=False) + "\n")
+    train_chars = sum(len(t) for _, t in corpus.train)
     print(
-        f"trained {step} steps, {tokens_seen:,} tokens ({tokens_seen / train_tokens:.2f} epochs), "
-        f"{train_time:.0f}s, final train loss (mean of last 20 steps) {final_loss:.4f}",
+        f"corpus: {len(corpus.train)} train files ({train_chars / 1e6:.2f}M chars), "
+        f"{len(corpus.heldout)} held-out files ({len(ppl_files)} -> heldout.txt, {len(mc_files)} -> mc.jsonl), "
+        f"{len(mc_items)} MC items, skipped (not UTF-8): {corpus.skipped}",
         flush=True,
     )
+    return FrozenData(ppl_files, mc_files, heldout_text, calib_text, mc_items)
 
-    # ---- evaluation
+
+def _tokenize(corpus: Corpus, data: FrozenData) -> tuple[object, list[list[int]]]:
+    """Train the tokenizer on the training files; returns it and the training files' token ids."""
+    t0 = time.time()
+    tokenizer = train_tokenizer([t for _, t in corpus.train])
+    for _, t in data.ppl_files[:3] + data.mc_files[:3]:
+        assert tokenizer.decode(encode(tokenizer, t)) == t, "byte-level round trip failed"
+    train_ids = tokenizer([t for _, t in corpus.train], add_special_tokens=False)["input_ids"]
+    train_tokens = sum(len(x) for x in train_ids)
+    train_chars = sum(len(t) for _, t in corpus.train)
+    print(
+        f"tokenizer: vocab {len(tokenizer)}, {train_tokens:,} training tokens "
+        f"({train_chars / train_tokens:.2f} chars/token), {time.time() - t0:.1f}s",
+        flush=True,
+    )
+    return tokenizer, train_ids
+
+
+def _evaluate(model: nn.Module, tokenizer, tracker: ExpertLoadTracker, data: FrozenData, init_mc: dict) -> Evaluation:
+    """Held-out perplexity and MC accuracy of the trained model; detaches the tracker."""
+    train_loads = tracker.fractions()
     model.eval()
     tracker.reset_total()
-    ppl = heldout_perplexity(model, tokenizer, heldout_text)
+    ppl = heldout_perplexity(model, tokenizer, data.heldout_text)
     heldout_loads = tracker.fractions()
     tracker.remove()
-    mc = mc_accuracy(model, tokenizer, mc_items)
+    mc = mc_accuracy(model, tokenizer, data.mc_items)
     print(f"held-out ppl {ppl['ppl']:.3f} ({ppl['tokens']} tokens, {ppl['seconds']:.1f}s); MC acc {mc['acc']:.3f} acc_norm {mc['acc_norm']:.3f}", flush=True)
+    return Evaluation(ppl, mc, init_mc, train_loads, heldout_loads)
 
-    # ---- save and verify the round trip
+
+def _save_and_verify(model: nn.Module, tokenizer, model_dir: Path, heldout_text: str) -> dict[str, list[int]]:
+    """Save model and tokenizer, reload both and check they compute the same.
+
+    Returns:
+        The shapes of the per-expert tensors in ``model.safetensors``, by name.
+    """
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     for p in model_dir.iterdir():
         if p.is_file() and p.name != "TRAINING.md":
             p.unlink()
@@ -625,27 +288,21 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.tensor([probe])
         same = torch.equal(model(input_ids=x).logits, reloaded(input_ids=x).logits)
     assert same, "reloaded model logits differ"
-    from safetensors import safe_open
-
     with safe_open(model_dir / "model.safetensors", "pt") as f:
         expert_keys = {k: f.get_slice(k).get_shape() for k in f.keys() if ".mlp.experts." in k}
-    layout = sorted(k for k in expert_keys if k.startswith("model.layers.1."))
+    return expert_keys
 
-    # ---- model card
-    wall = time.time() - t_start
-    sizes = {p.name: p.stat().st_size for p in sorted(model_dir.iterdir()) if p.is_file()}
-    sizes.update({f"data/{p.name}": p.stat().st_size for p in sorted(data_dir.iterdir()) if p.is_file()})
-    n_tok_heldout = len(encode(tokenizer, heldout_text))
-    load_rows = []
-    for key in train_loads:
-        load_rows.append(
-            f"| {key} | " + " ".join(f"{v:.3f}" for v in train_loads[key]) + " | "
-            + " ".join(f"{v:.3f}" for v in heldout_loads[key]) + " |"
-        )
-    biases = {
-        k: [round(float(v), 3) for v in r.e_score_correction_bias] for k, r in tracker.routers.items()
-    }
-    card = f"""# tiny_deepseek_v3
+
+# --------------------------------------------------------------------------- model card
+
+
+def _fmt_size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
+
+
+def _card_architecture(n_params: int, config, tokenizer, expert_keys: dict[str, list[int]]) -> str:
+    layout = sorted(k for k in expert_keys if k.startswith("model.layers.1."))
+    return f"""# tiny_deepseek_v3
 
 A {n_params / 1e6:.2f}M-parameter `DeepseekV3ForCausalLM` trained from scratch on CPU on the
 CPython {platform.python_version()} standard library. It is a test fixture for the compression
@@ -673,14 +330,24 @@ stored per expert, as in the original DeepSeek-V3 checkpoints (transformers fuse
 ... ({len(expert_keys)} expert tensors in total: 3 layers x 8 experts x 3)
 ```
 
-## Corpus and split
+"""
+
+
+def _card_corpus(corpus: Corpus, train_chars: int, train_tokens: int) -> str:
+    return f"""## Corpus and split
 
 `*.py`, `*.txt` and `*.rst` files of the CPython {platform.python_version()} standard library
 (see `../data/LICENSE-DATA.md`), {len(corpus.train)} training files ({train_chars / 1e6:.2f}M characters,
 {train_tokens:,} tokens, {train_chars / train_tokens:.2f} characters/token) and {len(corpus.heldout)} held-out files,
 split by a hash of the relative path.
 
-## Training
+"""
+
+
+def _card_training(args: argparse.Namespace, log: TrainLog, train_tokens: int, wall: float) -> str:
+    step, tokens_seen, train_time, batch_size = log.steps, log.tokens_seen, log.seconds, log.batch_size
+    final_loss, milestones = log.final_loss, log.milestones
+    return f"""## Training
 
 - `python -m dsq.tools.train_tiny --minutes {args.minutes:g}` ({platform.python_implementation()} {platform.python_version()},
   torch {torch.__version__}, {args.threads} CPU threads)
@@ -698,14 +365,33 @@ Loss curve (mean of the previous 20 steps):
 |---|---|---|---|---|
 {chr(10).join(f"| {st} | {tk:,} | {tm / 60:.1f} | {ls:.3f} | {lr_:.2e} |" for st, tk, tm, ls, lr_ in milestones)}
 
-## Evaluation
+"""
+
+
+def _card_evaluation(ev: Evaluation, n_tok_heldout: int) -> str:
+    ppl, mc, init_mc = ev.ppl, ev.mc, ev.init_mc
+    return f"""## Evaluation
 
 - **held-out perplexity {ppl['ppl']:.2f}** on `data/heldout.txt` ({n_tok_heldout:,} tokens; sliding window, context {PPL_CONTEXT},
   stride {PPL_STRIDE}, no BOS; {ppl['bits_per_byte']:.3f} bits/byte)
 - **multiple choice `data/mc.jsonl`** ({mc['n']} items, 4 choices, next-line prediction): acc **{mc['acc']:.3f}**,
   acc_norm {mc['acc_norm']:.3f} (untrained model with the same init: acc {init_mc['acc']:.3f}, acc_norm {init_mc['acc_norm']:.3f}; chance 0.25)
 
-## Expert load (fraction of routed token slots per expert 0..7)
+"""
+
+
+def _card_expert_load(ev: Evaluation, tracker: ExpertLoadTracker) -> str:
+    train_loads, heldout_loads = ev.train_loads, ev.heldout_loads
+    load_rows = []
+    for key in train_loads:
+        load_rows.append(
+            f"| {key} | " + " ".join(f"{v:.3f}" for v in train_loads[key]) + " | "
+            + " ".join(f"{v:.3f}" for v in heldout_loads[key]) + " |"
+        )
+    biases = {
+        k: [round(float(v), 3) for v in r.e_score_correction_bias] for k, r in tracker.routers.items()
+    }
+    return f"""## Expert load (fraction of routed token slots per expert 0..7)
 
 | layer | last 10% of training | held-out text |
 |---|---|---|
@@ -713,56 +399,121 @@ Loss curve (mean of the previous 20 steps):
 
 Final `e_score_correction_bias`: {json.dumps(biases)}
 
-## Files
+"""
+
+
+def _card_files(sizes: dict[str, int]) -> str:
+    return f"""## Files
 
 {chr(10).join(f"- `{k}`: {_fmt_size(v)}" for k, v in sizes.items())}
 """
+
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    """Counts and sizes the model card reports besides the training log and the evaluation."""
+
+    n_params: int
+    expert_keys: dict[str, list[int]]  # per-expert tensor shapes in model.safetensors, by name
+    train_chars: int
+    train_tokens: int
+    wall: float  # seconds, from the start of main to the card
+    n_tok_heldout: int  # tokens of heldout.txt
+    sizes: dict[str, int]  # bytes, by file name (model files, then data/...)
+
+
+def model_card(args: argparse.Namespace, corpus: Corpus, tokenizer, config, tracker: ExpertLoadTracker,
+               facts: CardFacts, log: TrainLog, ev: Evaluation) -> str:
+    """``TRAINING.md``: architecture, corpus, training, evaluation, expert loads and files."""
+    return (
+        _card_architecture(facts.n_params, config, tokenizer, facts.expert_keys)
+        + _card_corpus(corpus, facts.train_chars, facts.train_tokens)
+        + _card_training(args, log, facts.train_tokens, facts.wall)
+        + _card_evaluation(ev, facts.n_tok_heldout)
+        + _card_expert_load(ev, tracker)
+        + _card_files(facts.sizes)
+    )
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _file_sizes(model_dir: Path, data_dir: Path) -> dict[str, int]:
+    sizes = {p.name: p.stat().st_size for p in sorted(model_dir.iterdir()) if p.is_file()}
+    sizes.update({f"data/{p.name}": p.stat().st_size for p in sorted(data_dir.iterdir()) if p.is_file()})
+    return sizes
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    t_start = time.time()
+    torch.manual_seed(SEED)
+    random.seed(SEED)
+    torch.set_num_threads(args.threads)
+    from transformers import DeepseekV3ForCausalLM
+
+    model_dir = args.out / "tiny_deepseek_v3"
+    data_dir = args.out / "data"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True)
+
+    corpus = collect_corpus()
+    data = _write_frozen_data(corpus, data_dir)
+    tokenizer, train_ids = _tokenize(corpus, data)
+    windows = make_windows(train_ids, tokenizer.bos_token_id, tokenizer.eos_token_id)
+
+    torch.manual_seed(SEED)
+    config = make_config(tokenizer)
+    model = DeepseekV3ForCausalLM(config)
+    check_linear_widths(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params:,} parameters", flush=True)
+    init_mc = mc_accuracy(model, tokenizer, data.mc_items)
+    print(f"untrained MC: acc {init_mc['acc']:.3f} acc_norm {init_mc['acc_norm']:.3f}", flush=True)
+
+    tracker = ExpertLoadTracker(model)
+    log = train_model(model, windows, tracker, args)
+    train_tokens = sum(len(x) for x in train_ids)
+    print(
+        f"trained {log.steps} steps, {log.tokens_seen:,} tokens ({log.tokens_seen / train_tokens:.2f} epochs), "
+        f"{log.seconds:.0f}s, final train loss (mean of last 20 steps) {log.final_loss:.4f}",
+        flush=True,
+    )
+    ev = _evaluate(model, tokenizer, tracker, data, init_mc)
+    expert_keys = _save_and_verify(model, tokenizer, model_dir, data.heldout_text)
+
+    facts = CardFacts(
+        n_params=n_params, expert_keys=expert_keys, train_chars=sum(len(t) for _, t in corpus.train),
+        train_tokens=train_tokens, wall=time.time() - t_start, n_tok_heldout=len(encode(tokenizer, data.heldout_text)),
+        sizes=_file_sizes(model_dir, data_dir),
+    )
+    card = model_card(args, corpus, tokenizer, config, tracker, facts, log, ev)
     (model_dir / "TRAINING.md").write_text(card, encoding="utf-8")
-    write_data_license(data_dir, corpus, ppl_files, mc_files, mc_items, calib_text, heldout_text)
+    write_data_license(
+        data_dir, corpus, data.ppl_files, data.mc_files, data.mc_items, data.calib_text, data.heldout_text
+    )
     print(card)
     return 0
 
 
-def write_data_license(data_dir: Path, corpus: Corpus, ppl_files, mc_files, mc_items, calib_text, heldout_text) -> None:
-    text = f"""# Data: origin and license
-
-All text in this directory, and the text the bundled `tiny_deepseek_v3` model was trained on,
-comes from the standard library of CPython {platform.python_version()}
-(`sysconfig.get_paths()["stdlib"]`), which is distributed under the
-Python Software Foundation License Version 2 (https://docs.python.org/3/license.html).
-Copyright (c) 2001 Python Software Foundation; All Rights Reserved. The text is used unmodified
-(line endings normalised to `\\n`).
-
-## Corpus
-
-All `*.py`, `*.txt` and `*.rst` files under the stdlib directory, recursively, excluding
-`site-packages/`, any `test/` or `tests/` directory (so also `lib2to3/tests`), `idlelib/idle_test/`,
-`__pycache__/`, and the build-specific `config-3.*/` and `_sysconfigdata_*.py`. Files that are not valid
-UTF-8 are skipped. Files are sorted by relative path, so the corpus is the same on every machine
-with the same Python version.
-
-## Split
-
-A file is held out when `int.from_bytes(sha256(relpath).digest()[:8], "big") % 1000 < {HELDOUT_PERMILLE}`
-(about 3% of the files). This gives {len(corpus.train)} training files and {len(corpus.heldout)} held-out files.
-The tokenizer and the model were trained on the training files only.
-
-- `heldout.txt` ({len(heldout_text):,} characters): held-out files, in path order, concatenated
-  (blank line between files) until at least {HELDOUT_TXT_MIN_CHARS:,} characters:
-  {", ".join(f"`{r}`" for r, _ in ppl_files)}.
-- `mc.jsonl` ({len(mc_items)} items): built from the remaining held-out files, which do not overlap
-  `heldout.txt`: {", ".join(f"`{r}`" for r, _ in mc_files)}.
-  Each item: `context` = {MC_CONTEXT_LINES} consecutive lines of a file, the gold choice = the next
-  line, 3 distractors = lines of similar length (within 20%) from the other MC files, re-indented
-  like the gold line (at most {MC_MAX_PER_FILE} items per file, items at least {MC_CONTEXT_LINES} lines
-  apart); every choice starts with the `\\n` that joins it to the context; choice order
-  shuffled with a fixed seed. Score a choice by the log-likelihood of the choice text given the context.
-- `calibration.txt` ({len(calib_text):,} characters): line-aligned chunks of about {CALIB_CHUNK_CHARS:,} characters
-  from randomly chosen (fixed seed) training files, blank line between chunks.
-
-Everything is regenerated by `python -m dsq.tools.train_tiny`.
-"""
-    (data_dir / "LICENSE-DATA.md").write_text(text, encoding="utf-8")
+__all__ = [
+    "BIAS_UPDATE_GAMMA",
+    "SEQ_LEN",
+    "CardFacts",
+    "Evaluation",
+    "FrozenData",
+    "TrainLog",
+    "choose_batch_size",
+    "collect_corpus",
+    "is_heldout",
+    "lr_at",
+    "main",
+    "make_windows",
+    "model_card",
+    "param_groups",
+    "train_model",
+]
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dsq import artifact
+from dsq.core import atomic as artifact
 from dsq.core.atomic import OutputExistsError, atomic_directory, claim_output
 from dsq.quantize.artifact_save import save_weights
 from dsq.core.errors import DsqInputError, Interrupted

@@ -12,13 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from dsq.core.checkpoint import bundled_model_path
-from dsq.tools.testing import tensor_data_bytes
 from dsq.cli import main
-from dsq.tools.plan import (
-    DEFAULT_CPU_TFLOPS, DEFAULT_GPU_TFLOPS, EXPERT_INTEGER_BYTES, RTN_TEMPORARY_BYTES, STACK_PACK_BYTES, plan_checkpoint,
-)
+from dsq.core.checkpoint import bundled_model_path
 from dsq.run.recipe import load_recipe
+from dsq.tools.plan import DEFAULT_CPU_TFLOPS, DEFAULT_GPU_TFLOPS, plan_checkpoint
+from dsq.tools.testing import tensor_data_bytes
 
 PUBLIC = Path(__file__).resolve().parents[2] / "dsq" / "assets" / "public_configs"
 ARCHITECTURES = ("deepseek_v3", "deepseek_v2", "llama", "qwen2")
@@ -91,16 +89,17 @@ QUANT_CASES = [
 @pytest.mark.parametrize("model_type, overrides", QUANT_CASES)
 def test_recipe_bytes_equal_what_the_writer_produces(tiny_checkpoint, model_type, overrides):
     """The plan's artifact bytes equal the tensors compressed-tensors serialization writes, exactly."""
-    from dsq.core.loading import load_checkpoint
-    from dsq.run.pipeline import DTYPES, quant_config
     from dsq.quantize import quantize_
 
+    from dsq.core.loading import load_checkpoint
+
     recipe = load_recipe(None, overrides)
+    dtype = getattr(torch, recipe.dtype)
     plan = plan_checkpoint(tiny_checkpoint(model_type), recipe)
     row = plan.schemes[-1]
     assert row.label.startswith("recipe") and row.exact
-    loaded = load_checkpoint(tiny_checkpoint(model_type), dtype=DTYPES[recipe.dtype])
-    report = quantize_(loaded.model, quant_config(recipe.quantize, DTYPES[recipe.dtype]), progress=False)
+    loaded = load_checkpoint(tiny_checkpoint(model_type), dtype=dtype)
+    report = quantize_(loaded.model, recipe.quantize.config(dtype), progress=False)
     assert row.tensor_bytes == compressed_bytes(loaded.model)
     biases = sum(m.bias.numel() for m in loaded.model.modules() if hasattr(m, "weight_q") and m.bias is not None)
     assert row.quantized_parameters == report.quantized_params - biases  # biases stay in floating point
@@ -122,9 +121,10 @@ def test_comparison_rows_and_bf16(tiny_checkpoint):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("weights", ["{bits: 4, group_size: 128}", "{bits: 8, granularity: channel}"])
+@pytest.mark.parametrize("weights", ["{bits: 8, granularity: channel}"])
 def test_estimate_matches_a_dsq_run_artifact(tmp_path, capsys, weights):
-    """``dsq run`` on the bundled model writes exactly the tensor bytes the plan predicts."""
+    """``dsq run`` on the bundled model writes exactly the tensor bytes the plan predicts (int4 g128 and
+    int4 g32 asymmetric: ``tests/tools/test_plan_measured.py``)."""
     out = tmp_path / "out"
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
@@ -252,15 +252,17 @@ def test_deepseek_v3_plan():
     by_category = dict(plan.parameters.by_category)
     assert by_category["routed experts (fused)"] == 58 * 256 * 3 * 7168 * 2048
     # GPTQ holds one Hessian per expert projection input: 256 x (H^2 + I^2) fp32 in a MoE layer
+    # (plus the shared expert's, the experts' shared input and the largest solve's fp32 working set: o_proj's,
+    # K = 128 heads x 128 = 16384: < 10 % more)
     moe = plan.layers[3]
-    assert moe.statistics_bytes >= 256 * 4 * (7168 ** 2 + 2048 ** 2)
+    hessians = 256 * 4 * (7168 ** 2 + 2048 ** 2)
+    assert hessians <= moe.statistics_bytes <= 1.1 * hessians
     assert plan.accelerator.total > 80 * GiB  # does not fit one 80 GB GPU with the defaults
-    # every method rounds expert by expert into one int8 tensor and packs expert by expert; GPTQ stacks first
-    gate_up = 256 * 2 * 2048 * 7168
+    # GPTQ keeps every expert's int8 result and their stacked copy: at least 2 bytes per gate_up element;
+    # round to nearest rounds one expert at a time (at least an fp32 copy of it) into one int8 tensor
+    gate_up, one_expert = 256 * 2 * 2048 * 7168, 2 * 2048 * 7168
     rtn = plan_checkpoint(PUBLIC / "deepseek-v3", load_recipe(None, ["dtype=bfloat16", "quantize.weights.bits=4"]))
-    one_expert = 2 * 2048 * 7168 * RTN_TEMPORARY_BYTES[2]
-    assert rtn.layers[3].temporary_bytes == int(one_expert + gate_up * EXPERT_INTEGER_BYTES[4])
-    assert moe.temporary_bytes == int(gate_up * STACK_PACK_BYTES[4]) > rtn.layers[3].temporary_bytes
+    assert 4 * one_expert < rtn.layers[3].temporary_bytes < 2 * gate_up <= moe.temporary_bytes
     assert plan.time.throughputs == (("given", 100.0),)
     assert plan.time.seconds(50) == pytest.approx(2 * plan.time.seconds(100))
     assert dict(plan.time.flops)["Hessians (2 N K^2)"] > 58 * 256 * 2 * 128 * 256 * 7168 ** 2

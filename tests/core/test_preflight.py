@@ -12,11 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from dsq.core.checkpoint import bundled_model_path, validate_checkpoint
-from dsq.core.loading import load_checkpoint
 from dsq.cli import main
+from dsq.core.checkpoint import bundled_model_path, validate_checkpoint
+from dsq.core.config_checks import check_config_types, model_facts
 from dsq.core.errors import CheckpointError
-from dsq.core.checkpoint_checks import check_config_types, check_tokenizer, model_facts
+from dsq.core.loading import load_checkpoint
+from dsq.core.tokenizer_check import check_tokenizer
 from dsq.run.preflight import check_recipe_against_model
 from dsq.run.recipe import load_recipe
 from dsq.tools.testing import make_tiny_checkpoint, make_tiny_tokenizer
@@ -142,13 +143,13 @@ def test_broken_checkpoint_exits_2_naming_it_and_writes_nothing(tmp_path, tiny_d
 
 @pytest.mark.parametrize("case", sorted(BAD_RECIPES))
 def test_recipe_that_does_not_fit_the_model_exits_2_before_loading(tmp_path, tiny_deepseek_v3, capsys, monkeypatch, case):
-    import dsq.core.checkpoint
+    import dsq.core.loading
 
     def never(*args, **kwargs):
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr(dsq.core.checkpoint, "_load_model", never)
-    monkeypatch.setattr(dsq.core.checkpoint, "_load_tokenizer", never)
+    monkeypatch.setattr(dsq.core.loading, "_load_model", never)
+    monkeypatch.setattr(dsq.core.loading, "_load_tokenizer", never)
     overrides, expected = BAD_RECIPES[case]
     code, err = _run(capsys, tmp_path, tiny_deepseek_v3, overrides)
     assert code == 2, err

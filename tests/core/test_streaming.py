@@ -121,9 +121,9 @@ def test_streamed_run_evaluates_and_reports(tmp_path, tiny_checkpoint):
     result = run(load_recipe(_recipe(tmp_path, src, streaming="true", max_shard_mb=1)))
     assert result.gates_passed and result.report is not None
     assert result.report.meta["streaming"]["streamed"] is True
-    quant = result.report.candidates[0].extra["quantization"]
-    assert quant["peak_rss_bytes"] > 0 and quant["streaming"]["weight_files"] >= 1
-    assert any("streamed" in n for n in quant["notes"])
+    quant = result.report.candidates[0].quantization
+    assert quant.peak_rss_bytes > 0 and quant.streaming.weight_files >= 1
+    assert any("streamed" in n for n in quant.report.notes)
     assert result.reload is not None and result.reload.passed
 
 

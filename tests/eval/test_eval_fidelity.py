@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from transformers import LlamaForCausalLM
 
 from dsq.eval.fidelity import compare_to_reference, fidelity_windows, reference_logprobs
@@ -52,3 +55,47 @@ def test_half_precision_storage_stays_close(model: LlamaForCausalLM, token_ids: 
     result = compare_to_reference(model, reference)
     assert result.top1_agreement == 1.0
     assert abs(result.mean_kl) < 1e-2
+
+
+class TableModel(nn.Module):
+    """A causal LM stand-in whose next-token logits depend only on the current token: ``table[id]``."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = table  # (vocab, vocab)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.table[input_ids])  # (batch, seq, vocab)
+
+
+def test_kl_is_original_to_candidate_in_nats() -> None:
+    """Hand-made distributions where KL(p || q) and KL(q || p) differ: the report's KL is KL(original || candidate)."""
+    original = torch.tensor([
+        [6.0, 0.0, 0.0, 0.0],  # peaked on 0
+        [0.0, 3.0, 1.0, -2.0],
+        [-1.0, -1.0, 5.0, 0.0],
+        [0.0, 0.0, 0.0, 0.0],  # uniform
+    ])  # (vocab, vocab): logits after token i
+    candidate = torch.tensor([
+        [0.0, 0.0, 0.0, 0.0],  # uniform: KL(p || q) = 1.33 nats, KL(q || p) = 3.12
+        [0.0, 3.0, 1.0, -2.0],  # same as the original: KL 0
+        [2.0, -1.0, 3.0, 0.0],  # same argmax, different shape
+        [0.0, 0.0, 0.0, 4.0],  # peaked on 3
+    ])
+    token_ids = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0, 0, 3, 2, 2])
+    reference = reference_logprobs(TableModel(original), token_ids, seq_len=4, max_tokens=12)
+    result = compare_to_reference(TableModel(candidate), reference, batch_size=2)
+
+    log_p = torch.log_softmax(original[token_ids], dim=-1)  # (tokens, vocab)
+    log_q = torch.log_softmax(candidate[token_ids], dim=-1)
+    # kl_div(input=log q, target=p) = sum_v p (log p - log q) = KL(p || q)
+    forward = F.kl_div(log_q, log_p.exp(), reduction="none").sum(-1)  # (tokens,)
+    reverse = F.kl_div(log_p, log_q.exp(), reduction="none").sum(-1)
+    assert reverse.mean().item() > forward.mean().item() + 0.4  # 1.40 vs 0.86 nats: the directions differ clearly
+    assert result.tokens == 12
+    assert result.mean_kl == pytest.approx(forward.mean().item(), rel=1e-5)
+    assert result.max_kl == pytest.approx(forward.max().item(), rel=1e-5)
+    assert result.mean_kl != pytest.approx(reverse.mean().item(), rel=0.1)
+    assert result.max_kl != pytest.approx(reverse.max().item(), rel=0.1)
+    # argmax differs only after token 3 (uniform original: its argmax is token 0; candidate: 3)
+    assert result.top1_agreement == pytest.approx(1 - int((token_ids == 3).sum()) / 12)

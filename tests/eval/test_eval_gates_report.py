@@ -50,7 +50,6 @@ def _metrics(
         artifact_bytes_disk=disk + 1000 if disk is not None else None,
         peak_rss_bytes=500 * MIB,
         eval_seconds=1.5,
-        extra={"bits": 4} if name != "original" else {},
     )
 
 
@@ -118,10 +117,10 @@ def test_report_has_deltas_settings_and_gates(tmp_path: Path) -> None:
     assert data["candidates"][1]["fidelity"]["mean_kl"] == 0.8
     assert data["passed"] is False and "torch" in data["machine"]
 
-    json_path, md_path = write_report(report, tmp_path / "out")
-    loaded = json.loads(json_path.read_text())
+    written = write_report(report, tmp_path / "out", plots=False)
+    loaded = json.loads(written.json.read_text())
     assert loaded["candidates"][0]["deltas"]["ppl_increase_pct"] == pytest.approx(2.0)
-    markdown = md_path.read_text()
+    markdown = written.markdown.read_text()
     assert "| int2 |" in markdown and "FAIL" in markdown and "How each metric is measured" in markdown
 
     table = format_terminal_table(report)
@@ -135,8 +134,8 @@ def test_report_has_deltas_settings_and_gates(tmp_path: Path) -> None:
 def test_report_json_is_strict_with_unmeasured_gates(tmp_path: Path) -> None:
     candidate = _metrics("int4", acc=None)
     report = Report(ORIGINAL, [candidate], check_gates(Gates(min_mc_acc=0.3), ORIGINAL, [candidate]), {})
-    json_path, _ = write_report(report, tmp_path)
-    assert json.loads(json_path.read_text())["gates"][0]["value"] is None
+    written = write_report(report, tmp_path, plots=False)
+    assert json.loads(written.json.read_text())["gates"][0]["value"] is None
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
@@ -175,14 +174,14 @@ def test_evaluator_end_to_end(tmp_path: Path) -> None:
     early = evaluator.evaluate("too-early", candidate)
     assert early.fidelity is None
     base = evaluator.evaluate("original", original, reference=True, disk_path=tmp_path / "original")
-    row = evaluator.evaluate("perturbed", candidate, disk_path=tmp_path / "candidate", extra={"bits": 16})
+    row = evaluator.evaluate("perturbed", candidate, disk_path=tmp_path / "candidate")
 
     assert base.fidelity is None and base.mc.n == 2 and base.ppl.context == 32
     assert row.fidelity is not None and row.fidelity.tokens == 64 and row.fidelity.mean_kl > 0
     assert row.ppl.tokens == base.ppl.tokens == evaluator.token_ids.numel() - 1
     assert row.weight_bytes_disk > 0 and row.artifact_bytes_disk > row.weight_bytes_disk
     assert row.weight_bytes_memory == base.weight_bytes_memory > 0
-    assert row.peak_rss_bytes > 0 and row.extra == {"bits": 16}
+    assert row.peak_rss_bytes > 0 and row.to_dict()["extra"] == {}  # no stage facts: the evaluator ran none
     assert row.to_dict()["fidelity"]["tokens"] == 64
 
     results = check_gates(Gates(min_top1_agreement=0.0, max_size_ratio=1.01), base, [row])

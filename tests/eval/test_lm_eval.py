@@ -22,7 +22,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from dsq.eval import MCItem, multiple_choice  # noqa: E402
 from dsq.eval.lm_eval_adapter import DsqLM  # noqa: E402
-from dsq.run.export_step import load_for_export  # noqa: E402
+from dsq.quantize.model_dir import load_for_export  # noqa: E402
 
 TASK = "dsq_tiny_mc"
 TASK_DIR = Path(__file__).parent / "lm_eval_task"

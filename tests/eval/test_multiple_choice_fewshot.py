@@ -12,7 +12,7 @@ from dsq.core.errors import DataError, RecipeError
 from dsq.eval import BenchmarkSuite, Evaluator, PerplexityConfig
 from dsq.eval.data import MCItem
 from dsq.eval.multiple_choice import FewShot, _requests, encode_pair, fewshot_prompts, multiple_choice
-from dsq.run.pipeline import benchmark_suite
+from dsq.run.steps import benchmark_suite
 from dsq.run.recipe import Recipe
 from dsq.tools.testing import byte_bpe_tokenizer, tiny_llama
 from dsq.run.validate import load_gates_file
@@ -127,15 +127,15 @@ def test_too_few_items_fail_naming_the_file(tmp_path: Path) -> None:
 def test_recipe_keys_reach_the_suite_in_runs_and_in_validate(tmp_path: Path) -> None:
     extra = _write_jsonl(tmp_path / "extra.jsonl", _items())
     mc = {"num_fewshot": 2, "fewshot_seed": 5, "fewshot_data": str(extra), "fewshot_delimiter": "\n###\n", "limit": 4}
-    suite = benchmark_suite(Recipe.model_validate({"eval": {"multiple_choice": mc}}))
+    suite = benchmark_suite(Recipe.model_validate({"eval": {"multiple_choice": mc}}).eval)
     assert (suite.mc_num_fewshot, suite.mc_fewshot_seed, suite.mc_fewshot_data, suite.mc_fewshot_delimiter, suite.mc_limit) == (
         2, 5, extra, "\n###\n", 4)
-    default = benchmark_suite(Recipe())
+    default = benchmark_suite(Recipe().eval)
     assert (default.mc_num_fewshot, default.mc_fewshot_seed, default.mc_fewshot_delimiter) == (0, 1234, "\n\n")
     gates = tmp_path / "gates.yaml"
     gates.write_text("multiple_choice: {num_fewshot: 2, limit: 4}\n")
     section = load_gates_file(gates, tmp_path)  # dsq validate's gates file
-    assert benchmark_suite(Recipe(eval=section)).mc_num_fewshot == 2
+    assert benchmark_suite(section).mc_num_fewshot == 2
     gates.write_text("multiple_choice: {num_fewshot: -1}\n")
     with pytest.raises(RecipeError, match="num_fewshot"):
         load_gates_file(gates, tmp_path)
@@ -145,7 +145,7 @@ def test_bundled_model_two_shot(tmp_path: Path) -> None:
     """2-shot on the bundled model: a valid accuracy, recorded as 2-shot, prompts within the window."""
     loaded = load_checkpoint(bundled_model_path())
     suite = benchmark_suite(Recipe.model_validate(
-        {"eval": {"perplexity": None, "multiple_choice": {"num_fewshot": 2, "limit": 12}}}))
+        {"eval": {"perplexity": None, "multiple_choice": {"num_fewshot": 2, "limit": 12}}}).eval)
     row = Evaluator(suite, loaded.tokenizer, progress=False).evaluate("original", loaded.model)
     assert row.mc.n == 12 and row.mc.num_fewshot == 2
     assert 0.0 <= row.mc.acc <= 1.0 and 0.0 <= row.mc.acc_norm <= 1.0

@@ -1,7 +1,6 @@
-"""Plots: each function writes a real, non-blank PNG; absent data is skipped with a reason."""
+"""Plots: each figure is a real, non-blank PNG drawn from the report in memory; absent data is skipped with a reason."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -14,10 +13,13 @@ from dsq.eval.fidelity import FidelityResult  # noqa: E402
 from dsq.eval.harness import ModelMetrics  # noqa: E402
 from dsq.eval.multiple_choice import MCResult  # noqa: E402
 from dsq.eval.perplexity import PerplexityResult  # noqa: E402
+from dsq.eval.facts import ArtifactQuantization, OnnxFacts, QuantizationFacts  # noqa: E402
 from dsq.eval.plots import (  # noqa: E402
-    MissingPlotData, accuracy_vs_size, calibration_loss, expert_sqnr, expert_tokens, layer_error, write_plots,
+    PLOT_NAMES, MissingPlotData, accuracy_vs_size, calibration_loss, draw_plots, expert_sqnr, expert_tokens, layer_error,
+    png_bytes,
 )
-from dsq.eval.report import Report, report_to_dict  # noqa: E402
+from dsq.eval.report import Report  # noqa: E402
+from dsq.eval.report_files import write_report  # noqa: E402
 from dsq.quantize.api import ModuleRecord, QuantizationReport  # noqa: E402
 
 MIB = 1024 * 1024
@@ -28,8 +30,8 @@ EXPERTS = 8
 # ----------------------------------------------------------------------------- synthetic data, real shapes
 
 
-def _row(name: str, ppl: float | None, acc: float | None, disk: int | None, *, extra: dict | None = None,
-         original: bool = False) -> ModelMetrics:
+def _row(name: str, ppl: float | None, acc: float | None, disk: int | None, *, original: bool = False,
+         **facts) -> ModelMetrics:
     return ModelMetrics(
         name=name,
         ppl=None if ppl is None else PerplexityResult(ppl=ppl, nll=3.18, tokens=25126, context=256, stride=128),
@@ -40,15 +42,21 @@ def _row(name: str, ppl: float | None, acc: float | None, disk: int | None, *, e
         artifact_bytes_disk=None if disk is None else disk + 100_000,
         peak_rss_bytes=900 * MIB,
         eval_seconds=12.5,
-        extra=extra or {},
+        **facts,
     )
 
 
-def _report(output: str, candidates: list[ModelMetrics], original: ModelMetrics | None = None) -> dict:
-    """A report.json dict, made by the real ``report_to_dict``."""
+def _report(output: str, candidates: list[ModelMetrics], original: ModelMetrics | None = None) -> Report:
     original = original or _row("original", 24.1045, 0.476, int(18.4 * MIB), original=True)
     meta = {"model": "/models/tiny_deepseek_v3", "recipe": {"output": output}, "machine": {"cpu": "test"}}
-    return report_to_dict(Report(original=original, candidates=candidates, gates=[], meta=meta))
+    return Report(original=original, candidates=candidates, gates=[], meta=meta)
+
+
+ONNX = OnnxFacts(
+    path="runs/gptq/onnx", accuracy_level=0, weight_op="matmul_nbits", embedding=None, max_abs_logit_diff=2e-6,
+    tolerance=1e-3, greedy_tokens_equal=True, greedy_tie_margins=(), matmul_nbits=60, int8_matmul=0,
+    experts_in_graph=24, onnx_bytes=int(8 * MIB), seconds=3.5,
+)
 
 
 def _layer_names(layers: int, experts: int = EXPERTS) -> list[str]:
@@ -83,8 +91,8 @@ def _records(layers: int, sqnr: bool = True) -> list[ModuleRecord]:
     return records
 
 
-def _gptq_record(layers: int = 4, experts: int = EXPERTS, starved: dict[str, list[int]] | None = None) -> dict:
-    """``manifest.json["quantization"]`` of a GPTQ run, made by the real ``QuantizationReport.to_dict``."""
+def _gptq_report(layers: int = 4, experts: int = EXPERTS, starved: dict[str, list[int]] | None = None) -> QuantizationReport:
+    """What a GPTQ run reports, with calibration losses and routed-token counts."""
     counts = {}
     for i in range(1, layers):
         name = f"model.layers.{i}.mlp.experts"
@@ -102,7 +110,12 @@ def _gptq_record(layers: int = 4, experts: int = EXPERTS, starved: dict[str, lis
         "modules": losses,
         "damp": 0.01, "block_size": 128, "act_order": True, "unrouted_weight": 0.1,
     }
-    return report.to_dict()
+    return report
+
+
+def _gptq_record(layers: int = 4, experts: int = EXPERTS, starved: dict[str, list[int]] | None = None) -> dict:
+    """``manifest.json["quantization"]`` of a GPTQ run, made by the real ``QuantizationReport.to_dict``."""
+    return _gptq_report(layers, experts, starved).to_dict()
 
 
 def _awq_record() -> dict:
@@ -126,6 +139,11 @@ def _rtn_record(sqnr: bool = True) -> dict:
     return QuantizationReport(method="rtn", scheme=SCHEME, modules=_records(4, sqnr)).to_dict()
 
 
+def _png(figure, path: Path) -> Path:
+    path.write_bytes(png_bytes(figure))
+    return path
+
+
 def _check_png(path: Path, min_width: int = 400, min_height: int = 250) -> None:
     """A PNG file of a sensible size whose pixels are not all one colour."""
     assert path.is_file()
@@ -142,118 +160,114 @@ def _check_png(path: Path, min_width: int = 400, min_height: int = 250) -> None:
 
 
 def test_accuracy_vs_size_two_reports(tmp_path: Path) -> None:
-    onnx = {"onnx": {"weight_op": "com.microsoft::MatMulNBits", "onnx_bytes": int(8 * MIB)}}
     first = _report("runs/gptq", [_row("gptq-int4-g128", 24.117, 0.472, int(6 * MIB)),
-                                  _row("gptq-int4-g128-onnx", 24.117, 0.472, int(7.9 * MIB), extra=onnx)])
+                                  _row("gptq-int4-g128-onnx", 24.117, 0.472, int(7.9 * MIB), onnx=ONNX)])
     second = _report("runs/int8", [_row("rtn-int8-ch", 24.101, 0.472, int(7.7 * MIB))])
-    out = accuracy_vs_size([first, second], tmp_path / "acc.png")
-    assert out == tmp_path / "acc.png"
-    _check_png(out, min_width=1000)
+    _check_png(_png(accuracy_vs_size([first, second]), tmp_path / "acc.png"), min_width=1000)
 
 
-def test_accuracy_vs_size_many_rows_numbered_and_directory_out(tmp_path: Path) -> None:
+def test_accuracy_vs_size_many_rows_numbered(tmp_path: Path) -> None:
     """More rows than direct labels: numbered points and a key; no accuracy measured: one panel."""
     original = _row("original", 24.1045, None, int(18.4 * MIB), original=True)
     rows = [_row(f"cand-{i}", 24.1 + 0.01 * i, None, int((4 + i) * MIB)) for i in range(4)]
     reports = [_report("runs/a", rows[:2], original), _report("runs/b", rows[2:] + [_row("cand-0", 24.3, None, 5 * MIB)], original)]
-    out = accuracy_vs_size(reports, tmp_path, max_direct_labels=3)  # a directory: default file name
-    assert out == tmp_path / "accuracy_vs_size.png"
-    _check_png(out, min_width=900)
+    _check_png(_png(accuracy_vs_size(reports, max_direct_labels=3), tmp_path / "acc.png"), min_width=900)
 
 
-def test_accuracy_vs_size_without_metrics_is_missing_data(tmp_path: Path) -> None:
+def test_accuracy_vs_size_without_metrics_is_missing_data() -> None:
     report = _report("runs/x", [_row("c", None, None, 6 * MIB)], original=_row("original", None, None, 18 * MIB, original=True))
     with pytest.raises(MissingPlotData, match="ppl.ppl or mc.acc"):
-        accuracy_vs_size([report], tmp_path / "acc.png")
-    assert not (tmp_path / "acc.png").exists()
+        accuracy_vs_size([report])
 
 
 def test_layer_error_gptq_per_module_and_grouped(tmp_path: Path) -> None:
     record = _gptq_record(layers=2)
-    _check_png(calibration_loss(record, tmp_path / "per_module.png"), min_height=700)  # every GPTQ loss, experts too
-    _check_png(calibration_loss(record, tmp_path / "grouped.png", max_bars=10))  # grouped by layer and component
-    _check_png(layer_error(record, tmp_path / "sqnr.png"))  # the weight SQNR comes first
+    _check_png(_png(calibration_loss(record), tmp_path / "per_module.png"), min_height=700)  # every GPTQ loss, experts too
+    _check_png(_png(calibration_loss(record, max_bars=10), tmp_path / "grouped.png"))  # grouped by layer and component
+    _check_png(_png(layer_error(record), tmp_path / "sqnr.png"))  # the weight SQNR comes first
 
 
 def test_layer_error_reads_the_report_summary_and_awq(tmp_path: Path) -> None:
     summary = _gptq_record(layers=1)
     summary.pop("modules")  # report.json's extra["quantization"] has no modules list
-    _check_png(layer_error(summary, tmp_path / "summary.png"))
-    _check_png(layer_error(_awq_record(), tmp_path / "awq.png"))
+    _check_png(_png(layer_error(summary), tmp_path / "summary.png"))
+    _check_png(_png(layer_error(_awq_record()), tmp_path / "awq.png"))
 
 
-def test_layer_error_without_an_error_metric_says_why(tmp_path: Path) -> None:
+def test_layer_error_without_an_error_metric_says_why() -> None:
     with pytest.raises(MissingPlotData, match="rtn .*no per-module error metric"):
-        layer_error(_rtn_record(sqnr=False), tmp_path / "rtn.png")
+        layer_error(_rtn_record(sqnr=False))
 
 
 def test_expert_tokens_marks_starved_experts(tmp_path: Path) -> None:
     record = _gptq_record(layers=4, starved={"model.layers.2.mlp.experts": [3, 5]})
     assert record["calibration"]["experts_without_routed_tokens"] == {"model.layers.2.mlp.experts": [3, 5]}
-    out = expert_tokens(record, tmp_path / "tokens.png")
+    out = _png(expert_tokens(record), tmp_path / "tokens.png")
     _check_png(out)
     image = imread(out)[..., :3]
     red = (image[..., 0] > 0.9) & (image[..., 1] < 0.1) & (image[..., 2] < 0.1)
     assert red.sum() > 500  # the two 0-token cells are filled red
 
 
-def test_expert_tokens_missing_data(tmp_path: Path) -> None:
+def test_expert_tokens_missing_data() -> None:
     with pytest.raises(MissingPlotData, match="no calibration"):
-        expert_tokens(_rtn_record(), tmp_path / "t.png")
+        expert_tokens(_rtn_record())
     with pytest.raises(MissingPlotData, match="no expert_routed_tokens"):
-        expert_tokens(_awq_record(), tmp_path / "t.png")  # a dense calibration: no routed experts
+        expert_tokens(_awq_record())  # a dense calibration: no routed experts
 
 
-def _artifact(root: Path, record: dict, report: dict | None) -> Path:
-    root.mkdir()
-    (root / "manifest.json").write_text(json.dumps({"version": 1, "kind": "dsq-artifact", "files": {}, "quantization": record}))
-    if report is not None:
-        (root / "report.json").write_text(json.dumps(report))
-    return root
+def test_draw_plots_gptq_run(tmp_path: Path) -> None:
+    """Every plot of a GPTQ run, from the objects in memory: nothing is read from disk."""
+    facts = QuantizationFacts(_gptq_report(layers=2), seconds=12.0, peak_rss_bytes=None)
+    report = _report("runs/gptq", [_row("gptq-int4-g128", 24.117, 0.472, 6 * MIB, quantization=facts)])
+    drawn = draw_plots(report)
+    assert [p.name for p in drawn.plots] == list(PLOT_NAMES) and drawn.skipped == {}
+    for plot in drawn.plots:
+        _check_png(_png_bytes(plot.png, tmp_path / plot.file_name))
 
 
-def test_write_plots_gptq_artifact(tmp_path: Path) -> None:
-    record = _gptq_record(layers=2)
-    summary = {k: v for k, v in record.items() if k != "modules"}
-    report = _report("runs/gptq", [_row("gptq-int4-g128", 24.117, 0.472, 6 * MIB, extra={"quantization": summary})])
-    artifact = _artifact(tmp_path / "gptq", record, report)
-    paths = write_plots(artifact)
-    assert [p.name for p in paths] == [
-        "accuracy_vs_size.png", "layer_error.png", "calibration_loss.png", "expert_sqnr.png", "expert_tokens.png",
-    ]
-    assert paths.skipped == {}
-    for path in paths:
-        assert path.parent == artifact / "plots"
-        _check_png(path)
+def _png_bytes(png: bytes, path: Path) -> Path:
+    path.write_bytes(png)
+    return path
 
 
-def test_write_plots_skips_with_reasons(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    artifact = _artifact(tmp_path / "rtn", _rtn_record(sqnr=False), report=None)
-    (artifact / "plots").mkdir()
-    (artifact / "plots" / "layer_error.png").write_bytes(b"stale")
+def test_plots_skip_with_reasons_and_remove_stale_ones(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    unmeasured = _row("rtn-int4", None, None, 6 * MIB, quantization=ArtifactQuantization(_rtn_record(sqnr=False)))
+    report = _report("runs/rtn", [unmeasured], original=_row("original", None, None, 18 * MIB, original=True))
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "layer_error.png").write_bytes(b"stale")
     with caplog.at_level(logging.WARNING, logger="dsq.eval.plots"):
-        paths = write_plots(artifact)
-    assert list(paths) == []
-    assert set(paths.skipped) == {"accuracy_vs_size", "layer_error", "calibration_loss", "expert_sqnr", "expert_tokens"}
-    assert "no report.json" in paths.skipped["accuracy_vs_size"]
-    assert "no per-module error metric" in paths.skipped["layer_error"]
-    assert "no calibration loss" in paths.skipped["calibration_loss"]
-    assert "no per-expert SQNR" in paths.skipped["expert_sqnr"]
-    assert "no calibration" in paths.skipped["expert_tokens"]
-    assert not (artifact / "plots" / "layer_error.png").exists()  # a stale plot does not survive a skip
+        written = write_report(report, tmp_path)
+    assert written.plots == ()
+    skipped = written.skipped_plots
+    assert set(skipped) == set(PLOT_NAMES)
+    assert "no row has weight_bytes_disk together with ppl.ppl or mc.acc" in skipped["accuracy_vs_size"]
+    assert "no per-module error metric" in skipped["layer_error"]
+    assert "no calibration loss" in skipped["calibration_loss"]
+    assert "no per-expert SQNR" in skipped["expert_sqnr"]
+    assert "no calibration" in skipped["expert_tokens"]
+    assert all(skipped[name].endswith("[from manifest.json quantization]") for name in PLOT_NAMES[1:])
+    assert not (tmp_path / "plots" / "layer_error.png").exists()  # a stale plot does not survive a skip
     logged = [r.getMessage() for r in caplog.records if r.name == "dsq.eval.plots"]
     assert len(logged) == 5 and all("skipped" in m for m in logged)
 
 
+def test_a_report_without_quantization_gets_the_accuracy_plot_only() -> None:
+    drawn = draw_plots(_report("runs/fp", [_row("fp16", 24.2, 0.47, 9 * MIB)]))
+    assert [p.name for p in drawn.plots] == ["accuracy_vs_size"]
+    assert all("no quantization record" in reason and "[from" not in reason for reason in drawn.skipped.values())
+
+
 def test_rtn_record_with_sqnr_gets_sqnr_plots(tmp_path: Path) -> None:
     """A calibration-free method's record has weight SQNRs: per-module and per-expert plots, no loss plot."""
-    artifact = _artifact(tmp_path / "rtn", _rtn_record(), report=None)
-    paths = write_plots(artifact)
-    assert [p.name for p in paths] == ["layer_error.png", "expert_sqnr.png"]
-    assert set(paths.skipped) == {"accuracy_vs_size", "calibration_loss", "expert_tokens"}
-    for path in paths:
-        _check_png(path)
+    report = _report("runs/rtn", [_row("rtn-int4", None, None, None, quantization=ArtifactQuantization(_rtn_record()))],
+                     original=_row("original", None, None, 18 * MIB, original=True))
+    drawn = draw_plots(report)
+    assert [p.name for p in drawn.plots] == ["layer_error", "expert_sqnr"]
+    assert set(drawn.skipped) == {"accuracy_vs_size", "calibration_loss", "expert_tokens"}
+    for plot in drawn.plots:
+        _check_png(_png_bytes(plot.png, tmp_path / plot.file_name))
     with pytest.raises(MissingPlotData, match="rtn .*no calibration loss"):
-        calibration_loss(_rtn_record(), tmp_path / "loss.png")
+        calibration_loss(_rtn_record())
     with pytest.raises(MissingPlotData, match="no per-expert SQNR"):
-        expert_sqnr(_rtn_record(sqnr=False), tmp_path / "experts.png")
+        expert_sqnr(_rtn_record(sqnr=False))

@@ -13,11 +13,9 @@ import torch
 from dsq.core.loading import load_checkpoint
 from dsq.cli import main
 from dsq.eval import (
-    BenchmarkSuite, Evaluator, FidelityResult, Gates, MCResult, ModelMetrics, PeakCUDA, PerplexityConfig, PerplexityResult,
-    Report, check_gates, format_terminal_table, write_html_report, write_report,
+    SQNR_KEY, BenchmarkSuite, Evaluator, FidelityResult, Gates, MCResult, ModelMetrics, PeakCUDA, PerplexityConfig,
+    PerplexityResult, QuantizationFacts, Report, check_gates, format_terminal_table, write_report,
 )
-from dsq.eval.report import SQNR_KEY
-from dsq.run.pipeline import summary
 from dsq.quantize import PerGroup, RTNConfig, WeightScheme, quantize_
 from dsq.tools.testing import byte_bpe_tokenizer, tiny_llama
 
@@ -59,7 +57,8 @@ def _parse(path: Path) -> _Page:
     return page
 
 
-def _row(name: str, *, extra: dict | None = None, original: bool = False, cuda: int | None = None) -> ModelMetrics:
+def _row(name: str, *, quantization: QuantizationFacts | None = None, original: bool = False,
+         cuda: int | None = None) -> ModelMetrics:
     return ModelMetrics(
         name=name,
         ppl=PerplexityResult(ppl=24.1 if original else 24.3, nll=3.18, tokens=1000, context=256, stride=128),
@@ -70,7 +69,7 @@ def _row(name: str, *, extra: dict | None = None, original: bool = False, cuda: 
         artifact_bytes_disk=19 * MIB if original else 7 * MIB,
         peak_rss_bytes=600 * MIB,
         eval_seconds=3.0,
-        extra=extra or {},
+        quantization=quantization,
         peak_cuda_allocated_bytes=cuda,
         peak_cuda_reserved_bytes=None if cuda is None else 2 * cuda,
     )
@@ -87,14 +86,13 @@ def rtn_run(tiny_deepseek_v3):
 
 def test_worst_layers_section_names_modules_that_exist(rtn_run, tmp_path: Path) -> None:
     names, qreport = rtn_run
-    quant = summary(qreport, 0.5, None)
-    sqnr = quant[SQNR_KEY]
+    quant = QuantizationFacts(qreport, 0.5, None)
+    sqnr = quant.to_dict()[SQNR_KEY]
     assert len(sqnr["worst_modules"]) == 10 and sqnr["modules"] == len(qreport.quantized)
     values = [e["sqnr_db"] for e in sqnr["worst_modules"]]
     assert values == sorted(values) and values[0] == min(m.sqnr_db for m in qreport.quantized)
-    report = Report(_row("original", original=True), [_row("rtn-int4-g64", extra={"quantization": quant})], [], {})
-    _, md_path = write_report(report, tmp_path)
-    markdown = md_path.read_text()
+    report = Report(_row("original", original=True), [_row("rtn-int4-g64", quantization=quant)], [], {})
+    markdown = write_report(report, tmp_path, plots=False).markdown.read_text()
     section = markdown.split("## Worst layers", 1)[1].split("\n## ", 1)[0]
     worst_table = section.split("Minimum per decoder layer:", 1)[0]
     listed = [line.split(" | ")[1] for line in worst_table.splitlines() if line.startswith("| ") and line[2].isdigit()]
@@ -111,17 +109,15 @@ def test_worst_layers_section_names_modules_that_exist(rtn_run, tmp_path: Path) 
 
 def test_html_report_embeds_every_plot_and_colours_every_gate(rtn_run, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from dsq.eval.plots import write_plots
-
     _, qreport = rtn_run
     original = _row("original", original=True)
-    candidate = _row(ODD_NAME, extra={"quantization": summary(qreport, 0.5, None)})
+    candidate = _row(ODD_NAME, quantization=QuantizationFacts(qreport, 0.5, None))
     gates = check_gates(Gates(max_ppl_increase_pct=5.0, min_top1_agreement=0.99, max_size_ratio=0.5), original, [candidate])
     report = Report(original, [candidate], gates, {"model": "tiny <model>"})
-    write_report(report, tmp_path)
-    plots = write_plots(tmp_path, qreport.to_dict())
-    assert len(plots) >= 3  # accuracy vs size, per-module SQNR, per-expert SQNR
-    page = _parse(write_html_report(report, tmp_path))
+    written = write_report(report, tmp_path)
+    plots = written.plots
+    assert [p.stem for p in plots] == ["accuracy_vs_size", "layer_error", "expert_sqnr"]
+    page = _parse(written.html)
     assert len(page.images) == len(plots)
     assert all(src.startswith("data:image/png;base64,") for src in page.images)
     assert [base64.b64decode(src.split(",", 1)[1]) for src in page.images] == [p.read_bytes() for p in plots]  # same order
@@ -147,12 +143,12 @@ def test_peak_cuda_is_none_on_cpu_and_the_report_omits_it(tmp_path: Path) -> Non
         pass
     assert (cpu.allocated_bytes, cpu.reserved_bytes, none.allocated_bytes) == (None, None, None)
     report = Report(row, [], [], {})
-    _, md_path = write_report(report, tmp_path)
+    md_path = write_report(report, tmp_path, plots=False).markdown
     assert "CUDA" not in md_path.read_text().split("## Details")[0]
     assert "CUDA" not in format_terminal_table(report)
     assert "peak CUDA" not in "".join(_parse(tmp_path / "report.html").text)
     on_gpu = Report(_row("original", original=True, cuda=3 * MIB), [_row("int4", cuda=MIB)], [], {})
-    _, md_path = write_report(on_gpu, tmp_path / "gpu")
+    md_path = write_report(on_gpu, tmp_path / "gpu", plots=False).markdown
     header = next(line for line in md_path.read_text().splitlines() if line.startswith("| model | ppl"))
     assert header.endswith("| peak CUDA alloc MiB | peak CUDA reserved MiB |")
     assert "| 3.0 | 6.0 |" in md_path.read_text() and "peak CUDA alloc MiB" in format_terminal_table(on_gpu)

@@ -14,7 +14,6 @@ from dsq.assets import data_file
 from dsq.core.checkpoint import bundled_model_path
 from dsq.core.errors import DataError
 from dsq.finetune.data import (
-    IGNORE_INDEX,
     InstructionFields,
     TextFields,
     TokenBlocks,
@@ -23,6 +22,7 @@ from dsq.finetune.data import (
     load_training_data,
     split_documents,
 )
+from dsq.finetune.packing import IGNORE_INDEX
 from dsq.tools.testing import make_tiny_tokenizer
 
 # Renders each message on its own, so every prefix of a chat renders as a prefix of the whole.
@@ -380,7 +380,7 @@ def test_validation_set_empty(tmp_path: Path, tok, chat_tok) -> None:
 def test_messages_must_be_role_content_dicts(tmp_path: Path, chat_tok) -> None:
     good = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     path = _write_jsonl(tmp_path / "chat.jsonl", [{"m": good}, {"m": [{"role": "user"}]}])
-    with pytest.raises(DataError, match=r"chat\.jsonl, row 1 \(field 'm'\): must be a list of"):
+    with pytest.raises(DataError, match=r"chat\.jsonl, line 2 \(field 'm'\): must be a list of"):
         _load(chat_tok, path, fields=InstructionFields(messages_field="m"), seq_len=8)
 
 
@@ -395,7 +395,7 @@ def test_messages_need_a_chat_template(tmp_path: Path, tok) -> None:
 def test_prompt_and_response_must_be_strings(tmp_path: Path, tok) -> None:
     rows = [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": None}]
     path = _write_jsonl(tmp_path / "qa.jsonl", rows)
-    with pytest.raises(DataError, match=r"qa\.jsonl, row 1: field 'response' \(fields\.response_field\) must be"):
+    with pytest.raises(DataError, match=r"qa\.jsonl, line 2: field 'response' \(fields\.response_field\) must be"):
         _load(tok, path, fields=InstructionFields())
 
 
@@ -436,5 +436,5 @@ def test_templates_that_rewrite_earlier_turns_are_refused(tmp_path: Path, chat_t
     rewriting.chat_template = "{% for m in messages %}{{ m['content'] }}{% if loop.last %}<end>{% endif %}{% endfor %}"
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     path = _write_jsonl(tmp_path / "chat.jsonl", [{"m": chat}])
-    with pytest.raises(DataError, match=r"chat\.jsonl, row 0 \(field 'm'\): the chat template does not render"):
+    with pytest.raises(DataError, match=r"chat\.jsonl, line 1 \(field 'm'\): the chat template does not render"):
         _load(rewriting, path, fields=InstructionFields(messages_field="m"), val_fraction=0.0)

@@ -14,10 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from dsq.assets import data_file  # noqa: E402
 from dsq.core.checkpoint import bundled_model_path  # noqa: E402
 from dsq.finetune.lora import LoraSpec, adapted_modules, apply_lora  # noqa: E402
+from dsq.eval.drift import MergeDrift, measure_merge_drift  # noqa: E402
 from dsq.finetune.merge import (  # noqa: E402
-    MergeDrift,
     MergeError,
-    measure_merge_drift,
     merge_into_fp,
     merge_requantize,
 )

@@ -43,7 +43,7 @@ from dsq.quantize.bnb import (  # noqa: E402
     set_cpu_bf16_kernel_,
 )
 from dsq.quantize.targets import TargetSpec, select_targets  # noqa: E402
-from dsq.run.reload import logits_of, probe_ids, transformers_reload_check  # noqa: E402
+from dsq.eval.reload import logits_of, probe_ids, transformers_reload_check  # noqa: E402
 
 from cpu_paths import BF16_UNIT_ROUNDOFF, bf16_kernel_detected, describe, repack_like_the_bf16_kernel_  # noqa: E402
 

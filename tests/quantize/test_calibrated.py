@@ -18,7 +18,7 @@ from dsq.quantize.mappings import Balance, fold, resolve
 from dsq.quantize.primitives import dequantize_weight, quantize_with_qparams
 from dsq.quantize.sequential import decoder_layers
 from dsq.quantize.w8a8 import StaticPerTensor, W8A8Experts, W8A8Linear
-from dsq.run.reload import transformers_reload_check
+from dsq.eval.reload import transformers_reload_check
 
 ARCHS = ["llama", "qwen2", "deepseek_v3", "deepseek_v2"]
 
@@ -110,7 +110,7 @@ def test_awq_clip_reduces_output_error():
     assert (clipped.abs() <= w.abs() + 1e-6).all()
     err_clip = output_error(x, w, dequantize_weight(quantize_rtn(clipped, scheme)))
     err_rtn = output_error(x, w, dequantize_weight(quantize_rtn(w, scheme)))
-    assert err_clip <= err_rtn
+    assert err_clip < 0.95 * err_rtn, (err_clip, err_rtn)  # measured 0.89x; no clipping gives 1.0x
 
 
 # ----------------------------------------------------------------------------- mappings
@@ -174,6 +174,18 @@ def relative_error(model, ref_logits, ids) -> float:
     return float((out - ref_logits).norm() / ref_logits.norm())
 
 
+# Relative logit error on the calibration tokens, as a multiple of RTN's, measured (int4 g32):
+# GPTQ 0.50 llama / 0.52 qwen2 / 0.63 deepseek_v3; AWQ 0.89 / 0.89 / 0.994. These random models
+# have no activation outliers, so AWQ gains little here (deepseek_v3: only its range search, never
+# worse than RTN); its gain where outliers exist is tested in test_awq_outliers.py.
+MAX_ERROR_VS_RTN = {
+    **{(GPTQConfig, arch): 0.75 for arch in ("llama", "qwen2", "deepseek_v3")},
+    (AWQConfig, "llama"): 0.95,
+    (AWQConfig, "qwen2"): 0.95,
+    (AWQConfig, "deepseek_v3"): 1.0,
+}
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "deepseek_v3"])
 @pytest.mark.parametrize("config_type", [GPTQConfig, AWQConfig])
 def test_calibrated_weight_methods_on_tiny_models(tiny_checkpoint, tmp_path, arch, config_type):
@@ -195,7 +207,7 @@ def test_calibrated_weight_methods_on_tiny_models(tiny_checkpoint, tmp_path, arc
         assert QuantExperts in kinds
         assert report.calibration["expert_routed_tokens"]
     err, err_rtn = relative_error(model, ref, ids), relative_error(rtn, ref, ids)
-    assert err < (1.0 if config_type is GPTQConfig else 1.1) * err_rtn, (err, err_rtn)
+    assert err < MAX_ERROR_VS_RTN[config_type, arch] * err_rtn, (err, err_rtn)
 
     (tmp_path / "art").mkdir()
     save_quantized_model(model, loaded.tokenizer, tmp_path / "art")

@@ -274,7 +274,7 @@ def test_missing_text_field_lists_columns(tmp_path: Path, tok) -> None:
 
 def test_non_string_text_names_row_and_field(tmp_path: Path, tok) -> None:
     path = _write_jsonl(tmp_path / "calib.jsonl", [{"text": ["a", "b"]}])
-    with pytest.raises(DataError, match=r"calib\.jsonl, row 0: field 'text' must be a string"):
+    with pytest.raises(DataError, match=r"calib\.jsonl, line 1: field 'text' \(text_field\) must be a string"):
         load_calibration(CalibrationDataSpec(path=str(path)), tok)
 
 
@@ -296,7 +296,7 @@ def test_malformed_messages_name_the_row(tmp_path: Path, tok) -> None:
     chat_tok.chat_template = CHAT_TEMPLATE
     rows = [{"messages": [{"role": "user", "content": "hi"}]}, {"messages": "hi"}]
     path = _write_jsonl(tmp_path / "chat.jsonl", rows)
-    with pytest.raises(DataError, match=r"chat\.jsonl, row 1: field 'messages' must be a list"):
+    with pytest.raises(DataError, match=r"chat\.jsonl, line 2 \(field 'messages'\): must be a list"):
         load_calibration(CalibrationDataSpec(path=str(path), messages_field="messages"), chat_tok)
 
 

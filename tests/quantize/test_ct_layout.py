@@ -14,7 +14,7 @@ from dsq.quantize.artifact_load import load_artifact
 from dsq.quantize import PerChannel, PerGroup, QuantExperts, QuantLinear, RTNConfig, WeightScheme, quantize_
 from dsq.quantize import compressed_tensors_format as ctf
 from dsq.quantize.compressed_tensors_format import ZeroPointLayout, zero_point_bytes, zero_point_layout
-from dsq.run.reload import TOLERANCE, logits_of, probe_ids, transformers_reload_check
+from dsq.eval.reload import TOLERANCE, logits_of, probe_ids, transformers_reload_check
 
 ARCHS = ["llama", "qwen2", "deepseek_v2", "deepseek_v3"]
 SCHEMES = [

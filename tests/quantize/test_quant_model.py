@@ -10,7 +10,7 @@ from dsq.quantize import (
     PerChannel, PerGroup, QuantExperts, QuantLinear, RTNConfig, TargetSpec, WeightScheme, quantize_, quantize_rtn,
 )
 from dsq.quantize.primitives import dequantize_weight
-from dsq.run.reload import transformers_reload_check
+from dsq.eval.reload import transformers_reload_check
 
 
 def _load(tiny_checkpoint, arch):
@@ -143,7 +143,7 @@ def test_asymmetric_int4_reloads_or_the_expert_gap_is_reported(tiny_checkpoint, 
 def test_compressed_tensors_decompressor_reads_our_tensors(scheme):
     """compressed-tensors' own decompressor gives back dsq's dequantized weight exactly."""
     from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization import QuantizationScheme
 
     from dsq.quantize.compressed_tensors_format import compress_tensor, weight_args
     from dsq.quantize.modules import QuantTensor
@@ -153,8 +153,7 @@ def test_compressed_tensors_decompressor_reads_our_tensors(scheme):
     qw = quantize_rtn(w, scheme)
     qt = QuantTensor(qw)
     tensors = compress_tensor("x", qt, packed_format=True)
-    args = {k: v for k, v in weight_args(scheme, 128).items() if v is not None}
-    ct_scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**args), format="pack-quantized")
+    ct_scheme = QuantizationScheme(targets=["Linear"], weights=weight_args(scheme, 128), format="pack-quantized")
     compressor = BaseCompressor.get_value_from_registry("pack-quantized")
     state = {k.removeprefix("x."): v for k, v in tensors.items()}
     out = compressor.decompress(state, ct_scheme)
@@ -174,7 +173,7 @@ LOAD_CASES = [
 def test_dsq_load_artifact_is_exact(tiny_checkpoint, tmp_path, arch, scheme):
     """dsq reads back every scheme it writes, bit for bit (asymmetric int4 included)."""
     from dsq.quantize.artifact_load import load_artifact
-    from dsq.run.reload import logits_of, probe_ids
+    from dsq.eval.reload import logits_of, probe_ids
 
     loaded = _quantized_artifact(tiny_checkpoint, arch, scheme, tmp_path)
     back = load_artifact(tmp_path).model

@@ -20,7 +20,7 @@ from dsq.quantize.w8a8 import (
     DynamicPerToken, StaticPerTensor, W8A8Experts, W8A8Linear, int8_matmul, int8_matmul_backend, quantize_activation,
     quantize_w8a8_, teacher_forced_diffs, w8a8_matmul_calls,
 )
-from dsq.run.reload import logits_of, probe_ids, transformers_reload_check
+from dsq.eval.reload import logits_of, probe_ids, transformers_reload_check
 
 ACTS = [DynamicPerToken(), StaticPerTensor()]
 act_id = lambda a: type(a).__name__  # noqa: E731
@@ -375,7 +375,7 @@ def test_transformers_reload_of_dense_w8a8(loaded_models, tmp_path, monkeypatch,
     ulp, which flips the int8 rounding of some downstream activation (one int8 step each). Measured
     on the standard probe: static 3.6e-7 (llama) and 6.5e-3 (qwen2); dynamic 1.3e-2 (both).
     """
-    from dsq.run.reload import _quiet_load
+    from dsq.eval.reload import _quiet_load
 
     loaded, model, _ = w8a8_copy(loaded_models, arch, act)
     save_quantized_model(model, loaded.tokenizer, tmp_path)

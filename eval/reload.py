@@ -20,6 +20,15 @@ TOLERANCE = 1e-4
 
 @dataclass(frozen=True)
 class ReloadCheck:
+    """Outcome of reading an artifact back with transformers.
+
+    Attributes:
+        loaded: transformers read the artifact (and, for asymmetric fused experts, with their zero points).
+        max_abs_diff: Largest absolute logit difference on the probe (``None`` when not loaded).
+        tolerance: The largest difference that passes.
+        reason: Why it was not loaded (``None`` when it was).
+    """
+
     loaded: bool
     max_abs_diff: float | None
     tolerance: float
@@ -30,17 +39,20 @@ class ReloadCheck:
         return self.loaded and self.max_abs_diff is not None and self.max_abs_diff <= self.tolerance
 
     def to_dict(self) -> dict:
+        """A report row's ``extra["reload_check"]``: loaded, max_abs_logit_diff, tolerance, passed, reason."""
         return {"loaded": self.loaded, "max_abs_logit_diff": self.max_abs_diff, "tolerance": self.tolerance,
                 "passed": self.passed, "reason": self.reason}
 
 
 def probe_ids(vocab_size: int, batch: int = 2, seq: int = 32, seed: int = 0) -> torch.Tensor:
+    """The fixed probe, ``(batch, seq)`` token ids drawn with ``seed``."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (batch, seq), generator=g)
 
 
 @torch.inference_mode()
 def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``model``'s float32 logits on ``ids``, on the CPU: ``(batch, seq, vocab)``."""
     device = next(model.parameters()).device
     return model(input_ids=ids.to(device)).logits.float().cpu()
 
@@ -114,6 +126,13 @@ def transformers_reload_check(
     tolerance: float = TOLERANCE,
 ) -> ReloadCheck:
     """Load ``artifact`` with transformers and compare its logits with ``model``'s.
+
+    Args:
+        artifact: The saved artifact directory.
+        model: The model it was saved from (dsq's modules), the reference.
+        dtype: dtype transformers loads the artifact in.
+        trust_remote_code: Passed to ``from_pretrained``.
+        tolerance: The largest absolute logit difference that passes.
 
     Returns:
         A :class:`ReloadCheck`; ``loaded=False`` with the reason when transformers cannot read it.

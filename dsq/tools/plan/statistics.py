@@ -1,0 +1,162 @@
+"""What quantizing one decoder layer holds besides its weights: calibration statistics, activations,
+forward workspace and rounding temporaries, from the method's :class:`~dsq.quantize.cost.MethodCost`."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from dsq.quantize.cost import (
+    RTN_TEMPORARY_BYTES,
+    STATISTICS_BYTES,
+    ActivationRanges,
+    ArtifactLayout,
+    Calibration,
+    Hessians,
+    Rounding,
+    ScaleSearch,
+)
+
+from .facts import ModelFacts, Target
+
+
+@dataclass(frozen=True)
+class CalibrationRun:
+    """The calibration data a method runs on: ``samples`` sequences of ``seq_len`` tokens, in batches."""
+
+    samples: int
+    seq_len: int
+    batch_size: int
+
+    @property
+    def tokens(self) -> int:
+        return self.samples * self.seq_len
+
+    @property
+    def batches(self) -> int:
+        return math.ceil(self.samples / self.batch_size)
+
+    @property
+    def batch_tokens(self) -> int:
+        return min(self.batch_size, self.samples) * self.seq_len
+
+
+def _solve_shapes(target: Target) -> tuple[tuple[int, int, int], ...]:
+    """(how many, out, K) of the weights GPTQ solves: each expert's fused gate_up ``[2I, H]`` and down."""
+    if not target.experts:
+        m = target.matrices[0]
+        return ((1, m.out, m.inp),)
+    gate, _, down = target.matrices
+    return ((gate.count, 2 * gate.out, gate.inp), (down.count, down.out, down.inp))
+
+
+def _hessian_bytes(facts: ModelFacts, targets: list[Target], method: Hessians) -> int:
+    """Hessians of GPTQ's larger stage (attention, then MLP/experts) plus one solve's working set."""
+    stages = ([t for t in targets if t.attention], [t for t in targets if not t.attention])
+    peak = 0
+    for stage in stages:
+        quantized = [t for t in stage if t.quantize]
+        keys = [(n, k) for t in quantized for n, k in t.hessian_dims]
+        if any(t.experts for t in quantized):
+            keys.append((1, facts.hidden))  # the experts' shared input
+        peak = max(peak, sum(n * STATISTICS_BYTES * (k * k + 2 * k) for n, k in keys))  # H [K, K] + two [K] vectors
+    shapes = [s for t in targets if t.quantize for s in _solve_shapes(t)]
+    solve = max((method.solve_copies * STATISTICS_BYTES * (out * k + k * k) for _, out, k in shapes), default=0)
+    return peak + solve
+
+
+def _observed_keys(targets: list[Target]) -> list[tuple[int, int]]:
+    """(how many, width) of the inputs AWQ/SmoothQuant observe: every Linear, every expert's inputs."""
+    keys = [(1, t.matrices[0].inp) for t in targets if not t.experts]
+    for t in targets:
+        if t.experts:
+            count, inter, hidden = t.matrices[0].count, t.matrices[0].out, t.matrices[0].inp
+            keys += [(1, hidden), (count, hidden), (count, inter)]
+    return keys
+
+
+def _scale_search_bytes(facts: ModelFacts, targets: list[Target], method: ScaleSearch, run: CalibrationRun,
+                        act_bytes: int) -> int:
+    """Channel vectors and sampled rows per observed input, plus the block inputs the search replays."""
+    rows_per_call = math.ceil(method.search_tokens / run.batches)
+    rows = run.batches * min(rows_per_call, run.batch_tokens)
+    collector = sum(n * STATISTICS_BYTES * k * (2 + rows) for n, k in _observed_keys(targets))
+    calls = min(math.ceil(method.search_tokens / run.batch_tokens), run.batches)
+    replay = calls * run.batch_tokens * facts.hidden * (2 * act_bytes + STATISTICS_BYTES)
+    return collector * (2 if method.clip else 1) + replay
+
+
+def statistics_bytes(facts: ModelFacts, index: int | None, calibration: Calibration | None, run: CalibrationRun | None,
+                     act_bytes: int) -> int:
+    """Peak calibration statistics a method holds for one layer (or the head stage for None).
+
+    Args:
+        facts: the model's facts.
+        index: decoder layer (None: modules outside the layers, e.g. lm_head).
+        calibration: what the method calibrates (None: nothing).
+        run: the calibration data (None: calibration-free).
+        act_bytes: bytes per activation element (the recipe dtype).
+
+    Returns:
+        Bytes.
+    """
+    if calibration is None or run is None:
+        return 0
+    targets = facts.layer_targets(index)
+    match calibration:
+        case Hessians():
+            return _hessian_bytes(facts, targets, calibration)
+        case ScaleSearch():
+            return _scale_search_bytes(facts, targets, calibration, run, act_bytes)
+        case ActivationRanges():
+            return sum(n * STATISTICS_BYTES * 2 * k for n, k in _observed_keys(targets))  # two [K] vectors each
+    raise TypeError(f"no statistics model for {type(calibration).__name__}")
+
+
+def activation_bytes(facts: ModelFacts, run: CalibrationRun | None, act_bytes: int) -> int:
+    """A layer's calibration inputs and outputs: 2 x samples x seq_len x hidden."""
+    if run is None:
+        return 0
+    return 2 * run.tokens * facts.hidden * act_bytes
+
+
+def workspace_bytes(facts: ModelFacts, run: CalibrationRun | None, act_bytes: int) -> int:
+    """Transients of one calibration batch: fp32 attention probabilities and the widest MLP activation."""
+    if run is None:
+        return 0
+    widest = max((layer.intermediate for layer in facts.layers), default=0)
+    return run.batch_tokens * (facts.heads * run.seq_len * STATISTICS_BYTES + 2 * widest * act_bytes)
+
+
+def temporary_bytes(facts: ModelFacts, index: int | None, layout: ArtifactLayout | None, rounding: Rounding | None,
+                    dtype_bytes: int) -> int:
+    """Transient memory of quantizing the largest tensor of one layer (or of the head stage for None).
+
+    A 2-D tensor costs :data:`~dsq.quantize.cost.RTN_TEMPORARY_BYTES` per element. Fused experts
+    ``[E, 2I, H]`` are gathered into one integer tensor and packed (``rounding``: with or without one
+    expert's rounding temporaries alive). The module's packed output is not included: it is part of
+    the quantized model.
+
+    Args:
+        facts: the model's facts.
+        index: decoder layer (None: modules outside the layers, e.g. lm_head).
+        layout: the method's artifact layout (None: no quantization).
+        rounding: how the method rounds fused experts (None: no quantization).
+        dtype_bytes: bytes per element of the recipe dtype.
+
+    Returns:
+        Bytes.
+    """
+    if layout is None or rounding is None:
+        return 0
+    peak = 0.0
+    for t in facts.layer_targets(index):
+        if not t.quantize or layout.module_bytes(t.shapes, t.experts, dtype_bytes, facts.has_quantized_experts) is None:
+            continue
+        if t.experts:
+            gate = t.matrices[0]
+            one_expert = 2 * gate.out * gate.inp  # gate_up of one expert [2I, H]
+            rounding_one = one_expert * RTN_TEMPORARY_BYTES if rounding.one_expert_temporaries else 0.0
+            peak = max(peak, rounding_one + gate.count * one_expert * rounding.expert_integer_bytes[layout.bits])
+        else:
+            peak = max(peak, t.weight_params * RTN_TEMPORARY_BYTES)
+    return int(peak)
