@@ -139,7 +139,9 @@ def sections(methods: Sequence[str], calibration: CalibrationDataSpec) -> list[t
             continue
         if method in ("rtn", "gptq", "awq"):
             for scheme, weights in _INT4_SCHEMES:
-                section = REGISTRY[method].section(weights=WeightsSection(**weights), calibration=calib)
+                cls = REGISTRY[method].section
+                reads = {"calibration": calib} if "calibration" in cls.model_fields else {}
+                section = cls(weights=WeightsSection(**weights), **reads)
                 rows.append((method, scheme, section))
         elif method == "w8a8":
             section = REGISTRY["w8a8"].section(calibration=calib)

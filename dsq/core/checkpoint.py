@@ -5,7 +5,7 @@ A checkpoint is a directory with ``config.json``, safetensors weights (one
 tokenizer. Everything is validated before any weight is read: the directory layout,
 the config and its field types, every safetensors header (offsets, sizes, dtypes), the
 shard index, and the headers against the model the config describes (decoder layer and
-expert counts, every tensor's shape and dtype; see :mod:`dsq.core.checkpoint_checks`). Pickle-based
+expert counts, every tensor's shape and dtype; see :mod:`dsq.core.config_checks` and :mod:`dsq.core.header_checks`). Pickle-based
 weights are refused outright and never unpickled. Loading is local only; the hub is
 never contacted.
 

@@ -1,6 +1,6 @@
 """The recipe against the model, before any weight is read: context lengths and target patterns.
 
-The checkpoint's own checks (config types, headers, tokenizer) are :mod:`dsq.core.checkpoint_checks`
+The checkpoint's own checks (config types, headers, tokenizer) are :mod:`dsq.core.config_checks`, :mod:`dsq.core.header_checks` and :mod:`dsq.core.tokenizer_check`
 (:mod:`dsq.core.config_checks`, :mod:`dsq.core.header_checks`, :mod:`dsq.core.tokenizer_check`).
 """
 from __future__ import annotations
