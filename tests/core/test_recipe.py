@@ -78,3 +78,29 @@ def test_resolved_recipe_roundtrips(tmp_path):
     r = load_recipe(None, ["quantize.weights.bits=4"])
     p = write(tmp_path, dump_recipe(r))
     assert load_recipe(p) == r
+
+
+def test_a_section_of_another_method_names_the_key_and_what_the_method_reads():
+    with pytest.raises(RecipeError, match=r"unknown key 'quantize\.gptq'.*allowed keys here: awq, calibration, device"):
+        load_recipe(None, ["quantize.method=awq", "quantize.gptq.damp=0.1"])
+    with pytest.raises(RecipeError, match=r"unknown key 'quantize\.weights'.*allowed keys here: calibration, device"):
+        load_recipe(None, ["quantize.method=w8a8", "quantize.weights.bits=4"])
+
+
+def test_an_unknown_method_lists_the_registered_ones():
+    with pytest.raises(RecipeError, match=r"invalid value for 'quantize\.method'.*'rtn', 'gptq', 'awq'.*got 'foo'"):
+        load_recipe(None, ["quantize.method=foo"])
+
+
+def test_errors_inside_a_method_section_name_the_key_without_the_union_tag():
+    with pytest.raises(RecipeError, match=r"invalid value for 'quantize\.gptq\.damp'"):
+        load_recipe(None, ["quantize.method=gptq", "quantize.gptq.damp=2"])
+
+
+def test_every_registered_method_section_builds_its_config():
+    from dsq.quantize import METHODS, method_of
+
+    for name, method in METHODS.items():
+        recipe = load_recipe(None, [f"quantize.method={name}"])
+        config = recipe.quantize.config()
+        assert isinstance(config, method.config) and method_of(config) is method
