@@ -1,9 +1,10 @@
-"""Plots: per-module quantization error (weight SQNR, relative error) and calibration loss (GPTQ, AWQ).
+"""Plots: per-module quantization error (weight SQNR, relative error) and calibration loss (GPTQ, AWQ, autoround).
 
 Data read from a quantization record (``QuantizationReport.to_dict()``, as ``manifest.json["quantization"]``
 holds it, or a row's ``extra.quantization``, which lacks the ``modules`` list): per-module weight SQNR from
 ``modules[*].sqnr_db`` (every weight method: RTN, GPTQ, AWQ, W8A8); calibration losses from
-``calibration.modules[name]`` (``gptq_loss`` for GPTQ; ``awq_loss`` and ``awq_loss_without_scaling`` for AWQ).
+``calibration.modules[name]`` (``gptq_loss`` for GPTQ; ``awq_loss`` and ``awq_loss_without_scaling`` for AWQ;
+``loss_after`` and ``loss_before`` per decoder block for autoround's learned rounding).
 """
 from __future__ import annotations
 
@@ -19,19 +20,25 @@ from dsq.eval.plot_common import MissingPlotData, new_figure, scheme_text, short
 @dataclass(frozen=True)
 class _ErrorMetric:
     key: str
-    label: str
+    label: str  # the value axis
     higher_is_better: bool
-    reference_key: str | None = None
+    what: str  # in the title
+    reference_key: str | None = None  # a second value per entry, drawn as a tick
     reference_label: str | None = None
+    recorded_by: str | None = None  # the method whose calibration records it (None: not a calibration loss)
 
 
 # Searched in this order; the first with a finite value in the record is plotted.
 _ERROR_METRICS = (
-    _ErrorMetric("sqnr_db", "weight SQNR  10·log10(|W|² / |W − Q(W)|²)  (dB, higher is better)", True),
-    _ErrorMetric("relative_error", "relative weight error", False),
-    _ErrorMetric("gptq_loss", "GPTQ proxy loss  Σ err² / [H⁻¹]ᵢᵢ / 2  (a.u., lower is better)", False),
+    _ErrorMetric("sqnr_db", "weight SQNR  10·log10(|W|² / |W − Q(W)|²)  (dB, higher is better)", True, "weight SQNR"),
+    _ErrorMetric("relative_error", "relative weight error", False, "quantization error"),
+    _ErrorMetric("gptq_loss", "GPTQ proxy loss  Σ err² / [H⁻¹]ᵢᵢ / 2  (a.u., lower is better)", False,
+                 "GPTQ calibration loss", recorded_by="GPTQ"),
     _ErrorMetric("awq_loss", "AWQ block-output MSE with the chosen scales (lower is better)", False,
-                 "awq_loss_without_scaling", "without AWQ scaling"),
+                 "AWQ calibration loss", "awq_loss_without_scaling", "without AWQ scaling", recorded_by="AWQ"),
+    # SignRound (Cheng et al. 2023): each block's output MSE against full precision, learned vs nearest rounding
+    _ErrorMetric("loss_after", "learned rounding block-output MSE (lower is better)", False,
+                 "learned rounding loss", "loss_before", "round to nearest", recorded_by="autoround"),
 )
 
 _COMPONENTS = {  # component -> colour; a mapping balancing several components takes the first listed here
@@ -39,6 +46,7 @@ _COMPONENTS = {  # component -> colour; a mapping balancing several components t
     "shared experts": "tab:purple",
     "dense MLP": "tab:green",
     "attention": "tab:blue",
+    "decoder block": "tab:olive",
     "other": "tab:gray",
 }
 
@@ -52,6 +60,8 @@ def _component(target: str) -> str:
         return "routed experts"
     if ".mlp." in target:
         return "dense MLP"
+    if re.search(r"(^|\.)layers\.\d+$", target):  # a whole block (autoround's learned-rounding loss)
+        return "decoder block"
     return "other"
 
 
@@ -76,7 +86,7 @@ def _module_entries(record: dict) -> list[tuple[str, dict]]:
     return entries
 
 
-LOSS_KEYS = ("gptq_loss", "awq_loss")
+LOSS_KEYS = tuple(m.key for m in _ERROR_METRICS if m.recorded_by is not None)
 WEIGHT_ERROR_KEYS = ("sqnr_db", "relative_error")  # what the layer_error plot shows; losses get their own plot
 
 
@@ -101,8 +111,10 @@ def _missing(record: dict, entries: list[tuple[str, dict]], metrics: list[_Error
     method = record.get("method", "?")
     known = ", ".join(m.key for m in metrics)
     if keys is not None and set(keys) <= set(LOSS_KEYS):
+        names = [str(m.recorded_by) for m in metrics]
+        recording = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
         return MissingPlotData(f"the {method} quantization record holds no calibration loss ({known}): "
-                               "only GPTQ and AWQ record one")
+                               f"only {recording} record one")
     if not entries:
         return MissingPlotData(f"the {method} quantization record holds no per-module entries (calibration is "
                                f"{'null' if record.get('calibration') is None else 'without modules'})")
@@ -143,10 +155,10 @@ def layer_error(quant_record: dict, *, max_bars: int = 120, highlight: int = 5,
     """Per-module quantization error as bars, the worst modules highlighted and labelled.
 
     The metric is the first of weight SQNR (``sqnr_db``, every weight method), relative error,
-    GPTQ loss and AWQ loss that the record holds (``metrics`` restricts the choice).
+    GPTQ loss, AWQ loss and learned-rounding block loss that the record holds (``metrics`` restricts the choice).
 
     Up to ``max_bars`` modules: one horizontal bar per module in model order, coloured by
-    component (attention, dense MLP, shared experts, routed experts). More modules (a full
+    component (attention, dense MLP, shared experts, routed experts, whole decoder block). More modules (a full
     MoE model): one bar per decoder layer and component, the worst module of each group.
 
     Args:
@@ -161,14 +173,13 @@ def layer_error(quant_record: dict, *, max_bars: int = 120, highlight: int = 5,
 
     Raises:
         MissingPlotData: the record holds none of the metrics (bitsandbytes records hold none;
-            RTN, GPTQ, AWQ and W8A8 records hold ``sqnr_db``; GPTQ also ``gptq_loss``, AWQ ``awq_loss``).
+            RTN, GPTQ, AWQ, autoround and W8A8 records hold ``sqnr_db``; GPTQ also ``gptq_loss``, AWQ
+            ``awq_loss``, autoround ``loss_after``).
     """
     metric, entries = _error_entries(quant_record, metrics)
     method = quant_record.get("method", "?")
     scheme = scheme_text(quant_record)
-    what = {"sqnr_db": "weight SQNR", "gptq_loss": "GPTQ calibration loss", "awq_loss": "AWQ calibration loss"}.get(
-        metric.key, "quantization error")
-    title = f"Per-module {what} — {method} {scheme}".rstrip()
+    title = f"Per-module {metric.what} — {method} {scheme}".rstrip()
     if len(entries) <= max_bars:
         return _per_module_bars(metric, entries, title, highlight)
     return _per_layer_bars(metric, entries, title, highlight)
@@ -284,10 +295,11 @@ def _per_layer_bars(metric: _ErrorMetric, entries: list[_ErrorEntry], title: str
 
 
 def calibration_loss(quant_record: dict, *, max_bars: int = 120, highlight: int = 5) -> Any:
-    """Per-module loss of the calibrated method (GPTQ proxy loss, AWQ block-output MSE) as bars.
+    """Per-module loss of the calibrated method as bars: GPTQ proxy loss, AWQ block-output MSE (tick: without
+    scaling), or autoround's block-output MSE with the learned rounding (tick: with round-to-nearest).
 
     Args:
-        quant_record: A GPTQ or AWQ quantization record (``calibration.modules``).
+        quant_record: A GPTQ, AWQ or autoround quantization record (``calibration.modules``).
         max_bars: Most per-module bars before grouping by layer.
         highlight: How many of the worst modules are highlighted.
 
@@ -295,6 +307,6 @@ def calibration_loss(quant_record: dict, *, max_bars: int = 120, highlight: int 
         The figure.
 
     Raises:
-        MissingPlotData: the record holds no ``gptq_loss`` / ``awq_loss`` (RTN, W8A8, bitsandbytes).
+        MissingPlotData: the record holds no ``gptq_loss`` / ``awq_loss`` / ``loss_after`` (RTN, W8A8, bitsandbytes).
     """
     return layer_error(quant_record, max_bars=max_bars, highlight=highlight, metrics=LOSS_KEYS)

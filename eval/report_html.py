@@ -10,8 +10,8 @@ from typing import Any
 from dsq.eval.plot_common import Plot
 from dsq.eval.report import Report
 from dsq.eval.report_tables import (
-    DETAIL_HEADER, GATE_HEADER, LAYER_HEADER, WORST_HEADER, columns, detail_rows, gate_rows, made_with, rows, rss_note,
-    scalar_text, sqnr_caption, sqnr_rows, worst_tables,
+    DETAIL_HEADER, GATE_HEADER, LAYER_HEADER, ROUNDING_HEADER, WORST_HEADER, columns, detail_rows, gate_rows, made_with,
+    rounding_caption, rounding_rows, rounding_table, rows, rss_note, scalar_text, sqnr_caption, sqnr_rows, worst_tables,
 )
 
 _CSS = """
@@ -119,6 +119,17 @@ def _worst_layers(report: Report) -> list[str]:
     return out
 
 
+def _learned_rounding(report: Report) -> list[str]:
+    found = rounding_rows(report)
+    if not found:
+        return []
+    out = ["<h2>Learned rounding per block</h2>"]
+    for row, record, blocks in found:
+        out.append(f"<p>{_esc(rounding_caption(row, record, blocks))}</p>")
+        out += _table(ROUNDING_HEADER, rounding_table(blocks), text_columns=(5,))
+    return out
+
+
 def _plots(plots: Sequence[Plot]) -> list[str]:
     if not plots:
         return []
@@ -156,6 +167,7 @@ def render_html(report: Report, data: dict, plots: Sequence[Plot]) -> str:
     out += _results(report)
     out += _gates(report)
     out += _worst_layers(report)
+    out += _learned_rounding(report)
     out += _plots(plots)
     out += _made_with(report)
     out += ["<h2>Machine</h2>", *_items(list(data["machine"].items()))]

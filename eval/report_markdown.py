@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dsq.eval.report import NotEvaluatedReport, Report
 from dsq.eval.report_tables import (
-    DETAIL_HEADER, GATE_HEADER, LAYER_HEADER, WORST_HEADER, columns, detail_rows, gate_rows, made_with, rows, rss_note,
-    scalar_text, sqnr_caption, sqnr_rows, worst_tables,
+    DETAIL_HEADER, GATE_HEADER, LAYER_HEADER, ROUNDING_HEADER, WORST_HEADER, columns, detail_rows, gate_rows, made_with,
+    rounding_caption, rounding_rows, rounding_table, rows, rss_note, scalar_text, sqnr_caption, sqnr_rows, worst_tables,
 )
 
 
@@ -45,6 +45,16 @@ def _worst_layers(report: Report) -> list[str]:
     return out
 
 
+def _learned_rounding(report: Report) -> list[str]:
+    found = rounding_rows(report)
+    if not found:
+        return []
+    out = ["", "## Learned rounding per block"]
+    for row, record, blocks in found:
+        out += ["", rounding_caption(row, record, blocks), "", *_table(ROUNDING_HEADER, rounding_table(blocks))]
+    return out
+
+
 def _gates(report: Report) -> list[str]:
     if not report.gates:
         return ["No gates were set."]
@@ -73,6 +83,7 @@ def render_markdown(report: Report, data: dict) -> str:
     out += ["", "## Details", "", *_table(DETAIL_HEADER, detail_rows(report))]
     out += _made_with_sections(report)
     out += _worst_layers(report)
+    out += _learned_rounding(report)
     out += ["", "## Gates", "", *_gates(report)]
     out += ["", "## Machine", ""]
     out += [f"- **{key}**: {scalar_text(value)}" for key, value in data["machine"].items()]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from dsq.eval.facts import SQNR_KEY, finite_number
@@ -18,6 +19,8 @@ DETAIL_HEADER = ("model", "nll", "Δacc pts", "max KL", "artifact MiB", "disk ra
 GATE_HEADER = ("result", "candidate", "gate", "metric", "value", "threshold")
 WORST_HEADER = ("#", "module", "kind", "SQNR dB", "worst expert (SQNR dB)")
 LAYER_HEADER = ("decoder layer", "modules", "min SQNR dB", "module with the min", "worst single expert SQNR dB")
+ROUNDING_HEADER = ("block", "loss before (RTN)", "loss after", "change %", "steps", "RTN kept")
+_ROUNDING_KEYS = ("loss_before", "loss_after", "steps", "kept_rtn")  # what the learned-rounding table shows
 
 
 def num(value: float | None, spec: str) -> str:
@@ -178,9 +181,13 @@ def _flat_items(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def made_with(facts: dict) -> list[tuple[str, Any]]:
-    """A row's stage facts (:meth:`ModelMetrics.facts_dict`) as dotted (key, value) pairs, the weight
-    SQNR summary left out (it has its own section, Worst layers)."""
-    return [(key, value) for key, value in _flat_items(facts) if not key.startswith(f"quantization.{SQNR_KEY}.")]
+    """A row's stage facts (:meth:`ModelMetrics.facts_dict`) as dotted (key, value) pairs, left out what
+    has its own section: the weight SQNR summary (Worst layers) and the per-block learned-rounding
+    losses (Learned rounding per block)."""
+    blocks = learned_rounding_blocks(facts.get("quantization") or {})
+    shown = {f"quantization.calibration.modules.{name}.{key}" for name in blocks for key in _ROUNDING_KEYS}
+    return [(key, value) for key, value in _flat_items(facts)
+            if not key.startswith(f"quantization.{SQNR_KEY}.") and key not in shown]
 
 
 # ----------------------------------------------------------------------------- weight SQNR (worst layers)
@@ -230,3 +237,57 @@ def sqnr_caption(row: ModelMetrics, record: dict, summary: dict | None) -> str:
     return (f"{row.name} ({what}): the {len(summary.get('worst_modules') or [])} lowest weight SQNRs of "
             f"{summary.get('modules')} quantized modules (dB, higher is better; median "
             f"{num(finite_number(summary.get('median_db')), '.2f')} dB).")
+
+
+# ----------------------------------------------------------------------------- learned rounding per block
+
+
+def learned_rounding_blocks(record: Mapping[str, Any]) -> dict[str, dict]:
+    """The ``calibration.modules`` entries of a quantization record that hold a learned-rounding loss
+    (``loss_before`` and ``loss_after``, autoround: one per decoder block, and ``lm_head``), by name."""
+    calibration = record.get("calibration")
+    modules = calibration.get("modules") if isinstance(calibration, dict) else None
+    if not isinstance(modules, dict):
+        return {}
+    return {str(name): fields for name, fields in modules.items()
+            if isinstance(fields, dict) and "loss_before" in fields and "loss_after" in fields}
+
+
+def rounding_rows(report: Report) -> list[tuple[ModelMetrics, dict, dict[str, dict]]]:
+    """(row, its quantization record, its :func:`learned_rounding_blocks`) for every row that has some."""
+    found = []
+    for row in report.rows:
+        record = dict(row.quantization.record) if row.quantization is not None else {}
+        blocks = learned_rounding_blocks(record)
+        if blocks:
+            found.append((row, record, blocks))
+    return found
+
+
+def _change_pct(before: float | None, after: float | None) -> float | None:
+    """``after`` relative to ``before`` in percent; ``None`` without both or with ``before`` 0."""
+    if before is None or after is None or before == 0:
+        return None
+    return 100.0 * (after - before) / before
+
+
+def rounding_table(blocks: dict[str, dict]) -> list[list[str]]:
+    """Cells of the learned-rounding table (:data:`ROUNDING_HEADER`), one row per block in record order."""
+    out = []
+    for name, fields in blocks.items():
+        before, after = finite_number(fields.get("loss_before")), finite_number(fields.get("loss_after"))
+        kept = fields.get("kept_rtn")
+        out.append([
+            name, num(before, ".4g"), num(after, ".4g"), num(_change_pct(before, after), "+.1f"),
+            str(fields.get("steps", "-")), "-" if not isinstance(kept, bool) else ("yes" if kept else "no"),
+        ])
+    return out
+
+
+def rounding_caption(row: ModelMetrics, record: dict, blocks: dict[str, dict]) -> str:
+    """The sentence above a row's learned-rounding table."""
+    what = " ".join(str(record[k]) for k in ("method", "scheme") if record.get(k))
+    kept = sum(1 for fields in blocks.values() if fields.get("kept_rtn") is True)
+    return (f"{row.name} ({what}): output MSE of each block against full precision on the calibration data, "
+            f"with round-to-nearest and with the learned rounding that was kept (lower is better); "
+            f"round-to-nearest kept in {kept} of {len(blocks)} blocks.")

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 from contextlib import nullcontext
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
@@ -108,13 +109,14 @@ class _Run:
         return self.report
 
 
-def _head_inputs(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Input of ``lm_head``: the final norm of the last layer's output."""
+def _head_inputs(model: nn.Module, hidden: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Input of ``lm_head``: the final norm of the last layer's output (``[samples, seq, hidden]`` on the model's device)."""
     norm = getattr(getattr(model, "model", None), "norm", None)
     if norm is None:
         raise QuantizationError(f"{type(model).__name__}: no final norm found (model.model.norm) for the lm_head stage")
+    device = next(model.parameters()).device
     with torch.no_grad():
-        return norm(hidden)
+        return norm(torch.cat([h.to(device) for h in hidden]))
 
 
 # ----------------------------------------------------------------------------- GPTQ
@@ -132,13 +134,16 @@ HeadFn = Callable[["_Run", object, TargetDecision, torch.Tensor], QuantizedWeigh
 
 
 def _calibrated(model: nn.Module, config, calibration: torch.Tensor | None, method: str, layer_fn: LayerFn, head_fn: HeadFn,
-                progress: bool, lifecycle: LayerLifecycle) -> _Run:
-    """Run ``layer_fn`` over the decoder layers, then ``head_fn`` for targeted modules outside them."""
+                progress: bool, lifecycle: LayerLifecycle, budget_bytes: int | None = None) -> _Run:
+    """Run ``layer_fn`` over the decoder layers, then ``head_fn`` for targeted modules outside them.
+
+    ``budget_bytes``: cached layer activations beyond it go to disk (:class:`~.activation_store.BatchStore`).
+    """
     ids = require_calibration(calibration, method)
     run = _Run(model, config.targets, method, config.scheme, ids)
     hidden = sequential_calibrate(
         model, ids, lambda p, layer, fwd: layer_fn(run, config, p, layer, fwd), batch_size=config.batch_size, progress=progress,
-        lifecycle=lifecycle,
+        lifecycle=lifecycle, budget_bytes=budget_bytes,
     )
     head = run.head_decisions()
     results = {}

@@ -53,6 +53,38 @@ STACK_PACK_BYTES: Mapping[int, float] = {4: 2.2, 8: 2.0}
 """The same when per-expert results (int8) exist before they are stacked and packed (GPTQ, AWQ): the
 per-expert results and their stacked copy."""
 
+BLOCK_TRAINING_PEAK_BYTES: Mapping[int, float] = {4: 32.0, 2: 37.0}
+"""Peak bytes per quantized weight element of a decoder block while learned rounding trains it on a batch
+of few tokens, by bytes of the model dtype (4: float32, 2: bfloat16): the fp32 offset, its snapshot and its
+gradient, what the rounded weights of one step keep for the backward pass (expanded scales, the integers
+before and after clamping, the rounded weight; in bfloat16 also the weight's fp32 copy) and the gradients
+that pass through them. Measured as the peak RSS growth of ``_autoround_layer`` (one step, one sequence of
+16 tokens, glibc's mmap threshold fixed) on DeepSeek-V3-shaped blocks of 2.6 M (dense) and 7.2 M (MoE)
+weights: 33.6 / 39.1-39.6 bytes per element, less the rounding temporaries the plan counts apart."""
+
+BLOCK_TRAINING_HELD_BYTES: Mapping[int, float] = {4: 23.0, 2: 30.0}
+"""The same, per element, at the start of the backward pass, where one batch's saved activations
+(:data:`BLOCK_ACTIVATION_BYTES`) are held beside it. Measured as the intercept of the peak RSS growth
+against the batch's tokens (2048 and 4096 tokens, same blocks): 23.8 (float32) / 31.0 (bfloat16)."""
+
+BLOCK_ACTIVATION_BYTES: Mapping[int, float] = {4: 6.0, 2: 4.6}
+"""Bytes the backward pass of a block holds per token of the batch and per element of the inputs and
+outputs of its Linears (routed experts counted ``top_k`` times per token), by bytes of the model dtype:
+autograd's saved activations and the first activation gradients. Measured as the slope of the same
+growth: float32 5.9 (MoE) to 6.2 (dense), bfloat16 4.5 (MoE); attention through SDPA keeps no
+sequence x sequence tensor."""
+
+HEAD_LOGIT_COPIES = 3
+"""fp32 logits per token of the batch while a Linear outside the decoder layers (``lm_head``) is trained
+alone: its full-precision target, its output and the output's gradient. (Measured: 11.8 bytes per logit
+for a [16384, 256] lm_head at 2048 and 4096 tokens.)"""
+
+LEARNED_ROUNDING_FLOPS = 26
+"""FLOPs per quantized weight element of one learned-rounding step: the rounded weight (divide, offset,
+round, clamp, scale), its backward pass to the offsets and clipping factors, and the signed update.
+Counted as the elements written by every non-matmul operator of a step on a [1024, 1024] Linear:
+24.1 (symmetric) / 28.3 (asymmetric)."""
+
 Matrices = Sequence[tuple[int, int, int]]
 """``(count, out, in)`` of the weight matrices of one module: one for a Linear, per expert for fused experts."""
 
@@ -208,7 +240,23 @@ class ActivationRanges:
     passes: int
 
 
-Calibration = Hessians | ScaleSearch | ActivationRanges
+@dataclass(frozen=True)
+class BlockTraining:
+    """Learned rounding (SignRound, arXiv:2309.05516): each decoder block is trained against its
+    full-precision outputs, which are kept beside its inputs (one more hidden-state tensor per
+    calibration sequence); every quantized weight element of the block holds an fp32 rounding offset
+    and its gradient, and the block's activations are kept for the backward pass of one batch.
+
+    Attributes:
+        steps: forward and backward passes of one calibration batch per block.
+        batch_size: calibration sequences per step.
+    """
+
+    steps: int
+    batch_size: int
+
+
+Calibration = Hessians | ScaleSearch | ActivationRanges | BlockTraining
 
 
 # ----------------------------------------------------------------------------- rounding and the method's cost

@@ -15,6 +15,7 @@ token count of every expert is recorded for the report.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
@@ -24,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
+from .activation_store import BatchStore
 from .modules import is_fused_experts, set_module
 from dsq.core.layout import decoder_layers
 
@@ -37,11 +39,11 @@ class LayerInputs:
     """Inputs of one decoder layer for every calibration batch.
 
     Attributes:
-        hidden: ``[batch, seq, hidden]`` per batch.
+        hidden: ``[batch, seq, hidden]`` per batch (a :class:`BatchStore` holds some on disk beyond its budget).
         kwargs: keyword arguments transformers passed to the layer (per batch; shared by all layers).
     """
 
-    hidden: list[torch.Tensor]
+    hidden: Sequence[torch.Tensor]
     kwargs: list[dict]
 
 
@@ -50,9 +52,10 @@ def first_tensor(output) -> torch.Tensor:
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, layer: nn.Module, batches: list[torch.Tensor]) -> LayerInputs:
-    """Run ``model`` on ``batches`` up to ``layer`` and record that layer's inputs."""
-    captured = LayerInputs(hidden=[], kwargs=[])
+def capture_layer_inputs(model: nn.Module, layer: nn.Module, batches: list[torch.Tensor],
+                         budget_bytes: int | None = None) -> LayerInputs:
+    """Run ``model`` on ``batches`` up to ``layer`` and record that layer's inputs (beyond ``budget_bytes`` on disk)."""
+    captured = LayerInputs(hidden=BatchStore(budget_bytes), kwargs=[])
 
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
@@ -73,12 +76,33 @@ def capture_layer_inputs(model: nn.Module, layer: nn.Module, batches: list[torch
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
-    """Outputs of ``layer`` for every captured batch."""
-    return [first_tensor(layer(h, **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+def run_layer(layer: nn.Module, inputs: LayerInputs, budget_bytes: int | None = None) -> BatchStore:
+    """Outputs of ``layer`` for every captured batch (beyond ``budget_bytes`` on disk)."""
+    outputs = BatchStore(budget_bytes)
+    for h, kw in zip(inputs.hidden, inputs.kwargs):
+        outputs.append(first_tensor(layer(h, **kw)))
+    return outputs
 
 
-LayerCallback = Callable[[str, nn.Module, Callable[[], list[torch.Tensor]]], None]
+@dataclass(frozen=True)
+class LayerRunner:
+    """Runs one decoder layer on its calibration inputs: ``runner()`` returns the outputs of every batch.
+
+    Attributes:
+        layer: the decoder layer.
+        inputs: its inputs (per batch), for methods that run the layer themselves (e.g. to train it).
+        budget_bytes: outputs beyond this many bytes go to disk (None: all in memory).
+    """
+
+    layer: nn.Module
+    inputs: LayerInputs
+    budget_bytes: int | None = None
+
+    def __call__(self) -> BatchStore:
+        return run_layer(self.layer, self.inputs, self.budget_bytes)
+
+
+LayerCallback = Callable[[str, nn.Module, LayerRunner], None]
 
 
 class LayerLifecycle(Protocol):
@@ -158,39 +182,45 @@ def sequential_calibrate(
     batch_size: int = 8,
     progress: bool = True,
     lifecycle: LayerLifecycle = RESIDENT,
-) -> torch.Tensor | None:
+    budget_bytes: int | None = None,
+) -> Sequence[torch.Tensor]:
     """Drive ``on_layer`` over the decoder layers in order.
 
     Args:
         model: a transformers causal LM.
         input_ids: ``(samples, seq_len)`` calibration tokens.
         on_layer: ``on_layer(layer_name, layer, run)``; ``run()`` runs the layer on all calibration
-            inputs (with whatever hooks the callback installed) and returns the outputs. The callback
-            quantizes the layer in place.
+            inputs (with whatever hooks the callback installed) and returns the outputs; ``run.inputs``
+            are those inputs. The callback quantizes the layer in place.
         batch_size: calibration sequences per forward.
         progress: show a progress bar.
         lifecycle: loads each layer before it is used and releases it after its outputs are computed.
+        budget_bytes: a layer's cached inputs (and outputs) beyond this many bytes go to disk (None: all
+            in memory).
 
     Returns:
-        The hidden states after the last layer (``[samples, seq, hidden]``), for a head stage.
+        The hidden states after the last layer (``[batch, seq, hidden]`` per batch, on the execution
+        device), for a head stage.
     """
     prefix, layers = decoder_layers(model)
     model_device = next(model.parameters()).device
     batches = [b.to(model_device) for b in input_ids.split(batch_size)]
-    inputs = capture_layer_inputs(model, layers[0], batches)
+    inputs = capture_layer_inputs(model, layers[0], batches, budget_bytes)
     device = execution_device(lifecycle, model)
     if device != model_device:
         from accelerate.utils import send_to_device
 
-        inputs = LayerInputs(hidden=send_to_device(inputs.hidden, device), kwargs=send_to_device(inputs.kwargs, device))
+        hidden = BatchStore.of((h.to(device) for h in inputs.hidden), budget_bytes)
+        inputs = LayerInputs(hidden=hidden, kwargs=send_to_device(inputs.kwargs, device))
     for i in tqdm(range(len(layers)), desc="calibrate layers", disable=not progress, unit="layer"):
         layer = layers[i]
         lifecycle.load(i, f"{prefix}.{i}", layer)
-        on_layer(f"{prefix}.{i}", layer, lambda layer=layer, inputs=inputs: run_layer(layer, inputs))
-        outputs = run_layer(layer, inputs)  # with the quantized weights
+        on_layer(f"{prefix}.{i}", layer, LayerRunner(layer, inputs, budget_bytes))
+        outputs = run_layer(layer, inputs, budget_bytes)  # with the quantized weights
         lifecycle.release(i, f"{prefix}.{i}", layers[i])
+        inputs.hidden.close()
         inputs = LayerInputs(hidden=outputs, kwargs=inputs.kwargs)
-    return torch.cat(inputs.hidden).to(model_device) if inputs.hidden else None
+    return inputs.hidden
 
 
 # ----------------------------------------------------------------------------- observation

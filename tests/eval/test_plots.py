@@ -135,6 +135,17 @@ def _awq_record() -> dict:
     return report.to_dict()
 
 
+def _autoround_report(layers: int = 4) -> QuantizationReport:
+    """What an autoround run reports: a learned-rounding loss per decoder block, one block where nearest was kept."""
+    report = QuantizationReport(method="autoround", scheme=SCHEME, modules=_records(layers))
+    blocks = {f"model.layers.{i}": {"loss_before": 0.01 * (i + 1), "loss_after": 0.006 * (i + 1), "steps": 50,
+                                     "kept_rtn": False} for i in range(layers)}
+    blocks["model.layers.2"] = {"loss_before": 0.03, "loss_after": 0.03, "steps": 50, "kept_rtn": True}
+    report.calibration = {"samples": 8, "seq_len": 128, "tokens": 1024, "expert_routed_tokens": {},
+                          "experts_without_routed_tokens": {}, "modules": blocks, "steps": 50, "lr": 0.02}
+    return report
+
+
 def _rtn_record(sqnr: bool = True) -> dict:
     return QuantizationReport(method="rtn", scheme=SCHEME, modules=_records(4, sqnr)).to_dict()
 
@@ -226,6 +237,20 @@ def test_draw_plots_gptq_run(tmp_path: Path) -> None:
         _check_png(_png_bytes(plot.png, tmp_path / plot.file_name))
 
 
+def test_calibration_loss_draws_autoround_block_losses(tmp_path: Path) -> None:
+    """The learned-rounding loss per block (bars) against round-to-nearest (ticks): drawn, not skipped."""
+    facts = QuantizationFacts(_autoround_report(), seconds=30.0, peak_rss_bytes=None)
+    drawn = draw_plots(_report("runs/autoround", [_row("autoround-int4-g128", 24.11, 0.472, 6 * MIB, quantization=facts)]))
+    assert "calibration_loss" not in drawn.skipped
+    assert [p.name for p in drawn.plots] == ["accuracy_vs_size", "layer_error", "calibration_loss", "expert_sqnr"]
+    figure = calibration_loss(facts.record)
+    ax = figure.axes[0]
+    assert ax.get_xlabel() == "learned rounding block-output MSE (lower is better)"
+    assert [round(p.get_width(), 6) for p in ax.patches] == [0.006, 0.012, 0.03, 0.024]  # loss_after, model order
+    assert "round to nearest" in [t.get_text() for t in ax.get_legend().get_texts()]
+    _check_png(_png(figure, tmp_path / "autoround.png"))
+
+
 def _png_bytes(png: bytes, path: Path) -> Path:
     path.write_bytes(png)
     return path
@@ -267,7 +292,7 @@ def test_rtn_record_with_sqnr_gets_sqnr_plots(tmp_path: Path) -> None:
     assert set(drawn.skipped) == {"accuracy_vs_size", "calibration_loss", "expert_tokens"}
     for plot in drawn.plots:
         _check_png(_png_bytes(plot.png, tmp_path / plot.file_name))
-    with pytest.raises(MissingPlotData, match="rtn .*no calibration loss"):
+    with pytest.raises(MissingPlotData, match="rtn .*no calibration loss .*loss_after.*GPTQ, AWQ and autoround record one"):
         calibration_loss(_rtn_record())
     with pytest.raises(MissingPlotData, match="no per-expert SQNR"):
         expert_sqnr(_rtn_record(sqnr=False))

@@ -156,6 +156,55 @@ def test_row_extra_has_a_key_per_fact_present() -> None:
     assert _row("onnx", onnx=OnnxFacts.of(EXPORT)).to_dict()["extra"]["onnx"]["greedy_tie_margins"] == [0.02]
 
 
+# ----------------------------------------------------------------------------- learned rounding per block
+
+BLOCK_LOSSES = {  # as autoround records them: block-output MSE with round-to-nearest, then with the rounding kept
+    "model.layers.0": {"loss_before": 0.04, "loss_after": 0.03, "steps": 20, "kept_rtn": False},
+    "model.layers.1": {"loss_before": 0.002, "loss_after": 0.002, "steps": 20, "kept_rtn": True},
+    "lm_head": {"loss_before": 0.5, "loss_after": 0.45, "steps": 20, "kept_rtn": False},
+}
+BLOCK_ROWS = [
+    ["model.layers.0", "0.04", "0.03", "-25.0", "20", "no"],
+    ["model.layers.1", "0.002", "0.002", "+0.0", "20", "yes"],
+    ["lm_head", "0.5", "0.45", "-10.0", "20", "no"],
+]
+
+
+def _autoround_report() -> Report:
+    qreport = _qreport()
+    qreport.method = "autoround"
+    qreport.calibration = {"tokens": 256, "modules": BLOCK_LOSSES, "steps": 20, "lr": 0.05, "learn_clipping": True}
+    return _report(quantization=QuantizationFacts(qreport, 1.0, None))
+
+
+def test_learned_rounding_has_its_own_table(tmp_path: Path) -> None:
+    written = write_report(_autoround_report(), tmp_path, plots=False)
+    markdown = written.markdown.read_text()
+    assert "\n## Learned rounding per block\n" in markdown
+    section = markdown.split("\n## Learned rounding per block\n", 1)[1].split("\n## ", 1)[0]
+    assert "round-to-nearest kept in 1 of 3 blocks" in section
+    table = [line for line in section.splitlines() if line.startswith("| ")]
+    assert table == ["| block | loss before (RTN) | loss after | change % | steps | RTN kept |",
+                     *("| " + " | ".join(cells) + " |" for cells in BLOCK_ROWS)]
+    made = markdown.split(": how it was made\n", 1)[1].split("\n## ", 1)[0]
+    assert "calibration.modules" not in made and "loss_before" not in made  # not repeated as a flat list
+    assert "- **quantization.calibration.steps**: 20" in made and "- **quantization.calibration.lr**: 0.05" in made
+    html = written.html.read_text(encoding="utf-8")
+    assert "<h2>Learned rounding per block</h2>" in html
+    for cells in BLOCK_ROWS:
+        tds = "".join(f"<td>{c}</td>" for c in cells[:-1]) + f'<td class="text">{cells[-1]}</td>'
+        assert f"<tr>{tds}</tr>" in html
+    assert "loss_before" not in html
+    data = json.loads(written.json.read_text())
+    assert data["candidates"][0]["extra"]["quantization"]["calibration"]["modules"] == BLOCK_LOSSES  # report.json keeps them
+
+
+def test_without_learned_rounding_there_is_no_such_section(tmp_path: Path) -> None:
+    written = write_report(_report(quantization=QuantizationFacts(_qreport(), 1.0, None)), tmp_path, plots=False)
+    assert "Learned rounding" not in written.markdown.read_text()
+    assert "Learned rounding" not in written.html.read_text(encoding="utf-8")
+
+
 # ----------------------------------------------------------------------------- each file once, from memory
 
 

@@ -12,6 +12,7 @@ from dsq.quantize.cost import (
     RANGE_CANDIDATES,
     STACKED_EXPERTS,
     ActivationRanges,
+    BlockTraining,
     BnbBlocks,
     Hessians,
     Int8Weights,
@@ -58,6 +59,15 @@ def test_integer_methods_follow_their_settings():
     assert cost_of(awq).calibration(awq) == ScaleSearch(awq.search_tokens, 10, True, RANGE_CANDIDATES)
     rtn = config_of()
     assert cost_of(rtn).calibration(rtn) is None and cost_of(rtn).rounding == EXPERT_BY_EXPERT
+
+
+def test_autoround_trains_blocks_with_its_steps_and_batch():
+    config = config_of("quantize.method=autoround", "quantize.weights.bits=4", "quantize.autoround.steps=7",
+                       "quantize.calibration.batch_size=4")
+    cost = cost_of(config)
+    assert cost.layout(config) == IntegerWeights(config.scheme)
+    assert cost.calibration(config) == BlockTraining(steps=7, batch_size=4)
+    assert cost.rounding == STACKED_EXPERTS
 
 
 @pytest.mark.parametrize("activations, alpha, layout, calibration", [

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 from dsq.quantize.cost import (
     FACTORIZATION_FLOPS,
+    LEARNED_ROUNDING_FLOPS,
     ROUNDING_FLOPS,
     ActivationRanges,
+    BlockTraining,
     Calibration,
     Hessians,
     ScaleSearch,
@@ -134,6 +136,28 @@ def _activation_range_flops(facts: ModelFacts, method: ActivationRanges, run: Ca
     return [("layer forwards", forward)]
 
 
+def _block_training_flops(facts: ModelFacts, method: BlockTraining, run: CalibrationRun) -> list[tuple[str, float]]:
+    """Per decoder layer: the full-precision targets, the loss before and after training and the quantized
+    outputs (four forwards of every token), and ``steps`` forward and backward passes (about three
+    forwards) of one batch. ``lm_head``, when quantized, is trained alone the same way, its target computed
+    in every loss. The rounded weights are recomputed once per step and per loss pass."""
+    n, batch = run.tokens, run.batch_tokens
+    forward = training = 0.0
+    for layer in facts.layers:
+        per_token = routed_flops(facts, layer, run.seq_len)
+        forward += 4 * n * per_token
+        training += 3 * method.steps * batch * per_token
+    for t in facts.layer_targets(None):
+        if t.quantize:
+            per_token = 2.0 * t.weight_params
+            forward += 2 * 2 * n * per_token  # two loss passes, each with its target
+            training += 3 * method.steps * batch * per_token  # target, forward, weight gradient
+    weights = _quantized_weights(facts)
+    rounding = weights * (method.steps * LEARNED_ROUNDING_FLOPS + 3 * ROUNDING_FLOPS)  # + two loss passes and freezing
+    return [("layer forwards", forward), ("training steps (forward and backward of one batch)", training),
+            ("learned rounding", float(rounding))]
+
+
 def calibration_flops(facts: ModelFacts, calibration: Calibration | None, run: CalibrationRun | None,
                       quantizes: bool) -> tuple[tuple[str, float], ...]:
     """FLOPs of quantizing the model.
@@ -155,5 +179,7 @@ def calibration_flops(facts: ModelFacts, calibration: Calibration | None, run: C
                 return tuple(_scale_search_flops(facts, calibration, run))
             case ActivationRanges():
                 return tuple(_activation_range_flops(facts, calibration, run))
+            case BlockTraining():
+                return tuple(_block_training_flops(facts, calibration, run))
     rounded = _quantized_weights(facts) if quantizes else 0
     return (("rounding", float(rounded * ROUNDING_FLOPS)),)

@@ -19,6 +19,7 @@ from .source import LoadedSource
 from .statistics import (
     CalibrationRun,
     activation_bytes,
+    hidden_copies,
     statistics_bytes,
     temporary_bytes,
     workspace_bytes,
@@ -98,7 +99,8 @@ def _calibration_parts(facts: ModelFacts, q: Quantization, statistics: int) -> l
         return []
     run = q.run
     return [
-        (f"calibration activations (2 x {run.samples} x {run.seq_len} x {facts.hidden})", activation_bytes(facts, run, q.dtype_bytes)),
+        (f"calibration activations ({hidden_copies(q.calibration)} x {run.samples} x {run.seq_len} x {facts.hidden})",
+         activation_bytes(facts, run, q.dtype_bytes, q.calibration)),
         ("method statistics of that layer", statistics),
         (f"forward workspace (batch of {min(run.batch_size, run.samples)})", workspace_bytes(facts, run, q.dtype_bytes)),
     ]
@@ -121,7 +123,7 @@ def _in_memory(facts: ModelFacts, q: Quantization, quantized: ArtifactBytes, lay
                source: LoadedSource) -> MemoryEstimate:
     """The whole model loaded (with what loading left behind), its quantized copy and the largest transients."""
     largest_temporary = max([q.temporaries(facts, None), *(p.temporary_bytes for p in layers)])
-    peak = _peak_layer(layers)
+    largest_statistics = max([q.statistics(facts, None), *(p.statistics_bytes for p in layers)])
     parts = [
         ("runtime (Python, torch, transformers, tokenizer)", RUNTIME_BYTES),
         (f"model ({q.dtype_name})", tensor_bytes(facts.tensors, q.dtype_bytes)),
@@ -132,8 +134,8 @@ def _in_memory(facts: ModelFacts, q: Quantization, quantized: ArtifactBytes, lay
     ]
     if q.run is not None:
         parts += [
-            ("calibration activations", activation_bytes(facts, q.run, q.dtype_bytes)),
-            ("method statistics of the largest layer", peak.statistics_bytes if peak else 0),
+            ("calibration activations", activation_bytes(facts, q.run, q.dtype_bytes, q.calibration)),
+            ("method statistics of the largest layer or lm_head", largest_statistics),
             ("forward workspace", workspace_bytes(facts, q.run, q.dtype_bytes)),
         ]
     return MemoryEstimate("host, in-memory path (whole model loaded)", tuple(parts))
@@ -155,9 +157,10 @@ def memory_estimates(facts: ModelFacts, q: Quantization, quantized: ArtifactByte
     """
     outside = tensor_bytes((t for t in facts.tensors if t.layer is None), q.dtype_bytes)
     layer_parts = _layer_parts(facts, q, layers)
-    head_temporary = q.temporaries(facts, None)
-    if head_temporary > sum(b for _, b in layer_parts):  # the head stage, after the layers, is the peak
-        layer_parts = (("lm_head quantization temporaries (after the layers)", head_temporary),)
+    head_parts = (("lm_head quantization temporaries (after the layers)", q.temporaries(facts, None)),
+                  ("lm_head method statistics (after the layers)", q.statistics(facts, None)))
+    if sum(b for _, b in head_parts) > sum(b for _, b in layer_parts):  # the head stage, after the layers, is the peak
+        layer_parts = head_parts
     streaming = [("runtime (Python, torch, transformers, tokenizer)", RUNTIME_BYTES),
                  ("embeddings, final norm, lm_head (resident)", outside), *layer_parts]
     accelerator = [("runtime (CUDA context)", ACCELERATOR_BASELINE_BYTES), *layer_parts]

@@ -14,7 +14,7 @@ from dsq.core.checkpoint import (
 from dsq.core.config_checks import model_facts as checked_model_facts
 from dsq.core.errors import CheckpointError
 from dsq.core.layout import SUPPORTED_MODEL_TYPES
-from dsq.quantize.cost import IntegerWeights
+from dsq.quantize.cost import BlockTraining, IntegerWeights
 from dsq.run.preflight import check_recipe_against_model
 from dsq.run.recipe import Recipe, load_recipe
 
@@ -99,6 +99,9 @@ def _recipe_line(recipe: Recipe, source: str, q: Quantization) -> str:
             line += f", {scheme.describe()}"
     if q.run is not None:
         line += f", calibration {q.run.samples} x {q.run.seq_len} tokens (batch {q.run.batch_size})"
+    match q.calibration:
+        case BlockTraining(steps=steps):
+            line += f", {steps} training steps per block"
     return line
 
 

@@ -1,15 +1,21 @@
-"""What quantizing one decoder layer holds besides its weights: calibration statistics, activations,
-forward workspace and rounding temporaries, from the method's :class:`~dsq.quantize.cost.MethodCost`."""
+"""What quantizing one decoder layer holds besides its weights: calibration statistics (or learned rounding's
+training state), activations, forward workspace and rounding temporaries, from the method's
+:class:`~dsq.quantize.cost.MethodCost`."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
 from dsq.quantize.cost import (
+    BLOCK_ACTIVATION_BYTES,
+    BLOCK_TRAINING_HELD_BYTES,
+    BLOCK_TRAINING_PEAK_BYTES,
+    HEAD_LOGIT_COPIES,
     RTN_TEMPORARY_BYTES,
     STATISTICS_BYTES,
     ActivationRanges,
     ArtifactLayout,
+    BlockTraining,
     Calibration,
     Hessians,
     Rounding,
@@ -85,9 +91,49 @@ def _scale_search_bytes(facts: ModelFacts, targets: list[Target], method: ScaleS
     return collector * (2 if method.clip else 1) + replay
 
 
+def _linear_widths(facts: ModelFacts, targets: list[Target]) -> int:
+    """Elements of the inputs and outputs of a layer's Linears per token, routed experts ``top_k`` times."""
+    widths = 0
+    for t in targets:
+        per_token = sum(m.out + m.inp for m in t.matrices)  # experts: gate [I, H], up [I, H], down [H, I]
+        widths += min(facts.top_k, t.matrices[0].count) * per_token if t.experts else per_token
+    return widths
+
+
+def _training_bytes(weights: int, activations: float, dtype_bytes: int) -> float:
+    """Learned rounding of ``weights`` elements: the weights-only peak, or the start of the backward pass
+    with ``activations`` bytes saved, whichever is larger."""
+    held = BLOCK_TRAINING_HELD_BYTES[dtype_bytes] * weights + activations
+    return max(BLOCK_TRAINING_PEAK_BYTES[dtype_bytes] * weights, held)
+
+
+def _block_training_bytes(facts: ModelFacts, targets: list[Target], run: CalibrationRun, dtype_bytes: int) -> int:
+    """A decoder block trained on one batch: every quantized weight's rounding state, the batch's activations."""
+    weights = sum(t.weight_params for t in targets if t.quantize)
+    if not weights:
+        return 0
+    activations = BLOCK_ACTIVATION_BYTES[dtype_bytes] * _linear_widths(facts, targets) * run.batch_tokens
+    return int(_training_bytes(weights, activations, dtype_bytes))
+
+
+def _head_training_bytes(targets: list[Target], run: CalibrationRun, dtype_bytes: int) -> int:
+    """Linears outside the layers (``lm_head``), each trained alone: its rounding state, a copy of its weight
+    (the target's) and fp32 logits of one batch."""
+    peak = 0
+    for t in targets:
+        if not t.quantize:
+            continue
+        weights, out = t.weight_params, t.matrices[0].out
+        logits = HEAD_LOGIT_COPIES * STATISTICS_BYTES * out * run.batch_tokens
+        peak = max(peak, int(_training_bytes(weights, logits, dtype_bytes)) + dtype_bytes * weights)
+    return peak
+
+
 def statistics_bytes(facts: ModelFacts, index: int | None, calibration: Calibration | None, run: CalibrationRun | None,
                      act_bytes: int) -> int:
-    """Peak calibration statistics a method holds for one layer (or the head stage for None).
+    """Peak calibration statistics a method holds for one layer (or the head stage for None); for learned
+    rounding, the training state of the layer's weights and one batch's saved activations (its targets are
+    part of :func:`activation_bytes`).
 
     Args:
         facts: the model's facts.
@@ -109,14 +155,27 @@ def statistics_bytes(facts: ModelFacts, index: int | None, calibration: Calibrat
             return _scale_search_bytes(facts, targets, calibration, run, act_bytes)
         case ActivationRanges():
             return sum(n * STATISTICS_BYTES * 2 * k for n, k in _observed_keys(targets))  # two [K] vectors each
+        case BlockTraining():
+            if index is None:
+                return _head_training_bytes(targets, run, act_bytes)
+            return _block_training_bytes(facts, targets, run, act_bytes)
     raise TypeError(f"no statistics model for {type(calibration).__name__}")
 
 
-def activation_bytes(facts: ModelFacts, run: CalibrationRun | None, act_bytes: int) -> int:
-    """A layer's calibration inputs and outputs: 2 x samples x seq_len x hidden."""
+def hidden_copies(calibration: Calibration | None) -> int:
+    """Hidden-state tensors per calibration sequence held at a layer: its inputs and outputs; learned rounding
+    also keeps the block's full-precision outputs (its targets, the next block's full-precision inputs)."""
+    match calibration:
+        case BlockTraining():
+            return 3
+    return 2
+
+
+def activation_bytes(facts: ModelFacts, run: CalibrationRun | None, act_bytes: int, calibration: Calibration | None) -> int:
+    """A layer's calibration hidden states: :func:`hidden_copies` x samples x seq_len x hidden."""
     if run is None:
         return 0
-    return 2 * run.tokens * facts.hidden * act_bytes
+    return hidden_copies(calibration) * run.tokens * facts.hidden * act_bytes
 
 
 def workspace_bytes(facts: ModelFacts, run: CalibrationRun | None, act_bytes: int) -> int:
