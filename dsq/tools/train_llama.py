@@ -56,8 +56,8 @@ from dsq.tools.tiny_model import (
 from dsq.tools.train_tiny import (
     SEQ_LEN,
     TrainLog,
-    _fmt_size,
-    _save_and_verify,
+    fmt_size,
+    save_and_verify,
     make_windows,
     train_model,
 )
@@ -289,7 +289,7 @@ def _card_evaluation(res: Result) -> str:
 
 ## Files
 
-{chr(10).join(f"- `{name}`: {_fmt_size(size)}" for name, size in res.sizes.items())}
+{chr(10).join(f"- `{name}`: {fmt_size(size)}" for name, size in res.sizes.items())}
 """
 
 
@@ -359,7 +359,7 @@ def _run(args: argparse.Namespace, command: str, t_start: float) -> str:
     log = train(model, train_data, args)
     ppl, mc = evaluate(model, tokenizer, eval_data)
     with atomic_directory(args.out, overwrite=True, marker=MARKER) as tmp:
-        _save_and_verify(model, tokenizer, tmp, eval_data.heldout_text)
+        save_and_verify(model, tokenizer, tmp, eval_data.heldout_text)
         sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         res = Result(n_params, train_data, log, ppl, mc, time.time() - t_start, sizes)
         card = model_card(args, command, config, res)

@@ -265,7 +265,7 @@ def _evaluate(model: nn.Module, tokenizer, tracker: ExpertLoadTracker, data: Fro
     return Evaluation(ppl, mc, init_mc, train_loads, heldout_loads)
 
 
-def _save_and_verify(model: nn.Module, tokenizer, model_dir: Path, heldout_text: str) -> dict[str, list[int]]:
+def save_and_verify(model: nn.Module, tokenizer, model_dir: Path, heldout_text: str) -> dict[str, list[int]]:
     """Save model and tokenizer, reload both and check they compute the same.
 
     Returns:
@@ -296,7 +296,7 @@ def _save_and_verify(model: nn.Module, tokenizer, model_dir: Path, heldout_text:
 # --------------------------------------------------------------------------- model card
 
 
-def _fmt_size(n: int) -> str:
+def fmt_size(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
 
 
@@ -405,7 +405,7 @@ Final `e_score_correction_bias`: {json.dumps(biases)}
 def _card_files(sizes: dict[str, int]) -> str:
     return f"""## Files
 
-{chr(10).join(f"- `{k}`: {_fmt_size(v)}" for k, v in sizes.items())}
+{chr(10).join(f"- `{k}`: {fmt_size(v)}" for k, v in sizes.items())}
 """
 
 
@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     ev = _evaluate(model, tokenizer, tracker, data, init_mc)
-    expert_keys = _save_and_verify(model, tokenizer, model_dir, data.heldout_text)
+    expert_keys = save_and_verify(model, tokenizer, model_dir, data.heldout_text)
 
     facts = CardFacts(
         n_params=n_params, expert_keys=expert_keys, train_chars=sum(len(t) for _, t in corpus.train),
