@@ -24,6 +24,7 @@ Example:
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -177,10 +178,12 @@ class Schedule:
     Attributes:
         steps: optimisation steps per block (one calibration batch each).
         lr: initial step size; decays linearly to 0 over ``steps``.
+        keep_best: end at the parameters of the step with the lowest batch loss (else the last ones).
     """
 
     steps: int
     lr: float
+    keep_best: bool = False
 
     def lr_at(self, step: int) -> float:
         return self.lr * (1 - step / self.steps)
@@ -234,12 +237,19 @@ def train_rounding(loss: BatchLoss, batches: int, roundings: list[LearnedRoundin
     initial = [r.snapshot() for r in roundings]
     before = _mean_loss(loss, batches)
     order = torch.randint(batches, (schedule.steps,), generator=generator).tolist()
+    best, best_loss = None, math.inf
     for step in tqdm(range(schedule.steps), desc=desc, disable=not progress, unit="step", leave=False):
         with torch.enable_grad(), parametrize.cached():
-            loss(order[step]).backward()
+            value = loss(order[step])
+            value.backward()
+        if schedule.keep_best and float(value) < best_loss:  # the parameters this loss was computed with
+            best_loss, best = float(value), [r.snapshot() for r in roundings]
         lr = schedule.lr_at(step)
         for r in roundings:
             r.signed_step(lr)
+    if best is not None:
+        for r, values in zip(roundings, best):
+            r.restore(values)
     after = _mean_loss(loss, batches)
     if after >= before:
         for r, values in zip(roundings, initial):

@@ -53,6 +53,7 @@ class AutoRoundConfig:
         lr: initial step size of the offsets and clipping factors; None: ``1 / steps``.
         learn_clipping: learn each group's range (else it stays where it starts).
         mse_init: each group's range starts from the shrink search GPTQ's ``mse_scales`` runs (else min/max).
+        keep_best: end each block at the parameters of the step with the lowest batch loss (else the last).
         min_expert_tokens: a routed expert with fewer routed calibration tokens is rounded to nearest
             (searched range) instead of trained.
         seed: draws the batch of each step.
@@ -70,6 +71,7 @@ class AutoRoundConfig:
     lr: float | None = None
     learn_clipping: bool = True
     mse_init: bool = True
+    keep_best: bool = True
     min_expert_tokens: int = 16
     seed: int = 0
     batch_size: int = 8
@@ -85,7 +87,7 @@ class AutoRoundConfig:
             raise ValueError(f"min_expert_tokens must be >= 1, got {self.min_expert_tokens}")
 
     def schedule(self) -> Schedule:
-        return Schedule(self.steps, self.lr if self.lr is not None else 1.0 / self.steps)
+        return Schedule(self.steps, self.lr if self.lr is not None else 1.0 / self.steps, self.keep_best)
 
 
 @dataclass
@@ -234,6 +236,7 @@ def _autoround(
         state.fp_hidden.close()
     report = run.finish({
         "steps": config.steps, "lr": config.schedule().lr, "learn_clipping": config.learn_clipping, "mse_init": config.mse_init,
+        "keep_best": config.keep_best,
         "seed": config.seed,
         "min_expert_tokens": config.min_expert_tokens, "cache_budget_bytes": config.cache_budget_bytes,
         "full_precision_stream": config.full_precision_stream,
@@ -258,6 +261,7 @@ class AutoRoundSettings(Strict):
     lr: float | None = Field(None, gt=0, le=1)  # initial step size; None: 1 / steps (decays linearly to 0)
     learn_clipping: bool = True  # learn each group's range (else it stays where it starts)
     mse_init: bool = True  # ranges start from the shrink search of gptq.mse_scales (else min/max)
+    keep_best: bool = True  # end each block at the step with the lowest batch loss (else the last step)
     min_expert_tokens: int = Field(16, ge=1, le=MAX_COUNT)  # fewer routed tokens: the expert is rounded to nearest
     seed: Seed = 0  # draws the calibration batch of each step
     cache_budget_mb: int | None = Field(None, ge=0, le=MAX_COUNT)  # a block's cached activations beyond it go to disk
@@ -274,7 +278,7 @@ class AutoRoundSection(WeightMethodSection):
     def config(self, dtype: torch.dtype = torch.float32) -> AutoRoundConfig:
         a = self.autoround
         return AutoRoundConfig(self.weights.scheme(), self.targets.spec(), steps=a.steps, lr=a.lr,
-                               learn_clipping=a.learn_clipping, mse_init=a.mse_init, min_expert_tokens=a.min_expert_tokens, seed=a.seed,
+                               learn_clipping=a.learn_clipping, mse_init=a.mse_init, keep_best=a.keep_best, min_expert_tokens=a.min_expert_tokens, seed=a.seed,
                                batch_size=self.calibration.batch_size,
                                cache_budget_bytes=None if a.cache_budget_mb is None else a.cache_budget_mb << 20,
                                full_precision_stream=a.full_precision_stream)

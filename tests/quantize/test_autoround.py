@@ -21,7 +21,7 @@ from dsq.quantize.artifact_save import save_quantized_model
 from dsq.quantize.gptq import static_qparams
 from dsq.quantize.methods.autoround import AutoRoundConfig
 from dsq.quantize.primitives import dequantize_weight, quantize_rtn, quantize_with_qparams
-from dsq.quantize.signround import CLIP_FLOOR, LearnedRounding, searched_clip
+from dsq.quantize.signround import CLIP_FLOOR, LearnedRounding, Schedule, attached, searched_clip, train_rounding
 from dsq.quantize.streaming import quantize_streaming
 from dsq.tools.testing import fast_export_config
 
@@ -186,7 +186,8 @@ def test_expert_without_routed_tokens_is_rounded_to_nearest_and_reported(tiny_de
 
 def test_lm_head_is_trained_alone_when_targeted(tiny_checkpoint):
     model = load_checkpoint(tiny_checkpoint("llama")).model
-    report = quantize_(model, AutoRoundConfig(WeightScheme(4, PerGroup(32)), TargetSpec(lm_head=True), steps=10, batch_size=4),
+    report = quantize_(model, AutoRoundConfig(WeightScheme(4, PerGroup(32)), TargetSpec(lm_head=True), steps=10, lr=0.01,
+                                                       batch_size=4),
                        calibration=_ids(512), progress=False)
     head = report.calibration["modules"]["lm_head"]
     assert head["steps"] == 10 and head["loss_after"] < head["loss_before"]
@@ -288,3 +289,26 @@ def test_activations_on_disk_give_the_same_integers(tiny_checkpoint, monkeypatch
         integers.append([m.gate_up_proj.unpacked() for m in model.modules() if isinstance(m, QuantExperts)])
     assert all(torch.equal(a, b) for a, b in zip(*integers))
     assert not list(tmp_path.rglob("dsq-activations-*"))
+
+
+def test_a_block_ends_at_its_best_step():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32, bias=False)
+    x = torch.randn(1, 128, 64) * torch.logspace(-1, 1, 64)  # one batch: its loss is the whole-set loss
+    with torch.no_grad():
+        target = linear(x)
+    scheme = WeightScheme(4, PerGroup(32))
+    rounding = LearnedRounding(linear.weight, scheme, learn_clipping=True)
+    seen: list[float] = []
+
+    def loss(i: int) -> torch.Tensor:
+        value = torch.nn.functional.mse_loss(linear(x), target)
+        if torch.is_grad_enabled():
+            seen.append(float(value))
+        return value
+
+    with attached({"w": (linear, "weight", rounding)}):
+        result = train_rounding(loss, 1, [rounding], Schedule(40, 0.02, keep_best=True), torch.Generator().manual_seed(0))
+        last = seen[-1]
+    assert not result.kept_initial and result.after < result.before
+    assert result.after == pytest.approx(min(seen), rel=1e-6) and min(seen) < last  # the best step, not the last
