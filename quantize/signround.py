@@ -242,8 +242,8 @@ def train_rounding(loss: BatchLoss, batches: int, roundings: list[LearnedRoundin
         with torch.enable_grad(), parametrize.cached():
             value = loss(order[step])
             value.backward()
-        if schedule.keep_best and float(value) < best_loss:  # the parameters this loss was computed with
-            best_loss, best = float(value), [r.snapshot() for r in roundings]
+        if schedule.keep_best and float(value.detach()) < best_loss:  # the parameters this loss was computed with
+            best_loss, best = float(value.detach()), [r.snapshot() for r in roundings]
         lr = schedule.lr_at(step)
         for r in roundings:
             r.signed_step(lr)

@@ -304,7 +304,7 @@ def test_a_block_ends_at_its_best_step():
     def loss(i: int) -> torch.Tensor:
         value = torch.nn.functional.mse_loss(linear(x), target)
         if torch.is_grad_enabled():
-            seen.append(float(value))
+            seen.append(float(value.detach()))
         return value
 
     with attached({"w": (linear, "weight", rounding)}):
