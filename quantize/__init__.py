@@ -3,6 +3,7 @@ from . import methods  # noqa: F401  (importing it registers every method)
 from .api import ModuleRecord, QuantizationReport, quantize_, quantized_modules
 from .bnb import BnbFP4Config, BnbInt8Config, BnbNF4Config
 from .method import METHODS, Method, method_of
+from .methods.autoround import AutoRoundConfig
 from .methods.awq import AWQConfig
 from .methods.gptq import GPTQConfig
 from .methods.rtn import RTNConfig
@@ -13,7 +14,7 @@ from .scheme import PerChannel, PerGroup, WeightScheme
 from .targets import TargetSpec
 
 __all__ = [
-    "AWQConfig", "BnbFP4Config", "BnbInt8Config", "BnbNF4Config", "GPTQConfig", "W8A8Config", "ModuleRecord",
+    "AutoRoundConfig", "AWQConfig", "BnbFP4Config", "BnbInt8Config", "BnbNF4Config", "GPTQConfig", "W8A8Config", "ModuleRecord",
     "QuantizationReport", "RTNConfig", "quantize_", "quantized_modules", "METHODS", "Method", "method_of",
     "QuantExperts", "QuantLinear", "QuantTensor", "QuantizedWeight", "dequantize_weight",
     "pack_int4", "quantize_rtn", "sqnr_db", "unpack_int4", "PerChannel", "PerGroup",
