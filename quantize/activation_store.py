@@ -40,7 +40,7 @@ class BatchStore(Sequence[torch.Tensor]):
         self._tmp: tempfile.TemporaryDirectory | None = None
 
     @classmethod
-    def of(cls, tensors: Iterable[torch.Tensor], budget_bytes: int | None = None) -> "BatchStore":
+    def of(cls, tensors: Iterable[torch.Tensor], budget_bytes: int | None = None) -> BatchStore:
         store = cls(budget_bytes)
         for t in tensors:
             store.append(t)

@@ -15,7 +15,6 @@ token count of every expert is recorded for the report.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
@@ -39,11 +38,11 @@ class LayerInputs:
     """Inputs of one decoder layer for every calibration batch.
 
     Attributes:
-        hidden: ``[batch, seq, hidden]`` per batch (a :class:`BatchStore` holds some on disk beyond its budget).
+        hidden: ``[batch, seq, hidden]`` per batch (held on disk beyond the store's budget).
         kwargs: keyword arguments transformers passed to the layer (per batch; shared by all layers).
     """
 
-    hidden: Sequence[torch.Tensor]
+    hidden: BatchStore
     kwargs: list[dict]
 
 
@@ -183,7 +182,7 @@ def sequential_calibrate(
     progress: bool = True,
     lifecycle: LayerLifecycle = RESIDENT,
     budget_bytes: int | None = None,
-) -> Sequence[torch.Tensor]:
+) -> BatchStore:
     """Drive ``on_layer`` over the decoder layers in order.
 
     Args:

@@ -25,9 +25,9 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -102,8 +102,11 @@ class LearnedRounding(nn.Module):
         q, s, z = self.integers(weight)
         return ((q - z) * s if z is not None else q * s).to(weight.dtype)
 
+    def _own(self) -> list[nn.Parameter]:
+        return [p for p in (self.offset, self.clip_max, self.clip_min) if p is not None]
+
     def trained_parameters(self) -> list[nn.Parameter]:
-        return [p for p in (self.offset, self.clip_max, self.clip_min) if p is not None and p.requires_grad]
+        return [p for p in self._own() if p.requires_grad]
 
     @torch.no_grad()
     def signed_step(self, lr: float) -> None:
@@ -120,11 +123,11 @@ class LearnedRounding(nn.Module):
             self.clip_min.clamp_(CLIP_FLOOR, 1.0)
 
     def snapshot(self) -> list[torch.Tensor]:
-        return [p.detach().clone() for p in (self.offset, self.clip_max, self.clip_min) if p is not None]
+        return [p.detach().clone() for p in self._own()]
 
     @torch.no_grad()
     def restore(self, values: list[torch.Tensor]) -> None:
-        for p, v in zip((p for p in (self.offset, self.clip_max, self.clip_min) if p is not None), values):
+        for p, v in zip(self._own(), values):
             p.copy_(v)
 
     @torch.no_grad()

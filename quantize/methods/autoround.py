@@ -10,11 +10,11 @@ rounding is frozen into the integers dsq writes (the same compressed-tensors for
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -34,9 +34,22 @@ from ..primitives import QuantizedWeight, quantize_with_qparams
 from ..scheme import PerGroup, WeightScheme
 from ..sections import CalibrationSection, WeightMethodSection
 from ..sequential import (
-    RESIDENT, ExpertTokenCounts, LayerInputs, LayerLifecycle, LayerRunner, first_tensor, fused_experts_in, run_layer,
+    RESIDENT,
+    ExpertTokenCounts,
+    LayerInputs,
+    LayerLifecycle,
+    LayerRunner,
+    first_tensor,
+    fused_experts_in,
+    run_layer,
 )
-from ..signround import LearnedRounding, Schedule, attached, searched_clip, train_rounding
+from ..signround import (
+    LearnedRounding,
+    Schedule,
+    attached,
+    searched_clip,
+    train_rounding,
+)
 from ..targets import TargetDecision, TargetSpec
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
@@ -161,7 +174,7 @@ def _freeze(roundings: Roundings, fallback: list[int], scheme: WeightScheme) -> 
     return results
 
 
-def _block_loss(layer: nn.Module, runner: LayerRunner, targets: Sequence[torch.Tensor], i: int) -> torch.Tensor:
+def _block_loss(layer: nn.Module, runner: LayerRunner, targets: BatchStore, i: int) -> torch.Tensor:
     out = first_tensor(layer(runner.inputs.hidden[i], **runner.inputs.kwargs[i]))
     return F.mse_loss(out.float(), targets[i].float())
 
@@ -176,9 +189,9 @@ def _autoround_layer(state: _State, run: _Run, config: AutoRoundConfig, prefix: 
     with attached(roundings):
         loss = train_rounding(partial(_block_loss, layer, runner, targets), len(targets), [r for _, _, r in roundings.values()],
                               config.schedule(), state.generator, desc=f"autoround {prefix}", progress=state.progress)
-    run.per_module[prefix] = {**loss.to_dict(), "batches_on_disk": _on_disk(runner.inputs.hidden) + _on_disk(targets)}
+    run.per_module[prefix] = {**loss.to_dict(), "batches_on_disk": runner.inputs.hidden.spilled + targets.spilled}
     if not config.full_precision_stream:
-        _close(targets)
+        targets.close()
     results: dict[str, QuantizedWeight] = {}
     for d in quantized:
         own = {k: v for k, v in roundings.items() if k.startswith(d.name + ".")}
@@ -186,7 +199,7 @@ def _autoround_layer(state: _State, run: _Run, config: AutoRoundConfig, prefix: 
     run.swap(decisions, results)
 
 
-def _targets(state: _State, config: AutoRoundConfig, layer: nn.Module, runner: LayerRunner) -> Sequence[torch.Tensor]:
+def _targets(state: _State, config: AutoRoundConfig, layer: nn.Module, runner: LayerRunner) -> BatchStore:
     """The block's full-precision outputs (``[batch, seq, hidden]`` per batch), before any of its weights is rounded."""
     if not config.full_precision_stream:
         return runner()  # on the quantized stream's inputs
@@ -196,15 +209,6 @@ def _targets(state: _State, config: AutoRoundConfig, layer: nn.Module, runner: L
         state.fp_hidden.close()
     state.fp_hidden = outputs  # the next block's full-precision input
     return outputs
-
-
-def _on_disk(batches: Sequence[torch.Tensor]) -> int:
-    return batches.spilled if isinstance(batches, BatchStore) else 0
-
-
-def _close(batches: Sequence[torch.Tensor]) -> None:
-    if isinstance(batches, BatchStore):
-        batches.close()
 
 
 def _autoround_head(state: _State, run: _Run, config: AutoRoundConfig, d: TargetDecision, x: torch.Tensor) -> QuantizedWeight:
