@@ -129,6 +129,10 @@ BAD_RECIPES = {
     "bad pattern": ("", ["quantize.targets.exclude=['(']"], "invalid module pattern"),
     "missing data file": ("", ["eval.perplexity.data=/nonexistent/held.txt"], "/nonexistent/held.txt"),
     "existing output without overwrite": ("", [], "already exists"),
+    "learned rounding without steps": ("", ["quantize.method=autoround", "quantize.autoround.steps=0"],
+                                       "quantize.autoround.steps"),
+    "negative activation budget": ("", ["quantize.method=autoround", "quantize.autoround.cache_budget_mb=-1"],
+                                   "quantize.autoround.cache_budget_mb"),
 }
 
 
