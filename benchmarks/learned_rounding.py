@@ -83,6 +83,7 @@ class Settings:
     seed: int
     out: Path
     peer_shape_skips: bool
+    autoround_set: tuple[str, ...] = ()  # extra ``quantize.autoround.KEY=VALUE`` overrides of the dsq autoround row
 
     @property
     def scheme_name(self) -> str:
@@ -151,6 +152,7 @@ def method_overrides(method: str, settings: Settings) -> list[str]:
                       f"quantize.calibration.batch_size={settings.batch_size}"]
         if settings.lr is not None:
             overrides.append(f"quantize.autoround.lr={settings.lr}")
+        overrides += [f"quantize.autoround.{kv}" for kv in settings.autoround_set]
     return overrides
 
 
@@ -381,6 +383,8 @@ def parse_args() -> tuple[Settings, list[str]]:
                         help=f"any of {' '.join(DSQ_METHODS)} {PEER} (default: every registered dsq method, then {PEER})")
     parser.add_argument("--peer-shape-skips", action="store_true",
                         help="let AutoRound keep in 16 bit the Linears whose widths are not multiples of 32 (default: quantize them)")
+    parser.add_argument("--autoround-set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="extra quantize.autoround settings of the dsq autoround row (e.g. gptq_init=true)")
     parser.add_argument("--out", type=Path, default=Path("runs/lr"), help="where the JSON and the dsq artifacts go")
     args = parser.parse_args()
     if args.group_size < 0 or args.group_size == 1:
@@ -396,7 +400,7 @@ def parse_args() -> tuple[Settings, list[str]]:
         parser.error(f"{PEER} needs the {PEER_PACKAGE} package: pip install 'dsq[peers]'")
     model = args.model if args.model is not None else bundled_model_path()
     settings = Settings(model, args.group_size, args.samples, args.seq_len, args.steps, args.batch_size, args.lr,
-                        args.seed, args.out, args.peer_shape_skips)
+                        args.seed, args.out, args.peer_shape_skips, tuple(args.autoround_set))
     return settings, methods
 
 

@@ -75,6 +75,7 @@ class LearnedRounding(nn.Module):
         self.clip_max = nn.Parameter(start.clone(), requires_grad=learn_clipping)
         self.clip_min = None if scheme.symmetric else nn.Parameter(start.clone(), requires_grad=learn_clipping)
         self.register_buffer("trainable", torch.ones(weight.shape[:-2], dtype=torch.bool, device=weight.device))
+        self.register_buffer("base", None)  # integer shift of the starting point [..., out, in] (see start_at)
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(scale, zero)`` ``[..., out, groups]``: fp32 scale, float zero point (integer valued) or None."""
@@ -92,6 +93,8 @@ class LearnedRounding(nn.Module):
         scale, zero = self.qparams()
         s = expand_groups(scale, self.scheme, in_features)
         q = round_ste(weight.float() / s + self.offset)
+        if self.base is not None:
+            q = q + self.base
         z = None
         if zero is not None:
             z = expand_groups(zero, self.scheme, in_features)
@@ -101,6 +104,25 @@ class LearnedRounding(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         q, s, z = self.integers(weight)
         return ((q - z) * s if z is not None else q * s).to(weight.dtype)
+
+    @torch.no_grad()
+    def start_at(self, weight: torch.Tensor, start: QuantizedWeight) -> None:
+        """Start from the integers of ``start`` (e.g. GPTQ's) instead of round-to-nearest.
+
+        ``start`` must have this rounding's current scales (and zero points). A per-weight integer shift
+        ``base = q_start - (round(W / s) + z)`` is added before clamping, so with ``V = 0`` the integers are
+        ``q_start`` and each offset moves its weight between the same two neighbours as without the shift.
+        """
+        scale, zero = self.qparams()
+        if not torch.allclose(start.scale.float(), scale, rtol=1e-6, atol=0.0):
+            raise ValueError("start_at: the starting integers were made with other scales than this rounding's")
+        if (zero is None) != (start.zero is None) or (zero is not None and not torch.equal(start.zero.float(), zero)):
+            raise ValueError("start_at: the starting integers were made with other zero points than this rounding's")
+        self.offset.zero_()
+        unclamped = torch.round(weight.float() / expand_groups(scale, self.scheme, weight.shape[-1]))
+        if zero is not None:
+            unclamped = unclamped + expand_groups(zero, self.scheme, weight.shape[-1])
+        self.base = start.qweight.float() - unclamped
 
     def _own(self) -> list[nn.Parameter]:
         return [p for p in (self.offset, self.clip_max, self.clip_min) if p is not None]

@@ -5,7 +5,8 @@ the already-quantized previous blocks are the target, and every targeted weight 
 and MLA projections, dense MLPs, shared experts, each routed expert of the fused 3-D tensors) gets
 a learned rounding offset and group clipping (:mod:`dsq.quantize.signround`). Routed experts learn
 from the tokens routed to them; an expert with fewer than ``min_expert_tokens`` routed calibration
-tokens is rounded to nearest with a searched range instead, and the report names it. The trained
+tokens is rounded to nearest with a searched range instead (or, with ``gptq_init``, keeps GPTQ's
+integers), and the report names it. The trained
 rounding is frozen into the integers dsq writes (the same compressed-tensors format as GPTQ's).
 """
 from __future__ import annotations
@@ -26,13 +27,15 @@ from dsq.core.schema import MAX_COUNT, Seed, Strict
 from ..activation_store import BatchStore
 from ..api import QuantizationReport
 from ..artifact_save import save_quantized_model
-from ..calibrated import _calibrated, _in_layer, _Run
+from ..calibrated import _calibrated, _collect, _in_layer, _Run
 from ..cost import STACKED_EXPERTS, BlockTraining, MethodCost, integer_layout
 from ..gptq import static_qparams
+from .gptq import GPTQConfig, gptq_solve
 from ..method import ALWAYS, Method, register
 from ..primitives import QuantizedWeight, quantize_with_qparams
 from ..scheme import PerGroup, WeightScheme
 from ..sections import CalibrationSection, WeightMethodSection
+from ..stats import StatsCollector
 from ..sequential import (
     RESIDENT,
     ExpertTokenCounts,
@@ -73,6 +76,8 @@ class AutoRoundConfig:
         batch_size: calibration sequences per forward and per step.
         cache_budget_bytes: a block's cached inputs, and its full-precision outputs, each beyond this many
             bytes go to disk (None: all in memory).
+        gptq_init: each block starts from GPTQ's integers (Hessians of the block's inputs, the same ranges) instead of
+            round-to-nearest; an expert below ``min_expert_tokens`` then keeps GPTQ's integers.
         full_precision_stream: a block's targets are the full-precision model's own outputs (the block in
             full precision on the full-precision stream), so each block also corrects the error of the blocks
             before it; else the full-precision block on the quantized stream's inputs.
@@ -90,6 +95,7 @@ class AutoRoundConfig:
     batch_size: int = 8
     cache_budget_bytes: int | None = None
     full_precision_stream: bool = True
+    gptq_init: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -185,6 +191,8 @@ def _autoround_layer(state: _State, run: _Run, config: AutoRoundConfig, prefix: 
     with _count_routed(layer, prefix, state.counts):
         targets = _targets(state, config, layer, runner)
     roundings = _roundings(quantized, config)
+    if config.gptq_init:
+        _start_at_gptq(run, config, prefix, layer, runner, quantized, roundings)
     _hold_starved(state, config, quantized, roundings)
     with attached(roundings):
         loss = train_rounding(partial(_block_loss, layer, runner, targets), len(targets), [r for _, _, r in roundings.values()],
@@ -195,8 +203,27 @@ def _autoround_layer(state: _State, run: _Run, config: AutoRoundConfig, prefix: 
     results: dict[str, QuantizedWeight] = {}
     for d in quantized:
         own = {k: v for k, v in roundings.items() if k.startswith(d.name + ".")}
-        results.update(_freeze(own, state.fallback.get(d.name, []) if d.kind == "experts" else [], config.scheme))
+        rtn_experts = state.fallback.get(d.name, []) if d.kind == "experts" and not config.gptq_init else []
+        results.update(_freeze(own, rtn_experts, config.scheme))
     run.swap(decisions, results)
+
+
+def _gptq_config(config: AutoRoundConfig) -> GPTQConfig:
+    """GPTQ with static groups and the rounding's own starting ranges (so its integers are a valid start)."""
+    return GPTQConfig(config.scheme, config.targets, mse_scales=config.mse_init, act_order=True)
+
+
+def _start_at_gptq(run: _Run, config: AutoRoundConfig, prefix: str, layer: nn.Module, runner: LayerRunner,
+                   quantized: list[TargetDecision], roundings: Roundings) -> None:
+    """Move every rounding's starting point to GPTQ's integers, solved from the block's own inputs."""
+    gptq = _gptq_config(config)
+    linears = {d.name: d.module for d in quantized if d.kind == "linear"}
+    collector = StatsCollector(hessian=True, unrouted_weight=gptq.unrouted_weight)
+    has_experts = any(d.kind == "experts" for d in quantized)
+    _collect(layer, prefix, lambda: runner().close(), linears, collector, ExpertTokenCounts() if has_experts else None)
+    for key, qweight in gptq_solve(run, gptq, quantized, collector).items():
+        module, attr, rounding = roundings[key]
+        rounding.start_at(getattr(module, attr).detach(), qweight)
 
 
 def _targets(state: _State, config: AutoRoundConfig, layer: nn.Module, runner: LayerRunner) -> BatchStore:
@@ -223,6 +250,11 @@ def _autoround_head(state: _State, run: _Run, config: AutoRoundConfig, d: Target
         return F.mse_loss(d.module(batches[i]).float(), target.float())
 
     roundings = _roundings([d], config)
+    if config.gptq_init:
+        collector = StatsCollector(hessian=True)
+        collector.linear_input(d.name, x)
+        start = gptq_solve(run, _gptq_config(config), [d], collector)[f"{d.name}.weight"]
+        roundings[f"{d.name}.weight"][2].start_at(weight, start)
     with attached(roundings):
         result = train_rounding(loss, len(batches), [r for _, _, r in roundings.values()], config.schedule(),
                                 state.generator, desc=f"autoround {d.name}", progress=state.progress)
@@ -243,20 +275,23 @@ def _autoround(
         "keep_best": config.keep_best,
         "seed": config.seed,
         "min_expert_tokens": config.min_expert_tokens, "cache_budget_bytes": config.cache_budget_bytes,
-        "full_precision_stream": config.full_precision_stream,
+        "full_precision_stream": config.full_precision_stream, "gptq_init": config.gptq_init,
         "expert_routed_tokens": state.counts.counts, "experts_without_routed_tokens": state.counts.starved(),
-        "experts_rounded_to_nearest": state.fallback,
+        "experts_rounded_to_nearest": {} if config.gptq_init else state.fallback,
+        "experts_kept_at_gptq": state.fallback if config.gptq_init else {},
         "expert_statistics": "routed tokens only (each expert learns from the tokens routed to it)",
     })
     for name, experts in state.fallback.items():
         counts = [state.counts.counts[name][e] for e in experts]
         report.notes.append(
             f"{name}: expert(s) {experts} got fewer than {config.min_expert_tokens} routed calibration tokens ({counts}); "
-            "rounded to nearest with a searched range instead of learned rounding"
+            + ("kept at GPTQ's integers (Hessians of every calibration token) instead of learned rounding" if config.gptq_init
+               else "rounded to nearest with a searched range instead of learned rounding")
         )
     kept = [n for n, f in run.per_module.items() if isinstance(f, dict) and f.get("kept_rtn")]
     if kept:
-        report.notes.append(f"autoround: training did not lower the output loss of {', '.join(kept)}; round-to-nearest kept there")
+        start = "GPTQ's integers" if config.gptq_init else "round-to-nearest"
+        report.notes.append(f"autoround: training did not lower the output loss of {', '.join(kept)}; {start} kept there")
     return report
 
 
@@ -270,6 +305,7 @@ class AutoRoundSettings(Strict):
     seed: Seed = 0  # draws the calibration batch of each step
     cache_budget_mb: int | None = Field(None, ge=0, le=MAX_COUNT)  # a block's cached activations beyond it go to disk
     full_precision_stream: bool = True  # targets: the FP model's own outputs (false: the FP block on the quantized inputs)
+    gptq_init: bool = False  # start each block from GPTQ's integers instead of round-to-nearest
 
 
 class AutoRoundSection(WeightMethodSection):
@@ -285,7 +321,7 @@ class AutoRoundSection(WeightMethodSection):
                                learn_clipping=a.learn_clipping, mse_init=a.mse_init, keep_best=a.keep_best, min_expert_tokens=a.min_expert_tokens, seed=a.seed,
                                batch_size=self.calibration.batch_size,
                                cache_budget_bytes=None if a.cache_budget_mb is None else a.cache_budget_mb << 20,
-                               full_precision_stream=a.full_precision_stream)
+                               full_precision_stream=a.full_precision_stream, gptq_init=a.gptq_init)
 
 
 def _autoround_calibration(config: AutoRoundConfig) -> BlockTraining:

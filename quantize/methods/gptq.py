@@ -64,17 +64,27 @@ def _gptq_layer(run: _Run, config: GPTQConfig, prefix: str, layer: nn.Module, fo
         experts = [d for d in quantized if d.kind == "experts"]
         collector = StatsCollector(hessian=True, unrouted_weight=config.unrouted_weight)
         _collect(layer, prefix, forward, linears, collector, run.counts if experts else None)
-        results: dict[str, QuantizedWeight] = {}
-        for name, linear in linears.items():
-            results[f"{name}.weight"] = _gptq_one(run, config, name, linear.weight, collector[name].hessian)
-        for d in experts:
-            gate_up, down = [], []
-            for e in range(d.module.gate_up_proj.shape[0]):
-                gate_up.append(_gptq_one(run, config, f"{d.name}.{e}.gate_up_proj", d.module.gate_up_proj[e], collector[f"{d.name}.gate_up_proj.{e}"].hessian))
-                down.append(_gptq_one(run, config, f"{d.name}.{e}.down_proj", d.module.down_proj[e], collector[f"{d.name}.down_proj.{e}"].hessian))
-            results[f"{d.name}.gate_up_proj"] = stack_weights(gate_up)
-            results[f"{d.name}.down_proj"] = stack_weights(down)
-        run.swap(stage, results)
+        run.swap(stage, gptq_solve(run, config, quantized, collector))
+
+
+def gptq_solve(run: _Run, config: GPTQConfig, decisions: list[TargetDecision], collector: StatsCollector) -> dict[str, QuantizedWeight]:
+    """GPTQ integers of every Linear and fused experts module in ``decisions`` from the Hessians in ``collector``.
+
+    Returns result keys ``<linear>.weight`` and ``<experts>.gate_up_proj`` / ``<experts>.down_proj`` (stacked
+    ``[experts, out, in]``).
+    """
+    results: dict[str, QuantizedWeight] = {}
+    for d in decisions:
+        if d.kind == "linear":
+            results[f"{d.name}.weight"] = _gptq_one(run, config, d.name, d.module.weight, collector[d.name].hessian)
+            continue
+        gate_up, down = [], []
+        for e in range(d.module.gate_up_proj.shape[0]):
+            gate_up.append(_gptq_one(run, config, f"{d.name}.{e}.gate_up_proj", d.module.gate_up_proj[e], collector[f"{d.name}.gate_up_proj.{e}"].hessian))
+            down.append(_gptq_one(run, config, f"{d.name}.{e}.down_proj", d.module.down_proj[e], collector[f"{d.name}.down_proj.{e}"].hessian))
+        results[f"{d.name}.gate_up_proj"] = stack_weights(gate_up)
+        results[f"{d.name}.down_proj"] = stack_weights(down)
+    return results
 
 
 def _gptq_one(run: _Run, config: GPTQConfig, name: str, weight: torch.Tensor, hessian: torch.Tensor) -> QuantizedWeight:

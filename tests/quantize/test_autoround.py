@@ -18,7 +18,7 @@ from dsq.export.ops import unpack_nbits
 from dsq.quantize.activation_store import BatchStore
 from dsq.quantize import PerChannel, PerGroup, QuantExperts, QuantLinear, RTNConfig, TargetSpec, WeightScheme, quantize_
 from dsq.quantize.artifact_save import save_quantized_model
-from dsq.quantize.gptq import static_qparams
+from dsq.quantize.gptq import gptq_quantize, static_qparams
 from dsq.quantize.methods.autoround import AutoRoundConfig
 from dsq.quantize.primitives import dequantize_weight, quantize_rtn, quantize_with_qparams
 from dsq.quantize.signround import CLIP_FLOOR, LearnedRounding, Schedule, attached, searched_clip, train_rounding
@@ -79,6 +79,27 @@ def test_searched_start_is_gptqs_range_search(scheme):
         expected = quantize_with_qparams(w[e], *static_qparams(w[e], scheme, mse=True), scheme)
         assert torch.equal(start.qweight[e], expected.qweight)
         torch.testing.assert_close(start.scale[e], expected.scale, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.describe())
+def test_start_at_gptq_gives_gptqs_integers_and_moves_by_at_most_one_step(scheme):
+    w = torch.randn(24, 200, generator=torch.Generator().manual_seed(4)) * 0.05
+    x = torch.randn(256, 200, generator=torch.Generator().manual_seed(5))
+    x[:, :8] *= 6  # a few loud input channels, so GPTQ's integers differ from round-to-nearest
+    start = gptq_quantize(w, x.T @ x, scheme, act_order=True, mse_scales=True).qweight
+    r = LearnedRounding(w, scheme, learn_clipping=True, clip=searched_clip(w, scheme))
+    rtn = r.freeze(w).qweight
+    assert not torch.equal(start.qweight, rtn)
+    r.start_at(w, start)
+    assert torch.equal(r.freeze(w).qweight, start.qweight)
+    with torch.no_grad():
+        r.offset.copy_(torch.rand(r.offset.shape, generator=torch.Generator().manual_seed(6)) - 0.5)
+    moved = r.freeze(w).qweight.int() - start.qweight.int()
+    assert moved.abs().max() == 1 and (moved != 0).any()
+    other = LearnedRounding(w, scheme, learn_clipping=True)  # min/max ranges: not GPTQ's
+    if not torch.equal(other.qparams()[0], r.qparams()[0]):
+        with pytest.raises(ValueError, match="other scales"):
+            other.start_at(w, start)
 
 
 def test_signed_steps_keep_offsets_and_clipping_in_range_and_skip_held_experts():
@@ -182,6 +203,22 @@ def test_expert_without_routed_tokens_is_rounded_to_nearest_and_reported(tiny_de
         assert trained, "every expert was held: the test would not show training"
         rtn = quantize_rtn(weights[name][trained[0]], scheme).qweight
         assert not torch.equal(quantized.gate_up_proj.unpacked(trained[0]), rtn)
+
+
+def test_gptq_start_lowers_every_blocks_starting_loss_and_keeps_gptq_for_starved_experts(tiny_deepseek_v3):
+    losses = {}
+    for gptq_init in (False, True):
+        model = load_checkpoint(tiny_deepseek_v3).model
+        assert _starve(model, 0) > 0
+        config = AutoRoundConfig(WeightScheme(4, PerGroup(32)), steps=4, batch_size=4, gptq_init=gptq_init)
+        report = quantize_(model, config, calibration=_ids(512), progress=False)
+        losses[gptq_init] = {n: f["loss_before"] for n, f in report.calibration["modules"].items() if "loss_before" in f}
+    assert losses[True].keys() == losses[False].keys() and losses[True]
+    assert all(losses[True][n] < losses[False][n] for n in losses[True]), losses
+    assert report.calibration["experts_rounded_to_nearest"] == {}
+    held = report.calibration["experts_kept_at_gptq"]
+    assert held and all(0 in e for e in held.values())
+    assert any("kept at GPTQ's integers" in note for note in report.notes), report.notes
 
 
 def test_lm_head_is_trained_alone_when_targeted(tiny_checkpoint):
