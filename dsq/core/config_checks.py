@@ -219,6 +219,8 @@ class ModelFacts:
         tensors: Every tensor expected on disk, name to shape: fused routed experts as one tensor
             per expert (``mlp.experts.N.{gate,up,down}_proj.weight``), a tied ``lm_head`` left out.
         model: The model on the ``meta`` device (no memory), for checks that walk its modules.
+        integer_tensors: Expected tensors the model holds as integers (DeepSeek-V4's hash-routing table
+            ``tid2eid``); every other tensor must be floating point.
     """
 
     layer_prefix: str
@@ -226,6 +228,7 @@ class ModelFacts:
     max_position_embeddings: int | None
     tensors: Mapping[str, tuple[int, ...]]
     model: Any = field(compare=False, repr=False)
+    integer_tensors: frozenset[str] = frozenset()
 
 
 def model_facts(config: Mapping[str, Any], path: Path) -> ModelFacts:
@@ -270,6 +273,7 @@ def _model_facts(config_json: str, path: str) -> ModelFacts:
         max_position_embeddings=max_positions if is_int(max_positions) else None,
         tensors=MappingProxyType({spec.name: tuple(spec.shape) for spec in specs}),
         model=model,
+        integer_tensors=frozenset(spec.name for spec in specs if spec.kind == "index"),
     )
 
 

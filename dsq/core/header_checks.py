@@ -83,7 +83,8 @@ def check_headers_against_config(
     layer_prefix = _aligned_name(facts.layer_prefix, expected, facts.tensors)
     mtp_layers = _check_layer_count(root, stored, expected, layer_prefix, facts.num_layers)
     fmt = fp8_format(config)
-    problems = [p for name in sorted(stored) if (p := _tensor_problem(name, stored, expected, fmt)) is not None]
+    integers = frozenset(_align_prefix(dict.fromkeys(facts.integer_tensors, ()), stored))
+    problems = [p for name in sorted(stored) if (p := _tensor_problem(name, stored, expected, fmt, integers)) is not None]
     if problems:
         raise CheckpointError(
             f"checkpoint {root} does not match its config.json: {len(problems)} tensor(s) differ from what "
@@ -159,8 +160,13 @@ def _check_layer_count(
     return mtp
 
 
+INTEGER_DTYPES: frozenset[str] = frozenset({"I64", "I32", "I16", "U8", "I8"})
+"""Safetensors dtypes an integer table (DeepSeek-V4's ``tid2eid``) may be stored in."""
+
+
 def _tensor_problem(
-    name: str, stored: Mapping[str, StoredTensor], expected: Mapping[str, tuple[int, ...]], fmt: Any
+    name: str, stored: Mapping[str, StoredTensor], expected: Mapping[str, tuple[int, ...]], fmt: Any,
+    integers: frozenset[str] = frozenset(),
 ) -> str | None:
     """What is wrong with stored tensor ``name`` (None: nothing, or a tensor the model does not use)."""
     if name.endswith(SCALE_SUFFIX):
@@ -171,7 +177,10 @@ def _tensor_problem(
     tensor = stored[name]
     where = f"{name} in {tensor.file.name}"
     scale = stored.get(name + SCALE_SUFFIX)
-    if tensor.dtype == FP8_SAFETENSORS_DTYPE:
+    if name in integers:
+        if tensor.dtype not in INTEGER_DTYPES:
+            return f"{where} has dtype {tensor.dtype}; the model needs integers ({', '.join(sorted(INTEGER_DTYPES))})"
+    elif tensor.dtype == FP8_SAFETENSORS_DTYPE:
         problem = _fp8_problem(name, where, scale, want, fmt)
         if problem is not None:
             return problem

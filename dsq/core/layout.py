@@ -16,12 +16,13 @@ from torch import nn
 
 from dsq.core.errors import QuantizationError
 
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("deepseek_v3", "deepseek_v2", "llama", "qwen2")
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("deepseek_v4", "deepseek_v32", "deepseek_v3", "deepseek_v2", "llama", "qwen2")
 """The ``model_type`` values dsq reads."""
 
-KINDS: tuple[str, ...] = ("embedding", "linear", "expert", "lm_head", "norm", "router", "router_bias", "bias", "other")
+KINDS: tuple[str, ...] = ("embedding", "linear", "expert", "lm_head", "norm", "router", "router_bias", "bias", "index", "other")
 """What a tensor is: ``linear`` is a Linear weight inside a decoder layer (other than the router),
-``expert`` one routed expert's projection; both are stored as FP8 in an FP8 checkpoint."""
+``expert`` one routed expert's projection; both are stored as FP8 in an FP8 checkpoint. ``index`` is an
+integer table (DeepSeek-V4's hash router ``tid2eid``: token id -> experts)."""
 
 
 FP8_KINDS: frozenset[str] = frozenset({"linear", "expert"})
@@ -63,8 +64,11 @@ def _pretrained_config(config: Mapping[str, Any]) -> Any:
     return CONFIG_MAPPING[model_type](**kwargs)
 
 
-def _kind(name: str, module: torch.nn.Module, output_embeddings: torch.nn.Module | None) -> str:
+def _kind(name: str, module: torch.nn.Module, output_embeddings: torch.nn.Module | None,
+          tensor: torch.Tensor | None = None) -> str:
     leaf = name.rsplit(".", 1)[-1]
+    if tensor is not None and not tensor.dtype.is_floating_point:
+        return "index"
     cls = type(module).__name__
     if isinstance(module, torch.nn.Embedding):
         return "embedding"
@@ -134,13 +138,34 @@ def tensor_specs(config: Mapping[str, Any]) -> list[TensorSpec]:
         shape = tuple(tensor.shape)
         module_name, leaf = name.rsplit(".", 1) if "." in name else ("", name)
         module = modules[module_name]
-        if tensor.dim() == 3 and module_name.endswith("experts"):
-            if leaf not in _FUSED_EXPERT_PARAMS:
-                raise ValueError(f"cannot name the on-disk tensors of fused expert parameter {name} {shape}")
+        fused = tensor.dim() == 3 and module_name.endswith("experts")
+        if fused and leaf not in _FUSED_EXPERT_PARAMS:
+            raise ValueError(f"cannot name the on-disk tensors of fused expert parameter {name} {shape}")
+        if pretrained.model_type in OWN_DISK_NAMES:
+            kind = "expert" if fused else _kind(name, module, output_embeddings, tensor)
+            specs.extend(TensorSpec(n, s, kind) for n, s in disk_names(model, name, tensor))
+        elif fused:
             specs.extend(_split_fused(name, shape))
-            continue
-        specs.append(TensorSpec(name, shape, _kind(name, module, output_embeddings)))
+        else:
+            specs.append(TensorSpec(name, shape, _kind(name, module, output_embeddings, tensor)))
     return specs
+
+
+OWN_DISK_NAMES: frozenset[str] = frozenset({"deepseek_v4"})
+"""Model types whose checkpoints keep the official tensor names (``layers.N.attn.wq_a``, ``ffn.experts.E.w1``,
+``hc_attn_fn``...), which transformers renames on load (its ``conversion_mapping``); dsq names their on-disk
+tensors with transformers' own reverse renaming."""
+
+
+def disk_names(model: nn.Module, name: str, tensor: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
+    """On-disk ``(name, shape)`` of the model parameter ``name`` as transformers saves it (fused experts: one per expert).
+
+    ``tensor`` may be on the meta device.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    reverted = revert_weight_conversion(model, {name: tensor})
+    return [(n, tuple(t.shape)) for n, t in reverted.items()]
 
 
 def num_parameters(specs: list[TensorSpec]) -> int:

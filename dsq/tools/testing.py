@@ -56,6 +56,18 @@ TINY_CONFIGS: Mapping[str, Mapping[str, Any]] = {
     "deepseek_v3": {**_COMMON, **_MLA_MOE, "q_lora_rank": 64, "n_group": 1, "topk_group": 1},
     # V2-Lite style: queries are projected directly (no q LoRA), greedy top-k routing.
     "deepseek_v2": {**_COMMON, **_MLA_MOE, "q_lora_rank": None, "topk_method": "greedy"},
+    # V3 plus the DSA lightning indexer in every layer.
+    "deepseek_v32": {**_COMMON, **_MLA_MOE, "q_lora_rank": 64, "n_group": 1, "topk_group": 1, "index_n_heads": 2,
+                     "index_head_dim": 32, "index_topk": 16},
+    # Every V4 part: sliding, CSA (indexer) and HCA attention layers, hash-routed and top-k MoE layers,
+    # two hyper-connection streams, grouped output projection.
+    "deepseek_v4": {**_COMMON, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 32,
+                    "q_lora_rank": 64, "qk_rope_head_dim": 8, "o_groups": 2, "o_lora_rank": 32,
+                    "moe_intermediate_size": 64, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1,
+                    "layer_types": ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+                                    "compressed_sparse_attention"],
+                    "mlp_layer_types": ["hash_moe", "moe", "moe", "moe"], "sliding_window": 16,
+                    "index_n_heads": 2, "index_head_dim": 16, "index_topk": 8, "hc_mult": 2, "max_position_embeddings": 4096},
     "llama": {**_COMMON, "num_attention_heads": 4, "num_key_value_heads": 2},
     "qwen2": {**_COMMON, "num_attention_heads": 4, "num_key_value_heads": 2},
 }
