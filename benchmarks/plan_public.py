@@ -1,6 +1,6 @@
 """Plans for the public DeepSeek configs shipped in ``dsq/assets/public_configs`` (no weights needed).
 
-Prints one compact Markdown table over the three models (parameters, weight bytes per format,
+Prints one compact Markdown table over the models (parameters, weight bytes per format,
 peak memory of each path, calibration time), then every model's full plan. Nothing is
 downloaded and no tensor data exists: the plans come from config.json alone.
 
@@ -18,7 +18,7 @@ from dsq.run.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "dsq" / "assets" / "public_configs"
-MODELS = ("deepseek-r1-distill-qwen-1.5b", "deepseek-v2-lite", "deepseek-v3")
+MODELS = ("deepseek-r1-distill-qwen-1.5b", "deepseek-v2-lite", "deepseek-v3", "deepseek-v3.2", "deepseek-v4-flash", "deepseek-v4-pro")
 DEFAULT_RECIPE = ROOT / "recipes" / "gptq_int4_g128.yaml"
 DEFAULT_OVERRIDES = ("dtype=bfloat16",)
 GiB = 1 << 30

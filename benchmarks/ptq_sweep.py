@@ -19,6 +19,7 @@ from dsq.run.recipe import load_recipe
 G128 = ["quantize.weights.bits=4", "quantize.weights.group_size=128"]
 G32 = ["quantize.weights.bits=4", "quantize.weights.group_size=32"]
 VARIANTS = {
+    "rtn int8 channel": (["quantize.method=rtn", "quantize.weights.bits=8", "quantize.weights.granularity=channel"], None),
     "rtn int4 g128": (["quantize.method=rtn", *G128], None),
     "gptq int4 g128": (["quantize.method=gptq", *G128], "rtn int4 g128"),
     "gptq int4 g128 damp 0.001": (["quantize.method=gptq", *G128, "quantize.gptq.damp=0.001"], "rtn int4 g128"),

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsq.core.errors import ExportError
-from dsq.quantize.modules import QuantExperts, QuantLinear, QuantTensor, is_fused_experts, set_module
+from dsq.quantize.modules import GatedActivation, QuantExperts, QuantLinear, QuantTensor, is_fused_experts, set_module
 from dsq.quantize.primitives import dequantize_weight, quantize_rtn
 from dsq.quantize.scheme import PerChannel, WeightScheme
 from dsq.quantize.w8a8 import DynamicPerToken, W8A8Experts, W8A8Linear
@@ -155,17 +155,17 @@ class Int8Linear(nn.Module):
 
 
 class _Expert(nn.Module):
-    """One SwiGLU expert: ``down(act(gate(x)) * up(x))`` with ``gate_up`` producing ``[.., 2I]``."""
+    """One gated expert: ``down(glu(gate(x), up(x)))`` with ``gate_up`` producing ``[.., 2I]``."""
 
-    def __init__(self, gate_up: nn.Module, down: nn.Module, act_fn: nn.Module) -> None:
+    def __init__(self, gate_up: nn.Module, down: nn.Module, glu: GatedActivation) -> None:
         super().__init__()
         self.gate_up = gate_up
         self.down = down
-        self.act_fn = act_fn
+        self.glu = glu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(self.act_fn(gate) * up)
+        return self.down(self.glu(gate, up))
 
 
 def _plain_linear(weight: torch.Tensor) -> nn.Linear:
@@ -199,7 +199,7 @@ class DenseRoutedExperts(nn.Module):
 
 def _experts_from_fp(module: nn.Module) -> DenseRoutedExperts:
     return DenseRoutedExperts([
-        _Expert(_plain_linear(module.gate_up_proj[e]), _plain_linear(module.down_proj[e]), module.act_fn)
+        _Expert(_plain_linear(module.gate_up_proj[e]), _plain_linear(module.down_proj[e]), GatedActivation.of(module))
         for e in range(module.gate_up_proj.shape[0])
     ])
 
@@ -209,7 +209,7 @@ def _experts_from_quant(module: QuantExperts, name: str, accuracy_level: int) ->
         _Expert(
             NBitsLinear(module.gate_up_proj, None, f"{name}.{e}.gate_up_proj", accuracy_level, index=e),
             NBitsLinear(module.down_proj, None, f"{name}.{e}.down_proj", accuracy_level, index=e),
-            module.act_fn,
+            module.glu,
         )
         for e in range(module.num_experts)
     ])
@@ -224,7 +224,7 @@ def _experts_from_w8a8(module: W8A8Experts) -> DenseRoutedExperts:
         experts.append(_Expert(
             Int8Linear(module.gate_up_proj.packed[e], module.gate_up_proj.scale[e], gu_s, None),
             Int8Linear(module.down_proj.packed[e], module.down_proj.scale[e], dn_s, None),
-            module.act_fn,
+            module.glu,
         ))
     return DenseRoutedExperts(experts)
 

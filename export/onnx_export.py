@@ -38,6 +38,7 @@ from .modules import ExportPlan, prepare_for_export, quantize_embedding_
 from .patches import traceable
 from .portable import rewrite_matmul_nbits
 from .runtime import EXPORT_MANIFEST, ONNX_FILE, OrtCausalLM
+from .support import onnx_unsupported
 from .validate import ACTIVATION_QUANTIZED_TOLERANCE, FP_TOLERANCE, QUANTIZED_TOLERANCE, ValidationConfig, ValidationReport, validate_export
 
 log = logging.getLogger(__name__)
@@ -277,6 +278,9 @@ def export_onnx(
             (the message lists the failing cases); nothing is left at ``output``.
     """
     started = time.perf_counter()
+    refusal = onnx_unsupported(getattr(model.config, "model_type", None))
+    if refusal is not None:
+        raise ExportError(f"cannot export {model.config.model_type} to ONNX: {refusal}")
     model.eval()
     layout = cache_layout(model.config)
     vocab = model.config.vocab_size

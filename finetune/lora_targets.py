@@ -22,15 +22,19 @@ DEFAULT_LEAF_NAMES: tuple[str, ...] = (
     "q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
     # Llama / Qwen2 attention
     "k_proj", "v_proj",
+    # DeepSeek-V4 attention: the shared key/value projection and the second output projection (the grouped
+    # o_a_proj applies each group's rows to its own input, which a LoRA update of the whole matrix would not)
+    "kv_proj", "o_b_proj",
     # dense MLP and DeepSeek shared experts
     "gate_proj", "up_proj", "down_proj",
 )
-"""Leaf names adapted by default (never ``lm_head``, never the router ``mlp.gate``)."""
+"""Leaf names adapted by default (never ``lm_head``, never the router ``mlp.gate``, nothing under the routed
+experts, DeepSeek-V4's KV compressors or the DSA indexers of V3.2/V4: see :func:`default_targets`)."""
 
 ROUTED_EXPERT_PARAMS: tuple[str, ...] = ("gate_up_proj", "down_proj")
 """The fused routed-expert parameters adapted when ``routed_experts=True``."""
 
-_ROUTED_EXPERTS_PATH = re.compile(r"(^|\.)experts(\.|$)")
+_NOT_BY_DEFAULT_PATH = re.compile(r"(^|\.)(experts|compressor|indexer)(\.|$)")  # routed experts, V4 compressors, DSA indexers
 
 
 class PeftUnavailableError(DsqInputError, ImportError):
@@ -124,7 +128,7 @@ def adaptable_kind(module: nn.Module) -> str | None:
     """
     if type(module) is nn.Linear:
         return "linear"
-    if isinstance(module, QuantLinear):
+    if isinstance(module, QuantLinear) and module.n_groups is None:  # a grouped one is not one matrix product
         return "dsq-quant"
     bnb_types = _bnb_layer_types()
     if bnb_types and isinstance(module, bnb_types[0]):
@@ -158,8 +162,10 @@ def default_targets(model: nn.Module) -> list[str]:
 
     DeepSeek MLA projections (``q_a_proj``, ``q_b_proj`` or ``q_proj``, ``kv_a_proj_with_mqa``,
     ``kv_b_proj``, ``o_proj``), Llama/Qwen2 ``q/k/v/o_proj``, and the dense-MLP and shared-expert
-    ``gate/up/down_proj``. Never ``lm_head``, never the router ``mlp.gate``, never anything under
-    the routed ``experts`` (see ``LoraSpec.routed_experts``). Module types are not checked here;
+    ``gate/up/down_proj``, DeepSeek-V4's ``q_a_proj``, ``q_b_proj``, ``kv_proj`` and ``o_b_proj``. Never
+    ``lm_head``, never the router ``mlp.gate``, never anything under the routed ``experts`` (see
+    ``LoraSpec.routed_experts``), DeepSeek-V4's KV ``compressor`` or a DSA ``indexer`` (V3.2, V4: they pick
+    which tokens are attended to), nor V4's grouped ``o_a_proj``. Module types are not checked here;
     :func:`resolve_targets` refuses those that cannot take LoRA.
 
     Args:
@@ -174,7 +180,7 @@ def default_targets(model: nn.Module) -> list[str]:
     names = [
         name
         for name, _ in model.named_modules()
-        if name.rpartition(".")[2] in DEFAULT_LEAF_NAMES and not _ROUTED_EXPERTS_PATH.search(name)
+        if name.rpartition(".")[2] in DEFAULT_LEAF_NAMES and not _NOT_BY_DEFAULT_PATH.search(name)
     ]
     if not names:
         raise LoraTargetError(

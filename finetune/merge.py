@@ -203,7 +203,7 @@ def _requantize_dsq(name: str, old: QuantLinear, delta: torch.Tensor) -> tuple[n
     merged = base + delta
     qw = quantize_rtn(merged, old.scheme)
     check_finite(f"{name}.weight", qw)
-    new = QuantLinear(qw, old.bias, scale_dtype=old.weight_q.scale.dtype).to(old.weight_q.packed.device)
+    new = QuantLinear(qw, old.bias, scale_dtype=old.weight_q.scale.dtype, n_groups=old.n_groups).to(old.weight_q.packed.device)
     new.train(old.training)
     stored = dequantize_weight(qw, torch.float32)
     record = MergedModule(

@@ -35,7 +35,7 @@ from torch import nn
 from dsq.core.errors import QuantizationError
 from dsq.quantize.gptq import static_qparams
 from dsq.quantize.api import ModuleRecord, QuantizationReport, check_finite, start_report, tensor_bytes
-from dsq.quantize.modules import QuantExperts, QuantLinear, route_tokens, set_module
+from dsq.quantize.modules import GatedActivation, QuantExperts, QuantLinear, apply_linear, linear_groups, route_tokens, set_module
 from dsq.quantize.primitives import QuantizedWeight, compute_qparams, expand_groups, quantize_with_qparams
 from dsq.quantize.scheme import PerGroup, WeightScheme
 from dsq.quantize.targets import TargetDecision, TargetSpec, select_targets
@@ -130,26 +130,28 @@ def _initial_qparams(weight: torch.Tensor, config: QATConfig):
 class FakeQuantLinear(nn.Module):
     """``nn.Linear`` whose forward uses the fake-quantized latent weight ``weight`` ``(out, in)``."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fq: _FakeQuantWeight) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fq: _FakeQuantWeight, n_groups: int | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight.detach().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self.fq = fq
+        self.n_groups = n_groups  # DeepSeek-V4's grouped o_a_proj (see dsq.quantize.modules.apply_linear)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: QATConfig) -> "FakeQuantLinear":
         scale, zero = _initial_qparams(linear.weight, config)
-        return cls(linear.weight, linear.bias, _FakeQuantWeight(config.scheme, scale, zero, config.learnable_scales))
+        return cls(linear.weight, linear.bias, _FakeQuantWeight(config.scheme, scale, zero, config.learnable_scales),
+                   linear_groups(linear))
 
     @classmethod
     def from_quantized(cls, q: QuantLinear, learnable: bool) -> "FakeQuantLinear":
         t = q.weight_q
         fq = _FakeQuantWeight(q.scheme, t.scale, t.zero_point, learnable)
-        return cls(t.dequantize(torch.float32), q.bias, fq)
+        return cls(t.dequantize(torch.float32), q.bias, fq, q.n_groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.fq(self.weight).to(x.dtype), self.bias)
+        return apply_linear(x, self.fq(self.weight).to(x.dtype), self.bias, self.n_groups)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.fq.scheme.describe()}"
@@ -161,13 +163,13 @@ class FakeQuantExperts(nn.Module):
     Same call signature as transformers' experts: ``(hidden (tokens, H), top_k_index, top_k_weights)``.
     """
 
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, act_fn: nn.Module, fq_gate_up: _FakeQuantWeight,
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, glu: GatedActivation, fq_gate_up: _FakeQuantWeight,
                  fq_down: _FakeQuantWeight) -> None:
         super().__init__()
         self.num_experts = gate_up.shape[0]
         self.gate_up_proj = nn.Parameter(gate_up.detach().clone())
         self.down_proj = nn.Parameter(down.detach().clone())
-        self.act_fn = act_fn
+        self.glu = glu
         self.fq_gate_up = fq_gate_up
         self.fq_down = fq_down
 
@@ -177,13 +179,13 @@ class FakeQuantExperts(nn.Module):
         for w in (experts.gate_up_proj, experts.down_proj):
             scale, zero = _initial_qparams(w, config)
             fqs.append(_FakeQuantWeight(config.scheme, scale, zero, config.learnable_scales))
-        return cls(experts.gate_up_proj, experts.down_proj, experts.act_fn, *fqs)
+        return cls(experts.gate_up_proj, experts.down_proj, GatedActivation.of(experts), *fqs)
 
     @classmethod
     def from_quantized(cls, q: QuantExperts, learnable: bool) -> "FakeQuantExperts":
         tensors = (q.gate_up_proj, q.down_proj)
         fqs = [_FakeQuantWeight(t.scheme, t.scale, t.zero_point, learnable) for t in tensors]
-        return cls(*(t.dequantize(torch.float32) for t in tensors), q.act_fn, *fqs)
+        return cls(*(t.dequantize(torch.float32) for t in tensors), q.glu, *fqs)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         gate_up = self.fq_gate_up(self.gate_up_proj).to(hidden_states.dtype)  # (E, 2I, H)
@@ -191,7 +193,7 @@ class FakeQuantExperts(nn.Module):
 
         def expert_forward(expert: int, x: torch.Tensor) -> torch.Tensor:  # (n, H) -> (n, H)
             gate, up = F.linear(x, gate_up[expert]).chunk(2, dim=-1)
-            return F.linear(self.act_fn(gate) * up, down[expert])
+            return F.linear(self.glu(gate, up), down[expert])
 
         return route_tokens(hidden_states, top_k_index, top_k_weights, self.num_experts, expert_forward)
 
@@ -247,13 +249,13 @@ def _convert_one(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
         qw = module.fq.quantize(module.weight)
         check_finite(f"{name}.weight", qw)
         bias = None if module.bias is None else module.bias.detach()
-        new = QuantLinear(qw, bias, scale_dtype=module.weight.dtype)
+        new = QuantLinear(qw, bias, scale_dtype=module.weight.dtype, n_groups=module.n_groups)
     else:
         gate_up = module.fq_gate_up.quantize(module.gate_up_proj)
         down = module.fq_down.quantize(module.down_proj)
         check_finite(f"{name}.gate_up_proj", gate_up)
         check_finite(f"{name}.down_proj", down)
-        new = QuantExperts(gate_up, down, module.act_fn, scale_dtype=module.gate_up_proj.dtype)
+        new = QuantExperts(gate_up, down, GatedActivation.of(module), scale_dtype=module.gate_up_proj.dtype)
     set_module(model, name, new)
     return new
 

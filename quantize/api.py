@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from dsq.core.errors import QuantizationError
 
-from .modules import QuantExperts, QuantLinear, QuantTensor, set_module
+from .modules import GatedActivation, QuantExperts, QuantLinear, QuantTensor, set_module
 from .primitives import QuantizedWeight
 from .scheme import WeightScheme
 from .sequential import RESIDENT, LayerLifecycle, decoder_layers
@@ -141,7 +141,7 @@ def swap_experts(model: nn.Module, d: TargetDecision, quantizer: WeightQuantizer
     experts = d.module
     gate_up = quantizer(f"{d.name}.gate_up_proj", experts.gate_up_proj.detach())  # (E, 2I, H)
     down = quantizer(f"{d.name}.down_proj", experts.down_proj.detach())  # (E, H, I)
-    new = QuantExperts(gate_up, down, experts.act_fn, scale_dtype=experts.gate_up_proj.dtype)
+    new = QuantExperts(gate_up, down, GatedActivation.of(experts), scale_dtype=experts.gate_up_proj.dtype)
     set_module(model, d.name, new)
     return new
 
@@ -258,20 +258,29 @@ def _group_by_layer(
     return groups, outside
 
 
+_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("embeddings", ("embed",)),
+    ("hyper_connections", (".attn_hc.", ".ffn_hc.", "hc_head.")),  # DeepSeek-V4 mHC mixing (fn, base, scale)
+    ("attention_sinks", (".sinks",)),  # DeepSeek-V4 per-head sink logits
+    ("position_biases", ("position_bias",)),  # DeepSeek-V4 compressor / indexer
+    ("hash_table", ("tid2eid",)),  # DeepSeek-V4 hash router: token id -> experts (integers)
+    ("norms", ("norm",)),
+    ("router", (".gate.",)),
+)
+"""Categories of the tensors dsq never quantizes, first match wins (substrings of the state-dict name)."""
+
+
 def _category(param_name: str) -> str:
-    if "embed" in param_name:
-        return "embeddings"
-    if "norm" in param_name:
-        return "norms"
-    if ".gate." in param_name:
-        return "router"
+    for category, parts in _CATEGORIES:
+        if any(part in param_name for part in parts):
+            return category
     return "other"
 
 
 def _other_breakdown(model: nn.Module, covered: set[str]) -> dict[str, int]:
-    """Parameters outside quantizable modules, by category (embeddings, norms, router)."""
+    """Elements of the tensors outside quantizable modules (parameters and saved buffers), by category."""
     counts: dict[str, int] = {}
-    for name, p in model.named_parameters():
+    for name, p in model.state_dict().items():
         owner = name.rpartition(".")[0]
         if any(owner == c or owner.startswith(c + ".") for c in covered):
             continue

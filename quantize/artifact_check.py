@@ -19,6 +19,7 @@ from torch import nn
 
 from dsq.core.checkpoint import read_safetensors_header
 from dsq.core.errors import CheckpointError
+from dsq.core.layout import ExpertProjections, expert_projections
 from dsq.quantize.modules import is_fused_experts
 from dsq.quantize.scheme import SUPPORTED_BITS, PerChannel, PerGroup, WeightScheme
 from dsq.quantize.w8a8 import WEIGHT_SCHEME as W8A8_WEIGHT_SCHEME
@@ -210,6 +211,7 @@ def check_quantized_tensors(model: nn.Module, groups: tuple[ConfigGroup, ...], s
             symmetric scheme, or experts of one module in groups with different schemes.
     """
     packed: dict[str, tuple[int, int]] = {}
+    names = expert_projections(model)
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             group = group_for(name, groups)
@@ -220,24 +222,25 @@ def check_quantized_tensors(model: nn.Module, groups: tuple[ConfigGroup, ...], s
                 elif f"{name}.bias" in specs:
                     raise CheckpointError(f"{source}: tensor {name}.bias: {name} has no bias in the model built from config.json")
         elif is_fused_experts(module):
-            group = group_for(f"{name}.0.gate_proj", groups)
+            group = group_for(f"{name}.0.{names.gate}", groups)
             if group is not None:
-                _check_experts(specs, name, module, group, groups, source, packed)
+                _check_experts(specs, name, module, group, groups, source, packed, names)
     return packed
 
 
 def _check_experts(specs: dict[str, TensorSpec], name: str, module: nn.Module, group: ConfigGroup,
-                   groups: tuple[ConfigGroup, ...], source: Path, packed: dict[str, tuple[int, int]]) -> None:
+                   groups: tuple[ConfigGroup, ...], source: Path, packed: dict[str, tuple[int, int]],
+                   names: ExpertProjections) -> None:
     experts, two_inter, hidden = module.gate_up_proj.shape  # (E, 2I, H); down_proj (E, H, I)
     inter = two_inter // 2
     for e in range(experts):
-        for proj, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)), ("down_proj", (hidden, inter))):
+        for proj, shape in ((names.gate, (inter, hidden)), (names.up, (inter, hidden)), (names.down, (hidden, inter))):
             prefix = f"{name}.{e}.{proj}"
             own = group_for(prefix, groups)
             if own is None or not _same_quantization(own, group, shape[1]):
                 where = "no config group" if own is None else f"config group {own.key}"
                 raise CheckpointError(
-                    f"{source}: {prefix} is in {where}, which quantizes it unlike {name}.0.gate_proj ({group.key}); "
+                    f"{source}: {prefix} is in {where}, which quantizes it unlike {name}.0.{names.gate} ({group.key}); "
                     "the experts of one module are read with one scheme"
                 )
             _check_module(specs, prefix, shape, own, source, packed)

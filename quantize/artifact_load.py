@@ -24,8 +24,9 @@ from dsq.core.checkpoint import inspect_checkpoint, source_info
 from dsq.core.loading import LoadedModel
 from dsq.core.errors import CheckpointError
 from dsq.core.tied import tied_embeddings
+from dsq.core.layout import ExpertProjections, expert_projections
 from dsq.quantize.compressed_tensors_format import decompress_tensor
-from dsq.quantize.modules import QuantExperts, QuantLinear, is_fused_experts, set_module
+from dsq.quantize.modules import GatedActivation, QuantExperts, QuantLinear, is_fused_experts, linear_groups, set_module
 from dsq.quantize.primitives import QuantizedWeight, stack_weights
 from dsq.quantize.w8a8 import StaticPerTensor, W8A8Experts, W8A8Linear
 
@@ -74,6 +75,7 @@ def load_artifact(path: str | Path, *, dtype: torch.dtype = torch.float32) -> Lo
     packed = check_quantized_tensors(model, groups, read_tensor_specs(files.weight_files), root)
     tensors = _read_tensors(files.weight_files)
     check_weight_shapes(tensors, packed, root)
+    names = expert_projections(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear):
             group = group_for(name, groups)
@@ -83,23 +85,23 @@ def load_artifact(path: str | Path, *, dtype: torch.dtype = torch.float32) -> Lo
             bias = tensors.pop(f"{name}.bias", None)
             act = group.activations
             if act is None:
-                new = QuantLinear(qw, bias, scale_dtype=qw.scale.dtype)
+                new = QuantLinear(qw, bias, scale_dtype=qw.scale.dtype, n_groups=linear_groups(module))
             else:
-                new = W8A8Linear(qw, bias, act, _input_scale(tensors, name, act, root))
+                new = W8A8Linear(qw, bias, act, _input_scale(tensors, name, act, root), linear_groups(module))
             _take_prefix(tensors, name)
             set_module(model, name, new)
         elif is_fused_experts(module):
-            group = group_for(f"{name}.0.gate_proj", groups)
+            group = group_for(f"{name}.0.{names.gate}", groups)
             if group is None:
                 continue
             scheme, act = group.scheme, group.activations
             if act is None:
-                new = _load_experts(tensors, name, module, scheme, root)
+                new = _load_experts(tensors, name, module, scheme, root, names)
             else:
-                new = _load_w8a8_experts(tensors, name, module, scheme, act, root)
+                new = _load_w8a8_experts(tensors, name, module, scheme, act, root, names)
             set_module(model, name, new)
             _take_prefix(tensors, name)
-    _load_rest(model, tensors, root)
+    _load_rest(model, tensors, root, names)
     tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source_info(files))
 
@@ -109,23 +111,24 @@ def _require(tensors: dict, key: str, root: Path) -> None:
         raise CheckpointError(f"{root}: tensor {key} is missing from the artifact")
 
 
-def _read_expert(tensors: dict, name: str, e: int, scheme, root: Path) -> tuple[QuantizedWeight, QuantizedWeight]:
+def _read_expert(tensors: dict, name: str, e: int, scheme, root: Path,
+                 names: ExpertProjections) -> tuple[QuantizedWeight, QuantizedWeight]:
     """Expert ``e``'s (gate_up ``[2I, H]``, down ``[H, I]``) quantized weights."""
-    for proj in ("gate_proj", "up_proj", "down_proj"):
+    for proj in names.names:
         _require(tensors, f"{name}.{e}.{proj}.weight_scale", root)
-    gate = decompress_tensor(tensors, f"{name}.{e}.gate_proj", scheme)
-    up = decompress_tensor(tensors, f"{name}.{e}.up_proj", scheme)
-    return _cat_rows(gate, up), decompress_tensor(tensors, f"{name}.{e}.down_proj", scheme)
+    gate = decompress_tensor(tensors, f"{name}.{e}.{names.gate}", scheme)
+    up = decompress_tensor(tensors, f"{name}.{e}.{names.up}", scheme)
+    return _cat_rows(gate, up), decompress_tensor(tensors, f"{name}.{e}.{names.down}", scheme)
 
 
-def _load_experts(tensors: dict, name: str, module: nn.Module, scheme, root: Path) -> QuantExperts:
+def _load_experts(tensors: dict, name: str, module: nn.Module, scheme, root: Path, names: ExpertProjections) -> QuantExperts:
     gate_up, down = [], []
     for e in range(module.gate_up_proj.shape[0]):
-        gu, dn = _read_expert(tensors, name, e, scheme, root)
+        gu, dn = _read_expert(tensors, name, e, scheme, root, names)
         gate_up.append(gu)
         down.append(dn)
     scale_dtype = gate_up[0].scale.dtype
-    return QuantExperts(stack_weights(gate_up), stack_weights(down), module.act_fn, scale_dtype)
+    return QuantExperts(stack_weights(gate_up), stack_weights(down), GatedActivation.of(module), scale_dtype)
 
 
 def _input_scale(tensors: dict, prefix: str, act, root: Path) -> torch.Tensor | None:
@@ -135,24 +138,26 @@ def _input_scale(tensors: dict, prefix: str, act, root: Path) -> torch.Tensor | 
     return tensors[f"{prefix}.input_scale"]
 
 
-def _load_w8a8_experts(tensors: dict, name: str, module: nn.Module, scheme, act, root: Path) -> W8A8Experts:
+def _load_w8a8_experts(tensors: dict, name: str, module: nn.Module, scheme, act, root: Path,
+                       names: ExpertProjections) -> W8A8Experts:
     gate_up, down, gu_scales, dn_scales = [], [], [], []
     for e in range(module.gate_up_proj.shape[0]):
-        gu, dn = _read_expert(tensors, name, e, scheme, root)
+        gu, dn = _read_expert(tensors, name, e, scheme, root, names)
         gate_up.append(gu)
         down.append(dn)
         if isinstance(act, StaticPerTensor):
-            g, u = _input_scale(tensors, f"{name}.{e}.gate_proj", act, root), _input_scale(tensors, f"{name}.{e}.up_proj", act, root)
+            g = _input_scale(tensors, f"{name}.{e}.{names.gate}", act, root)
+            u = _input_scale(tensors, f"{name}.{e}.{names.up}", act, root)
             if not torch.equal(g, u):
-                raise CheckpointError(f"{root}: {name}.{e} gate_proj and up_proj read the same input but have different input scales")
+                raise CheckpointError(f"{root}: {name}.{e} {names.gate} and {names.up} read the same input but have different input scales")
             gu_scales.append(g.reshape(()))
-            dn_scales.append(_input_scale(tensors, f"{name}.{e}.down_proj", act, root).reshape(()))
+            dn_scales.append(_input_scale(tensors, f"{name}.{e}.{names.down}", act, root).reshape(()))
     gu = torch.stack(gu_scales) if gu_scales else None
     dn = torch.stack(dn_scales) if dn_scales else None
-    return W8A8Experts(stack_weights(gate_up), stack_weights(down), module.act_fn, act, gu, dn)
+    return W8A8Experts(stack_weights(gate_up), stack_weights(down), GatedActivation.of(module), act, gu, dn)
 
 
-def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], root: Path) -> None:
+def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], root: Path, names: ExpertProjections) -> None:
     """Unquantized tensors; per-expert ``.weight`` tensors are fused back into 3-D parameters.
 
     Raises:
@@ -162,13 +167,13 @@ def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], root: Path) -
     state = {}
     experts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        m = re.match(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", key)
+        m = re.match(rf"(.*\.experts)\.(\d+)\.({names.pattern})\.weight$", key)
         if m:
             experts.setdefault(m.group(1), {})[f"{m.group(2)}.{m.group(3)}"] = value
         else:
             state[key] = value
     for prefix, parts in experts.items():
-        state |= _fuse_experts(prefix, parts, reference, root)
+        state |= _fuse_experts(prefix, parts, reference, root, names)
     quantized = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantExperts, W8A8Linear, W8A8Experts))]
     expected = {k for k in reference if not any(k.startswith(q + ".") for q in quantized)}
     tie = tied_embeddings(model)
@@ -189,14 +194,14 @@ def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], root: Path) -
 
 
 def _fuse_experts(prefix: str, parts: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
-                  root: Path) -> dict[str, torch.Tensor]:
+                  root: Path, names: ExpertProjections) -> dict[str, torch.Tensor]:
     """Per-expert ``{e}.{gate,up,down}_proj`` weights -> the model's fused ``gate_up_proj`` / ``down_proj``."""
     gate_up, down = reference.get(f"{prefix}.gate_up_proj"), reference.get(f"{prefix}.down_proj")
     if gate_up is None or down is None or gate_up.dim() != 3:
         raise CheckpointError(f"{root}: tensors {prefix}.N.*_proj.weight belong to no fused experts of the model")
     experts, two_inter, hidden = gate_up.shape  # (E, 2I, H); down (E, H, I)
     shapes = {(e, proj): shape for e in range(experts) for proj, shape in
-              (("gate_proj", (two_inter // 2, hidden)), ("up_proj", (two_inter // 2, hidden)), ("down_proj", tuple(down.shape[1:])))}
+              ((names.gate, (two_inter // 2, hidden)), (names.up, (two_inter // 2, hidden)), (names.down, tuple(down.shape[1:])))}
     for (e, proj), shape in shapes.items():
         name = f"{prefix}.{e}.{proj}.weight"
         part = parts.get(f"{e}.{proj}")
@@ -207,5 +212,6 @@ def _fuse_experts(prefix: str, parts: dict[str, torch.Tensor], reference: dict[s
     extra = sorted(set(parts) - {f"{e}.{proj}" for e, proj in shapes})
     if extra:
         raise CheckpointError(f"{root}: tensor {prefix}.{extra[0]}.weight: the model has {experts} experts in {prefix}")
-    fused_gate_up = torch.stack([torch.cat([parts[f"{e}.gate_proj"], parts[f"{e}.up_proj"]]) for e in range(experts)])
-    return {f"{prefix}.gate_up_proj": fused_gate_up, f"{prefix}.down_proj": torch.stack([parts[f"{e}.down_proj"] for e in range(experts)])}
+    fused_gate_up = torch.stack([torch.cat([parts[f"{e}.{names.gate}"], parts[f"{e}.{names.up}"]]) for e in range(experts)])
+    return {f"{prefix}.gate_up_proj": fused_gate_up,
+            f"{prefix}.down_proj": torch.stack([parts[f"{e}.{names.down}"] for e in range(experts)])}

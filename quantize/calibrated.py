@@ -21,8 +21,10 @@ import torch
 from torch import nn
 
 from dsq.core.errors import QuantizationError
+from dsq.core.layout import decoder_layers
 
 from .api import QuantizationReport, check_finite, start_report, swap_decision
+from .mappings import without_balance_notes
 from .primitives import QuantizedWeight
 from .scheme import WeightScheme
 from .sequential import (
@@ -75,6 +77,7 @@ class _Run:
         self.counts = ExpertTokenCounts()
         self.done: set[str] = set()
         self.per_module: dict[str, dict] = {}
+        self.without_balance: dict[str, str] = {}  # balance-based methods: module -> why it got no scale
         self.calibration = calibration
 
     def swap(self, decisions: list[TargetDecision], results: dict[str, QuantizedWeight]) -> None:
@@ -106,17 +109,26 @@ class _Run:
                 f"{name}: expert(s) {experts} received no routed calibration token; "
                 "their statistics come from the all-token pass"
             )
+        if self.without_balance:
+            self.report.calibration["without_balance"] = dict(self.without_balance)
+            self.report.notes += without_balance_notes(self.method, self.without_balance, decoder_layers(self.model)[0])
         return self.report
 
 
 def _head_inputs(model: nn.Module, hidden: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Input of ``lm_head``: the final norm of the last layer's output (``[samples, seq, hidden]`` on the model's device)."""
-    norm = getattr(getattr(model, "model", None), "norm", None)
+    """Input of ``lm_head``: the final norm of the last layer's output (``[samples, seq, hidden]`` on the model's device).
+
+    DeepSeek-V4 first collapses its hyper-connection streams (``[samples, seq, hc_mult, hidden]``) with ``model.hc_head``.
+    """
+    base = getattr(model, "model", None)
+    norm = getattr(base, "norm", None)
     if norm is None:
         raise QuantizationError(f"{type(model).__name__}: no final norm found (model.model.norm) for the lm_head stage")
+    collapse = getattr(base, "hc_head", None)
     device = next(model.parameters()).device
     with torch.no_grad():
-        return norm(torch.cat([h.to(device) for h in hidden]))
+        last = torch.cat([h.to(device) for h in hidden])
+        return norm(collapse(last) if collapse is not None else last)
 
 
 # ----------------------------------------------------------------------------- GPTQ

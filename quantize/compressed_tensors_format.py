@@ -42,6 +42,8 @@ from compressed_tensors.compressors import pack_to_int32, unpack_from_int32
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from torch import nn
 
+from dsq.core.layout import ExpertProjections, expert_projections
+
 from .modules import QuantExperts, QuantLinear, QuantTensor
 from .primitives import QuantizedWeight, unpack_int4
 from .scheme import PerChannel, PerGroup, WeightScheme
@@ -187,22 +189,38 @@ def zero_point_bytes(out: int, in_features: int, scheme: WeightScheme, packed: b
     return 4 * rows * groups
 
 
-def _strategy(scheme: WeightScheme, in_features: int) -> dict:
-    """The ``QuantizationArgs`` fields that lay out ``scheme``'s groups on a row of ``in_features``."""
+def _strategy(scheme: WeightScheme, in_features: int, full_row_group: bool = False) -> dict:
+    """The ``QuantizationArgs`` fields that lay out ``scheme``'s groups on a row of ``in_features``.
+
+    A group exactly as wide as the row is written "channel" (the same values), or "group" with
+    ``full_row_group`` (see :meth:`Compressor.add`: fused experts whose other projection has several groups).
+    """
     g = scheme.granularity
-    if isinstance(g, PerChannel) or (isinstance(g, PerGroup) and g.size >= in_features):
+    one_group = isinstance(g, PerGroup) and (g.size > in_features or (g.size == in_features and not full_row_group))
+    if isinstance(g, PerChannel) or one_group:
         return {"strategy": "channel"}
     if in_features % g.size == 0:
         return {"strategy": "group", "group_size": g.size}
     return {"strategy": "block", "block_structure": [1, g.size]}
 
 
-def weight_args(scheme: WeightScheme, in_features: int) -> QuantizationArgs:
+def weight_args(scheme: WeightScheme, in_features: int, full_row_group: bool = False) -> QuantizationArgs:
     """compressed-tensors weight args of ``scheme`` on a row of ``in_features`` (static, min/max observer)."""
     return QuantizationArgs(
         num_bits=scheme.bits, type="int", symmetric=scheme.symmetric, dynamic=False, observer="minmax",
-        **_strategy(scheme, in_features),
+        **_strategy(scheme, in_features, full_row_group),
     )
+
+
+def _experts_full_row_group(projections: tuple[QuantTensor, QuantTensor]) -> bool:
+    """Write a row-wide group of one expert projection as "group" when the other has several groups per row.
+
+    transformers (5.25) reads every projection of fused experts with the first config group that names
+    experts; "group" read with the group size of a row-wide group gives the same values as "channel", so
+    the two projections then share one group and both read right.
+    """
+    sizes = [qt.scheme.granularity.size for qt in projections if isinstance(qt.scheme.granularity, PerGroup)]
+    return len(sizes) == 2 and any(qt.in_features > size for qt, size in zip(projections, sizes))
 
 
 def input_args(act: ActivationScheme) -> QuantizationArgs:
@@ -251,22 +269,22 @@ def compress_tensor(
     return tensors
 
 
-def compress_experts(prefix: str, experts: QuantExperts) -> dict[str, torch.Tensor]:
+def compress_experts(prefix: str, experts: QuantExperts, names: ExpertProjections = ExpertProjections()) -> dict[str, torch.Tensor]:
     """Per-expert compressed tensors for a :class:`QuantExperts` module at ``prefix``.
 
     ``gate_up_proj`` [E, 2I, H] holds the gate rows then the up rows (transformers chunks its
-    output in two); ``down_proj`` is [E, H, I].
+    output in two); ``down_proj`` is [E, H, I]. ``names``: the model type's per-expert projection names.
     """
     inter = experts.intermediate_dim
     tensors: dict[str, torch.Tensor] = {}
     for e in range(experts.num_experts):
-        for proj, rows in (("gate_proj", slice(0, inter)), ("up_proj", slice(inter, 2 * inter))):
+        for proj, rows in ((names.gate, slice(0, inter)), (names.up, slice(inter, 2 * inter))):
             tensors |= compress_tensor(f"{prefix}.{e}.{proj}", experts.gate_up_proj, (e, rows), packed_format=True)
-        tensors |= compress_tensor(f"{prefix}.{e}.down_proj", experts.down_proj, (e,), packed_format=True)
+        tensors |= compress_tensor(f"{prefix}.{e}.{names.down}", experts.down_proj, (e,), packed_format=True)
     return tensors
 
 
-def compress_w8a8_experts(prefix: str, experts: W8A8Experts) -> dict[str, torch.Tensor]:
+def compress_w8a8_experts(prefix: str, experts: W8A8Experts, names: ExpertProjections = ExpertProjections()) -> dict[str, torch.Tensor]:
     """Per-expert int-quantized tensors of a :class:`W8A8Experts` module at ``prefix``.
 
     Per expert and projection: ``weight`` int8 ``[rows, in]``, ``weight_scale`` fp32 ``[rows, 1]`` and,
@@ -281,23 +299,24 @@ def compress_w8a8_experts(prefix: str, experts: W8A8Experts) -> dict[str, torch.
     inter = experts.intermediate_dim
     tensors: dict[str, torch.Tensor] = {}
     for e in range(experts.num_experts):
-        for proj, rows in (("gate_proj", slice(0, inter)), ("up_proj", slice(inter, 2 * inter))):
+        for proj, rows in ((names.gate, slice(0, inter)), (names.up, slice(inter, 2 * inter))):
             tensors |= compress_tensor(f"{prefix}.{e}.{proj}", experts.gate_up_proj, (e, rows), packed_format=False)
             if experts.gate_up_input_scale is not None:
                 tensors[f"{prefix}.{e}.{proj}.input_scale"] = experts.gate_up_input_scale[e].reshape(1).clone()
-        tensors |= compress_tensor(f"{prefix}.{e}.down_proj", experts.down_proj, (e,), packed_format=False)
+        tensors |= compress_tensor(f"{prefix}.{e}.{names.down}", experts.down_proj, (e,), packed_format=False)
         if experts.down_input_scale is not None:
-            tensors[f"{prefix}.{e}.down_proj.input_scale"] = experts.down_input_scale[e].reshape(1).clone()
+            tensors[f"{prefix}.{e}.{names.down}.input_scale"] = experts.down_input_scale[e].reshape(1).clone()
     return tensors
 
 
-def split_fused_experts(prefix: str, gate_up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
+def split_fused_experts(prefix: str, gate_up: torch.Tensor, down: torch.Tensor,
+                        names: ExpertProjections = ExpertProjections()) -> dict[str, torch.Tensor]:
     """Unquantized fused experts -> per-expert ``.weight`` tensors, as in DeepSeek checkpoints."""
     inter = gate_up.shape[1] // 2
     tensors = {}
     for e in range(gate_up.shape[0]):
-        tensors[f"{prefix}.{e}.gate_proj.weight"] = gate_up[e, :inter].contiguous()
-        tensors[f"{prefix}.{e}.up_proj.weight"] = gate_up[e, inter:].contiguous()
+        tensors[f"{prefix}.{e}.{names.gate}.weight"] = gate_up[e, :inter].contiguous()
+        tensors[f"{prefix}.{e}.{names.up}.weight"] = gate_up[e, inter:].contiguous()
         tensors[f"{prefix}.{e}.down_proj.weight"] = down[e].contiguous()
     return tensors
 
@@ -334,7 +353,8 @@ def compress_model(model: nn.Module, version: str) -> CompressedCheckpoint:
     Returns:
         The tensors to save and the ``quantization_config`` for ``config.json``.
     """
-    compressor = Compressor(version, has_experts=any(isinstance(m, QuantExperts) for m in model.modules()))
+    compressor = Compressor(version, has_experts=any(isinstance(m, QuantExperts) for m in model.modules()),
+                            experts=expert_projections(model))
     tensors = compressor.add(model)
     return CompressedCheckpoint(tensors=tensors, quantization_config=compressor.quantization_config())
 
@@ -353,11 +373,13 @@ class Compressor:
             quantized fused experts only in pack-quantized form, and only when every 8-bit group of
             the model uses that form; dense models keep int-quantized (W8A8 experts are the
             exception: see :func:`compress_w8a8_experts`).
+        experts: the model type's per-expert projection names (:func:`dsq.core.layout.expert_projections`).
     """
 
-    def __init__(self, version: str, *, has_experts: bool) -> None:
+    def __init__(self, version: str, *, has_experts: bool, experts: ExpertProjections = ExpertProjections()) -> None:
         self.version = version
         self.has_experts = has_experts
+        self.experts = experts
         self.groups: dict[tuple[str, str, str], _Group] = {}
         self.ignore: list[str] = []
 
@@ -383,8 +405,8 @@ class Compressor:
                 )
                 handled.add(name)
             elif isinstance(module, W8A8Experts):
-                tensors |= compress_w8a8_experts(name, module)
-                for qt, projs in ((module.gate_up_proj, "gate_proj|up_proj"), (module.down_proj, "down_proj")):
+                tensors |= compress_w8a8_experts(name, module, self.experts)
+                for qt, projs in ((module.gate_up_proj, f"{self.experts.gate}|{self.experts.up}"), (module.down_proj, self.experts.down)):
                     self._add_target(
                         weight_args(qt.scheme, qt.in_features), f"re:^{re.escape(name)}\\.\\d+\\.({projs})$", FORMAT_8BIT,
                         input_args(module.act),
@@ -398,10 +420,12 @@ class Compressor:
                 self._add_target(weight_args(module.scheme, module.in_features), f"re:^{re.escape(name)}$", fmt)
                 handled.add(name)
             elif isinstance(module, QuantExperts):
-                tensors |= compress_experts(name, module)
-                for qt, projs in ((module.gate_up_proj, "gate_proj|up_proj"), (module.down_proj, "down_proj")):
+                tensors |= compress_experts(name, module, self.experts)
+                full_row = _experts_full_row_group((module.gate_up_proj, module.down_proj))
+                for qt, projs in ((module.gate_up_proj, f"{self.experts.gate}|{self.experts.up}"), (module.down_proj, self.experts.down)):
                     self._add_target(
-                        weight_args(qt.scheme, qt.in_features), f"re:^{re.escape(name)}\\.\\d+\\.({projs})$", FORMAT_4BIT
+                        weight_args(qt.scheme, qt.in_features, full_row), f"re:^{re.escape(name)}\\.\\d+\\.({projs})$",
+                        FORMAT_4BIT,
                     )
                 handled.add(name)
             elif isinstance(module, nn.Linear):
@@ -414,8 +438,8 @@ class Compressor:
                 continue
             if key.endswith("experts.gate_up_proj"):
                 prefix = key[: -len(".gate_up_proj")]
-                tensors |= split_fused_experts(prefix, value, state[f"{prefix}.down_proj"])
-                self.ignore.append(f"re:^{re.escape(prefix)}\\.\\d+\\.(gate_proj|up_proj|down_proj)$")
+                tensors |= split_fused_experts(prefix, value, state[f"{prefix}.down_proj"], self.experts)
+                self.ignore.append(f"re:^{re.escape(prefix)}\\.\\d+\\.({self.experts.pattern})$")
             elif key.endswith("experts.down_proj"):
                 continue
             else:

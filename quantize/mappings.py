@@ -9,6 +9,18 @@ decoder layer.
 =============================  ===============================================  ======================
 smooth (divided by s)           balance (input columns multiplied by s)          compensated (kept fp)
 =============================  ===============================================  ======================
+input_layernorm                 self_attn.q_a_proj, kv_a_proj_with_mqa,          (DeepSeek-V3.2: the DSA
+                                indexer.wk, indexer.weights_proj                 indexer reads it too)
+self_attn.q_a_layernorm         self_attn.q_b_proj, self_attn.indexer.wq_b       (DeepSeek-V3.2)
+input_layernorm                 self_attn.q_a_proj, kv_proj, compressor.kv_proj, (DeepSeek-V4 CSA layers)
+                                compressor.gate_proj, compressor.indexer.kv_proj,
+                                .indexer.gate_proj, .indexer.scorer.weights_proj
+input_layernorm                 self_attn.q_a_proj, kv_proj, compressor.kv_proj,  (DeepSeek-V4 HCA layers)
+                                compressor.gate_proj
+input_layernorm                 self_attn.q_a_proj, self_attn.kv_proj            (DeepSeek-V4 sliding layers)
+self_attn.q_a_norm              self_attn.q_b_proj, compressor.indexer.q_b_proj  (DeepSeek-V4 CSA layers)
+self_attn.q_a_norm              self_attn.q_b_proj                               (DeepSeek-V4 other layers)
+self_attn.o_a_proj (rows)       self_attn.o_b_proj                               (DeepSeek-V4 grouped output)
 input_layernorm                 self_attn.q_a_proj, self_attn.kv_a_proj_with_mqa  (MLA, DeepSeek-V3/V2)
 input_layernorm                 self_attn.q_proj, self_attn.kv_a_proj_with_mqa    (MLA without q LoRA, V2-Lite)
 self_attn.q_a_layernorm         self_attn.q_b_proj                               (MLA)
@@ -23,9 +35,17 @@ mlp.shared_experts.up_proj      mlp.shared_experts.down_proj                    
 mlp.experts (up rows, e)        mlp.experts (down_proj columns of expert e)      (routed experts, per expert)
 =============================  ===============================================  ======================
 
+Rows are tried in order and a smooth op takes the first row whose modules all exist, so the rows that
+name more readers of the same op (V3.2's indexer, V4's compressors) come first.
+
 Not balanced: MLA's ``o_proj`` (its input is the attention-weighted value part of ``kv_b_proj``,
 interleaved per head with the no-rope key part) and Llama/Qwen2 ``o_proj`` under grouped-query
-attention; those layers are quantized without a balance scale.
+attention; those layers are quantized without a balance scale. DeepSeek-V4: ``o_a_proj`` (its input
+is the attention output, rotated back by RoPE on each head's rope slice: no foldable op), and the
+``up -> down`` rows of its shared and routed experts: V4 clamps ``up`` to ``[-swiglu_limit, swiglu_limit]``
+before the product, so ``clamp(up / s) * s`` is not ``clamp(up)`` and the fold would change the model;
+:func:`unbalanced` names them and the methods report it. The residual stream between blocks is mixed by
+hyper-connections (``attn_hc``, ``ffn_hc``), not a Linear, so nothing folds across blocks.
 """
 from __future__ import annotations
 
@@ -47,15 +67,30 @@ class Balance:
         balance: the quantized layers whose input columns are multiplied by ``s``.
         compensate: high-precision readers of the same channels, multiplied by ``s`` too (router).
         per_expert: one scale vector per routed expert (experts' up rows -> down columns).
+        through_activation: the scale passes through the gated activation's ``up`` input (``up`` rows ->
+            ``down`` columns); invalid where the activation clamps ``up`` (DeepSeek-V4's ``swiglu_limit``).
     """
 
     smooth: str
     balance: tuple[str, ...]
     compensate: tuple[str, ...] = ()
     per_expert: bool = False
+    through_activation: bool = False
 
+
+_V4_CSA_READERS = ("self_attn.compressor.kv_proj", "self_attn.compressor.gate_proj", "self_attn.compressor.indexer.kv_proj",
+                   "self_attn.compressor.indexer.gate_proj", "self_attn.compressor.indexer.scorer.weights_proj")
 
 MAPPINGS: tuple[Balance, ...] = (
+    Balance("input_layernorm", ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.indexer.wk",
+                                "self_attn.indexer.weights_proj")),
+    Balance("self_attn.q_a_layernorm", ("self_attn.q_b_proj", "self_attn.indexer.wq_b")),
+    Balance("input_layernorm", ("self_attn.q_a_proj", "self_attn.kv_proj", *_V4_CSA_READERS)),
+    Balance("input_layernorm", ("self_attn.q_a_proj", "self_attn.kv_proj", *_V4_CSA_READERS[:2])),
+    Balance("input_layernorm", ("self_attn.q_a_proj", "self_attn.kv_proj")),
+    Balance("self_attn.q_a_norm", ("self_attn.q_b_proj", "self_attn.compressor.indexer.q_b_proj")),
+    Balance("self_attn.q_a_norm", ("self_attn.q_b_proj",)),
+    Balance("self_attn.o_a_proj", ("self_attn.o_b_proj",)),
     Balance("input_layernorm", ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa")),
     Balance("input_layernorm", ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa")),
     Balance("self_attn.q_a_layernorm", ("self_attn.q_b_proj",)),
@@ -63,14 +98,14 @@ MAPPINGS: tuple[Balance, ...] = (
     Balance("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     Balance("self_attn.v_proj", ("self_attn.o_proj",)),
     Balance("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    Balance("mlp.up_proj", ("mlp.down_proj",)),
+    Balance("mlp.up_proj", ("mlp.down_proj",), through_activation=True),
     Balance(
         "post_attention_layernorm",
         ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj", "mlp.experts"),
         compensate=("mlp.gate",),
     ),
-    Balance("mlp.shared_experts.up_proj", ("mlp.shared_experts.down_proj",)),
-    Balance("mlp.experts", ("mlp.experts",), per_expert=True),
+    Balance("mlp.shared_experts.up_proj", ("mlp.shared_experts.down_proj",), through_activation=True),
+    Balance("mlp.experts", ("mlp.experts",), per_expert=True, through_activation=True),
 )
 
 
@@ -92,12 +127,16 @@ def _channels_match(layer: nn.Module, m: Balance) -> bool:
     return True
 
 
-def resolve(layer: nn.Module) -> list[Balance]:
-    """The mappings that apply to ``layer``: every named module exists (and channels line up).
+def _clamped(layer: nn.Module, m: Balance) -> bool:
+    """The gated activation between ``m``'s smooth op and its balance layers clamps ``up`` (DeepSeek-V4)."""
+    if not m.through_activation:
+        return False
+    owner = find(layer, m.smooth if m.per_expert else m.smooth.rpartition(".")[0])
+    return getattr(owner, "limit", None) is not None
 
-    An ``input_layernorm`` or ``post_attention_layernorm`` may appear in several table rows
-    (one per architecture); at most one of them resolves for a given layer.
-    """
+
+def _candidates(layer: nn.Module) -> list[Balance]:
+    """Rows whose modules exist in ``layer`` and line up, first row per smooth op."""
     found: list[Balance] = []
     smooth_taken: set[str] = set()
     for m in MAPPINGS:
@@ -111,6 +150,59 @@ def resolve(layer: nn.Module) -> list[Balance]:
         found.append(m)
         smooth_taken.add(m.smooth)
     return found
+
+
+def resolve(layer: nn.Module) -> list[Balance]:
+    """The mappings that apply to ``layer``: every named module exists (and channels line up).
+
+    An ``input_layernorm`` or ``post_attention_layernorm`` may appear in several table rows
+    (one per architecture); at most one of them resolves for a given layer. Rows through a clamping
+    activation are left out (:func:`unbalanced`).
+    """
+    return [m for m in _candidates(layer) if not _clamped(layer, m)]
+
+
+def unbalanced(layer: nn.Module) -> list[tuple[Balance, str]]:
+    """Rows of the table that exist in ``layer`` but cannot fold exactly, with the reason."""
+    return [(m, "the gated activation clamps up (swiglu_limit), so the fold would change the model")
+            for m in _candidates(layer) if _clamped(layer, m)]
+
+
+NO_FOLDABLE_OP = "no foldable op produces its input"
+
+
+def without_balance(prefix: str, layer: nn.Module, quantized: set[str]) -> dict[str, str]:
+    """Quantized inputs of ``layer`` (full name ``prefix``) that no resolved row balances, with the reason.
+
+    Keys are module names (a fused experts module's ``gate_up_proj`` and ``down_proj`` separately).
+    """
+    rows, skipped = resolve(layer), unbalanced(layer)
+    covered = {b for m in rows if not m.per_expert for b in m.balance}
+    covered_down = {m.smooth for m in rows if m.per_expert}
+    clamped = {name: reason for m, reason in skipped for name in ((m.smooth,) if m.per_expert else m.balance)}
+    out: dict[str, str] = {}
+    for name in sorted(quantized):
+        if not name.startswith(prefix + "."):
+            continue
+        rel = name[len(prefix) + 1:]
+        if is_fused_experts(find(layer, rel)):
+            if rel not in covered:
+                out[f"{name}.gate_up_proj"] = NO_FOLDABLE_OP
+            if rel not in covered_down:
+                out[f"{name}.down_proj"] = clamped.get(rel, NO_FOLDABLE_OP)
+        elif rel not in covered:
+            out[name] = clamped.get(rel, NO_FOLDABLE_OP)
+    return out
+
+
+def without_balance_notes(method: str, missing: dict[str, str], layers_prefix: str) -> list[str]:
+    """One report line per (module within a layer, reason): which layers' modules got no balance scale."""
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for name, reason in missing.items():
+        layer, _, rel = name.removeprefix(layers_prefix + ".").partition(".")
+        grouped.setdefault((rel, reason), []).append(layer)
+    return [f"{method}: {rel} of {len(layers)} layer(s) quantized without a balance scale ({reason})"
+            for (rel, reason), layers in grouped.items()]
 
 
 # ----------------------------------------------------------------------------- folding

@@ -124,6 +124,12 @@ def stack_weights(qws: list[QuantizedWeight]) -> QuantizedWeight:
     return QuantizedWeight(torch.stack([q.qweight for q in qws]), torch.stack([q.scale for q in qws]), zero, qws[0].scheme)
 
 
+def cat_rows(qws: list[QuantizedWeight]) -> QuantizedWeight:
+    """Concatenate weights ``[out_i, in]`` along the output rows into one ``[sum out_i, in]`` (scales and zero points too)."""
+    zero = torch.cat([q.zero for q in qws]) if qws[0].zero is not None else None
+    return QuantizedWeight(torch.cat([q.qweight for q in qws]), torch.cat([q.scale for q in qws]), zero, qws[0].scheme)
+
+
 def quantize_rtn_slices(weight: torch.Tensor, scheme: WeightScheme) -> QuantizedWeight:
     """:func:`quantize_rtn` of ``[E, out, in]`` one slice (expert) at a time, into preallocated outputs.
 

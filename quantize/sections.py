@@ -49,9 +49,11 @@ class TargetsSection(Strict):
     include: list[Pattern] = Field(default_factory=lambda: [".*"], min_length=1)
     exclude: list[Pattern] = Field(default_factory=list)
     lm_head: bool = False
+    indexer: bool = False  # DeepSeek-V3.2 / V4: also quantize the DSA lightning indexer's projections
 
     def spec(self) -> TargetSpec:
-        return TargetSpec(include=tuple(self.include), exclude=tuple(self.exclude), lm_head=self.lm_head)
+        return TargetSpec(include=tuple(self.include), exclude=tuple(self.exclude), lm_head=self.lm_head,
+                          indexer=self.indexer)
 
 
 class CalibrationSection(Strict):

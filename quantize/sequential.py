@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 
 from .activation_store import BatchStore
-from .modules import is_fused_experts, set_module
+from .modules import GatedActivation, is_fused_experts, set_module
 from dsq.core.layout import decoder_layers
 
 
@@ -303,7 +303,7 @@ class ObservedExperts(nn.Module):
         for e in range(num_experts):
             gate, up = torch.nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
             routed = (top_k_index == e).any(dim=-1)  # (tokens,)
-            self.observer.expert_tokens(self.name, e, x, experts.act_fn(gate) * up, routed)
+            self.observer.expert_tokens(self.name, e, x, GatedActivation.of(experts)(gate, up), routed)
         return experts(hidden_states, top_k_index, top_k_weights)
 
 

@@ -76,12 +76,14 @@ class StatsCollector:
     """
 
     def __init__(
-        self, *, hessian: bool = False, sample_rows: int = 0, unrouted_weight: float = 1.0, keys: set[str] | None = None
+        self, *, hessian: bool = False, sample_rows: int = 0, unrouted_weight: float = 1.0, keys: set[str] | None = None,
+        grouped: dict[str, int] | None = None,
     ) -> None:
         self.hessian = hessian
         self.sample_rows = sample_rows  # rows kept per forward call
         self.unrouted_weight = unrouted_weight
         self.keys = keys  # None: everything
+        self.grouped = grouped or {}  # grouped linear (DeepSeek-V4 o_a_proj) -> groups: statistics per group
         self.stats: dict[str, InputStats] = {}
 
     def _add(self, key: str, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:
@@ -92,7 +94,13 @@ class StatsCollector:
         )
 
     def linear_input(self, name: str, x: torch.Tensor) -> None:
-        self._add(name, x)
+        """A Linear's input ``[..., in]``; a grouped one's ``[..., G, in_g]`` goes to ``NAME.group.g`` for each group."""
+        groups = self.grouped.get(name)
+        if groups is None:
+            self._add(name, x)
+            return
+        for g in range(groups):
+            self._add(f"{name}.group.{g}", x[..., g, :])
 
     def experts_input(self, name: str, x: torch.Tensor) -> None:
         self._add(f"{name}.gate_up_proj", x)

@@ -29,6 +29,7 @@ from dsq import __version__
 from dsq.core.checkpoint import CheckpointFiles, inspect_checkpoint
 from dsq.core.errors import CheckpointError, QuantizationError
 from dsq.core.fp8 import fp8_format
+from dsq.core.layout import expert_projections
 from dsq.core.shards import DEFAULT_MAX_SHARD_BYTES, ShardedTensors, ShardWriter, module_state
 from dsq.core.tied import drop_tied_duplicate, tie_notes, tied_embeddings, untie_config
 from dsq.core.layered import _holder, _return_freed_memory, build_skeleton, materialize_outside_layers
@@ -151,7 +152,7 @@ def quantize_streaming(
     model = build_skeleton(files.root, dtype=dtype, trust_remote_code=trust_remote_code)
     prefix, layers = decoder_layers(model)
     materialize_outside_layers(model, prefix, source)
-    compressor = Compressor(__version__, has_experts=experts_quantized(model, config.targets))
+    compressor = Compressor(__version__, has_experts=experts_quantized(model, config.targets), experts=expert_projections(model))
     writer = ShardWriter(out, max_shard_bytes)
     lifecycle = StreamedLayers(source, compressor, writer)
     on = OnDevice(lifecycle, device) if device is not None else lifecycle

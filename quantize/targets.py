@@ -18,6 +18,7 @@ from .modules import is_fused_experts
 # a Linear in some architectures; DeepSeek-V3's also holds ``e_score_correction_bias``).
 ROUTER = r"(^|\.)gate$"
 LM_HEAD = r"(^|\.)lm_head$"
+INDEXER = r"(^|\.)indexer\."  # DeepSeek-V3.2 / V4 DSA lightning indexer (V3.2: self_attn.indexer, V4: compressor.indexer)
 
 
 @dataclass(frozen=True)
@@ -28,11 +29,15 @@ class TargetSpec:
         include: a module must match one of these to be quantized (default: everything).
         exclude: a module matching any of these is kept.
         lm_head: quantize the output projection too (default False: kept).
+        indexer: quantize the projections of DeepSeek-V3.2 / V4's DSA lightning indexer too (default False:
+            kept; it picks the tokens each query attends to, and quantizing it measurably costs accuracy for
+            a tiny share of the weights, see the README).
     """
 
     include: tuple[str, ...] = (r".*",)
     exclude: tuple[str, ...] = ()
     lm_head: bool = False
+    indexer: bool = False
 
     def __post_init__(self) -> None:
         for pattern in (*self.include, *self.exclude):
@@ -65,6 +70,8 @@ def decide(name: str, kind: str, spec: TargetSpec) -> tuple[bool, str]:
         return False, "router (kept in high precision)"
     if re.search(LM_HEAD, name) and not spec.lm_head:
         return False, "lm_head (kept; set lm_head: true to quantize)"
+    if re.search(INDEXER, name) and not spec.indexer:
+        return False, "DSA indexer (kept; set indexer: true to quantize)"
     if not any(re.search(p, name) for p in spec.include):
         return False, "not matched by include patterns"
     for pattern in spec.exclude:

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from dsq.core.errors import QuantizationError
 
 from .api import ModuleRecord, QuantizationReport, check_finite, module_sqnr, start_report, tensor_bytes
-from .modules import QuantTensor, route_tokens, set_module
+from .modules import GatedActivation, QuantTensor, WeightDtypeView, linear_groups, route_tokens, set_module
 from .primitives import QuantizedWeight, quantize_rtn
 from .scheme import PerChannel, WeightScheme
 from .targets import TargetSpec, select_targets
@@ -233,16 +233,19 @@ def _int8_linear(
     return acc.float() * x_scale * w_scale.reshape(1, -1).float(), backend
 
 
-class W8A8Linear(_MatmulCounter, nn.Module):
+class W8A8Linear(_MatmulCounter, WeightDtypeView, nn.Module):
     """int8 x int8 replacement for ``nn.Linear``.
 
     Buffers: ``weight_q`` (a :class:`QuantTensor`: int8 ``packed`` ``[out, in]``, fp32 ``scale``
     ``[out, 1]``), ``input_scale`` fp32 ``[1]`` (static only); ``bias`` as in the Linear.
     Accepts inputs with any leading dimensions; computes in fp32, returns the input's dtype.
+    ``n_groups``: DeepSeek-V4's grouped output projection (input ``[..., G, in_g]``, group ``g`` multiplied
+    by its own rows; see :func:`dsq.quantize.modules.apply_linear`), one int8 matmul per group.
     """
 
     def __init__(
-        self, qw: QuantizedWeight, bias: torch.Tensor | None, act: ActivationScheme, input_scale: torch.Tensor | None = None
+        self, qw: QuantizedWeight, bias: torch.Tensor | None, act: ActivationScheme, input_scale: torch.Tensor | None = None,
+        n_groups: int | None = None,
     ) -> None:
         super().__init__()
         _check_act(act)
@@ -258,6 +261,7 @@ class W8A8Linear(_MatmulCounter, nn.Module):
         else:
             self.input_scale = None
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self.n_groups = n_groups
         self.matmul_calls: dict[str, int] = {}
 
     @classmethod
@@ -279,16 +283,28 @@ class W8A8Linear(_MatmulCounter, nn.Module):
                 raise QuantizationError(f"{name}: static input absmax must be a scalar, got shape {tuple(input_absmax.shape)}")
             scale = static_input_scale(f"{name}.input_scale", input_absmax)
         qw = quantize_weight_int8(f"{name}.weight", linear.weight)
-        return cls(qw, linear.bias, act, scale)
+        return cls(qw, linear.bias, act, scale, linear_groups(linear))
 
     @property
     def scheme(self) -> WeightScheme:
         return WEIGHT_SCHEME
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        y, backend = _int8_linear(x.reshape(-1, self.in_features), self.weight_q.packed, self.weight_q.scale, self.act, self.input_scale)
+    def _matmul(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
+        """fp32 ``[M, len(rows)]`` of ``x`` ``[M, in]`` with output rows ``rows``."""
+        y, backend = _int8_linear(x, self.weight_q.packed[rows], self.weight_q.scale[rows], self.act, self.input_scale)
         self._count(backend)
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.n_groups is not None:
+            lead, per = x.shape[:-2], self.out_features // self.n_groups
+            flat = x.reshape(-1, self.n_groups, self.in_features)
+            y = torch.stack([self._matmul(flat[:, g], slice(g * per, (g + 1) * per)) for g in range(self.n_groups)], dim=1)
+            if self.bias is not None:
+                y = y + self.bias.float().view(self.n_groups, per)
+            return y.to(x.dtype).reshape(*lead, self.n_groups, per)
+        lead = x.shape[:-1]
+        y = self._matmul(x.reshape(-1, self.in_features), slice(None))
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).reshape(*lead, self.out_features)
@@ -314,7 +330,7 @@ class W8A8Experts(_MatmulCounter, nn.Module):
         self,
         gate_up: QuantizedWeight,
         down: QuantizedWeight,
-        act_fn: nn.Module,
+        glu: GatedActivation,
         act: ActivationScheme,
         gate_up_input_scale: torch.Tensor | None = None,
         down_input_scale: torch.Tensor | None = None,
@@ -327,7 +343,7 @@ class W8A8Experts(_MatmulCounter, nn.Module):
         self.act = act
         self.gate_up_proj = QuantTensor(gate_up, torch.float32)  # (E, 2I, H)
         self.down_proj = QuantTensor(down, torch.float32)  # (E, H, I)
-        self.act_fn = act_fn
+        self.glu = glu
         if isinstance(act, StaticPerTensor):
             if gate_up_input_scale is None or down_input_scale is None:
                 raise ValueError("StaticPerTensor W8A8Experts needs gate_up_input_scale and down_input_scale")
@@ -371,7 +387,7 @@ class W8A8Experts(_MatmulCounter, nn.Module):
             dn_scale = static_input_scale(f"{name}.down_proj.input_scale", down_absmax)
         gate_up = quantize_weight_int8(f"{name}.gate_up_proj", experts.gate_up_proj)
         down = quantize_weight_int8(f"{name}.down_proj", experts.down_proj)
-        return cls(gate_up, down, experts.act_fn, act, gu_scale, dn_scale)
+        return cls(gate_up, down, GatedActivation.of(experts), act, gu_scale, dn_scale)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         static = isinstance(self.act, StaticPerTensor)
@@ -381,7 +397,7 @@ class W8A8Experts(_MatmulCounter, nn.Module):
             h, backend = _int8_linear(x, self.gate_up_proj.packed[expert], self.gate_up_proj.scale[expert], self.act, gu_s)
             self._count(backend)
             gate, up = h.chunk(2, dim=-1)  # (n, I) each
-            mid = self.act_fn(gate.to(x.dtype)) * up.to(x.dtype)  # in the model's dtype, like transformers
+            mid = self.glu(gate.to(x.dtype), up.to(x.dtype))  # in the model's dtype, like transformers
             dn_s = self.down_input_scale[expert] if static else None
             y, backend = _int8_linear(mid, self.down_proj.packed[expert], self.down_proj.scale[expert], self.act, dn_s)
             self._count(backend)

@@ -16,6 +16,15 @@ def tiny_model_dir() -> Path:
     return ASSETS / "tiny_deepseek_v3"
 
 
+def tiny_v4_model_dir() -> Path:
+    """The bundled tiny DeepSeek-V4 checkpoint directory (made by ``python -m dsq.tools.train_tiny_v4``).
+
+    It shares the tokenizer and the ``data/`` benchmark sets of :func:`tiny_model_dir`; recipes name it
+    by path (``model: dsq/assets/tiny_deepseek_v4`` from the repository root).
+    """
+    return ASSETS / "tiny_deepseek_v4"
+
+
 def data_file(name: str) -> Path:
     """A bundled data file: ``heldout.txt``, ``mc.jsonl`` or ``calibration.txt``."""
     return ASSETS / "data" / name

@@ -1,8 +1,10 @@
 """Safetensors headers checked against the model config.json describes, before any weight is read.
 
 * :func:`check_headers_against_config`: decoder layer count, every tensor's shape and dtype, FP8 block
-  scales. Tensors the model does not use are tolerated (DeepSeek-V3's multi-token-prediction layer sits
-  after the last decoder layer).
+  scales, DeepSeek-V4's packed FP4 experts and their scales. Tensors the model does not use are
+  tolerated (DeepSeek-V3's multi-token-prediction layer sits after the last decoder layer).
+* :func:`stored_names`: the name each tensor the model needs has in the files, where it differs from
+  the name transformers saves (no ``model.`` prefix; DeepSeek-V4's official ``embed.weight``...).
 * :func:`check_expert_counts`: per-expert tensors complete and within the configured expert count.
 * :func:`describe_missing`: missing tensor names for a message, runs of experts folded.
 
@@ -12,21 +14,29 @@ The headers come parsed from :class:`dsq.core.checkpoint.CheckpointFiles` (read 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dsq.core.config_checks import ModelFacts, index_ranges, is_int, name_some
 from dsq.core.errors import CheckpointError
-from dsq.core.fp8 import FP8_SAFETENSORS_DTYPE, SCALE_SUFFIX, fp8_format
+from dsq.core.fp4 import FP4_SAFETENSORS_DTYPES, FP4ExpertFormat, fp4_format
+from dsq.core.fp8 import (
+    FP8_SAFETENSORS_DTYPE,
+    SCALE_SAFETENSORS_DTYPES,
+    FP8BlockFormat,
+    find_scale,
+    fp8_format,
+    scale_names,
+)
 from dsq.core.safetensors_header import StoredTensor
 
 FLOAT_DTYPES: frozenset[str] = frozenset({"F16", "BF16", "F32", "F64"})
 """safetensors dtypes a floating-point tensor of the model may be stored in (FP8 apart)."""
 
-SCALE_DTYPES: frozenset[str] = frozenset({"F32", "BF16", "F16"})
-"""safetensors dtypes of FP8 block scales (``weight_scale_inv``)."""
+SCALE_DTYPES: frozenset[str] = SCALE_SAFETENSORS_DTYPES
+"""safetensors dtypes of FP8 block scales and FP4 group scales (``weight_scale_inv`` / ``.scale``)."""
 
 MTP_MARKERS = re.compile(r"\.(eh_proj|enorm|hnorm|shared_head)\.")
 """Tensors only a DeepSeek multi-token-prediction layer holds: a layer beyond ``num_hidden_layers``
@@ -62,9 +72,11 @@ def check_headers_against_config(
     Decoder layers beyond ``num_hidden_layers`` (other than a multi-token-prediction module) or
     missing altogether, a tensor whose shape differs from what the config implies, a dtype that is
     not floating point, an FP8 weight without valid block scales or without an FP8
-    ``quantization_config``: each is an error. The config's ``dtype`` is not required of every
-    tensor (checkpoints mix precisions: DeepSeek keeps its router bias in float32). Tensors the
-    model does not use are tolerated and named in a note.
+    ``quantization_config``, a routed expert packed FP4 (``I8``/``U8``, DeepSeek-V4) whose packed
+    shape or scales do not fit the config's weight or without ``expert_dtype: "fp4"``: each is an
+    error. Tensors are matched under the names transformers loads them from (:func:`stored_names`).
+    The config's ``dtype`` is not required of every tensor (checkpoints mix precisions: DeepSeek keeps
+    its router bias in float32). Tensors the model does not use are tolerated and named in a note.
 
     Args:
         root: The checkpoint directory (named in messages).
@@ -79,18 +91,19 @@ def check_headers_against_config(
         CheckpointError: Headers and config disagree; the message names the tensors (at most
             :data:`dsq.core.config_checks.MAX_NAMED_KEYS`), their shape in the file and the shape the config implies.
     """
-    expected = _align_prefix(facts.tensors, stored)
-    layer_prefix = _aligned_name(facts.layer_prefix, expected, facts.tensors)
+    aliases = stored_names(facts.tensors, stored, facts.model)
+    expected = {aliases.get(name, name): shape for name, shape in facts.tensors.items()}
+    layer_prefix = _aligned_prefix(facts.layer_prefix, aliases)
     mtp_layers = _check_layer_count(root, stored, expected, layer_prefix, facts.num_layers)
-    fmt = fp8_format(config)
-    integers = frozenset(_align_prefix(dict.fromkeys(facts.integer_tensors, ()), stored))
-    problems = [p for name in sorted(stored) if (p := _tensor_problem(name, stored, expected, fmt, integers)) is not None]
+    formats = _Formats(fp8_format(config), fp4_format(config))
+    integers = frozenset(aliases.get(name, name) for name in facts.integer_tensors)
+    problems = [p for name in sorted(stored) if (p := _tensor_problem(name, stored, expected, formats, integers)) is not None]
     if problems:
         raise CheckpointError(
             f"checkpoint {root} does not match its config.json: {len(problems)} tensor(s) differ from what "
             f"the config implies: {name_some(problems, ordered=True)}"
         )
-    scales = {name for name in stored if name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in expected}
+    scales = {scale for name in expected if (scale := find_scale(name, stored)) is not None}
     unused = tuple(sorted(set(stored) - set(expected) - scales))
     missing = tuple(sorted(set(expected) - set(stored)))
     return HeaderCheck(missing=missing, unused=unused, notes=_unused_notes(unused, layer_prefix, mtp_layers, facts.num_layers))
@@ -111,17 +124,80 @@ def _unused_notes(unused: Sequence[str], prefix: str, mtp_layers: Sequence[int],
     return tuple(notes)
 
 
-def _align_prefix(expected: Mapping[str, tuple[int, ...]], stored: Mapping[str, Any]) -> Mapping[str, tuple[int, ...]]:
-    """A checkpoint saved from the base model stores ``layers.0...`` for ``model.layers.0...``; transformers
-    loads it, so its names are matched without the prefix."""
+def stored_names(expected: Iterable[str], stored: Collection[str], model: Any = None) -> dict[str, str]:
+    """The name each expected tensor has in the files, for those stored under another name transformers loads.
+
+    Two differences are recognised, as transformers' loader recognises them:
+
+    * the ``model.`` prefix: a checkpoint saved from the base model (and DeepSeek-V4's official one)
+      stores ``layers.0...`` for ``model.layers.0...``;
+    * the model's checkpoint conversion (``transformers/conversion_mapping.py``): DeepSeek-V4's official
+      ``embed.weight`` and ``hc_head_fn`` are the ``model.embed_tokens.weight`` and ``model.hc_head.hc_fn``
+      transformers saves. An expected tensor still missing is paired with a stored one that transformers
+      loads into the same parameter (``rename_source_key``, as ``convert_and_load_state_dict_in_model``
+      applies it); only one-to-one pairs count.
+
+    Args:
+        expected: On-disk names as transformers saves them (:attr:`dsq.core.config_checks.ModelFacts.tensors`).
+        stored: The names in the checkpoint's files.
+        model: The model on the ``meta`` device (for the conversion; None: the prefix only).
+
+    Returns:
+        Expected name -> stored name, for the names that differ.
+    """
+    names = list(expected)
     base = "model."
-    if any(name.startswith(base) for name in stored) or not any(name.startswith(base) for name in expected):
-        return expected
-    return {name.removeprefix(base): shape for name, shape in expected.items()}
+    strip = not any(name.startswith(base) for name in stored) and any(name.startswith(base) for name in names)
+    aliases = {name: name.removeprefix(base) for name in names if strip and name.startswith(base)}
+    missing = [name for name in names if aliases.get(name, name) not in stored]
+    if missing and model is not None:
+        taken = {aliases.get(name, name) for name in names}
+        aliases.update(_pairs_by_loaded_key(missing, [name for name in stored if name not in taken], model))
+    return aliases
 
 
-def _aligned_name(name: str, aligned: Mapping[str, Any], original: Mapping[str, Any]) -> str:
-    return name if aligned is original else name.removeprefix("model.")
+def _pairs_by_loaded_key(missing: Sequence[str], candidates: Sequence[str], model: Any) -> dict[str, str]:
+    """Missing name -> the one candidate transformers loads into the same parameter (unique pairs only)."""
+    keys = _loaded_keys([*missing, *candidates], model)
+    groups: dict[str, tuple[list[str], list[str]]] = {}
+    for side, names in enumerate((missing, candidates)):
+        for name in names:
+            if name in keys:
+                groups.setdefault(keys[name], ([], []))[side].append(name)
+    return {wanted[0]: found[0] for wanted, found in groups.values() if len(wanted) == 1 and len(found) == 1}
+
+
+def _loaded_keys(names: Iterable[str], model: Any) -> dict[str, str]:
+    """The model parameter transformers loads each checkpoint name into (names it fuses or does not load left out)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import (
+        WeightConverter,
+        WeightRenaming,
+        rename_source_key,
+    )
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta = model.state_dict()
+    prefix = model.base_model_prefix
+    keys: dict[str, str] = {}
+    for name in names:
+        key, fused = rename_source_key(name, renamings, converters, prefix, meta)
+        if key not in meta and name in meta:  # transformers' own fallback: a model name is not renamed
+            key, fused = rename_source_key(name, [], [], prefix, meta)
+        if fused is None and key in meta:
+            keys[name] = key
+    return keys
+
+
+def _aligned_prefix(prefix: str, aliases: Mapping[str, str]) -> str:
+    """``prefix`` (``model.layers``) as the stored names spell it (``layers`` without the ``model.`` prefix)."""
+    for name, alias in aliases.items():
+        rest = name.removeprefix(prefix + ".")
+        if rest != name and alias.endswith("." + rest):
+            return alias[: -len(rest) - 1]
+    return prefix
 
 
 def _check_layer_count(
@@ -164,45 +240,64 @@ INTEGER_DTYPES: frozenset[str] = frozenset({"I64", "I32", "I16", "U8", "I8"})
 """Safetensors dtypes an integer table (DeepSeek-V4's ``tid2eid``) may be stored in."""
 
 
+@dataclass(frozen=True)
+class _Formats:
+    """The quantized formats config.json declares (None: not declared)."""
+
+    fp8: FP8BlockFormat | None = None
+    fp4: FP4ExpertFormat | None = None
+
+
 def _tensor_problem(
-    name: str, stored: Mapping[str, StoredTensor], expected: Mapping[str, tuple[int, ...]], fmt: Any,
+    name: str, stored: Mapping[str, StoredTensor], expected: Mapping[str, tuple[int, ...]], formats: _Formats,
     integers: frozenset[str] = frozenset(),
 ) -> str | None:
     """What is wrong with stored tensor ``name`` (None: nothing, or a tensor the model does not use)."""
-    if name.endswith(SCALE_SUFFIX):
-        return None  # checked with its weight
     want = expected.get(name)
     if want is None:
-        return None
+        return None  # a scale is checked with its weight
     tensor = stored[name]
     where = f"{name} in {tensor.file.name}"
-    scale = stored.get(name + SCALE_SUFFIX)
+    scale_name = find_scale(name, stored)
+    scale = stored[scale_name] if scale_name is not None else None
     if name in integers:
         if tensor.dtype not in INTEGER_DTYPES:
             return f"{where} has dtype {tensor.dtype}; the model needs integers ({', '.join(sorted(INTEGER_DTYPES))})"
     elif tensor.dtype == FP8_SAFETENSORS_DTYPE:
-        problem = _fp8_problem(name, where, scale, want, fmt)
+        problem = _fp8_problem(name, where, scale_name, scale, want, formats.fp8)
         if problem is not None:
             return problem
+    elif tensor.dtype in FP4_SAFETENSORS_DTYPES and EXPERT_KEY.match(name) is not None:
+        return _fp4_problem(name, where, tensor, scale_name, scale, want, formats.fp4)
     elif tensor.dtype not in FLOAT_DTYPES:
-        return f"{where} has dtype {tensor.dtype}; the model needs floating point ({', '.join(sorted(FLOAT_DTYPES))})"
-    elif scale is not None and fmt is not None:
-        return f"{where} has block scales {name + SCALE_SUFFIX} but is stored as {tensor.dtype}, not {FP8_SAFETENSORS_DTYPE}"
+        fp4_hint = " (only routed experts may be packed FP4)" if tensor.dtype in FP4_SAFETENSORS_DTYPES else ""
+        return (
+            f"{where} has dtype {tensor.dtype}; the model needs floating point "
+            f"({', '.join(sorted(FLOAT_DTYPES))}){fp4_hint}"
+        )
+    elif scale is not None and formats.fp8 is not None:
+        return f"{where} has block scales {scale_name} but is stored as {tensor.dtype}, not {FP8_SAFETENSORS_DTYPE}"
     if tensor.shape != want:
         return f"{where} has shape {_shape(tensor.shape)}, config.json implies {_shape(want)}"
     return None
 
 
-def _fp8_problem(name: str, where: str, scale: StoredTensor | None, want: tuple[int, ...], fmt: Any) -> str | None:
+def _no_scale(where: str, stored_as: str, name: str) -> str:
+    return f"{where} is {stored_as} but the checkpoint has no scales ({' or '.join(scale_names(name))})"
+
+
+def _fp8_problem(
+    name: str, where: str, scale_name: str | None, scale: StoredTensor | None, want: tuple[int, ...],
+    fmt: FP8BlockFormat | None,
+) -> str | None:
     if fmt is None:
         return f"{where} is {FP8_SAFETENSORS_DTYPE} but config.json declares no fp8 quantization_config"
     if len(want) != 2:
         return f"{where} is {FP8_SAFETENSORS_DTYPE} but only 2-D weights can be FP8 (the model's is {_shape(want)})"
-    scale_name = name + SCALE_SUFFIX
     if scale is None:
-        return f"{where} is {FP8_SAFETENSORS_DTYPE} but the checkpoint has no {scale_name}"
+        return _no_scale(where, FP8_SAFETENSORS_DTYPE, name)
     if scale.dtype not in SCALE_DTYPES:
-        return f"{scale_name} in {scale.file.name} has dtype {scale.dtype}; block scales are F32, BF16 or F16"
+        return f"{scale_name} in {scale.file.name} has dtype {scale.dtype}; block scales are {_scale_dtypes()}"
     blocks = fmt.scale_shape(want)
     if scale.shape != blocks:
         return (
@@ -210,6 +305,42 @@ def _fp8_problem(name: str, where: str, scale: StoredTensor | None, want: tuple[
             f"blocks of a {_shape(want)} weight need {_shape(blocks)}"
         )
     return None
+
+
+def _fp4_problem(
+    name: str, where: str, tensor: StoredTensor, scale_name: str | None, scale: StoredTensor | None,
+    want: tuple[int, ...], fmt: FP4ExpertFormat | None,
+) -> str | None:
+    """A routed expert stored as packed FP4 (DeepSeek-V4): declared, packed shape, scales."""
+    stored_as = f"{tensor.dtype} (packed FP4 e2m1)"
+    if fmt is None:
+        return (
+            f"{where} is {stored_as} but config.json declares no FP4 experts (expert_dtype \"fp4\" beside an fp8 "
+            "quantization_config)"
+        )
+    if len(want) != 2 or want[1] % 2:
+        return f"{where} is {stored_as} but the model's {_shape(want)} weight cannot be packed two values per byte"
+    packed = fmt.packed_shape(want)
+    if tensor.shape != packed:
+        return (
+            f"{where} has shape {_shape(tensor.shape)}; packed FP4 of the {_shape(want)} weight config.json implies "
+            f"is {_shape(packed)} (two e2m1 values per byte along the input dimension)"
+        )
+    if scale is None:
+        return _no_scale(where, stored_as, name)
+    if scale.dtype not in SCALE_DTYPES:
+        return f"{scale_name} in {scale.file.name} has dtype {scale.dtype}; FP4 scales are {_scale_dtypes()}"
+    groups = fmt.scale_shape(want)
+    if scale.shape != groups:
+        return (
+            f"{scale_name} in {scale.file.name} has shape {_shape(scale.shape)}, the FP4 weight {name} "
+            f"{_shape(want)} needs {_shape(groups)} (one scale per row and {fmt.group} columns)"
+        )
+    return None
+
+
+def _scale_dtypes() -> str:
+    return ", ".join(sorted(SCALE_DTYPES)) + " (U8: UE8M0 exponent bytes)"
 
 
 def _shape(shape: Sequence[int]) -> str:

@@ -1,6 +1,7 @@
 """A checkpoint loaded one decoder layer at a time: a skeleton on the meta device, then each layer from the shards.
 
-Used for FP8 block-scaled checkpoints (dequantized by the declared block, shard by shard) and by
+Used for FP8 block-scaled checkpoints (dequantized by the declared block, shard by shard), DeepSeek-V4's
+official ones (FP8 blocks with UE8M0 scales, packed FP4 routed experts; see :mod:`dsq.core.fp4`) and by
 streamed quantization, which walks the same skeleton.
 """
 from __future__ import annotations
@@ -22,17 +23,32 @@ from dsq.core.shards import ShardedTensors, module_state
 log = logging.getLogger(__name__)
 
 def build_skeleton(root: Path, *, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
-    """The causal LM of ``root`` with every tensor on ``meta`` (no memory, no weights read)."""
+    """The causal LM of ``root`` with every stored tensor on ``meta`` (no memory, no weights read).
+
+    Buffers computed from the config rather than stored (rotary ``inv_freq``) are built on the CPU, in
+    the decoder layers too (DeepSeek-V4's compressors hold their own rotary embedding).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     remote = {"trust_remote_code": True} if trust_remote_code else {}
     config = AutoConfig.from_pretrained(str(root), local_files_only=True, **remote)
     if getattr(config, "quantization_config", None) is not None:
-        del config.quantization_config  # FP8 weights are dequantized while reading
+        del config.quantization_config  # FP8 and FP4 weights are dequantized while reading
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **remote)
     model.eval()
+    _build_computed_buffers(model)
     return model
+
+
+def _build_computed_buffers(model: nn.Module) -> None:
+    """Rebuild on the CPU every module whose buffers are all non-persistent and on ``meta`` (nothing to read)."""
+    stored = set(model.state_dict(keep_vars=True))
+    for name, module in list(model.named_modules()):
+        own = [f"{name}.{b}" if name else b for b, t in module.named_buffers(recurse=False) if t.is_meta]
+        has_parameters = any(True for _ in module.parameters(recurse=False))
+        if own and not has_parameters and stored.isdisjoint(own):
+            _rebuild(model, name, module)
 
 
 def materialize_outside_layers(model: nn.Module, layers_prefix: str, source: ShardedTensors) -> None:

@@ -7,6 +7,7 @@ checkpoints and the plan all read it.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -157,15 +158,81 @@ OWN_DISK_NAMES: frozenset[str] = frozenset({"deepseek_v4"})
 tensors with transformers' own reverse renaming."""
 
 
+@dataclass(frozen=True)
+class ExpertProjections:
+    """On-disk names of one routed expert's projections (``<experts>.<e>.<name>.weight``).
+
+    ``gate`` and ``up`` are the two halves of the fused ``gate_up_proj`` [E, 2I, H] (gate rows first);
+    ``down`` is ``down_proj`` [E, H, I].
+    """
+
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+
+    @property
+    def names(self) -> tuple[str, str, str]:
+        return self.gate, self.up, self.down
+
+    @property
+    def pattern(self) -> str:
+        """``gate|up|down`` for a regular expression."""
+        return "|".join(self.names)
+
+
+_EXPERT_PROJECTIONS: Mapping[str, ExpertProjections] = {"deepseek_v4": ExpertProjections("w1", "w3", "w2")}
+
+
+def expert_projections(model_or_type: nn.Module | str | None) -> ExpertProjections:
+    """The expert projection names a model type's checkpoints use (DeepSeek-V4: ``w1``/``w3``/``w2``).
+
+    Args:
+        model_or_type: a ``model_type``, or a model (its ``config.model_type``), or None (the default names).
+    """
+    if isinstance(model_or_type, nn.Module):
+        model_or_type = getattr(getattr(model_or_type, "config", None), "model_type", None)
+    return _EXPERT_PROJECTIONS.get(model_or_type, ExpertProjections()) if isinstance(model_or_type, str) else ExpertProjections()
+
+
+_LAYER_INDEX = re.compile(r"(?<=layers\.)\d+(?=\.)")
+
+
 def disk_names(model: nn.Module, name: str, tensor: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
     """On-disk ``(name, shape)`` of the model parameter ``name`` as transformers saves it (fused experts: one per expert).
 
-    ``tensor`` may be on the meta device.
+    ``tensor`` may be on the meta device. The renaming depends on the name only, so it is computed once per
+    layer-independent name (``layers.N`` replaced) and per expert count: a V4-Pro config's thousands of
+    tensors cost a few dozen reverse renamings.
     """
-    from transformers.core_model_loading import revert_weight_conversion
+    template = _LAYER_INDEX.sub("0", name)
+    layer = _LAYER_INDEX.search(name)
+    experts = tensor.shape[0] if tensor.dim() == 3 else 0
+    renamed = _reverted_names(model, template, experts)
+    names = [n if layer is None else _LAYER_INDEX.sub(layer.group(0), n, count=1) for n in renamed]
+    if not experts:
+        return [(n, tuple(tensor.shape)) for n in names]
+    _, rows, cols = tensor.shape  # gate_up (E, 2I, H): each of the two halves (I, H); down (E, H, I): (H, I)
+    per_expert = len(names) // experts
+    shape = (rows // per_expert, cols)
+    return [(n, shape) for n in names]
 
-    reverted = revert_weight_conversion(model, {name: tensor})
-    return [(n, tuple(t.shape)) for n, t in reverted.items()]
+
+_REVERTED: dict[tuple[type, str, str, int], tuple[str, ...]] = {}
+
+
+def _reverted_names(model: nn.Module, template: str, experts: int) -> tuple[str, ...]:
+    """transformers' reverse renaming of one parameter name (a fused experts tensor of ``experts`` experts).
+
+    Cached per model class and type: the renaming rules are transformers' per-model-type conversion mapping.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
+    key = (type(model), model_type, template, experts)
+    if key not in _REVERTED:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        probe = torch.empty((experts, 2, 1) if experts else (1,), device="meta")
+        _REVERTED[key] = tuple(revert_weight_conversion(model, {template: probe}))
+    return _REVERTED[key]
 
 
 def num_parameters(specs: list[TensorSpec]) -> int:

@@ -91,7 +91,8 @@ def load_checkpoint(
     if fp8_format(files.config) is not None:
         # transformers 5.23 on CPU infers the block from the scale grid (rows // scale_rows): it fails on
         # DeepSeek-V3's ragged kv_a_proj_with_mqa (576 rows) and is silently wrong when a ragged size divides.
-        # dsq dequantizes by the declared weight_block_size, block by block.
+        # dsq dequantizes by the declared weight_block_size, block by block, and DeepSeek-V4's packed FP4
+        # experts (expert_dtype "fp4") group by group, exactly as the layer-by-layer reader streams them.
         model = load_model_by_layers(files, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
     else:
         model = _load_model(files, dtype=dtype, device=device, remote_code=remote_code)

@@ -73,9 +73,20 @@ def check_recipe_against_model(recipe: Recipe, facts: ModelFacts, config_path: P
             names are listed), or the targets select no module at all.
     """
     check_recipe_lengths(recipe, facts.max_position_embeddings, config_path)
+    _check_export(recipe, facts, config_path)
     if recipe.quantize is None:
         return ()
     return _check_targets(recipe, quantizable(facts), config_path)
+
+
+def _check_export(recipe: Recipe, facts: ModelFacts, config_path: Path) -> None:
+    """An ``export:`` section for a model dsq cannot export to ONNX fails before anything is loaded."""
+    from dsq.export.support import onnx_unsupported
+
+    model_type = getattr(getattr(facts.model, "config", None), "model_type", None)
+    refusal = onnx_unsupported(model_type)
+    if recipe.export is not None and refusal is not None:
+        raise RecipeError(f"recipe key export: {config_path} is a {model_type} model; {refusal}. Remove the export section")
 
 
 def check_recipe_lengths(recipe: Recipe, max_positions: int | None, config_path: Path) -> None:
@@ -104,10 +115,10 @@ def _check_targets(recipe: Recipe, quantizable: Sequence[tuple[str, str]], confi
     from dsq.quantize.targets import TargetSpec, decide
 
     t = recipe.quantize.targets
-    spec = TargetSpec(include=tuple(t.include), exclude=tuple(t.exclude), lm_head=t.lm_head)
+    spec = t.spec()
     model = config_path.parent
     for pattern in spec.include:
-        alone = TargetSpec(include=(pattern,), lm_head=spec.lm_head)
+        alone = TargetSpec(include=(pattern,), lm_head=spec.lm_head, indexer=spec.indexer)
         if not any(decide(name, kind, alone)[0] for name, kind in quantizable):
             raise RecipeError(
                 f"quantize.targets.include pattern {pattern!r} matches no quantizable module of {model} "
@@ -116,11 +127,11 @@ def _check_targets(recipe: Recipe, quantizable: Sequence[tuple[str, str]], confi
     if not any(decide(name, kind, spec)[0] for name, kind in quantizable):
         raise RecipeError(
             f"quantize.targets selects no module of {model}: every module matched by include "
-            f"{list(spec.include)} is excluded by {list(spec.exclude)} (or is the router or lm_head)"
+            f"{list(spec.include)} is excluded by {list(spec.exclude)} (or is the router, lm_head or a DSA indexer)"
         )
     notes = []
     for pattern in spec.exclude:
-        if not any(decide(name, kind, TargetSpec(include=(pattern,), lm_head=True))[0] for name, kind in quantizable):
+        if not any(decide(name, kind, TargetSpec(include=(pattern,), lm_head=True, indexer=True))[0] for name, kind in quantizable):
             notes.append(f"quantize.targets.exclude pattern {pattern!r} matches no quantizable module of {model}")
     return tuple(notes)
 

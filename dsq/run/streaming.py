@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from dsq.core.checkpoint import CheckpointFiles
+from dsq.core.fp4 import fp4_format
 from dsq.core.fp8 import SCALE_SUFFIX
 
 AUTO_STREAM_FRACTION = 0.5
@@ -24,13 +25,21 @@ def available_memory_bytes() -> int | None:
 
 
 def checkpoint_values(files: CheckpointFiles) -> int:
-    """Number of values in the checkpoint's tensors, from the headers ``files`` carries (FP8 scales excluded)."""
-    return sum(
-        tensor.numel
-        for header in files.headers
-        for name, tensor in header.tensors.items()
-        if not name.endswith(SCALE_SUFFIX)
-    )
+    """Number of values in the checkpoint's tensors, from the headers ``files`` carries.
+
+    Block scales (``*_scale_inv``, and DeepSeek-V4's ``*.scale`` beside a weight) are left out; a routed
+    expert stored FP4 (two e2m1 values per int8 byte, :mod:`dsq.core.fp4`) counts two values per byte.
+    """
+    names = {name for header in files.headers for name in header.tensors}
+    fp4 = fp4_format(files.config) is not None
+    total = 0
+    for header in files.headers:
+        for name, tensor in header.tensors.items():
+            if name.endswith(SCALE_SUFFIX) or (name.endswith(".scale") and f"{name[:-len('.scale')]}.weight" in names):
+                continue
+            packed = fp4 and tensor.dtype in ("I8", "U8") and ".experts." in name
+            total += tensor.numel * (2 if packed else 1)
+    return total
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from ..artifact_save import save_quantized_model
 from ..calibrated import _calibrated, _collect, _in_layer, _Run
 from ..cost import STACKED_EXPERTS, BlockTraining, MethodCost, integer_layout
 from ..gptq import static_qparams
-from .gptq import GPTQConfig, gptq_solve
+from .gptq import GPTQConfig, gptq_solve, grouped_linears
 from ..method import ALWAYS, Method, register
 from ..primitives import QuantizedWeight, quantize_with_qparams
 from ..scheme import PerGroup, WeightScheme
@@ -218,7 +218,7 @@ def _start_at_gptq(run: _Run, config: AutoRoundConfig, prefix: str, layer: nn.Mo
     """Move every rounding's starting point to GPTQ's integers, solved from the block's own inputs."""
     gptq = _gptq_config(config)
     linears = {d.name: d.module for d in quantized if d.kind == "linear"}
-    collector = StatsCollector(hessian=True, unrouted_weight=gptq.unrouted_weight)
+    collector = StatsCollector(hessian=True, unrouted_weight=gptq.unrouted_weight, grouped=grouped_linears(quantized))
     has_experts = any(d.kind == "experts" for d in quantized)
     _collect(layer, prefix, lambda: runner().close(), linears, collector, ExpertTokenCounts() if has_experts else None)
     for key, qweight in gptq_solve(run, gptq, quantized, collector).items():

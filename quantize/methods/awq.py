@@ -15,7 +15,7 @@ from ..artifact_save import save_quantized_model
 from ..gptq import static_qparams
 from ..awq import ScaleSearch, candidate_scales, fake_quantize, search_clip, search_scale, weight_mean
 from ..calibrated import _calibrated, _collect, _in_layer, _Run
-from ..mappings import Balance, balance_weight, find, fold, input_key, resolve
+from ..mappings import Balance, balance_weight, find, fold, input_key, resolve, without_balance
 from ..cost import STACKED_EXPERTS, MethodCost, integer_layout, range_candidates
 from ..cost import ScaleSearch as SearchCost
 from ..method import ALWAYS, Method, register
@@ -82,6 +82,7 @@ def _awq_layer(run: _Run, config: AWQConfig, prefix: str, layer: nn.Module, forw
         _collect(layer, prefix, forward, linears, collector, run.counts)
     for m in resolve(layer):
         _balance(run, config, prefix, layer, m, collector, quantized, captured)
+    run.without_balance |= without_balance(prefix, layer, quantized)
 
     # 2. clipping needs the inputs the rescaled layer really sees
     if config.clip:

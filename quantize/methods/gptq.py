@@ -17,7 +17,8 @@ from ..calibrated import _calibrated, _collect, _in_layer, _Run, _stages
 from ..gptq import gptq_quantize
 from ..cost import STACKED_EXPERTS, Hessians, MethodCost, integer_layout, range_candidates
 from ..method import ALWAYS, Method, register
-from ..primitives import QuantizedWeight, stack_weights
+from ..modules import linear_groups
+from ..primitives import QuantizedWeight, cat_rows, stack_weights
 from ..scheme import PerGroup, WeightScheme
 from ..sections import CalibrationSection, WeightMethodSection
 from ..sequential import RESIDENT, LayerLifecycle
@@ -62,9 +63,14 @@ def _gptq_layer(run: _Run, config: GPTQConfig, prefix: str, layer: nn.Module, fo
         quantized = [d for d in stage if d.quantize]
         linears = {d.name: d.module for d in quantized if d.kind == "linear"}
         experts = [d for d in quantized if d.kind == "experts"]
-        collector = StatsCollector(hessian=True, unrouted_weight=config.unrouted_weight)
+        collector = StatsCollector(hessian=True, unrouted_weight=config.unrouted_weight, grouped=grouped_linears(quantized))
         _collect(layer, prefix, forward, linears, collector, run.counts if experts else None)
         run.swap(stage, gptq_solve(run, config, quantized, collector))
+
+
+def grouped_linears(decisions: list[TargetDecision]) -> dict[str, int]:
+    """Grouped Linears among ``decisions`` (DeepSeek-V4 ``o_a_proj``) -> their group count."""
+    return {d.name: g for d in decisions if d.kind == "linear" and (g := linear_groups(d.module)) is not None}
 
 
 def gptq_solve(run: _Run, config: GPTQConfig, decisions: list[TargetDecision], collector: StatsCollector) -> dict[str, QuantizedWeight]:
@@ -75,6 +81,14 @@ def gptq_solve(run: _Run, config: GPTQConfig, decisions: list[TargetDecision], c
     """
     results: dict[str, QuantizedWeight] = {}
     for d in decisions:
+        if d.kind == "linear" and (groups := linear_groups(d.module)) is not None:
+            # each group's rows see only that group's inputs: one solve per group with its own Hessian
+            blocks = d.module.weight.view(groups, -1, d.module.weight.shape[-1])  # (G, d_g, in_g)
+            results[f"{d.name}.weight"] = cat_rows([
+                _gptq_one(run, config, f"{d.name}.group.{g}", blocks[g], collector[f"{d.name}.group.{g}"].hessian)
+                for g in range(groups)
+            ])
+            continue
         if d.kind == "linear":
             results[f"{d.name}.weight"] = _gptq_one(run, config, d.name, d.module.weight, collector[d.name].hessian)
             continue

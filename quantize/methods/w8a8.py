@@ -14,7 +14,7 @@ from dsq.core.schema import Strict
 from ..api import QuantizationReport, require_resident
 from ..artifact_save import save_quantized_model
 from ..calibrated import _collect, _in_layer, require_calibration
-from ..mappings import balance_weight, fold, input_key, resolve
+from ..mappings import balance_weight, fold, input_key, resolve, without_balance, without_balance_notes
 from ..cost import EXPERT_BY_EXPERT, ActivationRanges, Int8Weights, MethodCost
 from ..method import Method, register
 from ..sections import CalibrationSection, MethodSection
@@ -90,6 +90,7 @@ def _w8a8(
     absmax: dict[str, torch.Tensor] = {}
     counts = ExpertTokenCounts()
     smoothing: dict[str, dict] = {}
+    missing: dict[str, str] = {}  # module -> why SmoothQuant gave it no scale
 
     def on_layer(prefix: str, layer: nn.Module, forward: Callable) -> None:
         linears = {d.name: d.module for d in _in_layer(decisions, prefix) if d.kind == "linear"}
@@ -98,6 +99,7 @@ def _w8a8(
             # unrouted_weight 0: an expert's statistics are over the tokens routed to it
             collector = _collect(layer, prefix, forward, linears, StatsCollector(unrouted_weight=0.0), layer_counts)
             _smooth_layer(config, prefix, layer, collector, quantized, smoothing)
+            missing.update(without_balance(prefix, layer, quantized))
             layer_counts = ExpertTokenCounts()
         if not isinstance(config.activations, StaticPerTensor):
             return
@@ -127,7 +129,9 @@ def _w8a8(
         "experts_without_routed_tokens": starved,
         "smoothquant_alpha": config.smoothquant_alpha,
         "modules": smoothing,
+        "without_balance": missing,
     }
+    report.notes += without_balance_notes("w8a8 smoothquant", missing, decoder_layers(model)[0])
     for name, experts in starved.items():
         report.notes.append(
             f"{name}: expert(s) {experts} received no routed calibration token; "

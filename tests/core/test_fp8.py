@@ -10,11 +10,14 @@ from dsq.core.errors import CheckpointError
 from dsq.core.fp8 import (
     FP8BlockFormat,
     dequantize_fp8_blocks,
+    expert_dtype,
+    find_scale,
     fp8_format,
     fp8_quantization_config,
     is_fp8_weight,
     quantize_fp8_blocks,
     scale_name,
+    scale_names,
 )
 
 OFFICIAL_QC = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
@@ -218,7 +221,8 @@ def test_fp8_format_reads_the_official_config():
     ("change", "key"),
     [
         ({"fmt": "e5m2"}, "quantization_config.fmt"),
-        ({"scale_fmt": "ue8m0"}, "quantization_config.scale_fmt"),
+        ({"scale_fmt": "e5m2"}, "quantization_config.scale_fmt"),
+        ({"expert_dtype": "int4"}, "quantization_config.expert_dtype"),
         ({"weight_block_size": [128]}, "quantization_config.weight_block_size"),
         ({"weight_block_size": [128, 0]}, "quantization_config.weight_block_size"),
         ({"weight_block_size": None}, "quantization_config.weight_block_size"),
@@ -229,6 +233,43 @@ def test_fp8_format_reads_the_official_config():
 def test_fp8_format_unsupported_values_name_the_key(change, key):
     with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
         fp8_format({"quantization_config": {**OFFICIAL_QC, **change}})
+
+
+def test_fp8_format_reads_ue8m0_scales_and_a_top_level_expert_dtype():
+    v4 = {**OFFICIAL_QC, "scale_fmt": "ue8m0"}
+    assert fp8_format({"quantization_config": v4}) == FP8BlockFormat((128, 128), ue8m0_scales=True)
+    assert fp8_quantization_config(FP8BlockFormat(ue8m0_scales=True)) == v4
+    # DeepSeek-V4 declares its FP4 experts at the top of config.json; V4.1 inside quantization_config.
+    assert expert_dtype({"expert_dtype": "fp4", "quantization_config": v4}) == ("expert_dtype", "fp4")
+    inside = {"expert_dtype": "fp8", "quantization_config": {**v4, "expert_dtype": "fp4"}}
+    assert expert_dtype(inside) == ("quantization_config.expert_dtype", "fp4")
+    assert expert_dtype({"quantization_config": v4})[1] == "fp8"
+    with pytest.raises(CheckpointError, match=r"config.json key expert_dtype is 'nf4'"):
+        fp8_format({"expert_dtype": "nf4", "quantization_config": v4})
+
+
+def test_ue8m0_round_trip_uses_power_of_two_scales():
+    fmt = FP8BlockFormat((128, 128), ue8m0_scales=True)
+    w = blockwise_weight((300, 200), (128, 128), seed=2)
+    q, scale = quantize_fp8_blocks(w, fmt)
+    assert scale.dtype == torch.float8_e8m0fnu and tuple(scale.shape) == (3, 2)
+    s = scale.to(torch.float32)
+    amax = torch.tensor([[float(w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].abs().max()) for j in range(2)] for i in range(3)])
+    # the smallest power of two at or above amax / 448 (1 for the all-zero block)
+    expected = torch.where(amax > 0, torch.exp2(torch.ceil(torch.log2(amax / 448))), torch.ones_like(amax))
+    assert torch.equal(s, expected)
+    d = dequantize_fp8_blocks("w", q, scale, fmt, dtype=torch.float32)
+    assert torch.equal(d, dequantize_fp8_blocks("w", q, scale.view(torch.uint8), fmt, dtype=torch.float32))
+    bound = (2.0**-4 * w.abs() + 2.0**-10 * expand(s, (300, 200), (128, 128))) * (1 + 1e-5)
+    assert bool(((d - w).abs() <= bound).all())
+
+
+def test_ue8m0_nan_scale_names_the_scale_tensor():
+    weight, _ = random_fp8((300, 200), (128, 128))
+    scale = torch.full((3, 2), 127, dtype=torch.uint8)
+    scale[1, 0] = 0xFF  # NaN in float8_e8m0fnu
+    with pytest.raises(CheckpointError, match=r"block scales x\.scale of FP8 weight x\.weight hold 1 .*\(1, 0\)"):
+        dequantize_fp8_blocks("x.weight", weight, scale.view(torch.float8_e8m0fnu), FP8BlockFormat(), scale_label="x.scale")
 
 
 def test_fp8_format_refuses_a_non_object():
@@ -245,3 +286,6 @@ def test_helpers():
     assert not is_fp8_weight("a.weight", torch.bfloat16)
     assert not is_fp8_weight("a.weight_scale_inv", "F8_E4M3")
     assert FP8BlockFormat().scale_shape((576, 7168)) == (5, 56)  # DeepSeek-V3's kv_a_proj_with_mqa
+    assert scale_names("a.wq_a.weight") == ("a.wq_a.weight_scale_inv", "a.wq_a.scale")
+    assert find_scale("a.weight", {"a.scale", "b.weight_scale_inv"}) == "a.scale"
+    assert find_scale("b.weight", {"a.scale"}) is None

@@ -9,6 +9,7 @@ from dsq.core.loading import load_checkpoint
 from dsq.quantize import (
     PerChannel, PerGroup, QuantExperts, QuantLinear, RTNConfig, TargetSpec, WeightScheme, quantize_, quantize_rtn,
 )
+from dsq.quantize.modules import GatedActivation
 from dsq.quantize.primitives import dequantize_weight
 from dsq.eval.reload import transformers_reload_check
 
@@ -72,7 +73,7 @@ def test_quant_experts_match_reference_experts(tiny_checkpoint):
     experts = loaded.model.model.layers[1].mlp.experts
     scheme = WeightScheme(8, PerChannel())
     gu, dn = quantize_rtn(experts.gate_up_proj.detach(), scheme), quantize_rtn(experts.down_proj.detach(), scheme)
-    q = QuantExperts(gu, dn, experts.act_fn, torch.float32)
+    q = QuantExperts(gu, dn, GatedActivation.of(experts), torch.float32)
     with torch.no_grad():
         experts.gate_up_proj.copy_(dequantize_weight(gu))
         experts.down_proj.copy_(dequantize_weight(dn))

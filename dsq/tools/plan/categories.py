@@ -25,7 +25,8 @@ class ParameterCounts:
         total: every parameter (tied tensors once), as ``sum(p.numel() for p in model.parameters())``.
         by_category: ``(category, parameters)`` in :data:`CATEGORIES` order, empty categories left out.
         buffers: elements of persistent buffers saved with the weights (e.g. the router's
-            ``e_score_correction_bias``); not parameters.
+            ``e_score_correction_bias``, DeepSeek-V4's hash-routing table ``tid2eid``); not parameters.
+        integer_buffers: those of them that are integer tables (``tid2eid``).
         tied_embeddings: lm_head shares the input embedding (stored once).
     """
 
@@ -33,6 +34,7 @@ class ParameterCounts:
     by_category: tuple[tuple[str, int], ...]
     buffers: int
     tied_embeddings: bool
+    integer_buffers: int = 0
 
 
 def is_router(module_name: str) -> bool:
@@ -42,12 +44,14 @@ def is_router(module_name: str) -> bool:
     return re.search(ROUTER_PATTERN, module_name) is not None
 
 
-def category(name: str, expert_modules: set[str]) -> str:
+def category(name: str, expert_modules: set[str], linear_modules: set[str]) -> str:
     """The category of a saved tensor.
 
     Args:
         name: the tensor's name in the model's state dict.
         expert_modules: names of the fused experts modules.
+        linear_modules: names of the ``nn.Linear`` modules: only their tensors count as Linears (DeepSeek-V4's
+            attention sinks and compressor position biases sit under ``self_attn`` and are :data:`OTHER`).
 
     Returns:
         One of :data:`CATEGORIES`.
@@ -63,6 +67,8 @@ def category(name: str, expert_modules: set[str]) -> str:
         return ROUTER
     if owner in expert_modules:
         return ROUTED_EXPERTS
+    if owner not in linear_modules:
+        return OTHER
     if ".shared_experts." in name:
         return SHARED_EXPERTS
     if ".self_attn." in name:

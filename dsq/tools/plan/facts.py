@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,10 @@ class Target:
 
     Attributes:
         hessian_dims: ``(how many, K)`` of the inputs GPTQ keeps a K x K Hessian for.
+        source_unscaled: a published FP8 checkpoint stores this Linear in the model dtype, without
+            block scales: transformers lists it in ``_keep_in_fp32_modules`` so that its FP8 loader
+            leaves it alone (DeepSeek-V3.2's ``indexer.weights_proj``; DeepSeek-V4's compressor and
+            indexer projections).
     """
 
     name: str
@@ -41,6 +45,7 @@ class Target:
     hessian_dims: tuple[tuple[int, int], ...]
     params: int
     bias: int
+    source_unscaled: bool = False
 
     @property
     def weight_params(self) -> int:
@@ -58,6 +63,8 @@ class SavedTensor:
 
     Attributes:
         fp32: loaded in float32 when the model dtype is bfloat16 (transformers' ``_keep_in_fp32_modules_strict``).
+        integer_bytes: bytes per element of an integer table, whatever the model dtype (DeepSeek-V4's
+            hash-routing ``tid2eid``: int64); None for floating-point tensors.
     """
 
     name: str
@@ -66,9 +73,12 @@ class SavedTensor:
     layer: int | None
     parameter: bool
     fp32: bool
+    integer_bytes: int | None = None
 
     def bytes(self, dtype_bytes: int) -> int:
-        """Bytes of this tensor stored in floating point of ``dtype_bytes`` bytes per element."""
+        """Bytes of this tensor when floating-point tensors take ``dtype_bytes`` bytes per element."""
+        if self.integer_bytes is not None:
+            return self.numel * self.integer_bytes
         return self.numel * (4 if self.fp32 else dtype_bytes)
 
 
@@ -87,15 +97,33 @@ class Balance:
 
 
 @dataclass(frozen=True)
+class Indexer:
+    """A sparse-attention indexer: ``heads`` query heads of ``head_dim`` scored against one key per
+    ``rate`` source tokens (DeepSeek-V3.2's DSA lightning indexer: every token, rate 1; DeepSeek-V4's
+    CSA indexer: its compressed entries, rate 4). Its projections are Linears of the layer."""
+
+    heads: int
+    head_dim: int
+    rate: int
+
+
+@dataclass(frozen=True)
 class LayerShape:
     """Shapes of one decoder layer that memory and FLOPs depend on.
 
     Attributes:
-        attention_linear: weight elements of the attention Linears.
+        attention_linear: weight elements of the attention Linears (compressors and indexers included).
         mlp_linear: weight elements of the dense / shared-expert Linears.
         experts: routed experts.
         expert_size: elements of one expert (gate + up + down).
         intermediate: widest MLP intermediate (dense or one expert).
+        compress_rate: source tokens per compressed KV entry the attention adds to its keys
+            (DeepSeek-V4: 4 for CSA, 128 for HCA layers; 0: none).
+        indexer: the layer's sparse-attention indexer, if any.
+        mixer_params: elements of the matrices that mix hyper-connection streams (DeepSeek-V4's
+            ``attn_hc.fn`` and ``ffn_hc.fn``, ``[(2 + n) n, n H]`` each), applied to every token.
+        attention_type: transformers' name of the layer's attention (``config.layer_types``, e.g. DeepSeek-V4's
+            ``compressed_sparse_attention``); empty when the config has none.
     """
 
     index: int
@@ -107,11 +135,68 @@ class LayerShape:
     expert_size: int
     intermediate: int
     balances: tuple[Balance, ...]
+    compress_rate: int = 0
+    indexer: Indexer | None = None
+    mixer_params: int = 0
+    attention_type: str = ""
+
+    def keys(self, seq_len: int) -> int:
+        """Keys each query scores at calibration length ``seq_len``: every token (eager attention computes
+        the full ``T x T`` scores, a sliding window only masks them), plus the compressed entries."""
+        return seq_len + (seq_len // self.compress_rate if self.compress_rate else 0)
+
+
+@dataclass(frozen=True)
+class CheckpointKeys:
+    """transformers' loader renaming: the model state-dict key a checkpoint tensor loads into.
+
+    ``from_pretrained`` renames every checkpoint key with the model's ``conversion_mapping`` (renamings, then at
+    most one converter) and adds or strips the base-model prefix (``core_model_loading.rename_source_key``).
+    DeepSeek-V4's official names (``layers.0.attn.wq_a.weight``, ``embed.weight``, per-expert
+    ``layers.0.ffn.experts.7.w1.weight`` -> fused ``model.layers.0.mlp.experts.gate_up_proj``) and DeepSeek-V3's
+    per-expert tensors both resolve this way.
+
+    Attributes:
+        renamings: the model's ``WeightRenaming`` transforms.
+        converters: its ``WeightConverter`` transforms.
+        prefix: ``base_model_prefix``.
+        keys: the model's state-dict keys.
+    """
+
+    renamings: tuple[Any, ...] = field(repr=False)
+    converters: tuple[Any, ...] = field(repr=False)
+    prefix: str | None
+    keys: Mapping[str, bool] = field(repr=False)
+
+    def model_key(self, name: str) -> str:
+        """The model key checkpoint tensor ``name`` loads into (itself when nothing renames it)."""
+        from transformers.core_model_loading import rename_source_key
+
+        renamed, _ = rename_source_key(name, list(self.renamings), list(self.converters), self.prefix, self.keys)
+        if renamed not in self.keys and name in self.keys:  # as the loader: a model key is not renamed
+            return name
+        return renamed
+
+
+def _checkpoint_keys(model: torch.nn.Module) -> CheckpointKeys:
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+    transforms = get_model_conversion_mapping(model)
+    keys = dict.fromkeys(model.state_dict(keep_vars=True), True)
+    return CheckpointKeys(tuple(t for t in transforms if isinstance(t, WeightRenaming)),
+                          tuple(t for t in transforms if isinstance(t, WeightConverter)),
+                          getattr(model, "base_model_prefix", None) or None, keys)
 
 
 @dataclass(frozen=True)
 class ModelFacts:
-    """Everything the plan needs from the model."""
+    """Everything the plan needs from the model.
+
+    Attributes:
+        residual_streams: hyper-connection streams the residual carries (DeepSeek-V4's ``hc_mult``; 1 otherwise).
+        checkpoint_keys: how checkpoint tensor names map to the model's (None: by identity).
+    """
 
     config: Mapping[str, Any]
     architecture: str
@@ -126,6 +211,14 @@ class ModelFacts:
     targets: tuple[Target, ...]
     layers: tuple[LayerShape, ...]
     tied: bool
+    residual_streams: int = 1
+    checkpoint_keys: CheckpointKeys | None = field(default=None, compare=False)
+
+    @property
+    def residual_width(self) -> int:
+        """Elements per token of the hidden states between decoder layers: ``hidden``, times the
+        hyper-connection streams of DeepSeek-V4 (``hc_mult``: its layers read and write ``[B, S, n, H]``)."""
+        return self.residual_streams * self.hidden
 
     @property
     def has_quantized_experts(self) -> bool:
@@ -158,10 +251,17 @@ def _build_meta_model(root: Path) -> torch.nn.Module:
         raise CheckpointError(f"transformers cannot build a model from {config_path}: {exc}") from exc
 
 
+def _unscaled_source_modules(model: torch.nn.Module) -> tuple[str, ...]:
+    """Module name suffixes that FP8 checkpoints keep in high precision (transformers' ``_keep_in_fp32_modules``:
+    its FP8 loader leaves a module alone when its name ends with one, ``should_convert_module``)."""
+    return tuple(sorted(getattr(model, "_keep_in_fp32_modules", None) or ()))
+
+
 def _targets(model: torch.nn.Module, spec: Any, layer_prefix: str) -> tuple[Target, ...]:
     """Every quantizable module with the recipe's decision (dsq's own target selection)."""
     from dsq.quantize.targets import select_targets
 
+    unscaled = _unscaled_source_modules(model)
     found = []
     for d in select_targets(model, spec):
         layer = _layer_index(d.name, layer_prefix)
@@ -175,7 +275,8 @@ def _targets(model: torch.nn.Module, spec: Any, layer_prefix: str) -> tuple[Targ
             out, inp = d.module.weight.shape
             bias = d.module.bias.numel() if d.module.bias is not None else 0
             attention = ".self_attn." in d.name
-            found.append(Target(d.name, layer, d.quantize, False, attention, (Matrix(1, out, inp),), ((1, inp),), params, bias))
+            found.append(Target(d.name, layer, d.quantize, False, attention, (Matrix(1, out, inp),), ((1, inp),), params, bias,
+                                source_unscaled=d.name.endswith(unscaled) if unscaled else False))
     return tuple(found)
 
 
@@ -199,13 +300,16 @@ def _saved_tensors(model: torch.nn.Module, expert_modules: set[str], layer_prefi
     all_param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     state = dict(model.state_dict(keep_vars=True))
     keep_fp32 = _kept_fp32_pattern(model)
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
-    def saved(name: str, numel: int, parameter: bool) -> SavedTensor:
+    def saved(name: str, tensor: torch.Tensor, parameter: bool) -> SavedTensor:
         fp32 = keep_fp32 is not None and keep_fp32.search(name) is not None
-        return SavedTensor(name, numel, category(name, expert_modules), _layer_index(name, layer_prefix), parameter, fp32)
+        integer = None if tensor.dtype.is_floating_point else tensor.element_size()
+        return SavedTensor(name, tensor.numel(), category(name, expert_modules, linears), _layer_index(name, layer_prefix),
+                           parameter, fp32, integer)
 
-    tensors = [saved(n, p.numel(), True) for n, p in params.items()]
-    tensors += [saved(n, t.numel(), False) for n, t in state.items() if n not in all_param_names]
+    tensors = [saved(n, p, True) for n, p in params.items()]
+    tensors += [saved(n, t, False) for n, t in state.items() if n not in all_param_names]
     return tuple(tensors)
 
 
@@ -221,8 +325,34 @@ def _balances(layer: torch.nn.Module, prefix: str, quantized: set[str]) -> tuple
     return tuple(found)
 
 
+def _compress_rate(layer: torch.nn.Module) -> int:
+    """Source tokens per compressed KV entry of the layer's attention (DeepSeek-V4's ``self_attn.compressor``; 0: none)."""
+    compressor = getattr(getattr(layer, "self_attn", None), "compressor", None)
+    return int(getattr(compressor, "compress_rate", 0) or 0) if compressor is not None else 0
+
+
+def _indexer(layer: torch.nn.Module) -> Indexer | None:
+    """The layer's sparse-attention indexer (a module whose class name ends in ``Indexer``: DeepSeek-V3.2's
+    ``self_attn.indexer``, DeepSeek-V4's ``self_attn.compressor.indexer``), or None."""
+    for module in layer.modules():
+        if type(module).__name__.endswith("Indexer"):
+            heads = getattr(module, "num_heads", None) or module.n_heads
+            return Indexer(int(heads), int(module.head_dim), int(getattr(module, "compress_rate", 1) or 1))
+    return None
+
+
+def _mixer_params(layer: torch.nn.Module) -> int:
+    """Elements of the layer's hyper-connection mixing matrices (modules whose class name ends in ``HyperConnection``)."""
+    return sum(m.fn.numel() for m in layer.modules() if type(m).__name__.endswith("HyperConnection"))
+
+
+def _attention_type(config: Any, index: int) -> str:
+    types = getattr(config, "layer_types", None) or ()
+    return str(types[index]) if index < len(types) else ""
+
+
 def _layer_shape(index: int, layer: torch.nn.Module, prefix: str, targets: tuple[Target, ...],
-                 tensors: tuple[SavedTensor, ...]) -> LayerShape:
+                 tensors: tuple[SavedTensor, ...], attention_type: str) -> LayerShape:
     mine = [t for t in targets if t.layer == index]
     experts = [t for t in mine if t.experts]
     linears = [t for t in mine if not t.experts]
@@ -241,6 +371,10 @@ def _layer_shape(index: int, layer: torch.nn.Module, prefix: str, targets: tuple
         expert_size=expert_size,
         intermediate=max(widths, default=0),
         balances=_balances(layer, f"{prefix}.{index}", quantized),
+        compress_rate=_compress_rate(layer),
+        indexer=_indexer(layer),
+        mixer_params=_mixer_params(layer),
+        attention_type=attention_type,
     )
 
 
@@ -274,7 +408,8 @@ def model_facts(root: Path, config: Mapping[str, Any], spec: Any) -> ModelFacts:
     targets = _targets(model, spec, layer_prefix)
     expert_modules = {t.name for t in targets if t.experts}
     tensors = _saved_tensors(model, expert_modules, layer_prefix)
-    shapes = tuple(_layer_shape(i, layer, layer_prefix, targets, tensors) for i, layer in enumerate(layers))
+    shapes = tuple(_layer_shape(i, layer, layer_prefix, targets, tensors, _attention_type(model.config, i))
+                   for i, layer in enumerate(layers))
     hidden = int(model.config.hidden_size)
     heads = int(model.config.num_attention_heads)
     qk_dim, v_dim = _head_dims(config, hidden, heads)
@@ -284,6 +419,7 @@ def model_facts(root: Path, config: Mapping[str, Any], spec: Any) -> ModelFacts:
         config=config, architecture=type(model).__name__, hidden=hidden, vocab=int(model.config.vocab_size), heads=heads,
         qk_dim=qk_dim, v_dim=v_dim, top_k=int(getattr(model.config, "num_experts_per_tok", 0) or 0),
         layer_prefix=layer_prefix, tensors=tensors, targets=targets, layers=shapes, tied=bool(tied),
+        residual_streams=int(getattr(model.config, "hc_mult", 1) or 1), checkpoint_keys=_checkpoint_keys(model),
     )
 
 
@@ -305,4 +441,5 @@ def parameter_counts(facts: ModelFacts) -> ParameterCounts:
         by_category=tuple((c, n) for c, n in by_category.items() if n),
         buffers=sum(t.numel for t in facts.tensors if not t.parameter),
         tied_embeddings=facts.tied,
+        integer_buffers=sum(t.numel for t in facts.tensors if not t.parameter and t.integer_bytes is not None),
     )

@@ -55,18 +55,26 @@ def throughputs(tflops: float | None) -> tuple[tuple[str, float], ...]:
     return (("GPU default", DEFAULT_GPU_TFLOPS), ("CPU default", DEFAULT_CPU_TFLOPS))
 
 
-def _score_flops(facts: ModelFacts, seq_len: int) -> float:
-    """Attention scores and weighted values per token (full T x T, as eager/SDPA compute them)."""
-    return 2.0 * facts.heads * seq_len * (facts.qk_dim + facts.v_dim)
+def _score_flops(facts: ModelFacts, layer: LayerShape, seq_len: int) -> float:
+    """Attention scores and weighted values per token over :meth:`LayerShape.keys` (eager attention computes
+    every score; a sliding window or an indexer's selection only masks them), plus the indexer's own scores
+    (``heads x head_dim`` per scored key, one key per ``rate`` tokens)."""
+    scores = 2.0 * facts.heads * layer.keys(seq_len) * (facts.qk_dim + facts.v_dim)
+    if layer.indexer is not None:
+        scores += 2.0 * layer.indexer.heads * layer.indexer.head_dim * (seq_len // layer.indexer.rate)
+    return scores
 
 
 def _attention_flops(facts: ModelFacts, layer: LayerShape, seq_len: int) -> float:
-    return 2.0 * layer.attention_linear + _score_flops(facts, seq_len)
+    """Attention Linears (compressors and indexers included), scores, and the hyper-connection mixing of the block."""
+    return 2.0 * (layer.attention_linear + layer.mixer_params / 2) + _score_flops(facts, layer, seq_len)
 
 
 def _mlp_flops(facts: ModelFacts, layer: LayerShape) -> float:
-    """Routed MLP/MoE forward per token: dense or shared Linears, router, top-k experts."""
-    return 2.0 * (layer.mlp_linear + layer.router + min(facts.top_k, layer.experts) * layer.expert_size)
+    """Routed MLP/MoE forward per token: dense or shared Linears, router, top-k experts, and the
+    hyper-connection mixing of the block."""
+    experts = min(facts.top_k, layer.experts) * layer.expert_size
+    return 2.0 * (layer.mlp_linear + layer.router + experts + layer.mixer_params / 2)
 
 
 def routed_flops(facts: ModelFacts, layer: LayerShape, seq_len: int) -> float:

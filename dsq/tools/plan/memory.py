@@ -85,6 +85,7 @@ def layer_plans(facts: ModelFacts, q: Quantization, quantized: ArtifactBytes) ->
             working_bytes=tensor_bytes(mine, q.dtype_bytes), quantized_bytes=quantized.per_layer.get(layer.index, 0),
             statistics_bytes=q.statistics(facts, layer.index), temporary_bytes=q.temporaries(facts, layer.index),
             forward_flops_per_token=routed_flops(facts, layer, q.run.seq_len if q.run else 1),
+            compress_rate=layer.compress_rate, indexer=layer.indexer is not None, attention_type=layer.attention_type,
         ))
     return tuple(plans)
 
@@ -98,8 +99,9 @@ def _calibration_parts(facts: ModelFacts, q: Quantization, statistics: int) -> l
     if q.run is None:
         return []
     run = q.run
+    width = f"{facts.residual_streams} x {facts.hidden}" if facts.residual_streams > 1 else f"{facts.hidden}"
     return [
-        (f"calibration activations ({hidden_copies(q.calibration)} x {run.samples} x {run.seq_len} x {facts.hidden})",
+        (f"calibration activations ({hidden_copies(q.calibration)} x {run.samples} x {run.seq_len} x {width})",
          activation_bytes(facts, run, q.dtype_bytes, q.calibration)),
         ("method statistics of that layer", statistics),
         (f"forward workspace (batch of {min(run.batch_size, run.samples)})", workspace_bytes(facts, run, q.dtype_bytes)),
@@ -162,7 +164,7 @@ def memory_estimates(facts: ModelFacts, q: Quantization, quantized: ArtifactByte
     if sum(b for _, b in head_parts) > sum(b for _, b in layer_parts):  # the head stage, after the layers, is the peak
         layer_parts = head_parts
     streaming = [("runtime (Python, torch, transformers, tokenizer)", RUNTIME_BYTES),
-                 ("embeddings, final norm, lm_head (resident)", outside), *layer_parts]
+                 ("embeddings, final norm, lm_head and the other tensors outside the layers (resident)", outside), *layer_parts]
     accelerator = [("runtime (CUDA context)", ACCELERATOR_BASELINE_BYTES), *layer_parts]
     return (
         _in_memory(facts, q, quantized, layers, source),

@@ -105,7 +105,27 @@ def _recipe_line(recipe: Recipe, source: str, q: Quantization) -> str:
     return line
 
 
-def _notes(config: Mapping[str, Any], source: SourceBytes, q: Quantization, recipe: Recipe) -> tuple[str, ...]:
+def _attention_note(facts: ModelFacts, q: Quantization) -> str | None:
+    """What the estimates count of sparse and compressed attention and of hyper-connection streams (None: nothing special)."""
+    compressed = sorted({layer.compress_rate for layer in facts.layers if layer.compress_rate})
+    indexed = any(layer.indexer is not None for layer in facts.layers)
+    if not compressed and not indexed and facts.residual_streams == 1:
+        return None
+    counted = ["every score over the batch's own tokens (eager attention; a sliding window or an indexer's top-k only masks them)"]
+    if compressed:
+        counted.append("the compressed KV entries the layer derives from them (" +
+                       ", ".join(f"1 per {r} tokens" for r in compressed) + ")")
+    if indexed:
+        counted.append("the indexers' scores")
+    listed = counted[0] if len(counted) == 1 else ", ".join(counted[:-1]) + " and " + counted[-1]
+    note = "no KV cache is counted: calibration runs without one (use_cache=False); the forward workspace counts " + listed
+    if facts.residual_streams > 1 and q.run is not None:
+        note += f"; calibration activations are {facts.residual_streams} hyper-connection streams x hidden wide"
+    return note
+
+
+def _notes(config: Mapping[str, Any], facts: ModelFacts, source: SourceBytes, q: Quantization,
+           recipe: Recipe) -> tuple[str, ...]:
     notes = []
     quant_method = (config.get("quantization_config") or {}).get("quant_method")
     if quant_method not in (None, "fp8"):
@@ -122,6 +142,9 @@ def _notes(config: Mapping[str, Any], source: SourceBytes, q: Quantization, reci
         )
     if source.missing:
         notes.append(f"model tensors missing from the headers or of another size: {', '.join(source.missing[:MAX_EXAMPLES])}")
+    attention = _attention_note(facts, q)
+    if attention is not None:
+        notes.append(attention)
     if q.run is not None:
         notes.append("calibration time is an estimate: FLOPs of the dominant matmuls divided by the throughput; "
                      "reading the checkpoint and Python overhead are not counted")
@@ -179,5 +202,5 @@ def _assemble(root: Path, config: Mapping[str, Any], recipe: Recipe, facts: Mode
         recipe=_recipe_line(recipe, source_name, q), method=recipe.quantize.method if recipe.quantize else None,
         parameters=parameter_counts(facts), layers=layers, source=source, schemes=tuple(rows), in_memory=in_memory,
         streaming=streaming, accelerator=accelerator, time=TimeEstimate(flops, rates),
-        notes=_notes(config, source, q, recipe),
+        notes=_notes(config, facts, source, q, recipe),
     )

@@ -1,6 +1,7 @@
 """The plan as Markdown: parameters, decoder layers, weights on disk, peak memory, calibration compute."""
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,19 +41,39 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], align: str) -> 
     return lines
 
 
-def _layer_groups(layers: tuple[LayerPlan, ...]) -> list[tuple[int, int, LayerPlan]]:
-    """Runs of consecutive layers of the same kind and size: ``(first, last, plan of first)``."""
-    groups: list[tuple[int, int, LayerPlan]] = []
+def _layer_groups(layers: tuple[LayerPlan, ...]) -> list[tuple[list[int], LayerPlan]]:
+    """Layers of the same kind and size (adjacent or not: DeepSeek-V4 alternates two attention kinds):
+    ``(indices, plan of the first)``, in the order of their first layer."""
+    groups: dict[tuple, tuple[list[int], LayerPlan]] = {}
     for p in layers:
-        if groups:
-            first, last, ref = groups[-1]
-            same = (ref.moe, ref.parameters, ref.quantized_bytes, ref.peak_bytes) == (
-                p.moe, p.parameters, p.quantized_bytes, p.peak_bytes)
-            if same and last == p.index - 1:
-                groups[-1] = (first, p.index, ref)
-                continue
-        groups.append((p.index, p.index, p))
-    return groups
+        key = (p.moe, p.parameters, p.quantized_bytes, p.peak_bytes, p.compress_rate, p.indexer, p.attention_type)
+        groups.setdefault(key, ([], p))[0].append(p.index)
+    return list(groups.values())
+
+
+def _span(indices: list[int]) -> str:
+    """``3``, ``3-60``, ``2, 4, ..., 42`` (a constant step), or a list of runs."""
+    if len(indices) == 1:
+        return str(indices[0])
+    steps = {b - a for a, b in pairwise(indices)}
+    if steps == {1}:
+        return f"{indices[0]}-{indices[-1]}"
+    if len(steps) == 1 and len(indices) > 2:
+        return f"{indices[0]}, {indices[1]}, ..., {indices[-1]}"
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
+def _attention_kind(p: LayerPlan) -> str:
+    """``compressed_sparse_attention (KV 1:4, indexer)``: transformers' layer type and what it adds to the keys."""
+    parts = ([f"KV 1:{p.compress_rate}"] if p.compress_rate else []) + (["indexer"] if p.indexer else [])
+    details = f"({', '.join(parts)})" if parts else ""
+    return " ".join(x for x in (p.attention_type, details) if x) or "-"
 
 
 def _parameter_lines(plan: Plan) -> list[str]:
@@ -64,7 +85,9 @@ def _parameter_lines(plan: Plan) -> list[str]:
     lines = ["## Parameters", "", *_table(("category", "parameters", "share"), rows, "lrr")]
     extra = []
     if plan.parameters.buffers:
-        extra.append(f"plus {plan.parameters.buffers:,} elements of saved buffers (router score bias)")
+        tables = plan.parameters.integer_buffers
+        what = "router score bias" + (f"; {tables:,} of them in integer hash-routing tables" if tables else "")
+        extra.append(f"plus {plan.parameters.buffers:,} elements of saved buffers ({what})")
     if plan.parameters.tied_embeddings:
         extra.append("lm_head is tied to the input embedding (stored once)")
     if plan.source.header_parameters is not None:
@@ -75,14 +98,16 @@ def _parameter_lines(plan: Plan) -> list[str]:
 
 
 def _layer_lines(plan: Plan) -> list[str]:
+    sparse = any(p.compress_rate or p.indexer for p in plan.layers)
     rows = []
-    for first, last, p in _layer_groups(plan.layers):
-        span = str(first) if first == last else f"{first}-{last}"
-        rows.append((span, "MoE" if p.moe else "dense", format_params(p.parameters), format_bytes(p.working_bytes),
-                     format_bytes(p.quantized_bytes), format_bytes(p.statistics_bytes), format_bytes(p.temporary_bytes)))
-    header = ("layers", "MLP", "parameters each", "working bytes each", "quantized each", "statistics each",
-              "temporaries each")
-    return ["## Decoder layers", "", *_table(header, rows, "llrrrrr")]
+    for indices, p in _layer_groups(plan.layers):
+        extra = (_attention_kind(p),) if sparse else ()
+        rows.append((_span(indices), "MoE" if p.moe else "dense", *extra, format_params(p.parameters),
+                     format_bytes(p.working_bytes), format_bytes(p.quantized_bytes), format_bytes(p.statistics_bytes),
+                     format_bytes(p.temporary_bytes)))
+    header = ("layers", "MLP", *(("attention",) if sparse else ()), "parameters each", "working bytes each",
+              "quantized each", "statistics each", "temporaries each")
+    return ["## Decoder layers", "", *_table(header, rows, "ll" + ("l" if sparse else "") + "rrrrr")]
 
 
 def _bytes_lines(plan: Plan) -> list[str]:
@@ -92,7 +117,12 @@ def _bytes_lines(plan: Plan) -> list[str]:
     for s in plan.schemes:
         mark = "" if s.exact else " (approx.)"
         rows.append((s.label + mark, s.description, format_bytes(s.tensor_bytes), f"{s.tensor_bytes / max(1, src.tensor_bytes):.2f}"))
-    return ["## Weights on disk", "", *_table(("weights", "stored as", "bytes", "vs source"), rows, "llrr")]
+    lines = ["## Weights on disk", "", *_table(("weights", "stored as", "bytes", "vs source"), rows, "llrr")]
+    if src.parts:
+        lines += ["", "source by format (the model's tensors; scales included):", ""]
+        lines += [f"- {p.label}: {format_params(p.parameters)} parameters, {format_bytes(p.bytes)}, "
+                  f"{p.bits_per_weight:.2f} bits per weight" for p in src.parts]
+    return lines
 
 
 def _memory_lines(plan: Plan) -> list[str]:

@@ -23,6 +23,9 @@ class LayerPlan:
         statistics_bytes: calibration statistics the recipe's method holds for this layer at its peak.
         temporary_bytes: transient memory of quantizing the layer's largest tensor.
         forward_flops_per_token: one routed forward of the layer, per token (calibration seq_len).
+        compress_rate: source tokens per compressed KV entry its attention adds (DeepSeek-V4's CSA 4, HCA 128; 0: none).
+        indexer: its attention has a sparse-attention indexer (DeepSeek-V3.2's DSA, DeepSeek-V4's CSA).
+        attention_type: transformers' name of its attention (``config.layer_types``); empty when none.
     """
 
     index: int
@@ -33,6 +36,9 @@ class LayerPlan:
     statistics_bytes: int
     temporary_bytes: int
     forward_flops_per_token: float
+    compress_rate: int = 0
+    indexer: bool = False
+    attention_type: str = ""
 
     @property
     def peak_bytes(self) -> int:

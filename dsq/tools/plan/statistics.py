@@ -87,7 +87,7 @@ def _scale_search_bytes(facts: ModelFacts, targets: list[Target], method: ScaleS
     rows = run.batches * min(rows_per_call, run.batch_tokens)
     collector = sum(n * STATISTICS_BYTES * k * (2 + rows) for n, k in _observed_keys(targets))
     calls = min(math.ceil(method.search_tokens / run.batch_tokens), run.batches)
-    replay = calls * run.batch_tokens * facts.hidden * (2 * act_bytes + STATISTICS_BYTES)
+    replay = calls * run.batch_tokens * facts.residual_width * (2 * act_bytes + STATISTICS_BYTES)
     return collector * (2 if method.clip else 1) + replay
 
 
@@ -172,18 +172,34 @@ def hidden_copies(calibration: Calibration | None) -> int:
 
 
 def activation_bytes(facts: ModelFacts, run: CalibrationRun | None, act_bytes: int, calibration: Calibration | None) -> int:
-    """A layer's calibration hidden states: :func:`hidden_copies` x samples x seq_len x hidden."""
+    """A layer's calibration hidden states: :func:`hidden_copies` x samples x seq_len x
+    :attr:`~.facts.ModelFacts.residual_width` (hidden, times DeepSeek-V4's hyper-connection streams)."""
     if run is None:
         return 0
-    return hidden_copies(calibration) * run.tokens * facts.hidden * act_bytes
+    return hidden_copies(calibration) * run.tokens * facts.residual_width * act_bytes
+
+
+def _score_elements(facts: ModelFacts, seq_len: int) -> int:
+    """Attention scores per query of the widest layer: every head over its keys (DeepSeek-V4: the sequence
+    plus its compressed entries), plus its indexer's scores (one per head and scored key)."""
+    widest = 0
+    for layer in facts.layers:
+        scores = facts.heads * layer.keys(seq_len)
+        if layer.indexer is not None:
+            scores += layer.indexer.heads * (seq_len // layer.indexer.rate)
+        widest = max(widest, scores)
+    return widest
 
 
 def workspace_bytes(facts: ModelFacts, run: CalibrationRun | None, act_bytes: int) -> int:
-    """Transients of one calibration batch: fp32 attention probabilities and the widest MLP activation."""
+    """Transients of one calibration batch: fp32 attention probabilities and the widest MLP activation.
+
+    Calibration runs without a KV cache (``use_cache=False``): the attention of one batch scores its own
+    tokens (and, in DeepSeek-V4, the compressed entries it derives from them), and nothing persists."""
     if run is None:
         return 0
     widest = max((layer.intermediate for layer in facts.layers), default=0)
-    return run.batch_tokens * (facts.heads * run.seq_len * STATISTICS_BYTES + 2 * widest * act_bytes)
+    return run.batch_tokens * (_score_elements(facts, run.seq_len) * STATISTICS_BYTES + 2 * widest * act_bytes)
 
 
 def temporary_bytes(facts: ModelFacts, index: int | None, layout: ArtifactLayout | None, rounding: Rounding | None,
