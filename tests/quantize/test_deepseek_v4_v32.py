@@ -10,7 +10,7 @@ from dsq.core.layout import expert_projections
 from dsq.core.loading import load_checkpoint
 from dsq.eval.reload import transformers_reload_check
 from dsq.quantize import (
-    AWQConfig, GPTQConfig, PerGroup, QuantExperts, QuantLinear, RTNConfig, TargetSpec, W8A8Config, WeightScheme, quantize_,
+    AWQConfig, GPTQConfig, PerChannel, PerGroup, QuantExperts, QuantLinear, RTNConfig, TargetSpec, W8A8Config, WeightScheme, quantize_,
 )
 from dsq.quantize.artifact_load import load_artifact
 from dsq.quantize.methods.autoround import AutoRoundConfig
@@ -309,3 +309,24 @@ def test_qat_on_v4_keeps_the_grouped_projection_and_converts_to_what_it_trained(
     q = model.model.layers[1].self_attn.o_a_proj
     assert isinstance(q, QuantLinear) and q.n_groups == model.config.o_groups
     torch.testing.assert_close(_logits(model, ids), trained, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", [
+    WeightScheme(8, PerChannel()), WeightScheme(4, PerGroup(128)), WeightScheme(4, PerGroup(48), symmetric=False),
+    WeightScheme(8, PerGroup(32), symmetric=False),
+], ids=lambda s: s.describe())
+def test_v4_artifact_reads_back_bit_exactly_in_every_scheme(tiny_checkpoint, tmp_path, scheme):
+    loaded = load_checkpoint(tiny_checkpoint("deepseek_v4"))
+    model = loaded.model
+    quantize_(model, RTNConfig(scheme, EVERYTHING), progress=False)
+    save_quantized_model(model, loaded.tokenizer, tmp_path)
+    own = load_artifact(tmp_path).model
+    mine = dict(model.named_modules())
+    for name, module in own.named_modules():
+        if isinstance(module, (QuantLinear, QuantExperts)):
+            ref = mine[name]
+            for attr in ("weight_q",) if isinstance(module, QuantLinear) else ("gate_up_proj", "down_proj"):
+                a, b = getattr(module, attr), getattr(ref, attr)
+                assert torch.equal(a.dequantize(torch.float32), b.dequantize(torch.float32)), f"{name}.{attr}"
+    ids = _ids(model.config.vocab_size, 2, 40)
+    torch.testing.assert_close(_logits(own, ids), _logits(model, ids), rtol=0, atol=1e-5)
