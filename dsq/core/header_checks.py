@@ -296,15 +296,9 @@ def _fp8_problem(
         return f"{where} is {FP8_SAFETENSORS_DTYPE} but only 2-D weights can be FP8 (the model's is {_shape(want)})"
     if scale is None:
         return _no_scale(where, FP8_SAFETENSORS_DTYPE, name)
-    if scale.dtype not in SCALE_DTYPES:
-        return f"{scale_name} in {scale.file.name} has dtype {scale.dtype}; block scales are {_scale_dtypes()}"
     blocks = fmt.scale_shape(want)
-    if scale.shape != blocks:
-        return (
-            f"{scale_name} in {scale.file.name} has shape {_shape(scale.shape)}, the {fmt.block[0]}x{fmt.block[1]} "
-            f"blocks of a {_shape(want)} weight need {_shape(blocks)}"
-        )
-    return None
+    return _scale_problem(scale_name, scale, "block", blocks,
+                          f"the {fmt.block[0]}x{fmt.block[1]} blocks of a {_shape(want)} weight need {_shape(blocks)}")
 
 
 def _fp4_problem(
@@ -328,14 +322,17 @@ def _fp4_problem(
         )
     if scale is None:
         return _no_scale(where, stored_as, name)
-    if scale.dtype not in SCALE_DTYPES:
-        return f"{scale_name} in {scale.file.name} has dtype {scale.dtype}; FP4 scales are {_scale_dtypes()}"
     groups = fmt.scale_shape(want)
-    if scale.shape != groups:
-        return (
-            f"{scale_name} in {scale.file.name} has shape {_shape(scale.shape)}, the FP4 weight {name} "
-            f"{_shape(want)} needs {_shape(groups)} (one scale per row and {fmt.group} columns)"
-        )
+    return _scale_problem(scale_name, scale, "FP4", groups, f"the FP4 weight {name} {_shape(want)} needs "
+                          f"{_shape(groups)} (one scale per row and {fmt.group} columns)")
+
+
+def _scale_problem(scale_name: str, scale: StoredTensor, kind: str, shape: tuple[int, ...], needs: str) -> str | None:
+    """A scale tensor of the wrong dtype or shape (``needs``: what its weight needs, for the message)."""
+    if scale.dtype not in SCALE_DTYPES:
+        return f"{scale_name} in {scale.file.name} has dtype {scale.dtype}; {kind} scales are {_scale_dtypes()}"
+    if scale.shape != shape:
+        return f"{scale_name} in {scale.file.name} has shape {_shape(scale.shape)}, {needs}"
     return None
 
 

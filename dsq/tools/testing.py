@@ -381,3 +381,26 @@ def tensor_data_bytes(files) -> int:
         _, header_len = read_safetensors_header(path)
         total += path.stat().st_size - 8 - header_len
     return total
+
+
+def fold_every_mapping(model: torch.nn.Module, generator: torch.Generator) -> list:
+    """Fold a random scale in ``[0.3, 3.3)`` through every balance mapping that resolves in each decoder layer.
+
+    The full-precision function must not change (:mod:`dsq.quantize.mappings`); returns the mappings
+    folded (:class:`~dsq.quantize.mappings.Balance`), in layer order.
+    """
+    from dsq.core.layout import decoder_layers
+    from dsq.quantize.mappings import fold, resolve
+
+    applied = []
+    for layer in decoder_layers(model)[1]:
+        for m in resolve(layer):
+            first = layer.get_submodule(m.balance[0])
+            if m.per_expert:  # one scale per expert over its intermediate channels
+                experts, _, inter = first.down_proj.shape
+                shape = (experts, inter)
+            else:
+                shape = (first.gate_up_proj.shape[-1] if hasattr(first, "gate_up_proj") else first.in_features,)
+            fold(layer, m, torch.rand(shape, generator=generator) * 3 + 0.3)
+            applied.append(m)
+    return applied

@@ -257,7 +257,7 @@ the CPython {platform.python_version()} standard library, with the tokenizer of 
 """
 
 
-def _card_training(args: argparse.Namespace, command: str, res: Result) -> str:
+def card_training(args: argparse.Namespace, command: str, res: Result) -> str:
     log, data = res.log, res.data
     return f"""## Training
 
@@ -305,19 +305,20 @@ def model_card(args: argparse.Namespace, command: str, config, res: Result) -> s
     Returns:
         The card's Markdown text.
     """
-    return _card_architecture(config, res.n_params) + _card_training(args, command, res) + _card_evaluation(res)
+    return _card_architecture(config, res.n_params) + card_training(args, command, res) + _card_evaluation(res)
 
 
 # --------------------------------------------------------------------------- main
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=25.0, help="wall-clock budget of the training loop")
+def trainer_parser(description: str, *, minutes: float, out: Path, out_help: str, lr: float) -> argparse.ArgumentParser:
+    """The command line of a tiny-model trainer (this one and :mod:`dsq.tools.train_tiny_v4`)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--minutes", type=float, default=minutes, help="wall-clock budget of the training loop")
     parser.add_argument("--max-tokens", type=int, default=50_000_000, help="token budget of the training loop")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"model directory (default {DEFAULT_OUT})")
+    parser.add_argument("--out", type=Path, default=out, help=out_help)
     parser.add_argument("--batch-size", type=int, default=0, help="sequences per step (0: chosen from throughput)")
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=lr)
     parser.add_argument("--warmup-steps", type=int, default=40)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16-autocast",
@@ -328,8 +329,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = _parser()
+def parse_trainer_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``argv`` parsed by ``parser`` (:func:`trainer_parser`), budgets and counts checked."""
     args = parser.parse_args(argv)
     if args.minutes <= 0 or args.max_tokens <= 0 or args.threads < 1:
         parser.error("--minutes, --max-tokens and --threads must be positive")
@@ -367,32 +368,42 @@ def _run(args: argparse.Namespace, command: str, t_start: float) -> str:
     return card
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Train the model and write it to ``--out``.
+Run = Callable[[argparse.Namespace, str, float], str]
+"""``run(args, command, t_start)``: train, evaluate and save into ``args.out``; returns the model card."""
 
-    Args:
-        argv: command-line arguments (default: ``sys.argv[1:]``).
+
+def run_trainer(argv: list[str] | None, module: str, parser: argparse.ArgumentParser, run: Run,
+                check_out: Callable[[Path], None] | None = None) -> int:
+    """Parse ``argv``, seed, claim ``--out`` and ``run`` the trainer ``module`` (``dsq.tools.NAME``); print the card.
 
     Returns:
         0, or 2 when ``--out`` may not be written (one line on stderr).
     """
     argv = sys.argv[1:] if argv is None else argv
-    args = _parse_args(argv)
+    args = parse_trainer_args(parser, argv)
     t_start = time.time()
     torch.manual_seed(SEED)
     random.seed(SEED)
     torch.set_num_threads(args.threads)
-    command = " ".join(["python -m dsq.tools.train_llama", *argv])
+    command = " ".join([f"python -m {module}", *argv])
     try:
-        _check_out(args.out)
+        if check_out is not None:
+            check_out(args.out)
         with claim_output(args.out, True, MARKER):  # held from before the training
-            card = _run(args, command, t_start)
+            card = run(args, command, t_start)
     except DsqInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(card)
     print(f"saved to {args.out}", flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train the model and write it to ``--out`` (default ``sys.argv[1:]``); 0, or 2 when ``--out`` may not be written."""
+    parser = trainer_parser(__doc__.split("\n\n")[0], minutes=25.0, out=DEFAULT_OUT,
+                            out_help=f"model directory (default {DEFAULT_OUT})", lr=2e-3)
+    return run_trainer(argv, "dsq.tools.train_llama", parser, _run, _check_out)
 
 
 if __name__ == "__main__":

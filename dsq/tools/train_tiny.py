@@ -252,8 +252,11 @@ def _tokenize(corpus: Corpus, data: FrozenData) -> tuple[object, list[list[int]]
     return tokenizer, train_ids
 
 
-def _evaluate(model: nn.Module, tokenizer, tracker: ExpertLoadTracker, data: FrozenData, init_mc: dict) -> Evaluation:
-    """Held-out perplexity and MC accuracy of the trained model; detaches the tracker."""
+def evaluate_trained(model: nn.Module, tokenizer, tracker: ExpertLoadTracker, data: FrozenData, init_mc: dict) -> Evaluation:
+    """Held-out perplexity and MC accuracy of the trained model; detaches the tracker.
+
+    ``data``: anything with ``heldout_text`` and ``mc_items`` (:class:`FrozenData`, ``train_llama.EvalData``).
+    """
     train_loads = tracker.fractions()
     model.eval()
     tracker.reset_total()
@@ -368,7 +371,7 @@ Loss curve (mean of the previous 20 steps):
 """
 
 
-def _card_evaluation(ev: Evaluation, n_tok_heldout: int) -> str:
+def card_evaluation(ev: Evaluation, n_tok_heldout: int) -> str:
     ppl, mc, init_mc = ev.ppl, ev.mc, ev.init_mc
     return f"""## Evaluation
 
@@ -380,7 +383,7 @@ def _card_evaluation(ev: Evaluation, n_tok_heldout: int) -> str:
 """
 
 
-def _card_expert_load(ev: Evaluation, tracker: ExpertLoadTracker) -> str:
+def card_expert_load(ev: Evaluation, tracker: ExpertLoadTracker) -> str:
     train_loads, heldout_loads = ev.train_loads, ev.heldout_loads
     load_rows = []
     for key in train_loads:
@@ -402,7 +405,7 @@ Final `e_score_correction_bias`: {json.dumps(biases)}
 """
 
 
-def _card_files(sizes: dict[str, int]) -> str:
+def card_files(sizes: dict[str, int]) -> str:
     return f"""## Files
 
 {chr(10).join(f"- `{k}`: {fmt_size(v)}" for k, v in sizes.items())}
@@ -430,9 +433,9 @@ def model_card(args: argparse.Namespace, corpus: Corpus, tokenizer, config, trac
         _card_architecture(facts.n_params, config, tokenizer, facts.expert_keys)
         + _card_corpus(corpus, facts.train_chars, facts.train_tokens)
         + _card_training(args, log, facts.train_tokens, facts.wall)
-        + _card_evaluation(ev, facts.n_tok_heldout)
-        + _card_expert_load(ev, tracker)
-        + _card_files(facts.sizes)
+        + card_evaluation(ev, facts.n_tok_heldout)
+        + card_expert_load(ev, tracker)
+        + card_files(facts.sizes)
     )
 
 
@@ -480,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{log.seconds:.0f}s, final train loss (mean of last 20 steps) {log.final_loss:.4f}",
         flush=True,
     )
-    ev = _evaluate(model, tokenizer, tracker, data, init_mc)
+    ev = evaluate_trained(model, tokenizer, tracker, data, init_mc)
     expert_keys = save_and_verify(model, tokenizer, model_dir, data.heldout_text)
 
     facts = CardFacts(

@@ -39,9 +39,8 @@ import copy
 import os
 import platform
 import random
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 # Sleeping OpenMP workers degrade gracefully on a busy 2-core machine (see dsq.tools.train_tiny).
@@ -51,8 +50,7 @@ import torch
 from torch import nn
 
 from dsq.assets import data_file, tiny_model_dir, tiny_v4_model_dir
-from dsq.core.atomic import atomic_directory, claim_output
-from dsq.core.errors import DsqInputError
+from dsq.core.atomic import atomic_directory
 from dsq.tools.tiny_corpus import SEED
 from dsq.tools.tiny_model import (
     PPL_CONTEXT,
@@ -67,16 +65,19 @@ from dsq.tools.train_llama import (
     PRECISIONS,
     EvalData,
     TrainData,
-    _card_training,
+    card_training,
     load_eval_data,
     load_train_data,
+    run_trainer,
+    trainer_parser,
 )
 from dsq.tools.train_tiny import (
     Evaluation,
+    evaluate_trained,
     TrainLog,
-    _card_evaluation,
-    _card_expert_load,
-    _card_files,
+    card_evaluation,
+    card_expert_load,
+    card_files,
     save_and_verify,
     train_model,
 )
@@ -254,22 +255,15 @@ def train(model: nn.Module, data: TrainData, args: argparse.Namespace) -> tuple[
 
 def evaluate(model: nn.Module, tokenizer, tracker: ExpertLoadTracker, data: EvalData, init_mc: dict,
              train_windows: torch.Tensor) -> Evaluation:
-    """Held-out perplexity, MC accuracy and expert loads of the trained model, in fp32; detaches ``tracker``."""
-    train_loads = tracker.fractions()
-    model.eval()
-    tracker.reset_total()
-    ppl = heldout_perplexity(model, tokenizer, data.heldout_text)
-    heldout_loads = tracker.fractions()
-    tracker.remove()
-    mc = mc_accuracy(model, tokenizer, data.mc_items)
-    print(f"held-out ppl {ppl['ppl']:.3f} ({ppl['tokens']} tokens, {ppl['seconds']:.1f}s); "
-          f"MC acc {mc['acc']:.3f} acc_norm {mc['acc_norm']:.3f} ({mc['n']} items)", flush=True)
+    """Held-out perplexity, MC accuracy and expert loads (hash-routed layers too) of the trained model, in fp32;
+    detaches ``tracker``."""
+    ev = evaluate_trained(model, tokenizer, tracker, data, init_mc)
     heldout_ids = torch.tensor(encode(tokenizer, data.heldout_text))
     n = model.config.n_routed_experts
     routers = hash_routers(model)
     train_hash = {f"{k} (hash)": hash_loads(r.tid2eid, train_windows, n) for k, r in routers.items()}
     heldout_hash = {f"{k} (hash)": hash_loads(r.tid2eid, heldout_ids, n) for k, r in routers.items()}
-    return Evaluation(ppl, mc, init_mc, {**train_hash, **train_loads}, {**heldout_hash, **heldout_loads})
+    return replace(ev, train_loads={**train_hash, **ev.train_loads}, heldout_loads={**heldout_hash, **ev.heldout_loads})
 
 
 def save_checked(model: nn.Module, tokenizer, out_dir: Path, heldout_text: str) -> None:
@@ -379,42 +373,15 @@ def model_card(args: argparse.Namespace, command: str, config, tracker: ExpertLo
     n_tokens = res.ev.ppl["tokens"] + 1  # every token but the first is scored
     return (
         _card_architecture(config, res)
-        + _card_training(args, command, res)
+        + card_training(args, command, res)
         + _card_balancing()
-        + _card_evaluation(res.ev, n_tokens).rstrip("\n") + "\n" + _card_untrained(res)
-        + _card_expert_load(res.ev, tracker)
-        + _card_files(res.sizes)
+        + card_evaluation(res.ev, n_tokens).rstrip("\n") + "\n" + _card_untrained(res)
+        + card_expert_load(res.ev, tracker)
+        + card_files(res.sizes)
     )
 
 
 # --------------------------------------------------------------------------- main
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=26.0, help="wall-clock budget of the training loop")
-    parser.add_argument("--max-tokens", type=int, default=50_000_000, help="token budget of the training loop")
-    parser.add_argument("--out", type=Path, default=tiny_v4_model_dir(), help="model directory (default: the bundled one)")
-    parser.add_argument("--batch-size", type=int, default=0, help="sequences per step (0: chosen from throughput)")
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--warmup-steps", type=int, default=40)
-    parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16-autocast",
-                        help="training precision (evaluation is fp32)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--heldout-chars", type=int, default=0, help="score only this many held-out characters (0: all)")
-    parser.add_argument("--mc-items", type=int, default=0, help="score only this many MC items (0: all)")
-    return parser
-
-
-def _parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.minutes <= 0 or args.max_tokens <= 0 or args.threads < 1:
-        parser.error("--minutes, --max-tokens and --threads must be positive")
-    if min(args.batch_size, args.heldout_chars, args.mc_items) < 0:
-        parser.error("--batch-size, --heldout-chars and --mc-items must be >= 0")
-    return args
 
 
 def _sizes(model_dir: Path) -> dict[str, int]:
@@ -454,30 +421,10 @@ def _run(args: argparse.Namespace, command: str, t_start: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train the model and write it to ``--out``.
-
-    Args:
-        argv: command-line arguments (default: ``sys.argv[1:]``).
-
-    Returns:
-        0, or 2 when ``--out`` may not be written (one line on stderr).
-    """
-    argv = sys.argv[1:] if argv is None else argv
-    args = _parse_args(argv)
-    t_start = time.time()
-    torch.manual_seed(SEED)
-    random.seed(SEED)
-    torch.set_num_threads(args.threads)
-    command = " ".join(["python -m dsq.tools.train_tiny_v4", *argv])
-    try:
-        with claim_output(args.out, True, MARKER):  # held from before the training
-            card = _run(args, command, t_start)
-    except DsqInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(card)
-    print(f"saved to {args.out}", flush=True)
-    return 0
+    """Train the model and write it to ``--out`` (default ``sys.argv[1:]``); 0, or 2 when ``--out`` may not be written."""
+    parser = trainer_parser(__doc__.split("\n\n")[0], minutes=26.0, out=tiny_v4_model_dir(),
+                            out_help="model directory (default: the bundled one)", lr=3e-3)
+    return run_trainer(argv, "dsq.tools.train_tiny_v4", parser, _run)
 
 
 if __name__ == "__main__":

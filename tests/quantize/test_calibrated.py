@@ -14,11 +14,11 @@ from dsq.quantize import (
 )
 from dsq.quantize.awq import search_clip, search_scale
 from dsq.quantize.gptq import accumulate_hessian, gptq_quantize
-from dsq.quantize.mappings import Balance, fold, resolve
+from dsq.quantize.mappings import Balance, fold
 from dsq.quantize.primitives import dequantize_weight, quantize_with_qparams
-from dsq.quantize.sequential import decoder_layers
 from dsq.quantize.w8a8 import StaticPerTensor, W8A8Experts, W8A8Linear
 from dsq.eval.reload import transformers_reload_check
+from dsq.tools.testing import fold_every_mapping
 
 ARCHS = ["llama", "qwen2", "deepseek_v3", "deepseek_v2"]
 
@@ -123,20 +123,7 @@ def test_balance_mappings_fold_exactly(tiny_checkpoint, arch):
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(input_ids=ids).logits
-    g = torch.Generator().manual_seed(1)
-    _, layers = decoder_layers(model)
-    applied = []
-    for layer in layers:
-        for m in resolve(layer):
-            first = layer.get_submodule(m.balance[0])
-            if m.per_expert:
-                E, _, inter = first.down_proj.shape
-                s = torch.rand(E, inter, generator=g) * 3 + 0.3
-            else:
-                width = first.gate_up_proj.shape[-1] if hasattr(first, "gate_up_proj") else first.in_features
-                s = torch.rand(width, generator=g) * 3 + 0.3
-            fold(layer, m, s)
-            applied.append(m.smooth)
+    applied = [m.smooth for m in fold_every_mapping(model, torch.Generator().manual_seed(1))]
     with torch.no_grad():
         out = model(input_ids=ids).logits
     assert (out - ref).abs().max() < 1e-4

@@ -15,10 +15,11 @@ from dsq.quantize import (
 from dsq.quantize.artifact_load import load_artifact
 from dsq.quantize.methods.autoround import AutoRoundConfig
 from dsq.quantize.artifact_save import save_quantized_model
-from dsq.quantize.mappings import fold, resolve, unbalanced, without_balance
+from dsq.quantize.mappings import unbalanced, without_balance
 from dsq.quantize.modules import apply_linear
 from dsq.quantize.sequential import decoder_layers
 from dsq.quantize.w8a8 import W8A8Linear
+from dsq.tools.testing import fold_every_mapping
 
 NEW_ARCHS = ["deepseek_v4", "deepseek_v32"]
 SCHEME = WeightScheme(4, PerGroup(32))
@@ -43,19 +44,7 @@ def test_balance_mappings_fold_exactly(tiny_checkpoint, arch):
     model = load_checkpoint(tiny_checkpoint(arch)).model
     ids = _ids(model.config.vocab_size, 2, 40)
     ref = _logits(model, ids)
-    g = torch.Generator().manual_seed(1)
-    applied = set()
-    for layer in decoder_layers(model)[1]:
-        for m in resolve(layer):
-            first = layer.get_submodule(m.balance[0])
-            if m.per_expert:
-                E, _, inter = first.down_proj.shape
-                s = torch.rand(E, inter, generator=g) * 3 + 0.3
-            else:
-                width = first.gate_up_proj.shape[-1] if hasattr(first, "gate_up_proj") else first.in_features
-                s = torch.rand(width, generator=g) * 3 + 0.3
-            fold(layer, m, s)
-            applied.add((m.smooth, m.balance))
+    applied = {(m.smooth, m.balance) for m in fold_every_mapping(model, torch.Generator().manual_seed(1))}
     assert (_logits(model, ids) - ref).abs().max() < 1e-4
     smooths = {s for s, _ in applied}
     if arch == "deepseek_v4":
