@@ -319,3 +319,24 @@ def test_v4_artifact_reads_back_bit_exactly_in_every_scheme(tiny_checkpoint, tmp
                 assert torch.equal(a.dequantize(torch.float32), b.dequantize(torch.float32)), f"{name}.{attr}"
     ids = _ids(model.config.vocab_size, 2, 40)
     torch.testing.assert_close(_logits(own, ids), _logits(model, ids), rtol=0, atol=1e-5)
+
+
+def test_hash_table_stored_as_floats_is_refused_naming_it(tiny_checkpoint, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from dsq.cli import main
+
+    src = tmp_path / "v4"
+    shutil.copytree(tiny_checkpoint("deepseek_v4"), src)
+    tensors = load_file(src / "model.safetensors")
+    name = next(k for k in tensors if k.endswith("tid2eid"))
+    tensors[name] = tensors[name].float()
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    recipe = __import__("pathlib").Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml"
+    assert main(["run", str(recipe), f"model={src}", f"output={out}", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert name in err and "integers" in err, err
+    assert not out.exists()
