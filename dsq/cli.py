@@ -127,6 +127,8 @@ def _add_export(sub) -> None:
     export.add_argument("--weight-op", choices=("matmul_nbits", "dequantize_linear"), default="matmul_nbits",
                         help="weight-only layers as ORT's MatMulNBits (default) or standard opset-21 DequantizeLinear + MatMul")
     export.add_argument("--quantize-embeddings", action="store_true", help="store the input embedding int8 (per-row scales)")
+    export.add_argument("--dense-experts", action="store_true",
+                        help="MoE: run every routed expert on every token (dense routing weight) instead of each token's top-k")
     export.add_argument("--tolerance", type=_positive_float, default=None,
                         help="max |delta logit| vs PyTorch (default 1e-4 fp, 1e-3 weight-only, 0.25 W8A8)")
     export.add_argument("--evaluate", action="store_true",
@@ -162,6 +164,8 @@ def _add_plan(sub) -> None:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("--tflops", type=_positive_float, default=None,
                       help="throughput for the calibration time (default: both 50 for a GPU and 1 for a CPU)")
+    plan.add_argument("--processes", type=_positive_int, default=1,
+                      help="processes sharing calibration (torchrun --nproc_per_node N): per-process memory and time")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -220,7 +224,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     outcome = run_export(
         source, output, accuracy_level=args.accuracy_level, threads=args.threads, tolerance=args.tolerance,
         evaluate=args.evaluate, speed=args.speed, overwrite=args.overwrite, progress=not args.quiet,
-        weight_op=args.weight_op, quantize_embeddings=args.quantize_embeddings,
+        weight_op=args.weight_op, quantize_embeddings=args.quantize_embeddings, dense_experts=args.dense_experts,
     )
     v = outcome.result.validation
     print(f"ONNX export: {outcome.result.onnx_path} ({outcome.result.onnx_bytes / 2**20:.1f} MiB)")
@@ -266,7 +270,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from dsq.run.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides) if args.recipe or args.overrides else None
-    plan = plan_checkpoint(args.checkpoint, recipe, tflops=args.tflops)
+    plan = plan_checkpoint(args.checkpoint, recipe, tflops=args.tflops, processes=args.processes)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.to_markdown(), end="\n" if args.json else "")
     return EXIT_OK
 

@@ -5,12 +5,15 @@
 * ``QuantLinear`` -> :class:`NBitsLinear` (``MatMulNBits`` from dsq's own packed integers, scales
   and zero points: nothing is re-quantized);
 * ``W8A8Linear`` -> :class:`Int8Linear` (int8 activations + integer matmul);
-* fused MoE experts (fp ``gate_up_proj``/``down_proj``, ``QuantExperts``, ``W8A8Experts``) ->
-  :class:`DenseRoutedExperts`: one small module per expert, every expert in the graph, mixed with a
-  dense routing weight ``[tokens, E]`` built at run time from the router's top-k.
+* fused MoE experts (fp ``gate_up_proj``/``down_proj``, ``QuantExperts``, ``W8A8Experts``) -> one
+  small module per expert (the Linears above), every expert in the graph, routed at run time:
+  :class:`SparseRoutedExperts` (default: each token runs only its top-k experts) or
+  :class:`DenseRoutedExperts` (every expert on every token, mixed with a dense routing weight).
 
 DeepSeek's routed experts are stored fused ([E, 2I, H]); exporters that trace the eager
 ``for expert in routed_experts`` loop keep only the experts the example input happened to reach.
+Both forms here keep every expert's weights in the graph and decide the routing from the router's
+top-k at run time; they differ in cost (sparse: k of E experts per token) and in graph shape.
 """
 from __future__ import annotations
 
@@ -197,15 +200,77 @@ class DenseRoutedExperts(nn.Module):
         return out
 
 
-def _experts_from_fp(module: nn.Module) -> DenseRoutedExperts:
-    return DenseRoutedExperts([
+@torch.library.custom_op("dsq::split_rows", mutates_args=())
+def split_rows(x: torch.Tensor, counts: torch.Tensor) -> list[torch.Tensor]:
+    """``x [N, ...]`` cut along dim 0 into ``len(counts)`` consecutive pieces of ``counts[e]`` rows.
+
+    ``torch.split`` needs its sizes as Python ints (one ``.item()`` each under tracing); this op takes
+    them as a tensor, so the graph holds one ONNX ``Split`` whatever the number of experts.
+    """
+    return [piece.clone() for piece in torch.split(x, counts.tolist())]
+
+
+@split_rows.register_fake
+def _(x, counts):
+    ctx = torch.library.get_ctx()
+    return [x.new_empty((ctx.new_dynamic_size(), *x.shape[1:])) for _ in range(counts.shape[0])]
+
+
+def translation_table() -> dict:
+    """``custom_translation_table`` for the export: dsq's quantized ops (:func:`ops.translation_table`)
+    and :func:`split_rows` -> ``SplitToSequence`` + ``SequenceAt`` (the exporter's optimizer folds them
+    into one ``Split`` with a sizes input)."""
+    from onnxscript import opset21 as op
+
+    def split(x, counts):
+        pieces = op.SplitToSequence(x, counts, axis=0)
+        return [op.SequenceAt(pieces, op.Constant(value_int=e)) for e in range(int(counts.shape[0]))]
+
+    return {**ops.translation_table(), torch.ops.dsq.split_rows.default: split}
+
+
+class SparseRoutedExperts(nn.Module):
+    """Every expert in the graph; each token runs only its top-k experts (routing decided at run time).
+
+    ``forward(hidden (T, H), top_k_index (T, k), top_k_weights (T, k))``: the ``T * k`` (token, slot)
+    pairs are ordered by expert (``TopK`` on the expert ids), their token rows gathered once
+    (``[T * k, H]``) and cut into one piece per expert (:func:`split_rows`: an expert nobody chose
+    gets an empty piece); each expert runs on its piece, the outputs go back to their (token, slot)
+    place (``ScatterND``) and are mixed with the routing weights: ``sum_j w[t, j] * expert_{idx[t, j]}(h_t)``.
+    The cost is k expert evaluations per token; the graph has no data-dependent control flow.
+    """
+
+    def __init__(self, experts: list[_Expert]) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(experts)
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        tokens, k = top_k_index.shape
+        slots = top_k_index.reshape(-1)  # (T * k,) expert of each (token, slot)
+        n = slots.shape[0]
+        order = torch.topk(slots, n, largest=False).indices  # (T * k,) slots grouped by expert
+        ids = torch.arange(len(self.experts), dtype=slots.dtype, device=slots.device)
+        counts = (slots.unsqueeze(0) == ids.unsqueeze(1)).sum(1)  # (E,) slots routed to each expert
+        rows = hidden.index_select(0, torch.div(order, k, rounding_mode="trunc"))  # (T * k, H)
+        y = torch.cat([expert(piece) for expert, piece in zip(self.experts, split_rows(rows, counts))])
+        torch._check(y.shape[0] == n)  # the pieces' sizes sum to T * k
+        per_slot = y.new_zeros((n, y.shape[-1])).index_put((order,), y)  # (T * k, H) in (token, slot) order
+        mixed = per_slot.reshape(tokens, k, -1) * top_k_weights.unsqueeze(-1).to(per_slot.dtype)
+        return mixed.sum(1).to(hidden.dtype)
+
+
+RoutedExperts = SparseRoutedExperts | DenseRoutedExperts
+
+
+def _experts_from_fp(module: nn.Module, form: type[RoutedExperts]) -> RoutedExperts:
+    return form([
         _Expert(_plain_linear(module.gate_up_proj[e]), _plain_linear(module.down_proj[e]), GatedActivation.of(module))
         for e in range(module.gate_up_proj.shape[0])
     ])
 
 
-def _experts_from_quant(module: QuantExperts, name: str, accuracy_level: int) -> DenseRoutedExperts:
-    return DenseRoutedExperts([
+def _experts_from_quant(module: QuantExperts, name: str, accuracy_level: int, form: type[RoutedExperts]) -> RoutedExperts:
+    return form([
         _Expert(
             NBitsLinear(module.gate_up_proj, None, f"{name}.{e}.gate_up_proj", accuracy_level, index=e),
             NBitsLinear(module.down_proj, None, f"{name}.{e}.down_proj", accuracy_level, index=e),
@@ -215,7 +280,7 @@ def _experts_from_quant(module: QuantExperts, name: str, accuracy_level: int) ->
     ])
 
 
-def _experts_from_w8a8(module: W8A8Experts) -> DenseRoutedExperts:
+def _experts_from_w8a8(module: W8A8Experts, form: type[RoutedExperts]) -> RoutedExperts:
     static = not isinstance(module.act, DynamicPerToken)
     experts = []
     for e in range(module.num_experts):
@@ -226,7 +291,7 @@ def _experts_from_w8a8(module: W8A8Experts) -> DenseRoutedExperts:
             Int8Linear(module.down_proj.packed[e], module.down_proj.scale[e], dn_s, None),
             module.glu,
         ))
-    return DenseRoutedExperts(experts)
+    return form(experts)
 
 
 class Int8Embedding(nn.Module):
@@ -261,13 +326,25 @@ class ExportPlan:
     int8: dict[str, str] = field(default_factory=dict)
     experts: dict[str, int] = field(default_factory=dict)  # name -> number of experts in the graph
     embedding: str | None = None  # description of a quantized input embedding
+    dense_experts: bool = False  # experts as DenseRoutedExperts (every expert on every token)
+
+    @property
+    def expert_form(self) -> str:
+        """How the routed experts run: ``"sparse"`` (top-k per token) or ``"dense"`` (all, masked)."""
+        return "dense" if self.dense_experts else "sparse"
 
     def to_dict(self) -> dict:
-        return {"matmul_nbits": self.nbits, "int8_matmul": self.int8, "dense_routed_experts": self.experts,
+        routed = {name: {"experts": count, "form": self.expert_form} for name, count in self.experts.items()}
+        return {"matmul_nbits": self.nbits, "int8_matmul": self.int8, "routed_experts": routed,
                 "embedding": self.embedding}
 
 
-def prepare_for_export(model: nn.Module, accuracy_level: int = 0, embedding: tuple[torch.Tensor, torch.Tensor] | None = None) -> ExportPlan:
+def prepare_for_export(
+    model: nn.Module,
+    accuracy_level: int = 0,
+    embedding: tuple[torch.Tensor, torch.Tensor] | None = None,
+    dense_experts: bool = False,
+) -> ExportPlan:
     """Swap dsq's modules (and fused experts) for their export forms, in place.
 
     Args:
@@ -275,6 +352,8 @@ def prepare_for_export(model: nn.Module, accuracy_level: int = 0, embedding: tup
         accuracy_level: MatMulNBits ``accuracy_level`` (0: fp32 compute; 4: int8 compute).
         embedding: ``(q, scale)`` from :func:`quantize_embedding_`: the input embedding becomes
             :class:`Int8Embedding`.
+        dense_experts: fused experts become :class:`DenseRoutedExperts` (every expert on every
+            token) instead of :class:`SparseRoutedExperts` (each token's top-k only).
 
     Returns:
         The :class:`ExportPlan` naming every swapped module.
@@ -282,7 +361,8 @@ def prepare_for_export(model: nn.Module, accuracy_level: int = 0, embedding: tup
     Raises:
         ExportError: a module no export form exists for (e.g. bitsandbytes layers), named.
     """
-    plan = ExportPlan()
+    plan = ExportPlan(dense_experts=dense_experts)
+    form = DenseRoutedExperts if dense_experts else SparseRoutedExperts
     if embedding is not None:
         model.set_input_embeddings(Int8Embedding(*embedding))
         plan.embedding = "int8 per-row symmetric"
@@ -294,15 +374,15 @@ def prepare_for_export(model: nn.Module, accuracy_level: int = 0, embedding: tup
             set_module(model, name, Int8Linear(module.weight_q.packed, module.weight_q.scale, module.input_scale, module.bias))
             plan.int8[name] = module.act.describe()
         elif isinstance(module, QuantExperts):
-            set_module(model, name, _experts_from_quant(module, name, accuracy_level))
+            set_module(model, name, _experts_from_quant(module, name, accuracy_level, form))
             plan.experts[name] = module.num_experts
             plan.nbits[name] = module.gate_up_proj.scheme.describe()
         elif isinstance(module, W8A8Experts):
-            set_module(model, name, _experts_from_w8a8(module))
+            set_module(model, name, _experts_from_w8a8(module, form))
             plan.experts[name] = module.num_experts
             plan.int8[name] = module.act.describe()
         elif is_fused_experts(module):
-            set_module(model, name, _experts_from_fp(module))
+            set_module(model, name, _experts_from_fp(module, form))
             plan.experts[name] = module.gate_up_proj.shape[0]
         elif type(module).__module__.startswith("bitsandbytes"):
             raise ExportError(f"{name}: bitsandbytes layers have no ONNX form; export a dsq (RTN/GPTQ/AWQ/QAT) artifact instead")

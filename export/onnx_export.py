@@ -4,7 +4,8 @@
 
 1. copies the model and swaps its quantized modules and fused experts for export forms
    (:func:`dsq.export.modules.prepare_for_export`: ``MatMulNBits`` from dsq's own integers, int8
-   matmuls, every routed expert in the graph);
+   matmuls, every routed expert in the graph, each token running only its top-k experts unless
+   ``ExportConfig(dense_experts=True)``);
 2. traces :class:`~dsq.export.decoder.FlatDecoder` with ``torch.onnx.export(dynamo=True)`` (dynamic
    batch, sequence and past lengths), writing the weights as external data (no 2 GB protobuf limit);
 3. opens the graph in ONNX Runtime and validates it against the original torch model
@@ -31,10 +32,9 @@ from dsq.core.atomic import atomic_directory
 from dsq.core.manifest import sha256_file, versions
 from dsq.core.errors import ExportError
 
-from . import ops
 from .decoder import CacheLayout, FlatDecoder, cache_layout, empty_past, input_names, output_names
 from .genai import write_genai_config
-from .modules import ExportPlan, prepare_for_export, quantize_embedding_
+from .modules import ExportPlan, prepare_for_export, quantize_embedding_, translation_table
 from .patches import traceable
 from .portable import rewrite_matmul_nbits
 from .runtime import EXPORT_MANIFEST, ONNX_FILE, OrtCausalLM
@@ -78,6 +78,9 @@ class ExportConfig:
         weights: :class:`MatMulNBitsWeights` (default) or :class:`DequantizeLinearWeights` (portable).
         quantize_embeddings: store the input embedding int8 (one scale per row); the validation
             reference gets the same rounded table, and the evaluation measures the change.
+        dense_experts: run every routed expert on every token, mixed with a dense routing weight
+            (E / k times the routed FLOPs), instead of the default sparse form where each token runs
+            only its top-k experts. Both give the same logits within float rounding.
     """
 
     accuracy_level: int = 0
@@ -85,12 +88,15 @@ class ExportConfig:
     threads: int | None = None
     weights: WeightFormat = MatMulNBitsWeights()
     quantize_embeddings: bool = False
+    dense_experts: bool = False
 
     def __post_init__(self) -> None:
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise ValueError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {self.accuracy_level!r}")
         if not isinstance(self.weights, (MatMulNBitsWeights, DequantizeLinearWeights)):
             raise ValueError(f"weights must be MatMulNBitsWeights() or DequantizeLinearWeights(), got {self.weights!r}")
+        if not isinstance(self.dense_experts, bool):
+            raise TypeError(f"dense_experts must be True or False, got {self.dense_experts!r}")
 
 
 @dataclass
@@ -149,7 +155,7 @@ def _trace(model: nn.Module, layout: CacheLayout, vocab: int, path: Path) -> Non
             program = torch.onnx.export(
                 decoder, _example_inputs(layout, vocab), None, dynamo=True, opset_version=OPSET,
                 input_names=input_names(layout), output_names=output_names(layout),
-                dynamic_shapes=_dynamic_shapes(layout), custom_translation_table=ops.translation_table(), verbose=False,
+                dynamic_shapes=_dynamic_shapes(layout), custom_translation_table=translation_table(), verbose=False,
             )
         except Exception as exc:  # torch's exporter raises many types; name the stage
             raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc)[:2000]}") from exc
@@ -213,7 +219,7 @@ def _export_copies(model: nn.Module, config: ExportConfig) -> tuple[nn.Module, n
     reference = model if _is_fp32(model) and not config.quantize_embeddings else copy.deepcopy(model).float()
     embedding = quantize_embedding_(reference) if config.quantize_embeddings else None
     export_model = copy.deepcopy(reference)
-    plan = prepare_for_export(export_model, config.accuracy_level, embedding)
+    plan = prepare_for_export(export_model, config.accuracy_level, embedding, dense_experts=config.dense_experts)
     return reference, export_model, plan
 
 

@@ -316,10 +316,26 @@ def quantize_(
 
     Returns:
         A :class:`QuantizationReport` listing every quantizable module and what happened to it.
-    """
-    from .method import method_of
 
-    return method_of(config).handler(model, config, calibration, progress, lifecycle)
+    Raises:
+        QuantizationError: inside a process group of several ranks, a method that cannot split its
+            calibration (each rank would quantize on different data).
+
+    With a ``torch.distributed`` process group initialized, every rank calls this on the same model and
+    calibration ids; each calibrates on its share of the batches and all end with the same weights.
+    """
+    from dsq.core.ranks import current_ranks
+
+    from .method import method_names, method_of
+
+    method = method_of(config)
+    ranks = current_ranks()
+    if ranks.several and not (method.splits_calibration and method.calibrates(config)):
+        raise QuantizationError(
+            f"{method.name}: {ranks.world} processes cannot share this configuration's calibration; "
+            f"methods that can (with calibration): {', '.join(method_names(lambda m: m.splits_calibration))}"
+        )
+    return method.handler(model, config, calibration, progress, lifecycle)
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:

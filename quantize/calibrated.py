@@ -22,6 +22,7 @@ from torch import nn
 
 from dsq.core.errors import QuantizationError
 from dsq.core.layout import decoder_layers
+from dsq.core.ranks import current_ranks
 
 from .api import QuantizationReport, check_finite, start_report, swap_decision
 from .mappings import without_balance_notes
@@ -75,6 +76,7 @@ class _Run:
         self.decisions = select_targets(model, targets)
         self.report = start_report(model, self.decisions, method=method, scheme=scheme.describe())
         self.counts = ExpertTokenCounts()
+        self.ranks = current_ranks()  # several processes: each calibrates on its share of the batches
         self.done: set[str] = set()
         self.per_module: dict[str, dict] = {}
         self.without_balance: dict[str, str] = {}  # balance-based methods: module -> why it got no scale
@@ -93,6 +95,7 @@ class _Run:
         if left:
             raise QuantizationError(f"{self.method}: modules outside the decoder layers were not handled: {', '.join(left)}")
         samples, seq_len = self.calibration.shape
+        self.counts.reduce(self.ranks)
         starved = self.counts.starved()
         self.report.calibration = {
             "samples": samples,
@@ -155,7 +158,7 @@ def _calibrated(model: nn.Module, config, calibration: torch.Tensor | None, meth
     run = _Run(model, config.targets, method, config.scheme, ids)
     hidden = sequential_calibrate(
         model, ids, lambda p, layer, fwd: layer_fn(run, config, p, layer, fwd), batch_size=config.batch_size, progress=progress,
-        lifecycle=lifecycle, budget_bytes=budget_bytes,
+        lifecycle=lifecycle, budget_bytes=budget_bytes, ranks=run.ranks,
     )
     head = run.head_decisions()
     results = {}

@@ -16,7 +16,7 @@ Example:
     >>> config = GPTQConfig(WeightScheme(4, PerGroup(128)))
     >>> cost = cost_of(config)  # the registered method's cost
     >>> cost.layout(config).bits, cost.calibration(config)
-    (4, Hessians(block_size=128, range_candidates=21))
+    (4, Hessians(block_size=128, range_candidates=21, solve_batch=8))
 """
 from __future__ import annotations
 
@@ -28,7 +28,14 @@ from typing import Any, ClassVar
 from .scheme import WeightScheme
 
 STATISTICS_BYTES = 4
-"""Calibration statistics (Hessians, channel vectors, sampled rows) are fp32 whatever the model dtype."""
+"""Calibration statistics (channel maxima, sampled rows, solve copies) are fp32 whatever the model dtype."""
+
+SUM_BYTES = 8
+"""Running sums of calibration statistics (Hessians, channel sums) are fp64: each forward's fp32 contribution is
+added exactly, so several processes sharing calibration reach the one-process totals."""
+
+CHANNEL_VECTOR_BYTES = SUM_BYTES + STATISTICS_BYTES
+"""Bytes per channel of an observed input's two vectors: the fp64 sum of |x| and the fp32 max of |x|."""
 
 RANGE_CANDIDATES = 21
 """Ranges tried per group by the ``mse_scales`` search (shrink 1.00, 0.99, ..., 0.80)."""
@@ -195,18 +202,28 @@ ArtifactLayout = IntegerWeights | Int8Weights | BnbBlocks
 
 @dataclass(frozen=True)
 class Hessians:
-    """GPTQ (arXiv:2210.17323): an fp32 K x K Hessian (and two K vectors) per quantized module input of
+    """GPTQ (arXiv:2210.17323): an fp64 K x K Hessian sum (and two K vectors) per quantized module input of
     width K, one per routed expert input, plus the experts' shared input; held one stage at a time
-    (attention, then the MLP). Solving a weight ``[out, K]`` holds fp32 copies of it and its Hessian.
+    (attention, then the MLP). Solving ``solve_batch`` weights ``[out, K]`` of one shape together holds,
+    per weight, fp32 working copies of it (:attr:`weight_copies`: the stacked copy, its column-major and
+    permuted forms, the integers) and of its Hessian (:attr:`hessian_copies`: the permuted copy, the
+    damped one, its factors); measured peaks are 3.2-4.8 x (out K + K^2) fp32 per weight.
 
     Attributes:
         block_size: lazy-update block width in columns.
         range_candidates: ranges tried per group (1: min/max).
+        solve_batch: weights of one shape solved together (GPTQ's ``expert_chunk``).
     """
 
     block_size: int
     range_candidates: int
-    solve_copies: ClassVar[int] = 2
+    solve_batch: int = 1
+    weight_copies: ClassVar[int] = 8
+    hessian_copies: ClassVar[int] = 3
+
+    def solve_bytes(self, count: int, out: int, k: int) -> int:
+        """Working set of solving ``count`` weights ``[out, k]`` (``solve_batch`` of them at a time)."""
+        return min(count, self.solve_batch) * STATISTICS_BYTES * (self.weight_copies * out * k + self.hessian_copies * k * k)
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,8 @@ class Method:
         qat_start: QAT may start from it (dsq's integer weight formats).
         lora_base: LoRA may train on a model it quantized (QLoRA).
         moves_layers: It honours ``quantize.device`` (each layer quantized on that device).
+        splits_calibration: Several processes (``torchrun``) can share its calibration: each runs its share of
+            the batches, the statistics are combined and the solves dealt out; the artifact is the one-process one.
         reload_tolerance: Largest logit difference allowed between dsq's model and transformers' reload.
         cost: What the plan needs to estimate its memory and time (:mod:`dsq.quantize.cost`).
     """
@@ -75,6 +77,7 @@ class Method:
     qat_start: bool = False
     lora_base: bool = False
     moves_layers: bool = True
+    splits_calibration: bool = False
     reload_tolerance: float = TOLERANCE
 
 

@@ -67,13 +67,23 @@ def compute_qparams(
         or ``None`` for symmetric schemes.
     """
     grouped, _ = _pad_to_groups(weight.float(), scheme)  # (..., out, groups, width)
+    return qparams_from_range(grouped.amin(dim=-1), grouped.amax(dim=-1), scheme)
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, scheme: WeightScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and zero) of groups whose smallest and largest values are ``lo`` and ``hi`` (fp32, any shape).
+
+    Symmetric: ``max|w| / qmax``; asymmetric: the range ``[min(lo, 0), max(hi, 0)]`` over ``qmax - qmin``.
+    A range shrunk by ``c > 0`` is ``(lo * c, hi * c)``: the same values as the range of ``w * c``, because
+    rounding is monotonic.
+    """
     eps = torch.finfo(torch.float32).tiny
     if scheme.symmetric:
-        amax = grouped.abs().amax(dim=-1)
+        amax = torch.maximum(-lo, hi)
         scale = (amax / scheme.qmax).clamp_min(eps)
         return scale, None
-    wmin = grouped.amin(dim=-1).clamp(max=0.0)
-    wmax = grouped.amax(dim=-1).clamp(min=0.0)
+    wmin = lo.clamp(max=0.0)
+    wmax = hi.clamp(min=0.0)
     scale = ((wmax - wmin) / (scheme.qmax - scheme.qmin)).clamp_min(eps)
     zero = (scheme.qmin - torch.round(wmin / scale)).clamp(scheme.qmin, scheme.qmax)
     return scale, zero.to(torch.int8)

@@ -26,7 +26,9 @@ from tqdm.auto import tqdm
 
 from .activation_store import BatchStore
 from .modules import GatedActivation, is_fused_experts, set_module
+from dsq.core.errors import QuantizationError
 from dsq.core.layout import decoder_layers
+from dsq.core.ranks import SINGLE, Ranks
 
 
 class _StopForward(Exception):
@@ -182,6 +184,7 @@ def sequential_calibrate(
     progress: bool = True,
     lifecycle: LayerLifecycle = RESIDENT,
     budget_bytes: int | None = None,
+    ranks: Ranks = SINGLE,
 ) -> BatchStore:
     """Drive ``on_layer`` over the decoder layers in order.
 
@@ -196,6 +199,8 @@ def sequential_calibrate(
         lifecycle: loads each layer before it is used and releases it after its outputs are computed.
         budget_bytes: a layer's cached inputs (and outputs) beyond this many bytes go to disk (None: all
             in memory).
+        ranks: with several processes each runs its contiguous share of the batches (the callback combines
+            the statistics, :meth:`~.stats.StatsCollector.reduce`).
 
     Returns:
         The hidden states after the last layer (``[batch, seq, hidden]`` per batch, on the execution
@@ -203,7 +208,8 @@ def sequential_calibrate(
     """
     prefix, layers = decoder_layers(model)
     model_device = next(model.parameters()).device
-    batches = [b.to(model_device) for b in input_ids.split(batch_size)]
+    batches = _my_batches(input_ids.split(batch_size), ranks)
+    batches = [b.to(model_device) for b in batches]
     inputs = capture_layer_inputs(model, layers[0], batches, budget_bytes)
     device = execution_device(lifecycle, model)
     if device != model_device:
@@ -220,6 +226,16 @@ def sequential_calibrate(
         inputs.hidden.close()
         inputs = LayerInputs(hidden=outputs, kwargs=inputs.kwargs)
     return inputs.hidden
+
+
+def _my_batches(batches: tuple[torch.Tensor, ...], ranks: Ranks) -> list[torch.Tensor]:
+    """This rank's contiguous share of the calibration batches; every rank needs at least one."""
+    if len(batches) < ranks.world:
+        raise QuantizationError(
+            f"calibration has {len(batches)} batch(es) of quantize.calibration.batch_size sequences; {ranks.world} "
+            "processes need at least one each (more samples or a smaller batch_size)"
+        )
+    return [batches[i] for i in ranks.share(len(batches))]
 
 
 # ----------------------------------------------------------------------------- observation
@@ -278,6 +294,14 @@ class ExpertTokenCounts:
         new = torch.bincount(top_k_index.reshape(-1).cpu(), minlength=num_experts)[:num_experts].tolist()
         old = self.counts.get(name, [0] * num_experts)
         self.counts[name] = [a + b for a, b in zip(old, new)]
+
+    def reduce(self, ranks: Ranks) -> None:
+        """Every rank's counts summed (each rank counted its share of the batches)."""
+        if not ranks.several:
+            return
+        for name in sorted(self.counts):
+            total = ranks.sum_(torch.tensor(self.counts[name], dtype=torch.int64))
+            self.counts[name] = total.tolist()
 
     def starved(self) -> dict[str, list[int]]:
         """Experts that received no routed calibration token, per module."""

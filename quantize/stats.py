@@ -1,10 +1,15 @@
-"""Calibration statistics of module inputs, accumulated in fp32 whatever the model's dtype.
+"""Calibration statistics of module inputs, accumulated in fp32 (sums in fp64) whatever the model's dtype.
 
 One :class:`InputStats` per observed input: mean and max ``|x|`` per channel, optionally the
 GPTQ Hessian, and a bounded sample of rows for searches (AWQ). :class:`StatsCollector` feeds
 them from Linear forward hooks and from :class:`~.sequential.ObservedExperts`. Keys are
 module names; fused experts use ``NAME.gate_up_proj`` (shared input of every expert) and
 ``NAME.gate_up_proj.E`` / ``NAME.down_proj.E`` (expert ``E``'s input and ``act(gate) * up``).
+
+Each forward call's contribution (``X^T W X``, ``sum w |x|``) is computed in fp32 and added to fp64
+sums, so the totals do not depend on the order the calls are added in (the fp32 products are exact in
+fp64, and their sums round far below fp32 resolution): calibration split over several processes
+(:meth:`StatsCollector.reduce`) gives the Hessians of one process, and the same integers.
 """
 from __future__ import annotations
 
@@ -12,8 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .gptq import accumulate_hessian
-
+from dsq.core.errors import QuantizationError
+from dsq.core.ranks import SINGLE, Ranks
 
 def max_over_median(magnitude: torch.Tensor) -> float:
     """``max / median`` of per-channel magnitudes ``(C,)``: about 1-5 without outlier channels, 10-100+ in large LLMs."""
@@ -25,9 +30,9 @@ class InputStats:
     """Running statistics of one module input ``(..., C)``."""
 
     count: float = 0.0  # total row weight
-    abs_sum: torch.Tensor | None = None  # (C,) fp32, weighted
+    abs_sum: torch.Tensor | None = None  # (C,) fp64, weighted
     abs_max: torch.Tensor | None = None  # (C,) fp32, over rows of positive weight
-    hessian: torch.Tensor | None = None  # (C, C) fp32, 2/n X^T W X
+    hessian_sum: torch.Tensor | None = None  # (C, C) fp64, X^T W X
     samples: list[torch.Tensor] = field(default_factory=list)  # rows kept for searches
 
     def add(self, x: torch.Tensor, *, hessian: bool, sample_rows: int, weights: torch.Tensor | None = None) -> None:
@@ -35,7 +40,7 @@ class InputStats:
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
         w = torch.ones(x.shape[0], device=x.device) if weights is None else weights.reshape(-1).to(torch.float32)
         a = x.abs()
-        weighted_sum = (a * w.unsqueeze(1)).sum(0)
+        weighted_sum = (a * w.unsqueeze(1)).sum(0).double()
         kept = a[w > 0]
         row_max = kept.amax(0) if kept.shape[0] else torch.zeros(x.shape[-1], device=x.device)
         if self.abs_sum is None:
@@ -44,10 +49,10 @@ class InputStats:
             self.abs_sum += weighted_sum
             self.abs_max = torch.maximum(self.abs_max, row_max)
         if hessian:
-            if self.hessian is None:
-                self.hessian = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
-            self.hessian, _ = accumulate_hessian(self.hessian, self.count, x, w if weights is not None else None)
-        self.count += float(w.sum())
+            xw = x * w.sqrt().unsqueeze(1) if weights is not None else x
+            gram = (xw.t() @ xw).double()  # (C, C): fp32 products, summed in fp64 from here on
+            self.hessian_sum = gram if self.hessian_sum is None else self.hessian_sum.add_(gram)
+        self.count += float(w.double().sum())
         if sample_rows > 0 and x.shape[0]:
             # prefer the rows that matter most (full weight), then fill with the others
             heavy = torch.nonzero(w >= w.max()).reshape(-1)
@@ -59,11 +64,32 @@ class InputStats:
             self.samples.append(x[pick].clone())
 
     @property
+    def hessian(self) -> torch.Tensor:
+        """GPTQ's ``H = 2/n X^T W X`` ``(C, C)`` in fp32 (zeros when no row had weight)."""
+        if self.hessian_sum is None:
+            raise QuantizationError("no Hessian was collected for this input")
+        if self.count <= 0:
+            return torch.zeros(self.hessian_sum.shape, dtype=torch.float32, device=self.hessian_sum.device)
+        return (self.hessian_sum * (2.0 / self.count)).float()
+
+    @property
     def mean_abs(self) -> torch.Tensor:
-        return self.abs_sum / self.count if self.count > 0 else self.abs_sum
+        """Weighted mean ``|x|`` per channel ``(C,)``, fp32."""
+        return (self.abs_sum / self.count if self.count > 0 else self.abs_sum).float()
 
     def sample(self) -> torch.Tensor:
         return torch.cat(self.samples)
+
+    def reduce(self, ranks: Ranks) -> None:
+        """Sums and maxima over every rank's calls (in place); sampled rows cannot be combined."""
+        if self.samples:
+            raise QuantizationError("sampled calibration rows (AWQ's searches) cannot be combined over several processes")
+        count = torch.tensor([self.count], dtype=torch.float64, device=self.abs_sum.device)
+        self.count = float(ranks.sum_(count))
+        ranks.sum_(self.abs_sum)
+        ranks.max_(self.abs_max)
+        if self.hessian_sum is not None:
+            ranks.sum_(self.hessian_sum)
 
 
 class StatsCollector:
@@ -113,3 +139,11 @@ class StatsCollector:
 
     def __getitem__(self, key: str) -> InputStats:
         return self.stats[key]
+
+    def reduce(self, ranks: Ranks = SINGLE) -> "StatsCollector":
+        """Combine every rank's statistics (each rank saw its share of the calibration batches); every rank
+        then holds the totals. Every rank observed the same inputs, so the keys agree."""
+        if ranks.several:
+            for key in sorted(self.stats):
+                self.stats[key].reduce(ranks)
+        return self

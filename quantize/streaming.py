@@ -61,7 +61,7 @@ class StreamedLayers:
 
     source: ShardedTensors
     compressor: object
-    writer: ShardWriter
+    writer: ShardWriter | None  # None: a process that only calibrates (another one writes)
     seconds_reading: float = 0.0
     seconds_writing: float = 0.0
     layers_written: int = 0
@@ -83,7 +83,8 @@ class StreamedLayers:
 
     def release(self, index: int, name: str, layer: nn.Module) -> None:
         started = time.perf_counter()
-        self.writer.add(self.compressor.add(_holder(name, layer)))
+        if self.writer is not None:
+            self.writer.add(self.compressor.add(_holder(name, layer)))
         for module in (*self._originals.pop(index, ()), *layer.modules()):
             module.to("meta")
         _return_freed_memory()
@@ -112,7 +113,7 @@ def experts_quantized(model: nn.Module, targets) -> bool:
 
 def quantize_streaming(
     src: Path | CheckpointFiles,
-    out: Path,
+    out: Path | None,
     config: object,
     *,
     calibration: torch.Tensor | None = None,
@@ -127,7 +128,8 @@ def quantize_streaming(
     Args:
         src: a local checkpoint directory (safetensors shards, BF16/FP32 or FP8 block-scaled), or its
             :class:`~dsq.core.checkpoint.CheckpointFiles` already inspected (its headers are not read again).
-        out: where the weights and config.json are written (the caller adds tokenizer and manifest).
+        out: where the weights and config.json are written (the caller adds tokenizer and manifest); None: nothing
+            is written (a process of a multi-process run that only calibrates; the main one writes).
         config: the config of a method that streams (``Method.streams``: RTN, GPTQ, AWQ).
         calibration: ``(samples, seq_len)`` token ids for calibrated methods.
         dtype: the working dtype of the model (as the in-memory path's ``dtype``).
@@ -153,15 +155,17 @@ def quantize_streaming(
     prefix, layers = decoder_layers(model)
     materialize_outside_layers(model, prefix, source)
     compressor = Compressor(__version__, has_experts=experts_quantized(model, config.targets), experts=expert_projections(model))
-    writer = ShardWriter(out, max_shard_bytes)
+    writer = ShardWriter(out, max_shard_bytes) if out is not None else None
     lifecycle = StreamedLayers(source, compressor, writer)
     on = OnDevice(lifecycle, device) if device is not None else lifecycle
     report = quantize_(model, config, calibration=calibration, progress=progress, lifecycle=on)
     if lifecycle.layers_written != len(layers):
         raise QuantizationError(f"streaming wrote {lifecycle.layers_written} of {len(layers)} decoder layers")
     tie = tied_embeddings(model)
-    writer.add(drop_tied_duplicate(_outside_layers(model, prefix, compressor), tie))
-    names = writer.close()
+    names = []
+    if writer is not None:
+        writer.add(drop_tied_duplicate(_outside_layers(model, prefix, compressor), tie))
+        names = writer.close()
     report.notes += tie_notes(model)
     unused = source.unused()
     report.notes += _stream_notes(unused, files.root, len(layers))

@@ -65,7 +65,7 @@ def test_qat_model_exports_to_onnx_for_serving(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     manifest = json.loads((out / "onnx" / "export_manifest.json").read_text())
     assert manifest["validation"]["passed"] and manifest["validation"]["max_abs_logit_diff"] <= 1e-3
-    assert manifest["ops"]["com.microsoft::MatMulNBits"] > 0 and manifest["quantized_modules"]["dense_routed_experts"]
+    assert manifest["ops"]["com.microsoft::MatMulNBits"] > 0 and manifest["quantized_modules"]["routed_experts"]
     assert [c["name"] for c in report["candidates"]][-1].startswith("qat-")  # no ONNX row without evaluate
 
 

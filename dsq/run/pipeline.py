@@ -24,7 +24,9 @@ from dsq.quantize.artifact_save import copy_tokenizer, write_config
 from dsq.quantize.method import method_names
 from dsq.quantize.streaming import quantize_streaming
 from dsq.run.export_step import export_rows
+from dsq.core.ranks import SINGLE, Ranks, leave_group
 from dsq.run.preflight import check_recipe_against_checkpoint
+from dsq.run.ranked import agree_on_streaming, calibrate_share, join_ranks
 from dsq.run.recipe import Recipe, dump_recipe
 from dsq.run.steps import DTYPES, QuantizeStep, benchmark_suite, gates_of, model_path, run_meta, save_artifact
 from dsq.run.streaming import StreamingDecision, decide_streaming
@@ -51,8 +53,11 @@ def run(recipe: Recipe) -> RunResult:
     """
     if recipe.finetune is not None:
         return run_finetune(recipe)
+    ranks = join_ranks(recipe)  # torchrun: several processes share calibration; only rank 0 writes
+    if not ranks.main:
+        return calibrate_share(recipe, ranks)
     with claim_output(Path(recipe.output).expanduser(), recipe.overwrite):  # before the model is loaded
-        return _run_quantize(recipe)
+        return _run_quantize(recipe, ranks)
 
 
 def run_tail(recipe: Recipe, evaluator: Evaluator | None, loaded_meta: dict) -> RunTail:
@@ -61,11 +66,11 @@ def run_tail(recipe: Recipe, evaluator: Evaluator | None, loaded_meta: dict) -> 
     return RunTail(evaluator, gates_of(recipe.eval), loaded_meta, reload)
 
 
-def _run_quantize(recipe: Recipe) -> RunResult:
+def _run_quantize(recipe: Recipe, ranks: Ranks = SINGLE) -> RunResult:
     torch.manual_seed(recipe.seed)
     files = validate_checkpoint(model_path(recipe), trust_remote_code=recipe.trust_remote_code)
     check_recipe_against_checkpoint(recipe, files)  # the recipe against the model, before anything is loaded
-    decision = decide_streaming(recipe.streaming, files, DTYPES[recipe.dtype])
+    decision = agree_on_streaming(ranks, decide_streaming(recipe.streaming, files, DTYPES[recipe.dtype]))
     if decision.stream:
         (log.warning if recipe.streaming is None else log.info)("%s", decision.reason)
         return run_streamed(recipe, files, decision)
@@ -77,6 +82,7 @@ def _run_quantize(recipe: Recipe) -> RunResult:
     with atomic_directory(output, recipe.overwrite) as tmp:
         original = tail.evaluate("original", loaded.model, files.root, reference=True)
         qreport, quant_seconds, peak_rss = step.apply(loaded.model, progress=recipe.progress)
+        leave_group()  # the other ranks are done; what follows is the main process's alone
         qreport.notes += tie_notes(loaded.model)  # a tied lm_head quantized: the tie is broken
         save_artifact(tmp, loaded, recipe, step.config)
         reload = tail.reload_check(tmp, loaded.model, method_of(step.config).reload_tolerance)
@@ -126,6 +132,7 @@ def run_streamed(recipe: Recipe, files: CheckpointFiles, decision: StreamingDeci
                 trust_remote_code=recipe.trust_remote_code, max_shard_bytes=recipe.max_shard_mb << 20, progress=recipe.progress,
                 device=step.device,
             )
+        leave_group()  # the other ranks are done; what follows is the main process's alone
         qreport = streamed.report
         step.record_calibration(qreport)
         write_config(streamed.config, tmp)

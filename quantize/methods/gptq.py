@@ -14,7 +14,7 @@ from dsq.core.schema import MAX_WIDTH, Strict
 from ..api import QuantizationReport
 from ..artifact_save import save_quantized_model
 from ..calibrated import _calibrated, _collect, _in_layer, _Run, _stages
-from ..gptq import gptq_quantize
+from ..gptq import HessianNotPositiveDefinite, gptq_quantize_batched
 from ..cost import STACKED_EXPERTS, Hessians, MethodCost, integer_layout, range_candidates
 from ..method import ALWAYS, Method, register
 from ..modules import linear_groups
@@ -22,7 +22,7 @@ from ..primitives import QuantizedWeight, cat_rows, stack_weights
 from ..scheme import PerGroup, WeightScheme
 from ..sections import CalibrationSection, WeightMethodSection
 from ..sequential import RESIDENT, LayerLifecycle
-from ..stats import StatsCollector
+from ..stats import InputStats, StatsCollector
 from ..targets import TargetDecision, TargetSpec
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ class GPTQConfig:
         unrouted_weight: weight of calibration tokens not routed to an expert in its statistics.
         mse_scales: pick each group's range by a shrink search (``|w - Q(w)|^2.4``) instead of min/max.
         batch_size: calibration sequences per forward.
+        expert_chunk: weights of one shape solved together (experts of one projection, same-shape Linears);
+            bounds the solve's memory (``dsq plan`` counts it); 1 solves one weight at a time.
     """
 
     scheme: WeightScheme = WeightScheme(4, PerGroup(128))
@@ -48,6 +50,7 @@ class GPTQConfig:
     act_order: bool = True
     unrouted_weight: float = 0.1
     batch_size: int = 8
+    expert_chunk: int = 8
 
     def __post_init__(self) -> None:
         if not 0 < self.damp < 1:
@@ -56,6 +59,8 @@ class GPTQConfig:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if not 0 <= self.unrouted_weight <= 1:
             raise ValueError(f"unrouted_weight must be in [0, 1], got {self.unrouted_weight}")
+        if self.expert_chunk < 1:
+            raise ValueError(f"expert_chunk must be >= 1, got {self.expert_chunk}")
 
 
 def _gptq_layer(run: _Run, config: GPTQConfig, prefix: str, layer: nn.Module, forward: Callable) -> None:
@@ -65,7 +70,7 @@ def _gptq_layer(run: _Run, config: GPTQConfig, prefix: str, layer: nn.Module, fo
         experts = [d for d in quantized if d.kind == "experts"]
         collector = StatsCollector(hessian=True, unrouted_weight=config.unrouted_weight, grouped=grouped_linears(quantized))
         _collect(layer, prefix, forward, linears, collector, run.counts if experts else None)
-        run.swap(stage, gptq_solve(run, config, quantized, collector))
+        run.swap(stage, gptq_solve(run, config, quantized, collector.reduce(run.ranks)))
 
 
 def grouped_linears(decisions: list[TargetDecision]) -> dict[str, int]:
@@ -73,50 +78,129 @@ def grouped_linears(decisions: list[TargetDecision]) -> dict[str, int]:
     return {d.name: g for d in decisions if d.kind == "linear" and (g := linear_groups(d.module)) is not None}
 
 
-def gptq_solve(run: _Run, config: GPTQConfig, decisions: list[TargetDecision], collector: StatsCollector) -> dict[str, QuantizedWeight]:
-    """GPTQ integers of every Linear and fused experts module in ``decisions`` from the Hessians in ``collector``.
+@dataclass(frozen=True)
+class GPTQSolve:
+    """One weight GPTQ rounds: its report name, weight ``[out, in]`` and the statistics of its input (the fp32
+    Hessian ``[in, in]`` is made when its chunk is solved)."""
 
-    Returns result keys ``<linear>.weight`` and ``<experts>.gate_up_proj`` / ``<experts>.down_proj`` (stacked
-    ``[experts, out, in]``).
-    """
-    results: dict[str, QuantizedWeight] = {}
+    name: str
+    weight: torch.Tensor
+    stats: InputStats
+
+
+def gptq_solves(decisions: list[TargetDecision], collector: StatsCollector) -> dict[str, list[GPTQSolve]]:
+    """Every weight to round among ``decisions``, by result key (``<linear>.weight``, ``<experts>.gate_up_proj``,
+    ``<experts>.down_proj``); a result made of several weights (experts, the groups of a grouped Linear) lists
+    them in order."""
+    solves: dict[str, list[GPTQSolve]] = {}
     for d in decisions:
         if d.kind == "linear" and (groups := linear_groups(d.module)) is not None:
             # each group's rows see only that group's inputs: one solve per group with its own Hessian
             blocks = d.module.weight.view(groups, -1, d.module.weight.shape[-1])  # (G, d_g, in_g)
-            results[f"{d.name}.weight"] = cat_rows([
-                _gptq_one(run, config, f"{d.name}.group.{g}", blocks[g], collector[f"{d.name}.group.{g}"].hessian)
-                for g in range(groups)
-            ])
-            continue
-        if d.kind == "linear":
-            results[f"{d.name}.weight"] = _gptq_one(run, config, d.name, d.module.weight, collector[d.name].hessian)
-            continue
-        gate_up, down = [], []
-        for e in range(d.module.gate_up_proj.shape[0]):
-            gate_up.append(_gptq_one(run, config, f"{d.name}.{e}.gate_up_proj", d.module.gate_up_proj[e], collector[f"{d.name}.gate_up_proj.{e}"].hessian))
-            down.append(_gptq_one(run, config, f"{d.name}.{e}.down_proj", d.module.down_proj[e], collector[f"{d.name}.down_proj.{e}"].hessian))
-        results[f"{d.name}.gate_up_proj"] = stack_weights(gate_up)
-        results[f"{d.name}.down_proj"] = stack_weights(down)
+            solves[f"{d.name}.weight"] = [
+                GPTQSolve(f"{d.name}.group.{g}", blocks[g], collector[f"{d.name}.group.{g}"]) for g in range(groups)
+            ]
+        elif d.kind == "linear":
+            solves[f"{d.name}.weight"] = [GPTQSolve(d.name, d.module.weight, collector[d.name])]
+        else:
+            for proj in ("gate_up_proj", "down_proj"):
+                stacked = getattr(d.module, proj)  # (E, out, in)
+                solves[f"{d.name}.{proj}"] = [
+                    GPTQSolve(f"{d.name}.{e}.{proj}", stacked[e], collector[f"{d.name}.{proj}.{e}"])
+                    for e in range(stacked.shape[0])
+                ]
+    return solves
+
+
+def gptq_solve(run: _Run, config: GPTQConfig, decisions: list[TargetDecision], collector: StatsCollector) -> dict[str, QuantizedWeight]:
+    """GPTQ integers of every Linear and fused experts module in ``decisions`` from the Hessians in ``collector``.
+
+    Weights of one shape (the experts of one projection, the groups of a grouped Linear, same-shape Linears)
+    are solved together, ``config.expert_chunk`` at a time (:func:`~..gptq.gptq_quantize_batched`).
+
+    Returns result keys ``<linear>.weight`` and ``<experts>.gate_up_proj`` / ``<experts>.down_proj`` (stacked
+    ``[experts, out, in]``).
+    """
+    solves = gptq_solves(decisions, collector)
+    rounded = solve_batched(run, config, [s for group in solves.values() for s in group])
+    results = {}
+    for key, group in solves.items():
+        parts = [rounded[s.name] for s in group]
+        if key.endswith(".weight"):
+            results[key] = parts[0] if len(parts) == 1 else cat_rows(parts)
+        else:
+            results[key] = stack_weights(parts)
     return results
 
 
-def _gptq_one(run: _Run, config: GPTQConfig, name: str, weight: torch.Tensor, hessian: torch.Tensor) -> QuantizedWeight:
+def solve_batched(run: _Run, config: GPTQConfig, solves: list[GPTQSolve]) -> dict[str, QuantizedWeight]:
+    """GPTQ of ``solves`` by shape, ``config.expert_chunk`` weights per batched solve; name -> integers.
+
+    With several processes the chunks are dealt round robin; each is solved by its owner and handed to
+    every rank (a weight's integers do not depend on the chunk it is solved in).
+    """
+    by_shape: dict[tuple[int, int], list[GPTQSolve]] = {}
+    for s in solves:
+        by_shape.setdefault(tuple(s.weight.shape), []).append(s)
+    chunks = [group[c : c + config.expert_chunk] for group in by_shape.values() for c in range(0, len(group), config.expert_chunk)]
+    # every rank solves its own chunks first, then the results are handed round in chunk order
+    mine = {i: _gptq_chunk(run, config, chunk) for i, chunk in enumerate(chunks) if run.ranks.owner(i) == run.ranks.rank}
+    rounded: dict[str, QuantizedWeight] = {}
+    for index, chunk in enumerate(chunks):
+        result = mine.get(index)
+        if run.ranks.several:
+            result = _share_chunk(run, config, chunk, result, run.ranks.owner(index))
+        rounded.update(result)
+    return rounded
+
+
+def _share_chunk(run: _Run, config: GPTQConfig, chunk: list[GPTQSolve], mine: dict[str, QuantizedWeight] | None,
+                 owner: int) -> dict[str, QuantizedWeight]:
+    """The owner's integers, scales (zeros) and proxy losses of ``chunk``, on every rank."""
+    scheme = config.scheme
+    out, inp = chunk[0].weight.shape
+    groups = scheme.granularity.num_groups(inp)
+    device = chunk[0].stats.abs_sum.device
+    if mine is not None:
+        q = torch.stack([mine[s.name].qweight for s in chunk])
+        scale = torch.stack([mine[s.name].scale for s in chunk])
+        zero = torch.stack([mine[s.name].zero for s in chunk]) if not scheme.symmetric else None
+        loss = torch.tensor([run.per_module[s.name]["gptq_loss"] for s in chunk], dtype=torch.float64, device=device)
+    else:
+        q = torch.empty(len(chunk), out, inp, dtype=torch.int8, device=device)
+        scale = torch.empty(len(chunk), out, groups, dtype=torch.float32, device=device)
+        zero = torch.empty(len(chunk), out, groups, dtype=torch.int8, device=device) if not scheme.symmetric else None
+        loss = torch.empty(len(chunk), dtype=torch.float64, device=device)
+    for t in (q, scale, zero, loss):
+        if t is not None:
+            run.ranks.broadcast_(t, owner)
+    shared = {}
+    for b, s in enumerate(chunk):
+        run.per_module[s.name] = {"gptq_loss": float(loss[b])}
+        shared[s.name] = QuantizedWeight(q[b], scale[b], zero[b] if zero is not None else None, scheme)
+    return shared
+
+
+def _gptq_chunk(run: _Run, config: GPTQConfig, chunk: list[GPTQSolve]) -> dict[str, QuantizedWeight]:
+    weights = torch.stack([s.weight.detach() for s in chunk])  # (B, out, in)
+    hessians = torch.stack([s.stats.hessian for s in chunk])  # (B, in, in)
     try:
-        result = gptq_quantize(
-            weight, hessian, config.scheme, damp=config.damp, block_size=config.block_size,
+        results = gptq_quantize_batched(
+            weights, hessians, config.scheme, damp=config.damp, block_size=config.block_size,
             act_order=config.act_order, mse_scales=config.mse_scales,
         )
-    except torch.linalg.LinAlgError as exc:
-        raise QuantizationError(f"{name}: GPTQ failed: {exc}") from exc
-    run.per_module[name] = {"gptq_loss": result.loss}
-    return result.qweight
+    except HessianNotPositiveDefinite as exc:
+        raise QuantizationError(f"{chunk[exc.index].name}: GPTQ failed: {exc}") from exc
+    for s, result in zip(chunk, results):
+        run.per_module[s.name] = {"gptq_loss": result.loss}
+    return {s.name: result.qweight for s, result in zip(chunk, results)}
 
 
 def _gptq_head(run: _Run, config: GPTQConfig, d: TargetDecision, x: torch.Tensor) -> QuantizedWeight:
     collector = StatsCollector(hessian=True)
     collector.linear_input(d.name, x)
-    return _gptq_one(run, config, d.name, d.module.weight, collector[d.name].hessian)
+    collector.reduce(run.ranks)
+    return solve_batched(run, config, [GPTQSolve(d.name, d.module.weight, collector[d.name])])[d.name]
 
 
 def _gptq(
@@ -134,6 +218,7 @@ class GPTQSettings(Strict):
     act_order: bool = True  # columns by decreasing diag(H); groups stay in place (static groups)
     mse_scales: bool = True  # each group's range from a shrink search instead of min/max
     unrouted_weight: float = Field(0.1, ge=0, le=1)  # weight of tokens not routed to an expert in its Hessian
+    expert_chunk: int = Field(8, ge=1)  # weights of one shape solved together (bounds the solve's memory)
 
 
 class GPTQSection(WeightMethodSection):
@@ -147,11 +232,11 @@ class GPTQSection(WeightMethodSection):
         g = self.gptq
         return GPTQConfig(self.weights.scheme(), self.targets.spec(), mse_scales=g.mse_scales, damp=g.damp,
                           block_size=g.block_size, act_order=g.act_order, unrouted_weight=g.unrouted_weight,
-                          batch_size=self.calibration.batch_size)
+                          batch_size=self.calibration.batch_size, expert_chunk=g.expert_chunk)
 
 
 def _gptq_calibration(config: GPTQConfig) -> Hessians:
-    return Hessians(block_size=config.block_size, range_candidates=range_candidates(config.mse_scales))
+    return Hessians(block_size=config.block_size, range_candidates=range_candidates(config.mse_scales), solve_batch=config.expert_chunk)
 
 
 GPTQ_COST = MethodCost(layout=integer_layout, calibration=_gptq_calibration, rounding=STACKED_EXPERTS)
@@ -159,5 +244,5 @@ GPTQ_COST = MethodCost(layout=integer_layout, calibration=_gptq_calibration, rou
 
 GPTQ = register(Method(
     name="gptq", cost=GPTQ_COST, section=GPTQSection, config=GPTQConfig, handler=_gptq, save=save_quantized_model,
-    calibrates=ALWAYS, streams=True, exports=True, qat_start=True, lora_base=True,
+    calibrates=ALWAYS, streams=True, exports=True, qat_start=True, lora_base=True, splits_calibration=True,
 ))

@@ -9,6 +9,7 @@ from pydantic import Field
 from torch import nn
 
 from dsq.core.errors import QuantizationError
+from dsq.core.ranks import current_ranks
 from dsq.core.schema import Strict
 
 from ..api import QuantizationReport, require_resident
@@ -91,19 +92,20 @@ def _w8a8(
     counts = ExpertTokenCounts()
     smoothing: dict[str, dict] = {}
     missing: dict[str, str] = {}  # module -> why SmoothQuant gave it no scale
+    ranks = current_ranks()  # several processes: each observes its share of the batches; maxima are combined
 
     def on_layer(prefix: str, layer: nn.Module, forward: Callable) -> None:
         linears = {d.name: d.module for d in _in_layer(decisions, prefix) if d.kind == "linear"}
         layer_counts = counts  # routed tokens are counted on the first pass only
         if config.smoothquant_alpha is not None:
             # unrouted_weight 0: an expert's statistics are over the tokens routed to it
-            collector = _collect(layer, prefix, forward, linears, StatsCollector(unrouted_weight=0.0), layer_counts)
+            collector = _collect(layer, prefix, forward, linears, StatsCollector(unrouted_weight=0.0), layer_counts).reduce(ranks)
             _smooth_layer(config, prefix, layer, collector, quantized, smoothing)
             missing.update(without_balance(prefix, layer, quantized))
             layer_counts = ExpertTokenCounts()
         if not isinstance(config.activations, StaticPerTensor):
             return
-        collector = _collect(layer, prefix, forward, linears, StatsCollector(unrouted_weight=0.0), layer_counts)
+        collector = _collect(layer, prefix, forward, linears, StatsCollector(unrouted_weight=0.0), layer_counts).reduce(ranks)
         for d in _in_layer(decisions, prefix):
             if d.kind == "linear":
                 absmax[d.name] = collector[d.name].abs_max.max()
@@ -112,7 +114,8 @@ def _w8a8(
                 absmax[f"{d.name}.gate_up_proj"] = torch.stack([collector[f"{d.name}.gate_up_proj.{e}"].abs_max.max() for e in range(E)])
                 absmax[f"{d.name}.down_proj"] = torch.stack([collector[f"{d.name}.down_proj.{e}"].abs_max.max() for e in range(E)])
 
-    sequential_calibrate(model, ids, on_layer, batch_size=config.batch_size, progress=progress)
+    sequential_calibrate(model, ids, on_layer, batch_size=config.batch_size, progress=progress, ranks=ranks)
+    counts.reduce(ranks)
     layers_prefix = decoder_layers(model)[0] + "."
     head = [d for d in decisions if d.quantize and not d.name.startswith(layers_prefix)]
     if head and isinstance(config.activations, StaticPerTensor):
@@ -182,4 +185,5 @@ W8A8_COST = MethodCost(layout=_w8a8_layout, calibration=_w8a8_calibration, round
 W8A8 = register(Method(
     name="w8a8", cost=W8A8_COST, section=W8A8Section, config=W8A8Config, handler=_w8a8, save=save_quantized_model,
     calibrates=lambda config: config.needs_calibration, exports=True, reload_tolerance=W8A8_RELOAD_TOLERANCE,
+    splits_calibration=True,
 ))

@@ -251,12 +251,13 @@ def test_deepseek_v3_plan():
     assert 630 * GiB <= plan.source.tensor_bytes <= 650 * GiB and "FP8" in plan.source.storage
     by_category = dict(plan.parameters.by_category)
     assert by_category["routed experts (fused)"] == 58 * 256 * 3 * 7168 * 2048
-    # GPTQ holds one Hessian per expert projection input: 256 x (H^2 + I^2) fp32 in a MoE layer
-    # (plus the shared expert's, the experts' shared input and the largest solve's fp32 working set: o_proj's,
-    # K = 128 heads x 128 = 16384: < 10 % more)
+    # GPTQ holds one Hessian sum per expert projection input: 256 x (H^2 + I^2) fp64 in a MoE layer
+    # (plus the shared expert's and the experts' shared input: < 10 % more), and the largest batched solve's
+    # working set: expert_chunk (8) gate_up weights [4096, 7168] with 8 weight and 3 Hessian fp32 copies each
     moe = plan.layers[3]
-    hessians = 256 * 4 * (7168 ** 2 + 2048 ** 2)
-    assert hessians <= moe.statistics_bytes <= 1.1 * hessians
+    hessians = 256 * 8 * (7168 ** 2 + 2048 ** 2)
+    solve = 8 * 4 * (8 * 4096 * 7168 + 3 * 7168 ** 2)
+    assert hessians + solve <= moe.statistics_bytes <= 1.1 * hessians + solve
     assert plan.accelerator.total > 80 * GiB  # does not fit one 80 GB GPU with the defaults
     # GPTQ keeps every expert's int8 result and their stacked copy: at least 2 bytes per gate_up element;
     # round to nearest rounds one expert at a time (at least an fp32 copy of it) into one int8 tensor
@@ -328,3 +329,31 @@ def test_cli_bad_recipe_and_tflops_exit_2(capsys, tiny_checkpoint, tmp_path):
     with pytest.raises(SystemExit) as exc:  # a usage error: argparse exits 2
         main(["plan", str(tiny_checkpoint("llama")), "--tflops", "-1"])
     assert exc.value.code == 2 and "--tflops" in capsys.readouterr().err
+
+
+def test_plan_counts_the_gptq_expert_chunk():
+    """The batched solve's working set grows with ``gptq.expert_chunk`` (8 gate_up weights of V3 by default)."""
+    def moe_statistics(*overrides: str) -> int:
+        recipe = load_recipe(None, ["dtype=bfloat16", "quantize.method=gptq", "quantize.weights.bits=4", *overrides])
+        return plan_checkpoint(PUBLIC / "deepseek-v3", recipe, tflops=100).layers[3].statistics_bytes
+
+    one, default, many = moe_statistics("quantize.gptq.expert_chunk=1"), moe_statistics(), moe_statistics("quantize.gptq.expert_chunk=32")
+    per_weight = 4 * (8 * 4096 * 7168 + 3 * 7168 ** 2)  # gate_up [4096, 7168]
+    assert many - default == 24 * per_weight
+    # one weight at a time, the largest solve is o_proj's [7168, 16384], not an expert's
+    o_proj = 4 * (8 * 7168 * 16384 + 3 * 16384 ** 2)
+    assert default - one == 8 * per_weight - o_proj
+
+
+def test_plan_per_process_of_a_calibration_shared_by_several():
+    """``--processes N``: each process holds its share of the activations and every statistic; the work is split."""
+    recipe = load_recipe(None, ["dtype=bfloat16", "quantize.method=gptq", "quantize.weights.bits=4",
+                                "quantize.calibration.samples=192", "quantize.calibration.batch_size=8"])
+    one = plan_checkpoint(PUBLIC / "deepseek-v3", recipe, tflops=100)
+    four = plan_checkpoint(PUBLIC / "deepseek-v3", recipe, tflops=100, processes=4)
+    assert four.time.total_flops == pytest.approx(one.time.total_flops / 4)
+    assert [p.statistics_bytes for p in four.layers] == [p.statistics_bytes for p in one.layers]
+    assert four.streaming.total < one.streaming.total  # a quarter of the calibration activations
+    assert any("4 processes (torchrun --nproc_per_node 4)" in n and "48 of 192 calibration sequences" in n for n in four.notes)
+    with pytest.raises(ValueError, match="processes"):
+        plan_checkpoint(PUBLIC / "deepseek-v3", recipe, processes=0)

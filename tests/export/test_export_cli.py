@@ -74,7 +74,8 @@ def test_dsq_export_of_a_dsq_artifact_checks_it_against_dsq_forward(tmp_path, ti
     assert "max |delta logit|" in out and "identical greedy tokens" in out
     manifest = json.loads((tmp_path / "int8-onnx" / "export_manifest.json").read_text())
     assert manifest["ops"]["com.microsoft::MatMulNBits"] > 0 and manifest["validation"]["passed"]
-    assert manifest["quantized_modules"]["dense_routed_experts"]  # experts exported, from the artifact's integers
+    routed = manifest["quantized_modules"]["routed_experts"]  # experts exported, from the artifact's integers
+    assert routed and all(r["form"] == "sparse" for r in routed.values())
     code, _, err = run(capsys, "export", art, "-q")  # again, without --overwrite
     assert code == 2 and "already exists" in err
 

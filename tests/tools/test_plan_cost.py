@@ -51,9 +51,9 @@ def test_the_planner_names_no_method_config():
 
 def test_integer_methods_follow_their_settings():
     gptq = config_of("quantize.method=gptq", "quantize.weights.bits=4", "quantize.gptq.block_size=64",
-                     "quantize.gptq.mse_scales=false")
+                     "quantize.gptq.mse_scales=false", "quantize.gptq.expert_chunk=4")
     assert cost_of(gptq).layout(gptq) == IntegerWeights(gptq.scheme)
-    assert cost_of(gptq).calibration(gptq) == Hessians(block_size=64, range_candidates=1)
+    assert cost_of(gptq).calibration(gptq) == Hessians(block_size=64, range_candidates=1, solve_batch=4)
     assert cost_of(gptq).rounding == STACKED_EXPERTS
     awq = config_of("quantize.method=awq", "quantize.awq.clip=true", "quantize.awq.grid=10")
     assert cost_of(awq).calibration(awq) == ScaleSearch(awq.search_tokens, 10, True, RANGE_CANDIDATES)

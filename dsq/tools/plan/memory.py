@@ -48,6 +48,7 @@ class Quantization:
         run: the calibration data (None: calibration-free).
         dtype_name: the recipe dtype.
         dtype_bytes: its bytes per element.
+        whole_run: the whole calibration set when ``run`` is one process's share of it (None: ``run`` is all).
     """
 
     layout: Layout
@@ -56,6 +57,7 @@ class Quantization:
     run: CalibrationRun | None
     dtype_name: str
     dtype_bytes: int
+    whole_run: CalibrationRun | None = None
 
     def statistics(self, facts: ModelFacts, index: int | None) -> int:
         """Calibration statistics held for decoder layer ``index`` (None: the head stage)."""

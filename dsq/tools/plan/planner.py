@@ -1,6 +1,8 @@
 """``plan_checkpoint``: a recipe against a checkpoint, from config.json and safetensors headers alone."""
 from __future__ import annotations
 
+import math
+
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -66,7 +68,7 @@ def _weight_headers(root: Path) -> tuple[Any, ...]:
     return inspect_checkpoint(root).headers if has_weights else ()
 
 
-def _quantization(recipe: Recipe) -> tuple[Quantization, Any]:
+def _quantization(recipe: Recipe, processes: int = 1) -> tuple[Quantization, Any]:
     """The recipe's quantization as the estimates need it, and its target spec."""
     import torch
 
@@ -81,8 +83,12 @@ def _quantization(recipe: Recipe) -> tuple[Quantization, Any]:
     cost = cost_of(config)
     calibration = cost.calibration(config)
     data = section.calibration_section
-    run = CalibrationRun(data.samples, data.seq_len, data.batch_size) if calibration is not None else None
-    q = Quantization(cost.layout(config), cost.rounding, calibration, run, dtype_name, DTYPE_BYTES[dtype_name])
+    whole = CalibrationRun(data.samples, data.seq_len, data.batch_size) if calibration is not None else None
+    run = whole
+    if whole is not None and processes > 1:  # the largest share: whole batches, the first ranks one more
+        share = min(data.samples, math.ceil(whole.batches / processes) * data.batch_size)
+        run = CalibrationRun(share, data.seq_len, data.batch_size)
+    q = Quantization(cost.layout(config), cost.rounding, calibration, run, dtype_name, DTYPE_BYTES[dtype_name], whole_run=whole)
     return q, section.targets.spec()
 
 
@@ -160,13 +166,15 @@ def _check_recipe(recipe: Recipe, root: Path, config: Mapping[str, Any]) -> None
     check_recipe_against_model(recipe, checked_model_facts(config, root / CONFIG_NAME), root / CONFIG_NAME)
 
 
-def plan_checkpoint(path: str | Path, recipe: Recipe | None = None, *, tflops: float | None = None) -> Plan:
+def plan_checkpoint(path: str | Path, recipe: Recipe | None = None, *, tflops: float | None = None, processes: int = 1) -> Plan:
     """Plan a recipe on a checkpoint without loading any tensor data.
 
     Args:
         path: the checkpoint directory (config.json, and safetensors weights when present).
         recipe: the recipe (None: every default).
         tflops: throughput for the calibration time (None: the GPU and CPU defaults of :mod:`.flops`).
+        processes: processes sharing calibration (``torchrun --nproc_per_node N``): memory is per process (each
+            holds its share of the batches' activations and every statistic), time is the work of one of them.
 
     Returns:
         The :class:`Plan`.
@@ -181,14 +189,16 @@ def plan_checkpoint(path: str | Path, recipe: Recipe | None = None, *, tflops: f
     recipe = recipe if recipe is not None else load_recipe(None)
     root, config = read_plan_config(path)
     headers = _weight_headers(root)
-    q, spec = _quantization(recipe)
+    if processes < 1:
+        raise ValueError(f"processes must be >= 1, got {processes}")
+    q, spec = _quantization(recipe, processes)
     facts = model_facts(root, config, spec)
     _check_recipe(recipe, root, config)
-    return _assemble(root, config, recipe, facts, q, headers, source_name, throughputs(tflops))
+    return _assemble(root, config, recipe, facts, q, headers, source_name, throughputs(tflops), processes)
 
 
 def _assemble(root: Path, config: Mapping[str, Any], recipe: Recipe, facts: ModelFacts, q: Quantization,
-              headers: Sequence[Any], source_name: str, rates: tuple[tuple[str, float], ...]) -> Plan:
+              headers: Sequence[Any], source_name: str, rates: tuple[tuple[str, float], ...], processes: int = 1) -> Plan:
     quantized = artifact_bytes(facts, q.layout, q.dtype_bytes)
     layers = layer_plans(facts, q, quantized)
     source = source_bytes(facts, headers)
@@ -196,11 +206,24 @@ def _assemble(root: Path, config: Mapping[str, Any], recipe: Recipe, facts: Mode
     rows.append(scheme_row(facts, f"recipe: {recipe.quantize.method if recipe.quantize else 'no quantization'}", q.layout, q.dtype_name))
     loaded: LoadedSource = loaded_source(facts, headers, source, q.dtype_name)
     in_memory, streaming, accelerator = memory_estimates(facts, q, quantized, layers, loaded)
-    flops = calibration_flops(facts, q.calibration, q.run, quantizes=recipe.quantize is not None)
+    whole = q.whole_run if q.whole_run is not None else q.run
+    # every part of calibration is shared out: the batches' forwards and statistics, and the solves
+    flops = tuple((what, f / processes) for what, f in calibration_flops(facts, q.calibration, whole, quantizes=recipe.quantize is not None))
     return Plan(
         checkpoint=str(root), model_type=config["model_type"], architecture=facts.architecture, config_only=not headers,
         recipe=_recipe_line(recipe, source_name, q), method=recipe.quantize.method if recipe.quantize else None,
         parameters=parameter_counts(facts), layers=layers, source=source, schemes=tuple(rows), in_memory=in_memory,
         streaming=streaming, accelerator=accelerator, time=TimeEstimate(flops, rates),
-        notes=_notes(config, facts, source, q, recipe),
+        notes=_notes(config, facts, source, q, recipe) + _process_notes(q, processes),
+    )
+
+
+def _process_notes(q: Quantization, processes: int) -> tuple[str, ...]:
+    if processes == 1:
+        return ()
+    share = f"{q.run.samples} of {q.whole_run.samples} calibration sequences" if q.run is not None else "no calibration"
+    return (
+        f"{processes} processes (torchrun --nproc_per_node {processes}): the figures are per process; each loads the model "
+        f"(in memory) or one layer at a time (streaming), holds its share of the activations ({share}) and every "
+        "statistic of a layer (combined over the processes), and does 1/N of the calibration work",
     )

@@ -11,8 +11,10 @@ from dsq.quantize.cost import (
     BLOCK_TRAINING_HELD_BYTES,
     BLOCK_TRAINING_PEAK_BYTES,
     HEAD_LOGIT_COPIES,
+    CHANNEL_VECTOR_BYTES,
     RTN_TEMPORARY_BYTES,
     STATISTICS_BYTES,
+    SUM_BYTES,
     ActivationRanges,
     ArtifactLayout,
     BlockTraining,
@@ -56,7 +58,7 @@ def _solve_shapes(target: Target) -> tuple[tuple[int, int, int], ...]:
 
 
 def _hessian_bytes(facts: ModelFacts, targets: list[Target], method: Hessians) -> int:
-    """Hessians of GPTQ's larger stage (attention, then MLP/experts) plus one solve's working set."""
+    """Hessians of GPTQ's larger stage (attention, then MLP/experts) plus the largest batched solve's working set."""
     stages = ([t for t in targets if t.attention], [t for t in targets if not t.attention])
     peak = 0
     for stage in stages:
@@ -64,10 +66,19 @@ def _hessian_bytes(facts: ModelFacts, targets: list[Target], method: Hessians) -
         keys = [(n, k) for t in quantized for n, k in t.hessian_dims]
         if any(t.experts for t in quantized):
             keys.append((1, facts.hidden))  # the experts' shared input
-        peak = max(peak, sum(n * STATISTICS_BYTES * (k * k + 2 * k) for n, k in keys))  # H [K, K] + two [K] vectors
-    shapes = [s for t in targets if t.quantize for s in _solve_shapes(t)]
-    solve = max((method.solve_copies * STATISTICS_BYTES * (out * k + k * k) for _, out, k in shapes), default=0)
+        peak = max(peak, sum(n * (SUM_BYTES * k * k + CHANNEL_VECTOR_BYTES * k) for n, k in keys))  # fp64 H [K, K] + two [K] vectors
+    solve = max((_largest_solve(method, [t for t in stage if t.quantize]) for stage in stages), default=0)
     return peak + solve
+
+
+def _largest_solve(method: Hessians, quantized: list[Target]) -> int:
+    """Working set of the largest batched solve of one stage: weights of one shape are solved together
+    (the experts of a projection, same-shape Linears such as gate_proj and up_proj)."""
+    counts: dict[tuple[int, int], int] = {}
+    for t in quantized:
+        for count, out, k in _solve_shapes(t):
+            counts[out, k] = counts.get((out, k), 0) + count
+    return max((method.solve_bytes(count, out, k) for (out, k), count in counts.items()), default=0)
 
 
 def _observed_keys(targets: list[Target]) -> list[tuple[int, int]]:
@@ -85,7 +96,7 @@ def _scale_search_bytes(facts: ModelFacts, targets: list[Target], method: ScaleS
     """Channel vectors and sampled rows per observed input, plus the block inputs the search replays."""
     rows_per_call = math.ceil(method.search_tokens / run.batches)
     rows = run.batches * min(rows_per_call, run.batch_tokens)
-    collector = sum(n * STATISTICS_BYTES * k * (2 + rows) for n, k in _observed_keys(targets))
+    collector = sum(n * k * (CHANNEL_VECTOR_BYTES + STATISTICS_BYTES * rows) for n, k in _observed_keys(targets))
     calls = min(math.ceil(method.search_tokens / run.batch_tokens), run.batches)
     replay = calls * run.batch_tokens * facts.residual_width * (2 * act_bytes + STATISTICS_BYTES)
     return collector * (2 if method.clip else 1) + replay
@@ -154,7 +165,7 @@ def statistics_bytes(facts: ModelFacts, index: int | None, calibration: Calibrat
         case ScaleSearch():
             return _scale_search_bytes(facts, targets, calibration, run, act_bytes)
         case ActivationRanges():
-            return sum(n * STATISTICS_BYTES * 2 * k for n, k in _observed_keys(targets))  # two [K] vectors each
+            return sum(n * CHANNEL_VECTOR_BYTES * k for n, k in _observed_keys(targets))  # two [K] vectors each
         case BlockTraining():
             if index is None:
                 return _head_training_bytes(targets, run, act_bytes)

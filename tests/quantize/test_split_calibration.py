@@ -1,0 +1,104 @@
+"""Calibration shared by two processes (``torchrun --nproc_per_node 2 -m dsq run``, gloo on CPU) writes the
+artifact one process writes, tensor for tensor; methods that cannot share calibration are refused."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = [
+    "quantize.calibration.samples=16", "quantize.calibration.seq_len=64", "quantize.calibration.batch_size=4",
+    "eval.perplexity=null", "eval.multiple_choice=null", "eval.fidelity.max_tokens=512", "eval.gates={}",
+]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # the same threads per process in both runs
+
+pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(processes: int, recipe: str, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    args = ["-m", "dsq", "run", str(ROOT / "recipes" / recipe), f"output={out}", *FAST, *overrides, "-q"]
+    if processes == 1:
+        cmd = [sys.executable, *args]
+    else:
+        cmd = ["torchrun", "--nproc_per_node", str(processes), "--master_port", str(_free_port()), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV)
+
+
+def _tensors(root: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(root.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def _same_artifact(a: Path, b: Path) -> None:
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys() and ta
+    differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+    ca, cb = (json.loads((p / "config.json").read_text())["quantization_config"] for p in (a, b))
+    assert ca == cb
+
+
+def _exited_2_cleanly(stderr: str) -> None:
+    """Every rank's dsq exited 2 with its message; the only traceback is the launcher's own (ChildFailedError)."""
+    assert stderr.count("exitcode  : 2") == 2, stderr[-2000:]
+    assert not re.search(r'File "[^"]*/(dsq|quantize|export|finetune|eval)/[^"]*\.py"', stderr), stderr[-3000:]
+
+
+def _calibration(root: Path) -> dict:
+    report = json.loads((root / "report.json").read_text())
+    return report["candidates"][0]["extra"]["quantization"]["calibration"]
+
+
+@pytest.mark.parametrize("recipe, overrides", [
+    ("gptq_int4_g128.yaml", ["quantize.gptq.expert_chunk=3"]),  # MoE experts, dense and shared MLPs, MLA
+    ("gptq_int4_g128.yaml", ["streaming=true"]),
+    ("w8a8_smoothquant.yaml", []),
+], ids=["gptq", "gptq-streaming", "w8a8-smoothquant"])
+def test_two_processes_write_the_one_process_artifact(tmp_path, recipe, overrides):
+    one, two = tmp_path / "one", tmp_path / "two"
+    done = _run(1, recipe, one, *overrides)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = _run(2, recipe, two, *overrides)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [l for l in done.stdout.splitlines() if l.startswith("artifact:")] == [f"artifact: {two}"]  # only the main process reports
+    _same_artifact(one, two)
+    c1, c2 = _calibration(one), _calibration(two)
+    assert c1["expert_routed_tokens"] == c2["expert_routed_tokens"]  # counted on both ranks, summed
+    assert sum(sum(v) for v in c2["expert_routed_tokens"].values()) > 0
+    assert c1["tokens"] == c2["tokens"] == 16 * 64
+
+
+def test_a_method_that_cannot_share_calibration_is_refused_by_every_rank(tmp_path):
+    out = tmp_path / "awq"
+    done = _run(2, "awq_int4_g128.yaml", out)
+    assert done.returncode != 0
+    assert done.stderr.count("quantize.method 'awq' cannot split its calibration; methods that can: gptq, w8a8") == 2
+    _exited_2_cleanly(done.stderr)
+    assert not out.exists()
+
+
+def test_more_processes_than_batches_is_an_input_error(tmp_path):
+    out = tmp_path / "few"
+    done = _run(2, "gptq_int4_g128.yaml", out, "quantize.calibration.batch_size=16")  # 16 samples: one batch
+    assert done.returncode != 0
+    assert "calibration has 1 batch(es) of quantize.calibration.batch_size sequences; 2 processes need at least one each" in done.stderr
+    _exited_2_cleanly(done.stderr)
+    assert not out.exists()
