@@ -81,9 +81,10 @@ class InputStats:
         return torch.cat(self.samples)
 
     def reduce(self, ranks: Ranks) -> None:
-        """Sums and maxima over every rank's calls (in place); sampled rows cannot be combined."""
+        """Sums and maxima over every rank's calls, and every rank's sampled rows in rank order (in place): the
+        ranks hold contiguous shares of the batches, so the rows come in the one-process order."""
         if self.samples:
-            raise QuantizationError("sampled calibration rows (AWQ's searches) cannot be combined over several processes")
+            self.samples = [ranks.gather_rows(self.sample())]
         count = torch.tensor([self.count], dtype=torch.float64, device=self.abs_sum.device)
         self.count = float(ranks.sum_(count))
         ranks.sum_(self.abs_sum)

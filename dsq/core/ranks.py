@@ -65,6 +65,24 @@ class Ranks:
         """``src``'s ``tensor`` to every rank, in place (the others pass a tensor of the same shape and dtype)."""
         return self._collective(tensor, lambda t: dist.broadcast(t, src=src))
 
+    def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``rows`` ``[n_r, C]`` concatenated in rank order ``[sum n_r, C]``, on every rank."""
+        if not self.several:
+            return rows
+        count = self._collective_copy(torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device))
+        counts = [torch.zeros_like(count) for _ in range(self.world)]
+        dist.all_gather(counts, count)
+        sizes = [int(c.item()) for c in counts]
+        padded = torch.zeros(max(sizes), *rows.shape[1:], dtype=rows.dtype, device=count.device)
+        padded[: rows.shape[0]] = rows.to(count.device)
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)]).to(rows.device)
+
+    def _collective_copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` where collectives need it (a copy on the GPU for NCCL)."""
+        return tensor.to(self.collective_device) if self.collective_device is not None else tensor
+
     def _collective(self, tensor: torch.Tensor, op) -> torch.Tensor:
         if not self.several:
             return tensor

@@ -8,6 +8,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from dsq.core.errors import QuantizationError
+from dsq.core.ranks import Ranks
 from dsq.core.schema import MAX_TOKEN_BUDGET, Strict
 
 from ..api import QuantizationReport
@@ -78,8 +80,10 @@ def _awq_layer(run: _Run, config: AWQConfig, prefix: str, layer: nn.Module, forw
     # 1. balance scales, searched on the layer's full-precision inputs
     collector = StatsCollector(sample_rows=rows, unrouted_weight=config.unrouted_weight)
     parents = {n: m for n in ("self_attn", "mlp") if (m := find(layer, n)) is not None}
+    _check_replayed_calls(run, config, calls)
     with capture_calls(parents, calls) as captured:
         _collect(layer, prefix, forward, linears, collector, run.counts)
+    collector.reduce(run.ranks)
     for m in resolve(layer):
         _balance(run, config, prefix, layer, m, collector, quantized, captured)
     run.without_balance |= without_balance(prefix, layer, quantized)
@@ -88,6 +92,7 @@ def _awq_layer(run: _Run, config: AWQConfig, prefix: str, layer: nn.Module, forw
     if config.clip:
         collector = _collect(layer, prefix, forward, linears,
                              StatsCollector(sample_rows=rows, unrouted_weight=config.unrouted_weight), ExpertTokenCounts())
+        collector.reduce(run.ranks)
     results: dict[str, QuantizedWeight] = {}
     for d in decisions:
         if not d.quantize:
@@ -189,7 +194,11 @@ def _balance(
     if not targets:
         return
     x_mean = collector[input_key(prefix, m)].mean_abs  # (C,)
-    found = _block_search(layer, m, config, x_mean, captured[_parent_name(m)], targets)
+    if run.ranks.main:  # the replayed calls are the first batches', which rank 0 holds
+        found = _block_search(layer, m, config, x_mean, captured[_parent_name(m)], targets)
+    else:
+        found = ScaleSearch(torch.empty_like(x_mean), 0.0, 0.0, 0.0)
+    found = _share_search(run, found)
     fold(layer, m, found.s)
     run.per_module[f"{prefix}.{m.smooth}"] = {
         "awq_balances": list(m.balance),
@@ -200,9 +209,33 @@ def _balance(
     }
 
 
+def _share_search(run: _Run, found: ScaleSearch) -> ScaleSearch:
+    """Rank 0's search result on every rank (the others pass a placeholder of the same shape)."""
+    if not run.ranks.several:
+        return found
+    s = run.ranks.broadcast_(found.s.contiguous(), 0)
+    figures = run.ranks.broadcast_(torch.tensor([found.ratio, found.loss, found.loss_unscaled], dtype=torch.float64, device=s.device), 0)
+    ratio, loss, unscaled = (float(v) for v in figures)
+    return ScaleSearch(s=s, ratio=ratio, loss=loss, loss_unscaled=unscaled)
+
+
+def _check_replayed_calls(run: _Run, config: AWQConfig, calls: int) -> None:
+    """The block searches replay the first ``calls`` calibration batches; with several processes rank 0 must hold them."""
+    if not run.ranks.several:
+        return
+    batches = -(-run.calibration.shape[0] // config.batch_size)
+    first = len(Ranks(0, run.ranks.world).share(batches))
+    replayed = min(calls, batches)
+    if first < replayed:
+        raise QuantizationError(
+            f"awq replays the first {replayed} calibration batches (awq.search_tokens {config.search_tokens}); with "
+            f"{run.ranks.world} processes the first one holds {first}: use fewer processes, more samples or fewer search_tokens"
+        )
+
+
 def _awq_head(run: _Run, config: AWQConfig, d: TargetDecision, x: torch.Tensor) -> QuantizedWeight:
     collector = StatsCollector(sample_rows=config.search_tokens)
-    collector.linear_input(d.name, x)
+    collector.linear_input(d.name, run.ranks.gather_rows(x.reshape(-1, x.shape[-1])))  # one call over every rank's rows
     return _awq_round(config, d.module.weight, collector[d.name])
 
 
@@ -250,5 +283,5 @@ AWQ_COST = MethodCost(layout=integer_layout, calibration=_awq_calibration, round
 
 AWQ = register(Method(
     name="awq", cost=AWQ_COST, section=AWQSection, config=AWQConfig, handler=_awq, save=save_quantized_model,
-    calibrates=ALWAYS, streams=True, exports=True, qat_start=True, lora_base=True,
+    calibrates=ALWAYS, streams=True, exports=True, qat_start=True, lora_base=True, splits_calibration=True,
 ))

@@ -57,8 +57,9 @@ def _same_artifact(a: Path, b: Path) -> None:
 
 
 def _exited_2_cleanly(stderr: str) -> None:
-    """Every rank's dsq exited 2 with its message; the only traceback is the launcher's own (ChildFailedError)."""
-    assert stderr.count("exitcode  : 2") == 2, stderr[-2000:]
+    """A rank's dsq exited 2 with its message (the launcher then stops the other one, which may not get to say it);
+    the only traceback is the launcher's own (ChildFailedError)."""
+    assert "exitcode  : 2" in stderr, stderr[-2000:]
     assert not re.search(r'File "[^"]*/(dsq|quantize|export|finetune|eval)/[^"]*\.py"', stderr), stderr[-3000:]
 
 
@@ -71,7 +72,9 @@ def _calibration(root: Path) -> dict:
     ("gptq_int4_g128.yaml", ["quantize.gptq.expert_chunk=3"]),  # MoE experts, dense and shared MLPs, MLA
     ("gptq_int4_g128.yaml", ["streaming=true"]),
     ("w8a8_smoothquant.yaml", []),
-], ids=["gptq", "gptq-streaming", "w8a8-smoothquant"])
+    ("awq_int4_g128.yaml", ["quantize.awq.search_tokens=256", "quantize.awq.clip=true"]),
+    ("awq_int4_g128.yaml", ["quantize.awq.search_tokens=256", "streaming=true"]),
+], ids=["gptq", "gptq-streaming", "w8a8-smoothquant", "awq-clip", "awq-streaming"])
 def test_two_processes_write_the_one_process_artifact(tmp_path, recipe, overrides):
     one, two = tmp_path / "one", tmp_path / "two"
     done = _run(1, recipe, one, *overrides)
@@ -86,11 +89,11 @@ def test_two_processes_write_the_one_process_artifact(tmp_path, recipe, override
     assert c1["tokens"] == c2["tokens"] == 16 * 64
 
 
-def test_a_method_that_cannot_share_calibration_is_refused_by_every_rank(tmp_path):
-    out = tmp_path / "awq"
-    done = _run(2, "awq_int4_g128.yaml", out)
+def test_a_method_that_cannot_share_calibration_is_refused(tmp_path):
+    out = tmp_path / "autoround"
+    done = _run(2, "autoround_int4_g32.yaml", out)
     assert done.returncode != 0
-    assert done.stderr.count("quantize.method 'awq' cannot split its calibration; methods that can: gptq, w8a8") == 2
+    assert "quantize.method 'autoround' cannot split its calibration; methods that can: gptq, awq, w8a8" in done.stderr
     _exited_2_cleanly(done.stderr)
     assert not out.exists()
 
@@ -100,5 +103,15 @@ def test_more_processes_than_batches_is_an_input_error(tmp_path):
     done = _run(2, "gptq_int4_g128.yaml", out, "quantize.calibration.batch_size=16")  # 16 samples: one batch
     assert done.returncode != 0
     assert "calibration has 1 batch(es) of quantize.calibration.batch_size sequences; 2 processes need at least one each" in done.stderr
+    _exited_2_cleanly(done.stderr)
+    assert not out.exists()
+
+
+def test_awq_needs_its_replayed_batches_on_the_first_process(tmp_path):
+    out = tmp_path / "awq"
+    # 16 samples of 64 tokens in batches of 4: 4 batches, 2 per process; 4096 search tokens replay all 4
+    done = _run(2, "awq_int4_g128.yaml", out, "quantize.awq.search_tokens=4096")
+    assert done.returncode != 0
+    assert "awq replays the first 4 calibration batches (awq.search_tokens 4096); with 2 processes the first one holds 2" in done.stderr
     _exited_2_cleanly(done.stderr)
     assert not out.exists()
