@@ -102,6 +102,23 @@ class LayerRunner:
     def __call__(self) -> BatchStore:
         return run_layer(self.layer, self.inputs, self.budget_bytes)
 
+    @torch.no_grad()
+    def run_until(self, module: nn.Module) -> None:
+        """Run every batch only as far as ``module`` (its forward included), for the statistics of the modules
+        that run before it: the rest of the layer is not computed, and nothing is returned."""
+        def stop(mod, args, output):
+            raise _StopForward
+
+        handle = module.register_forward_hook(stop)
+        try:
+            for h, kw in zip(self.inputs.hidden, self.inputs.kwargs):
+                try:
+                    self.layer(h, **kw)
+                except _StopForward:
+                    pass
+        finally:
+            handle.remove()
+
 
 LayerCallback = Callable[[str, nn.Module, LayerRunner], None]
 

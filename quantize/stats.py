@@ -35,19 +35,14 @@ class InputStats:
     hessian_sum: torch.Tensor | None = None  # (C, C) fp64, X^T W X
     samples: list[torch.Tensor] = field(default_factory=list)  # rows kept for searches
 
-    def add(self, x: torch.Tensor, *, hessian: bool, sample_rows: int, weights: torch.Tensor | None = None) -> None:
-        """Fold rows ``x`` ``(..., C)``; ``weights`` ``(rows,)`` down-weights rows (e.g. unrouted tokens)."""
+    def add(self, x: torch.Tensor, *, hessian: bool, sample_rows: int, weights: torch.Tensor | None = None,
+            channels: bool = True) -> None:
+        """Fold rows ``x`` ``(..., C)``; ``weights`` ``(rows,)`` down-weights rows (e.g. unrouted tokens); without
+        ``channels`` the per-channel sum and max of ``|x|`` are not kept (GPTQ needs only the Hessian)."""
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
         w = torch.ones(x.shape[0], device=x.device) if weights is None else weights.reshape(-1).to(torch.float32)
-        a = x.abs()
-        weighted_sum = (a * w.unsqueeze(1)).sum(0).double()
-        kept = a[w > 0]
-        row_max = kept.amax(0) if kept.shape[0] else torch.zeros(x.shape[-1], device=x.device)
-        if self.abs_sum is None:
-            self.abs_sum, self.abs_max = weighted_sum, row_max
-        else:
-            self.abs_sum += weighted_sum
-            self.abs_max = torch.maximum(self.abs_max, row_max)
+        if channels:
+            self._add_channels(x, w)
         if hessian:
             xw = x * w.sqrt().unsqueeze(1) if weights is not None else x
             gram = (xw.t() @ xw).double()  # (C, C): fp32 products, summed in fp64 from here on
@@ -62,6 +57,22 @@ class InputStats:
                 need = sample_rows - pick.shape[0]
                 pick = torch.cat([pick, light[:: max(1, light.shape[0] // need)][:need]])
             self.samples.append(x[pick].clone())
+
+    def _add_channels(self, x: torch.Tensor, w: torch.Tensor) -> None:
+        a = x.abs()
+        weighted_sum = (a * w.unsqueeze(1)).sum(0).double()
+        kept = a[w > 0]
+        row_max = kept.amax(0) if kept.shape[0] else torch.zeros(x.shape[-1], device=x.device)
+        if self.abs_sum is None:
+            self.abs_sum, self.abs_max = weighted_sum, row_max
+        else:
+            self.abs_sum += weighted_sum
+            self.abs_max = torch.maximum(self.abs_max, row_max)
+
+    @property
+    def device(self) -> torch.device:
+        kept = self.hessian_sum if self.hessian_sum is not None else self.abs_sum
+        return kept.device
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -85,10 +96,11 @@ class InputStats:
         ranks hold contiguous shares of the batches, so the rows come in the one-process order."""
         if self.samples:
             self.samples = [ranks.gather_rows(self.sample())]
-        count = torch.tensor([self.count], dtype=torch.float64, device=self.abs_sum.device)
+        count = torch.tensor([self.count], dtype=torch.float64, device=self.device)
         self.count = float(ranks.sum_(count))
-        ranks.sum_(self.abs_sum)
-        ranks.max_(self.abs_max)
+        if self.abs_sum is not None:
+            ranks.sum_(self.abs_sum)
+            ranks.max_(self.abs_max)
         if self.hessian_sum is not None:
             ranks.sum_(self.hessian_sum)
 
@@ -104,9 +116,10 @@ class StatsCollector:
 
     def __init__(
         self, *, hessian: bool = False, sample_rows: int = 0, unrouted_weight: float = 1.0, keys: set[str] | None = None,
-        grouped: dict[str, int] | None = None,
+        grouped: dict[str, int] | None = None, channels: bool = True,
     ) -> None:
         self.hessian = hessian
+        self.channels = channels  # keep the per-channel sum and max of |x| (False: only what ``hessian`` asks)
         self.sample_rows = sample_rows  # rows kept per forward call
         self.unrouted_weight = unrouted_weight
         self.keys = keys  # None: everything
@@ -117,7 +130,7 @@ class StatsCollector:
         if self.keys is not None and key not in self.keys:
             return
         self.stats.setdefault(key, InputStats()).add(
-            x, hessian=self.hessian, sample_rows=self.sample_rows, weights=weights
+            x, hessian=self.hessian, sample_rows=self.sample_rows, weights=weights, channels=self.channels
         )
 
     def linear_input(self, name: str, x: torch.Tensor) -> None:

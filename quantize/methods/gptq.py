@@ -21,7 +21,7 @@ from ..modules import linear_groups
 from ..primitives import QuantizedWeight, cat_rows, stack_weights
 from ..scheme import PerGroup, WeightScheme
 from ..sections import CalibrationSection, WeightMethodSection
-from ..sequential import RESIDENT, LayerLifecycle
+from ..sequential import RESIDENT, LayerLifecycle, LayerRunner
 from ..stats import InputStats, StatsCollector
 from ..targets import TargetDecision, TargetSpec
 
@@ -68,9 +68,18 @@ def _gptq_layer(run: _Run, config: GPTQConfig, prefix: str, layer: nn.Module, fo
         quantized = [d for d in stage if d.quantize]
         linears = {d.name: d.module for d in quantized if d.kind == "linear"}
         experts = [d for d in quantized if d.kind == "experts"]
-        collector = StatsCollector(hessian=True, unrouted_weight=config.unrouted_weight, grouped=grouped_linears(quantized))
-        _collect(layer, prefix, forward, linears, collector, run.counts if experts else None)
+        collector = StatsCollector(hessian=True, unrouted_weight=config.unrouted_weight, grouped=grouped_linears(quantized),
+                                   channels=False)
+        _collect(layer, prefix, _stage_forward(layer, stage, forward), linears, collector, run.counts if experts else None)
         run.swap(stage, gptq_solve(run, config, quantized, collector.reduce(run.ranks)))
+
+
+def _stage_forward(layer: nn.Module, stage: list[TargetDecision], forward: Callable) -> Callable:
+    """The attention stage needs the layer only as far as its attention: the MLP/MoE after it is not run."""
+    attention = getattr(layer, "self_attn", None)
+    if attention is None or not isinstance(forward, LayerRunner) or not all(".self_attn." in d.name for d in stage):
+        return forward
+    return lambda: forward.run_until(attention)
 
 
 def grouped_linears(decisions: list[TargetDecision]) -> dict[str, int]:
@@ -160,7 +169,7 @@ def _share_chunk(run: _Run, config: GPTQConfig, chunk: list[GPTQSolve], mine: di
     scheme = config.scheme
     out, inp = chunk[0].weight.shape
     groups = scheme.granularity.num_groups(inp)
-    device = chunk[0].stats.abs_sum.device
+    device = chunk[0].stats.device
     if mine is not None:
         q = torch.stack([mine[s.name].qweight for s in chunk])
         scale = torch.stack([mine[s.name].scale for s in chunk])
@@ -197,7 +206,7 @@ def _gptq_chunk(run: _Run, config: GPTQConfig, chunk: list[GPTQSolve]) -> dict[s
 
 
 def _gptq_head(run: _Run, config: GPTQConfig, d: TargetDecision, x: torch.Tensor) -> QuantizedWeight:
-    collector = StatsCollector(hessian=True)
+    collector = StatsCollector(hessian=True, channels=False)
     collector.linear_input(d.name, x)
     collector.reduce(run.ranks)
     return solve_batched(run, config, [GPTQSolve(d.name, d.module.weight, collector[d.name])])[d.name]
