@@ -55,6 +55,7 @@ from torch import nn
 from dsq.core.checkpoint import bundled_model_path, validate_checkpoint
 from dsq.core.loading import load_checkpoint
 from dsq.eval import Evaluator, machine_info, perplexity
+from dsq.eval.memory import avx512_flags
 from dsq.quantize.calibration_data import load_calibration_with_summary
 from dsq.quantize.method import METHODS
 from dsq.quantize.sections import CalibrationSection
@@ -292,16 +293,6 @@ def run_peer(settings: Settings, reference: Reference) -> Row:
     note = peer_note(details["experts_unfused"], restored, settings.peer_shape_skips)
     return Row(f"{PEER_PACKAGE} SignRound {settings.scheme_name}", ppl, reference.increase_pct(ppl), seconds,
                peer_kept(model, reference.targets), note, details)
-
-
-def avx512_flags() -> list[str]:
-    """The avx512 feature flags of this CPU, from ``/proc/cpuinfo`` (empty where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return sorted(f for f in flags if f.startswith("avx512"))
 
 
 def versions() -> dict[str, str]:

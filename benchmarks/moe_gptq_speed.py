@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
-import subprocess
 import time
 from dataclasses import dataclass
 
@@ -23,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import dsq.quantize.methods.gptq as gptq_method
 from dsq.core.loading import load_checkpoint
+from dsq.eval.memory import avx512_flags, machine_info
 from dsq.quantize import GPTQConfig, PerGroup, WeightScheme, quantize_
 from dsq.tools.synthetic import deepseek_v3_config
 
@@ -72,11 +71,6 @@ def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[
     return differ == 0 and a.keys() == b.keys(), differ
 
 
-def cpu_flags() -> str:
-    out = subprocess.run("grep -o 'avx512[a-z_0-9]*' /proc/cpuinfo | sort -u", shell=True, capture_output=True, text=True)
-    return " ".join(out.stdout.split()) or "no AVX-512"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="a checkpoint directory (default: the synthetic MoE)")
@@ -105,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {what}")
     ranges = "min/max ranges" if args.min_max else "range search (dsq defaults)"
     print(f"GPTQ int4 g{args.group} sym, act_order, {ranges}; calibration {args.samples} x {args.seq_len} tokens")
-    print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {cpu_flags()}")
+    print(f"CPU: {machine_info()['cpu']}, {torch.get_num_threads()} threads, {' '.join(avx512_flags()) or 'no AVX-512'}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}\n")
 
     scheme = WeightScheme(4, PerGroup(args.group))

@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,16 +43,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from onnx_speed import cpu_info, fmt_bytes, quiet, timed_rounds, versions
 
+from dsq.eval.memory import avx512_flags
+
 FLOOR_DECODE = 4.0  # sparse decode tokens/s >= 4x the dense graph's
-
-
-def avx512_flags() -> str:
-    """``grep -o 'avx512[a-z_0-9]*' /proc/cpuinfo | sort -u``, on one line."""
-    try:
-        out = subprocess.run(["grep", "-o", "avx512[a-z_0-9]*", "/proc/cpuinfo"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        return "?"
-    return " ".join(sorted(set(out.split()))) or "none"
 
 
 def build_model(args, workdir: Path):
@@ -219,7 +211,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     machine, vers = cpu_info(), versions()
     print(f"machine: {machine['cpu']}, {machine['logical_cores']} logical cores ({machine['usable_cores']} usable)")
-    print(f"avx512 flags (grep -o 'avx512[a-z_0-9]*' /proc/cpuinfo | sort -u): {avx512_flags()}")
+    print(f"avx512 flags (grep -o 'avx512[a-z_0-9]*' /proc/cpuinfo | sort -u): {' '.join(avx512_flags()) or 'none'}")
     print(f"int8-relevant CPU flags present: {' '.join(machine['flags_present']) or '-'}; absent: {' '.join(machine['flags_absent']) or '-'}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()))
     print(f"load average (1/5/15 min) at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (shared machine: other load adds noise)")

@@ -54,6 +54,8 @@ from pathlib import Path
 
 import torch
 
+from dsq.eval.memory import avx512_flags, machine_info
+
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "dsq" / "assets" / "data"
 PEER_REQUIREMENT = "llmcompressor==0.14.*"
@@ -465,10 +467,7 @@ def run_peer(venv: Path, model_dir: Path, tokens_path: Path, out: Path, tokens: 
 
 
 def cpu_flags() -> str:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"model name\s*:\s*(.*)", text)
-    flags = sorted(set(re.findall(r"\bavx512[a-z_0-9]*", text)))
-    return f"{model.group(1) if model else 'unknown cpu'}; avx512 flags: {' '.join(flags) or 'none'}"
+    return f"{machine_info()['cpu']}; avx512 flags: {' '.join(avx512_flags()) or 'none'}"
 
 
 def local_versions() -> dict[str, str]:

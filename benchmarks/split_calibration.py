@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +22,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from dsq.eval.memory import avx512_flags, machine_info
+from dsq.tools.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,12 +57,6 @@ def same_tensors(a: Path, b: Path) -> tuple[bool, int]:
     tb = {k: v for f in sorted(b.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
     differ = sum(1 for k in ta if k not in tb or not torch.equal(ta[k], tb[k]))
     return differ == 0 and ta.keys() == tb.keys(), differ
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,9 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         q_one, q_many = quantize_seconds(one), quantize_seconds(many)
         equal, differ = same_tensors(one, many)
 
-    flags = subprocess.run("grep -o 'avx512[a-z_0-9]*' /proc/cpuinfo | sort -u", shell=True, capture_output=True, text=True).stdout.split()
     print(f"model: {model}; recipe {args.recipe.name}; calibration {args.samples} x {args.seq_len} tokens, batch {args.batch_size}")
-    print(f"CPU: {platform.machine()}, {os.cpu_count()} cores, {' '.join(flags) or 'no AVX-512'}; torch {torch.__version__}\n")
+    print(f"CPU: {machine_info()['cpu']}, {os.cpu_count()} cores, {' '.join(avx512_flags()) or 'no AVX-512'}; torch {torch.__version__}\n")
     print("| run | threads per process | quantization (s) | x 1 process | whole command (s) | x 1 process |")
     print("|---|---|---|---|---|---|")
     print(f"| 1 process | {args.threads} | {q_one:.1f} | 1.00 | {wall_one:.1f} | 1.00 |")

@@ -227,6 +227,21 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of ``/proc/cpuinfo`` (empty where there is no such file)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text(errors="replace").splitlines() if cpuinfo.is_file() else []
+    for line in lines:
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def avx512_flags() -> list[str]:
+    """This CPU's AVX-512 feature flags, sorted (what decides bitsandbytes' and ONNX Runtime's kernels)."""
+    return sorted(f for f in cpu_flags() if f.startswith("avx512"))
+
+
 def _total_ram_bytes() -> int | None:
     """Physical memory in bytes, where the platform reports it."""
     try:

@@ -326,16 +326,12 @@ def quantize_(
     """
     from dsq.core.ranks import current_ranks
 
-    from .method import method_names, method_of
+    from .method import method_of, split_refusal
 
-    method = method_of(config)
     ranks = current_ranks()
-    if ranks.several and not (method.splits_calibration and method.calibrates(config)):
-        raise QuantizationError(
-            f"{method.name}: {ranks.world} processes cannot share this configuration's calibration; "
-            f"methods that can (with calibration): {', '.join(method_names(lambda m: m.splits_calibration))}"
-        )
-    return method.handler(model, config, calibration, progress, lifecycle)
+    if ranks.several and (refusal := split_refusal(config, ranks.world)):
+        raise QuantizationError(refusal)
+    return method_of(config).handler(model, config, calibration, progress, lifecycle)
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:

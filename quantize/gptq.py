@@ -1,7 +1,7 @@
 """GPTQ: second-order weight rounding with error feedback (Frantar et al., 2023, arXiv:2210.17323).
 
-Pure tensor math, no modules: :func:`accumulate_hessian` folds calibration inputs of one layer
-into ``H = 2/n * X^T X`` (fp32), and :func:`gptq_quantize_batched` rounds a stack of weights
+Pure tensor math, no modules: given the Hessians ``H = 2/n * X^T X`` of the layers' inputs
+(:class:`~.stats.InputStats` collects them), :func:`gptq_quantize_batched` rounds a stack of weights
 ``[B, out, in]`` column by column, spreading each column's rounding error onto the columns not
 yet quantized through the Cholesky factor of ``H^-1`` (Algorithm 1 of the paper, with lazy block
 updates). Every step is batched over ``B`` (the experts of one fused projection, the groups of a
@@ -17,8 +17,8 @@ plain group-wise weight: no column permutation or ``g_idx`` has to be stored, an
 of the artifact format computes the same weight.
 
 Example:
-    >>> H = torch.zeros(64, 64); n = 0
-    >>> H, n = accumulate_hessian(H, n, torch.randn(512, 64))
+    >>> x = torch.randn(512, 64)
+    >>> H = 2 / 512 * x.T @ x
     >>> result = gptq_quantize(torch.randn(32, 64), H, WeightScheme(4, PerGroup(32)))
     >>> result.qweight.qweight.shape
     torch.Size([32, 64])
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from .primitives import QuantizedWeight, compute_qparams, qparams_from_range
-from .scheme import PerGroup, WeightScheme
+from .scheme import WeightScheme
 
 
 @dataclass(frozen=True)
@@ -42,36 +42,6 @@ class GPTQResult:
 
     qweight: QuantizedWeight
     loss: float
-
-
-def accumulate_hessian(
-    hessian: torch.Tensor, count: float, x: torch.Tensor, weights: torch.Tensor | None = None
-) -> tuple[torch.Tensor, float]:
-    """Fold inputs ``x`` ``[..., in]`` into the running ``H = 2/n sum_i w_i x_i x_i^T`` (fp32).
-
-    Args:
-        hessian: ``[in, in]`` fp32 running Hessian over a total row weight ``count`` so far.
-        count: total row weight already folded in (the number of rows when unweighted).
-        x: new inputs; every leading dimension is a row (a token).
-        weights: optional per-row weights ``(rows,)`` (default 1).
-
-    Returns:
-        ``(hessian, count)`` updated in place and returned.
-    """
-    x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-    if weights is None:
-        n = float(x.shape[0])
-    else:
-        weights = weights.reshape(-1).to(torch.float32)
-        n = float(weights.sum())
-        x = x * weights.sqrt().unsqueeze(1)
-    if n == 0:
-        return hessian, count
-    total = count + n
-    hessian.mul_(count / total)
-    x = x * (2.0 / total) ** 0.5
-    hessian.addmm_(x.t(), x)
-    return hessian, total
 
 
 class HessianNotPositiveDefinite(torch.linalg.LinAlgError):
@@ -201,7 +171,7 @@ def gptq_quantize_batched(
 
     Args:
         weights: the layer weights (any float dtype; computed in fp32).
-        hessians: ``[B, in, in]`` from :func:`accumulate_hessian` (a shared one may be an ``expand``).
+        hessians: ``[B, in, in]`` (:attr:`~.stats.InputStats.hessian`; a shared one may be an ``expand``).
         scheme: bits, granularity (per-channel or per-group, ragged last group allowed), symmetry.
         damp: relative damping ``lambda = damp * mean(diag H)`` (paper sec. 4, "percdamp").
         block_size: columns per lazy-update block; rounded up to a multiple of the group size.

@@ -96,6 +96,17 @@ def register(method: Method) -> Method:
     return method
 
 
+def split_refusal(config: object, processes: int) -> str | None:
+    """Why ``processes`` processes cannot share ``config``'s calibration, or None when they can."""
+    method = method_of(config)
+    if not method.splits_calibration:
+        allowed = ", ".join(method_names(lambda m: m.splits_calibration))
+        return f"{processes} processes: quantize.method {method.name!r} cannot split its calibration; methods that can: {allowed}"
+    if not method.calibrates(config):
+        return f"{processes} processes share calibration, and this quantize section calibrates nothing (run it in one process)"
+    return None
+
+
 def method_of(config: object) -> Method:
     """The registered method whose config class ``config`` is.
 

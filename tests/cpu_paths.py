@@ -14,24 +14,13 @@ on every host, and the kernel where the host has it.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
+from dsq.eval.memory import cpu_flags
+
 BF16_UNIT_ROUNDOFF = 2.0**-8
 """Relative rounding error of one bfloat16 rounding (8 significant bits, round to nearest)."""
-
-
-def cpu_flags() -> set[str]:
-    """The CPU feature flags of /proc/cpuinfo (empty where there is no such file)."""
-    path = Path("/proc/cpuinfo")
-    if not path.exists():
-        return set()
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
 
 
 def bf16_kernel_detected() -> bool:

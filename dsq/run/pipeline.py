@@ -8,12 +8,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from dsq.core.atomic import atomic_directory, claim_output
-from dsq.core.checkpoint import CheckpointFiles, source_info, validate_checkpoint
+from dsq.core.checkpoint import CheckpointFiles, source_info
 from dsq.core.errors import RecipeError
 from dsq.core.manifest import write_manifest
+from dsq.core.ranks import SINGLE, Ranks, leave_group
 from dsq.core.loading import LoadedModel, load_checkpoint, load_tokenizer
 from dsq.core.tied import tie_notes
 from dsq.eval import Evaluator, GateResult, NotEvaluatedReport, QuantizationFacts, ReloadNotRun, Report, StreamingFacts, write_report
@@ -24,11 +23,9 @@ from dsq.quantize.artifact_save import copy_tokenizer, write_config
 from dsq.quantize.method import method_names
 from dsq.quantize.streaming import quantize_streaming
 from dsq.run.export_step import export_rows
-from dsq.core.ranks import SINGLE, Ranks, leave_group
-from dsq.run.preflight import check_recipe_against_checkpoint
-from dsq.run.ranked import agree_on_streaming, calibrate_share, join_ranks
+from dsq.run.ranked import calibrate_share, checked_source, join_ranks
 from dsq.run.recipe import Recipe, dump_recipe
-from dsq.run.steps import DTYPES, QuantizeStep, benchmark_suite, gates_of, model_path, run_meta, save_artifact
+from dsq.run.steps import DTYPES, QuantizeStep, benchmark_suite, gates_of, run_meta, save_artifact
 from dsq.run.streaming import StreamingDecision, decide_streaming
 from dsq.run.tail import ReloadSettings, RunResult, RunTail, write_artifact_records
 from dsq.run.train import run_finetune
@@ -67,10 +64,7 @@ def run_tail(recipe: Recipe, evaluator: Evaluator | None, loaded_meta: dict) -> 
 
 
 def _run_quantize(recipe: Recipe, ranks: Ranks = SINGLE) -> RunResult:
-    torch.manual_seed(recipe.seed)
-    files = validate_checkpoint(model_path(recipe), trust_remote_code=recipe.trust_remote_code)
-    check_recipe_against_checkpoint(recipe, files)  # the recipe against the model, before anything is loaded
-    decision = agree_on_streaming(ranks, decide_streaming(recipe.streaming, files, DTYPES[recipe.dtype]))
+    files, decision = checked_source(recipe, ranks)
     if decision.stream:
         (log.warning if recipe.streaming is None else log.info)("%s", decision.reason)
         return run_streamed(recipe, files, decision)

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from dsq.core.checkpoint import validate_checkpoint
+from dsq.core.checkpoint import CheckpointFiles, validate_checkpoint
 from dsq.core.errors import RecipeError
 from dsq.core.loading import load_checkpoint, load_tokenizer
 from dsq.core.ranks import SINGLE, Ranks, join_launched_group, launched_ranks, leave_group
-from dsq.quantize import method_of
-from dsq.quantize.method import method_names
+from dsq.quantize.method import split_refusal
 from dsq.quantize.streaming import quantize_streaming
 from dsq.run.preflight import check_recipe_against_checkpoint
 from dsq.run.recipe import Recipe
@@ -35,16 +34,20 @@ def join_ranks(recipe: Recipe) -> Ranks:
     if world <= 1:
         return SINGLE
     section = recipe.quantize
-    allowed = ", ".join(method_names(lambda m: m.splits_calibration))
     if section is None:
         raise RecipeError(f"{world} processes share a quantize section's calibration; this recipe has none (run it in one process)")
-    config = section.config(DTYPES[recipe.dtype])
-    method = method_of(config)
-    if not method.splits_calibration:
-        raise RecipeError(f"{world} processes: quantize.method {section.method!r} cannot split its calibration; methods that can: {allowed}")
-    if not method.calibrates(config):
-        raise RecipeError(f"{world} processes share calibration, and this quantize section calibrates nothing (run it in one process)")
+    if refusal := split_refusal(section.config(DTYPES[recipe.dtype]), world):
+        raise RecipeError(refusal)
     return join_launched_group(section.device)
+
+
+def checked_source(recipe: Recipe, ranks: Ranks) -> tuple[CheckpointFiles, StreamingDecision]:
+    """What every rank does before loading: seed, the checkpoint checked against the recipe, and the main
+    process's streaming decision."""
+    torch.manual_seed(recipe.seed)
+    files = validate_checkpoint(model_path(recipe), trust_remote_code=recipe.trust_remote_code)
+    check_recipe_against_checkpoint(recipe, files)  # the recipe against the model, before anything is loaded
+    return files, agree_on_streaming(ranks, decide_streaming(recipe.streaming, files, DTYPES[recipe.dtype]))
 
 
 def agree_on_streaming(ranks: Ranks, decision: StreamingDecision) -> StreamingDecision:
@@ -60,11 +63,8 @@ def agree_on_streaming(ranks: Ranks, decision: StreamingDecision) -> StreamingDe
 def calibrate_share(recipe: Recipe, ranks: Ranks) -> None:
     """A non-main rank's run: the same checks and decisions as the main one, then its share of calibration;
     it writes nothing."""
-    torch.manual_seed(recipe.seed)
     dtype = DTYPES[recipe.dtype]
-    files = validate_checkpoint(model_path(recipe), trust_remote_code=recipe.trust_remote_code)
-    check_recipe_against_checkpoint(recipe, files)
-    decision = agree_on_streaming(ranks, decide_streaming(recipe.streaming, files, dtype))
+    files, decision = checked_source(recipe, ranks)
     tokenizer = load_tokenizer(files.root, trust_remote_code=recipe.trust_remote_code)
     step = QuantizeStep.from_recipe(recipe, tokenizer)
     if decision.stream:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -404,3 +405,19 @@ def fold_every_mapping(model: torch.nn.Module, generator: torch.Generator) -> li
             fold(layer, m, torch.rand(shape, generator=generator) * 3 + 0.3)
             applied.append(m)
     return applied
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for ``torchrun --master_port``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def hessian_of(x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """GPTQ's ``2/n X^T W X`` of rows ``x`` ``[..., in]`` as calibration collects it (:class:`dsq.quantize.stats.InputStats`)."""
+    from dsq.quantize.stats import InputStats
+
+    stats = InputStats()
+    stats.add(x, hessian=True, sample_rows=0, weights=weights, channels=False)
+    return stats.hessian

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 
 from dsq.finetune.data import TokenBlocks
 from dsq.finetune.trainer import TrainConfig, validation_shares
+from dsq.tools.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
@@ -139,15 +139,9 @@ def _gather(value: object) -> list:
 # ----------------------------------------------------------------------------- the tests
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(models: tuple[Path, Path], checkpoints: Path, out: Path, modes: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(_free_port()), __file__,
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), __file__,
            str(models[0]), str(models[1]), str(checkpoints), str(out), "--modes", modes]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

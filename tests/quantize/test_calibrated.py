@@ -13,12 +13,13 @@ from dsq.quantize import (
     quantize_, quantize_rtn,
 )
 from dsq.quantize.awq import search_clip, search_scale
-from dsq.quantize.gptq import accumulate_hessian, gptq_quantize
+from dsq.quantize.gptq import gptq_quantize
+from dsq.quantize.stats import InputStats
 from dsq.quantize.mappings import Balance, fold
 from dsq.quantize.primitives import dequantize_weight, quantize_with_qparams
 from dsq.quantize.w8a8 import StaticPerTensor, W8A8Experts, W8A8Linear
 from dsq.eval.reload import transformers_reload_check
-from dsq.tools.testing import fold_every_mapping
+from dsq.tools.testing import fold_every_mapping, hessian_of
 
 ARCHS = ["llama", "qwen2", "deepseek_v3", "deepseek_v2"]
 
@@ -37,17 +38,19 @@ def output_error(x: torch.Tensor, w: torch.Tensor, wq: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- GPTQ math
 
 
-def test_accumulate_hessian_matches_batch_formula_and_weights():
+def test_collected_hessian_matches_batch_formula_and_weights():
     x = torch.randn(300, 16)
-    H, n = torch.zeros(16, 16), 0.0
+    stats = InputStats()
     for chunk in x.split(70):
-        H, n = accumulate_hessian(H, n, chunk)
-    assert n == 300
-    torch.testing.assert_close(H, 2 / 300 * x.t() @ x, rtol=1e-5, atol=1e-6)
+        stats.add(chunk, hessian=True, sample_rows=0)
+    assert stats.count == 300
+    torch.testing.assert_close(stats.hessian, 2 / 300 * x.t() @ x, rtol=1e-5, atol=1e-6)
     w = torch.rand(300)
-    Hw, nw = accumulate_hessian(torch.zeros(16, 16), 0.0, x, w)
-    torch.testing.assert_close(Hw, 2 / w.sum() * (x * w[:, None]).t() @ x, rtol=1e-5, atol=1e-6)
-    assert nw == pytest.approx(float(w.sum()))
+    weighted = InputStats()
+    weighted.add(x, hessian=True, sample_rows=0, weights=w)
+    torch.testing.assert_close(weighted.hessian, 2 / w.sum() * (x * w[:, None]).t() @ x, rtol=1e-5, atol=1e-6)
+    assert weighted.count == pytest.approx(float(w.sum()))
+    assert hessian_of(x, w).equal(weighted.hessian)
 
 
 @pytest.mark.parametrize("scheme", [
@@ -62,7 +65,7 @@ def test_gptq_beats_rtn_on_its_inputs_and_is_a_valid_weight(scheme, act_order):
     torch.manual_seed(0)
     x = correlated_inputs(2048, 128)
     w = torch.randn(64, 128)
-    H, _ = accumulate_hessian(torch.zeros(128, 128), 0, x)
+    H = hessian_of(x)
     result = gptq_quantize(w, H, scheme, act_order=act_order, block_size=32)
     qw = result.qweight
     assert qw.qweight.dtype == torch.int8
@@ -80,7 +83,7 @@ def test_gptq_beats_rtn_on_its_inputs_and_is_a_valid_weight(scheme, act_order):
 def test_gptq_dead_input_columns_are_zeroed():
     x = correlated_inputs(512, 64)
     x[:, 5] = 0
-    H, _ = accumulate_hessian(torch.zeros(64, 64), 0, x)
+    H = hessian_of(x)
     qw = gptq_quantize(torch.randn(16, 64), H, WeightScheme(4, PerGroup(32))).qweight
     assert (qw.qweight[:, 5] == 0).all()
 

@@ -9,8 +9,9 @@ import torch
 from dsq.core.errors import QuantizationError
 from dsq.core.loading import load_checkpoint
 from dsq.quantize import GPTQConfig, PerChannel, PerGroup, QuantExperts, WeightScheme, quantize_
-from dsq.quantize.gptq import HessianNotPositiveDefinite, accumulate_hessian, gptq_quantize, gptq_quantize_batched
-from dsq.quantize.primitives import dequantize_weight
+from dsq.quantize.gptq import HessianNotPositiveDefinite, gptq_quantize, gptq_quantize_batched
+from dsq.quantize.primitives import dequantize_weight, quantize_rtn
+from dsq.tools.testing import hessian_of
 
 SCHEMES = [
     WeightScheme(4, PerGroup(32)),
@@ -27,7 +28,7 @@ def _stack(count: int = 6, out: int = 24, inp: int = 96, seed: int = 0) -> tuple
     hessians = []
     for _ in range(count):
         x = torch.randn(200, inp, generator=g) * torch.rand(inp, generator=g) * 3
-        hessians.append(accumulate_hessian(torch.zeros(inp, inp), 0.0, x)[0])
+        hessians.append(hessian_of(x))
     stacked = torch.stack(hessians)
     stacked[2, 5, :] = 0
     stacked[2, :, 5] = 0
@@ -65,8 +66,6 @@ def test_batched_result_does_not_depend_on_the_stack_it_is_in():
 def test_batched_gptq_rounds_better_than_rtn_on_its_inputs():
     weights, hessians = _stack(count=4)
     scheme = WeightScheme(4, PerGroup(32))
-    from dsq.quantize.primitives import quantize_rtn
-
     for b, result in enumerate(gptq_quantize_batched(weights, hessians, scheme, act_order=True)):
         def proxy(w_hat):  # tr((W - W_hat) H (W - W_hat)^T): the output error on the inputs
             d = weights[b] - w_hat

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from dsq.tools.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = [
@@ -25,18 +26,12 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # the sam
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(processes: int, recipe: str, out: Path, *overrides: str) -> subprocess.CompletedProcess:
     args = ["-m", "dsq", "run", str(ROOT / "recipes" / recipe), f"output={out}", *FAST, *overrides, "-q"]
     if processes == 1:
         cmd = [sys.executable, *args]
     else:
-        cmd = ["torchrun", "--nproc_per_node", str(processes), "--master_port", str(_free_port()), *args]
+        cmd = ["torchrun", "--nproc_per_node", str(processes), "--master_port", str(free_port()), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV)
 
 
