@@ -18,9 +18,11 @@ Timing reuses ``benchmarks/onnx_speed.py``'s interleaved rounds (each round time
 order rotated, one ORT session alive at a time; prefill 1 x prompt, then greedy decode through
 ``OrtCausalLM``'s KV cache); the median over rounds is reported, (min-max) in brackets.
 
-The whole-model ratio also carries what both graphs share (MLA attention, which re-expands the
-compressed cache through ``kv_b_proj`` at every step, so its decode cost grows with the context; the
-dense first layer, shared experts, lm_head). The MoE block alone is therefore measured too: the
+The whole-model ratio also carries what both graphs share (MLA attention, the dense first layer, shared
+experts, lm_head). Both graphs attend in the cached latent space (``kv_b_proj`` absorbed, the export
+default); a third graph per dtype, sparse with ``ExportConfig(absorb_mla=False)``, re-expands the cache
+through ``kv_b_proj`` at every step (its decode cost grows with the context) and shows what absorption
+is worth. The MoE block alone is measured too: the
 first MoE layer's ``mlp`` (router, routed experts, shared expert) of the same model, in both forms,
 exported on its own (``hidden [1, T, H] -> [1, T, H]``) and timed at T = 1 (one decode token) and
 T = prompt (median of many runs per round, interleaved rounds, median over rounds).
@@ -78,14 +80,15 @@ def int4_copy(model: torch.nn.Module) -> torch.nn.Module:
     return q.eval()
 
 
-def export(model, tokenizer, out: Path, dense: bool, threads: int) -> dict:
+def export(model, tokenizer, out: Path, dense: bool, absorb: bool, threads: int) -> dict:
     from dsq.export import ExportConfig, export_onnx
 
-    res = export_onnx(model, tokenizer, out, ExportConfig(dense_experts=dense, threads=threads), overwrite=True)
+    config = ExportConfig(dense_experts=dense, absorb_mla=absorb, threads=threads)
+    res = export_onnx(model, tokenizer, out, config, overwrite=True)
     v = res.validation
     return {"path": out, "passed": v.passed, "max_abs_diff": v.max_abs_diff, "greedy_equal": v.greedy_equal,
             "seconds": res.seconds, "onnx_bytes": res.onnx_bytes, "nodes": sum(res.ops.values()),
-            "form": res.plan.expert_form}
+            "form": res.plan.expert_form, "mla": "absorbed" if absorb else "expanded"}
 
 
 def reuse(out: Path) -> dict | None:
@@ -98,6 +101,7 @@ def reuse(out: Path) -> dict | None:
     forms = {r["form"] for r in m["quantized_modules"]["routed_experts"].values()}
     return {"path": out, "passed": v["passed"], "max_abs_diff": v["max_abs_logit_diff"], "greedy_equal": v["greedy_tokens_equal"],
             "seconds": float("nan"), "nodes": sum(m["ops"].values()), "form": forms.pop(),
+            "mla": "absorbed" if any(v.startswith("absorbed") for v in m["quantized_modules"]["mla_attention"].values()) else "expanded",
             "onnx_bytes": sum(p.stat().st_size for p in out.iterdir() if p.name.startswith("model.onnx")), "reused": True}
 
 
@@ -244,12 +248,13 @@ def _run(args, workdir: Path, results: dict) -> int:
     blocks: dict[str, Path] = {}
     for dtype in ("fp32", "int4"):
         m = model if dtype == "fp32" else int4_copy(model)
-        for dense in (False, True):
-            name = f"{dtype}-{'dense' if dense else 'sparse'}"
-            block = workdir / "blocks" / name / "model.onnx"
-            blocks[name] = block if block.is_file() else export_moe_block(m, block, dense)
+        for dense, absorb in ((False, True), (True, True), (False, False)):
+            name = f"{dtype}-{'dense' if dense else 'sparse'}" + ("" if absorb else "-expanded_mla")
+            if absorb:
+                block = workdir / "blocks" / name / "model.onnx"
+                blocks[name] = block if block.is_file() else export_moe_block(m, block, dense)
             t0 = time.perf_counter()
-            exports[name] = reuse(workdir / name) or export(m, tokenizer, workdir / name, dense, args.threads)
+            exports[name] = reuse(workdir / name) or export(m, tokenizer, workdir / name, dense, absorb, args.threads)
             e = exports[name]
             how = f"reused from {workdir / name}" if e.get("reused") else f"exported and validated in {time.perf_counter() - t0:.0f} s"
             print(f"[{name}] {how}: max|dlogit| vs torch {e['max_abs_diff']:.2e}, "
@@ -268,9 +273,9 @@ def _run(args, workdir: Path, results: dict) -> int:
     print(f"\n### ORT CPU, synthetic DeepSeek-V3 MoE ({cfg.n_routed_experts} experts, top-{cfg.num_experts_per_tok}, hidden "
           f"{cfg.hidden_size}, {moe_layers} MoE layers), batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
           f"{args.threads} threads (median of {args.repeats} interleaved rounds, (min-max))\n")
-    print("| graph | routed experts | prefill tok/s | sparse/dense | decode tok/s | sparse/dense | nodes | ONNX files | "
+    print("| graph | routed experts | MLA | prefill tok/s | x dense | decode tok/s | x dense | nodes | ONNX files | "
           "max \\|Δlogit\\| vs torch | sparse vs dense \\|Δlogit\\| | greedy = torch |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     checks = []
     for name, e in exports.items():
         s = speeds[name]
@@ -280,10 +285,10 @@ def _run(args, workdir: Path, results: dict) -> int:
         dec_x = s["decode_tokens_per_s"] / base["decode_tokens_per_s"]
         e.update(speed=s, prefill_x_dense=pre_x, decode_x_dense=dec_x)
         gap = f"{e['vs_dense']:.2e}" if "vs_dense" in e else "-"
-        print(f"| {name} | {e['form']} | {s['prefill_tokens_per_s']:.1f} ({s['prefill_min']:.0f}-{s['prefill_max']:.0f}) | {pre_x:.2f} | "
+        print(f"| {name} | {e['form']} | {e['mla']} | {s['prefill_tokens_per_s']:.1f} ({s['prefill_min']:.0f}-{s['prefill_max']:.0f}) | {pre_x:.2f} | "
               f"{s['decode_tokens_per_s']:.1f} ({s['decode_min']:.1f}-{s['decode_max']:.1f}) | {dec_x:.2f} | {e['nodes']} | "
               f"{fmt_bytes(e['onnx_bytes'])} | {e['max_abs_diff']:.2e} | {gap} | {e['greedy_equal']} |")
-        if e["form"] == "sparse":
+        if name == f"{dtype}-sparse":
             checks.append((f"{dtype}: whole model, sparse decode >= {FLOOR_DECODE:g}x dense", dec_x, dec_x >= FLOOR_DECODE))
     print(f"\n### MoE block alone (layer {cfg.first_k_dense_replace} mlp: router + {cfg.n_routed_experts} routed experts + shared "
           f"expert), ORT, {args.threads} threads, median over {args.repeats} interleaved rounds\n")

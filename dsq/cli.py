@@ -129,6 +129,8 @@ def _add_export(sub) -> None:
     export.add_argument("--quantize-embeddings", action="store_true", help="store the input embedding int8 (per-row scales)")
     export.add_argument("--dense-experts", action="store_true",
                         help="MoE: run every routed expert on every token (dense routing weight) instead of each token's top-k")
+    export.add_argument("--no-absorb-mla", dest="absorb_mla", action="store_false",
+                        help="MLA: re-expand the cached latent through kv_b_proj at every step instead of attending in the latent space")
     export.add_argument("--tolerance", type=_positive_float, default=None,
                         help="max |delta logit| vs PyTorch (default 1e-4 fp, 1e-3 weight-only, 0.25 W8A8)")
     export.add_argument("--evaluate", action="store_true",
@@ -225,6 +227,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         source, output, accuracy_level=args.accuracy_level, threads=args.threads, tolerance=args.tolerance,
         evaluate=args.evaluate, speed=args.speed, overwrite=args.overwrite, progress=not args.quiet,
         weight_op=args.weight_op, quantize_embeddings=args.quantize_embeddings, dense_experts=args.dense_experts,
+        absorb_mla=args.absorb_mla,
     )
     v = outcome.result.validation
     print(f"ONNX export: {outcome.result.onnx_path} ({outcome.result.onnx_bytes / 2**20:.1f} MiB)")

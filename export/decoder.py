@@ -9,8 +9,9 @@ Inputs: ``input_ids`` int64 ``[batch, seq]``, ``attention_mask`` int64 ``[batch,
 MLA (DeepSeek-V2/V3) cache layout: the cache holds the *compressed* latent, one head, as
 transformers 5 keeps it: the "key" slot is the normalised latent ``c_KV``
 ``[batch, 1, len, kv_lora_rank]`` (after ``kv_a_layernorm``, before ``kv_b_proj``) and the "value"
-slot is the shared RoPE key ``k_pe`` ``[batch, 1, len, qk_rope_head_dim]``, already rotated. Keys and
-values of every head are re-expanded through ``kv_b_proj`` inside the graph at each step. For
+slot is the shared RoPE key ``k_pe`` ``[batch, 1, len, qk_rope_head_dim]``, already rotated. The graph
+attends in the latent space with ``kv_b_proj`` folded into query and output (:mod:`dsq.export.mla`), or,
+with ``absorb_mla=False``, re-expands keys and values of every head through ``kv_b_proj`` at each step. For
 DeepSeek-V3 (kv_lora_rank 512, rope dim 64) that is 576 values per token and layer instead of
 128 heads x (192 + 128) = 40960 for an expanded cache.
 """

@@ -327,6 +327,7 @@ class ExportPlan:
     experts: dict[str, int] = field(default_factory=dict)  # name -> number of experts in the graph
     embedding: str | None = None  # description of a quantized input embedding
     dense_experts: bool = False  # experts as DenseRoutedExperts (every expert on every token)
+    mla: dict[str, str] = field(default_factory=dict)  # MLA attention name -> absorbed or expanded (dsq.export.mla)
 
     @property
     def expert_form(self) -> str:
@@ -336,7 +337,7 @@ class ExportPlan:
     def to_dict(self) -> dict:
         routed = {name: {"experts": count, "form": self.expert_form} for name, count in self.experts.items()}
         return {"matmul_nbits": self.nbits, "int8_matmul": self.int8, "routed_experts": routed,
-                "embedding": self.embedding}
+                "embedding": self.embedding, "mla_attention": self.mla}
 
 
 def prepare_for_export(

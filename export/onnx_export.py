@@ -5,7 +5,8 @@
 1. copies the model and swaps its quantized modules and fused experts for export forms
    (:func:`dsq.export.modules.prepare_for_export`: ``MatMulNBits`` from dsq's own integers, int8
    matmuls, every routed expert in the graph, each token running only its top-k experts unless
-   ``ExportConfig(dense_experts=True)``);
+   ``ExportConfig(dense_experts=True)``), and folds MLA's ``kv_b_proj`` into the attention
+   (:mod:`dsq.export.mla`) unless ``ExportConfig(absorb_mla=False)``;
 2. traces :class:`~dsq.export.decoder.FlatDecoder` with ``torch.onnx.export(dynamo=True)`` (dynamic
    batch, sequence and past lengths), writing the weights as external data (no 2 GB protobuf limit);
 3. opens the graph in ONNX Runtime and validates it against the original torch model
@@ -34,6 +35,7 @@ from dsq.core.errors import ExportError
 
 from .decoder import CacheLayout, FlatDecoder, cache_layout, empty_past, input_names, output_names
 from .genai import write_genai_config
+from .mla import absorb_latent_projections_, absorbed_forward
 from .modules import ExportPlan, prepare_for_export, quantize_embedding_, translation_table
 from .patches import traceable
 from .portable import rewrite_matmul_nbits
@@ -81,6 +83,9 @@ class ExportConfig:
         dense_experts: run every routed expert on every token, mixed with a dense routing weight
             (E / k times the routed FLOPs), instead of the default sparse form where each token runs
             only its top-k experts. Both give the same logits within float rounding.
+        absorb_mla: MLA models attend in the cached latent space, ``kv_b_proj`` folded into the query
+            and the attention output (:mod:`dsq.export.mla`), instead of re-expanding every cached latent
+            into keys and values of every head at every step. Same logits within float rounding.
     """
 
     accuracy_level: int = 0
@@ -89,14 +94,16 @@ class ExportConfig:
     weights: WeightFormat = MatMulNBitsWeights()
     quantize_embeddings: bool = False
     dense_experts: bool = False
+    absorb_mla: bool = True
 
     def __post_init__(self) -> None:
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise ValueError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {self.accuracy_level!r}")
         if not isinstance(self.weights, (MatMulNBitsWeights, DequantizeLinearWeights)):
             raise ValueError(f"weights must be MatMulNBitsWeights() or DequantizeLinearWeights(), got {self.weights!r}")
-        if not isinstance(self.dense_experts, bool):
-            raise TypeError(f"dense_experts must be True or False, got {self.dense_experts!r}")
+        for flag in ("dense_experts", "absorb_mla"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
 
 
 @dataclass
@@ -150,7 +157,7 @@ def _quiet_exporter():
 
 def _trace(model: nn.Module, layout: CacheLayout, vocab: int, path: Path) -> None:
     decoder = FlatDecoder(model, layout).eval()
-    with torch.no_grad(), _quiet_exporter(), traceable(model):
+    with torch.no_grad(), _quiet_exporter(), traceable(model), absorbed_forward(model):
         try:
             program = torch.onnx.export(
                 decoder, _example_inputs(layout, vocab), None, dynamo=True, opset_version=OPSET,
@@ -219,7 +226,9 @@ def _export_copies(model: nn.Module, config: ExportConfig) -> tuple[nn.Module, n
     reference = model if _is_fp32(model) and not config.quantize_embeddings else copy.deepcopy(model).float()
     embedding = quantize_embedding_(reference) if config.quantize_embeddings else None
     export_model = copy.deepcopy(reference)
+    mla = absorb_latent_projections_(export_model) if config.absorb_mla else {}
     plan = prepare_for_export(export_model, config.accuracy_level, embedding, dense_experts=config.dense_experts)
+    plan.mla = mla
     return reference, export_model, plan
 
 

@@ -26,7 +26,8 @@ def export_config(section: ExportSection) -> ExportConfig:
     )
     weights = DequantizeLinearWeights() if section.weight_op == "dequantize_linear" else MatMulNBitsWeights()
     return ExportConfig(accuracy_level=section.accuracy_level, validation=validation, threads=section.threads,
-                        weights=weights, quantize_embeddings=section.quantize_embeddings, dense_experts=section.dense_experts)
+                        weights=weights, quantize_embeddings=section.quantize_embeddings, dense_experts=section.dense_experts,
+                        absorb_mla=section.absorb_mla)
 
 
 @dataclass

@@ -157,6 +157,7 @@ class ExportSection(Strict):
     weight_op: Literal["matmul_nbits", "dequantize_linear"] = "matmul_nbits"  # ORT contrib op | standard opset 21
     quantize_embeddings: bool = False  # input embedding stored int8, one scale per row
     dense_experts: bool = False  # MoE: every routed expert on every token (E/k x the FLOPs) instead of each token's top-k
+    absorb_mla: bool = True  # MLA: kv_b_proj folded into query and output, attention over the cached latent itself
     evaluate: bool = True  # run the benchmark suite on the ONNX model too (an "-onnx" report row)
     threads: int | None = Field(None, ge=1, le=4096)  # ONNX Runtime intra-op threads (None: its default)
     validation: ExportValidationSection = ExportValidationSection()
