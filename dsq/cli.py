@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the full traceback of an unexpected error (also DSQ_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_run(sub)
+    _add_search(sub)
     _add_export(sub)
     _add_validate(sub)
     _add_plan(sub)
@@ -111,6 +112,18 @@ def _add_run(sub) -> None:
     run.add_argument("recipe", help="recipe YAML file")
     run.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _add_search(sub) -> None:
+    search = sub.add_parser(
+        "search", help="the smallest artifact that passes the recipe's gates, with per-module schemes",
+        description="Measure each module's sensitivity to the recipe's search.candidates, allocate schemes per module, "
+                    "and verify allocations end to end against eval.gates until the smallest passing one is found. "
+                    "Exit 0: a verified artifact passes every gate; 1: no verified allocation passed; 2: bad input.",
+    )
+    search.add_argument("recipe", help="recipe YAML file with a search: section")
+    search.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides")
+    search.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
 def _add_export(sub) -> None:
@@ -198,6 +211,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         r = result.reload
         if r.loaded:
             print(f"transformers reload: max |delta logit| = {r.max_abs_diff:.2e} (tolerance {r.tolerance:g})")
+            if r.kv_cache is not None:
+                print(f"transformers reload, KV cache: {r.kv_cache.note}")
         else:
             print(f"WARNING transformers could not reload the artifact: {r.reason}")
     print(f"artifact: {result.output}")
@@ -206,6 +221,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for g in failed:
             print(f"GATE FAILED: {g.message}", file=sys.stderr)
         return EXIT_GATE_FAILED
+    return EXIT_OK
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from dsq.run.recipe import load_recipe
+    from dsq.run.search import run_search, search_markdown
+
+    overrides = list(args.overrides) + (["progress=false"] if args.quiet else [])
+    result = run_search(load_recipe(args.recipe, overrides))
+    print(search_markdown(result))
+    if result.chosen is None:
+        print("GATE FAILED: no verified allocation passed the gates", file=sys.stderr)
+        return EXIT_GATE_FAILED
+    print(f"artifact: {result.output}")
     return EXIT_OK
 
 
@@ -278,7 +307,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": _cmd_run, "recipe": _cmd_recipe, "export": _cmd_export, "validate": _cmd_validate, "plan": _cmd_plan}
+COMMANDS = {"run": _cmd_run, "search": _cmd_search, "recipe": _cmd_recipe, "export": _cmd_export, "validate": _cmd_validate, "plan": _cmd_plan}
 
 
 def _raise_interrupted(signum: int, frame) -> None:

@@ -15,7 +15,9 @@ from dsq.eval.facts import (
     reload_check_dict,
 )
 from dsq.eval.fidelity import FidelityResult, ReferenceLogprobs, compare_to_reference, reference_logprobs
-from dsq.eval.memory import PeakCUDA, PeakRSS, dir_bytes, files_bytes, model_device, weight_bytes_in_memory
+from dsq.eval.memory import (
+    PeakCUDA, PeakRSS, ServingMemory, dir_bytes, files_bytes, model_device, serving_memory, weight_bytes_in_memory,
+)
 from dsq.eval.multiple_choice import FewShot, MCResult, fewshot_prompts, multiple_choice
 from dsq.eval.perplexity import PerplexityConfig, PerplexityResult, perplexity
 from dsq.eval.reload import ReloadCheck
@@ -67,6 +69,7 @@ Reload = ReloadCheck | ReloadNotRun
 Merge = ExactMerge | RequantizedMerge
 
 _FACTS = ("quantization", "onnx", "training", "lora", "merge", "reload_check")  # in the order of a row's extra
+_ONLY_WHEN_MEASURED = ("serving_memory",)  # left out of report.json when None
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,8 @@ class ModelMetrics:
         peak_cuda_allocated_bytes: Peak ``torch.cuda.max_memory_allocated`` of the model's device
             during its evaluation (high-water mark reset first); ``None`` for a model not on CUDA.
         peak_cuda_reserved_bytes: Peak ``torch.cuda.max_memory_reserved`` likewise.
+        serving_memory: Weights plus KV cache at batch 1 and 4k / 32k / 128k tokens (``None``: a model that is
+            no torch module with a config, e.g. an ONNX Runtime session, or an architecture whose cache is not modelled).
         quantization: How the model was quantized (``extra.quantization``).
         onnx: The ONNX export this row evaluates (``extra.onnx``).
         training: What training did (``extra.training``).
@@ -114,6 +119,7 @@ class ModelMetrics:
     speed: SpeedResult | None = None
     peak_cuda_allocated_bytes: int | None = None
     peak_cuda_reserved_bytes: int | None = None
+    serving_memory: ServingMemory | None = None
     quantization: Quantization | None = None
     onnx: OnnxFacts | None = None
     training: TrainingFacts | None = None
@@ -136,7 +142,8 @@ class ModelMetrics:
 
     def to_dict(self) -> dict:
         """Plain-data form: the measurements (nested results become dicts, missing ones ``None``)
-        and the stage facts under ``extra``, in ``report.json``'s order of keys.
+        and the stage facts under ``extra``, in ``report.json``'s order of keys. ``serving_memory``
+        is a key only when the row has it (rows without it keep the keys of reports written before it).
 
         Returns:
             A JSON-serializable dict.
@@ -146,6 +153,8 @@ class ModelMetrics:
             if f.name in _FACTS:
                 continue
             value = getattr(self, f.name)
+            if value is None and f.name in _ONLY_WHEN_MEASURED:
+                continue
             out[f.name] = asdict(value) if is_dataclass(value) else value
             if f.name == "eval_seconds":
                 out["extra"] = self.facts_dict()
@@ -329,6 +338,7 @@ class Evaluator:
             speed=speed,
             peak_cuda_allocated_bytes=cuda.allocated_bytes,
             peak_cuda_reserved_bytes=cuda.reserved_bytes,
+            serving_memory=serving_memory(model, weight_bytes),
         )
 
 

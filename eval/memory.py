@@ -1,10 +1,12 @@
-"""Memory and size measurements: weight bytes in RAM and on disk, peak RSS and CUDA memory, machine facts."""
+"""Memory and size measurements: weight bytes in RAM and on disk, serving memory (weights + KV cache), peak RSS and
+CUDA memory, machine facts."""
 from __future__ import annotations
 
 import os
 import platform
 import resource
 import sys
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import TracebackType
@@ -62,6 +64,88 @@ def weight_bytes_in_memory(model: nn.Module) -> int:
             seen.add(key)
             total += leaf.element_size() * leaf.numel()
     return total
+
+
+SERVING_CONTEXTS: tuple[int, ...] = (4096, 32768, 131072)
+"""Context lengths (tokens) at which the serving memory is stated."""
+
+
+@dataclass(frozen=True)
+class ContextMemory:
+    """Serving one sequence of ``context`` tokens: its KV cache and, with the weights, the total."""
+
+    context: int
+    kv_cache_bytes: int
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class ServingMemory:
+    """Memory to serve one sequence (batch 1): the weights plus the KV cache, at several context lengths.
+
+    The cache is counted as a serving engine stores it (vLLM's ``kv_cache_dtype``): one byte per element
+    for an int8 / FP8 cache, the model's dtype otherwise; per-tensor or per-head scales are negligible
+    and not counted. dsq's own torch forward simulates a quantized cache (its cache holds the dequantized
+    values in the model's dtype).
+
+    Attributes:
+        kv_cache: what the cache stores (``int8 per-tensor KV cache``, ``float32 KV cache``).
+        layout: what each layer caches per token (:meth:`dsq.quantize.kv_cache.KVLayout.describe`).
+        kv_bytes_per_token: cache bytes per token, all layers.
+        weight_bytes: the model's weight bytes in memory.
+        contexts: the figures at each of :data:`SERVING_CONTEXTS`.
+    """
+
+    kv_cache: str
+    layout: str
+    kv_bytes_per_token: int
+    weight_bytes: int
+    contexts: tuple[ContextMemory, ...]
+
+
+def _activation_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model computes (and caches) in: its input embedding's, else its first floating tensor's."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return weight.dtype
+    return next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
+
+
+def serving_memory(model: object, weight_bytes: int, contexts: tuple[int, ...] = SERVING_CONTEXTS) -> ServingMemory | None:
+    """Weights plus KV cache of ``model`` at batch 1 and each of ``contexts`` tokens.
+
+    Per layer and token the cache holds ``kv_heads x (head_dim + head_dim)`` elements (Llama, Qwen2) or
+    ``kv_lora_rank + qk_rope_head_dim`` (MLA: the latent and the RoPE key; DeepSeek-V3.2 adds its indexer
+    key in the model dtype); elements are one byte with a quantized KV cache
+    (:func:`dsq.quantize.kv_cache.kv_cache_scheme_of`), the model's dtype otherwise.
+
+    Args:
+        model: a torch causal LM with a ``config`` (anything else: None).
+        weight_bytes: its weight bytes in memory.
+        contexts: context lengths.
+
+    Returns:
+        The figures, or None for a model without a torch module and config, or an architecture whose cache
+        layout dsq does not model (DeepSeek-V4's sliding and compressed caches).
+    """
+    from dsq.quantize.kv_cache import KVCacheUnsupported, kv_cache_scheme_of, kv_layout
+
+    config = getattr(model, "config", None)
+    if not isinstance(model, nn.Module) or config is None:
+        return None
+    try:
+        layout = kv_layout(config)
+    except KVCacheUnsupported:
+        return None
+    dtype = _activation_dtype(model)
+    model_bytes = torch.empty((), dtype=dtype).element_size()
+    scheme = kv_cache_scheme_of(model)
+    kv_bytes = scheme.bytes_per_element if scheme is not None else model_bytes
+    name = scheme.describe() if scheme is not None else f"{str(dtype).removeprefix('torch.')} KV cache"
+    per_token = layout.bytes_per_token(kv_bytes, model_bytes)
+    points = tuple(ContextMemory(c, c * per_token, weight_bytes + c * per_token) for c in contexts)
+    return ServingMemory(name, layout.describe(), per_token, weight_bytes, points)
 
 
 def _require_path(path: Path) -> Path:

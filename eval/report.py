@@ -123,6 +123,14 @@ _FIXED_METHODS = {
         "pass from an empty cache; decode = batch x new tokens / seconds of the greedy single-token steps after "
         "it; median of the timed runs, same settings for torch and ONNX Runtime rows"
     ),
+    "serving_memory": (
+        "weights in memory + KV cache of one sequence (batch 1) at 4k, 32k and 128k tokens (whatever the model's "
+        "window); KV bytes per token = layers x kv_heads x (k_dim + v_dim) x bytes (MLA: layers x (kv_lora_rank + "
+        "qk_rope_head_dim) x bytes, plus DeepSeek-V3.2's indexer key in the model dtype); 1 byte per element for an "
+        "int8/FP8 KV cache as a serving engine stores it (scales not counted), the model's dtype otherwise; dsq's "
+        "torch forward simulates the quantized cache (quantize, dequantize at every cache update); ONNX rows keep an "
+        "fp32 cache and are not listed"
+    ),
     "size_ratio": "candidate weight bytes on disk / original weight bytes on disk",
     "peak_rss": (
         "peak resident set size of the whole process while the model was evaluated (kernel high-water "

@@ -11,7 +11,8 @@ from dsq.eval.plot_common import Plot
 from dsq.eval.report import Report
 from dsq.eval.report_tables import (
     DETAIL_HEADER, GATE_HEADER, LAYER_HEADER, ROUNDING_HEADER, WORST_HEADER, columns, detail_rows, gate_rows, made_with,
-    rounding_caption, rounding_rows, rounding_table, rows, rss_note, scalar_text, sqnr_caption, sqnr_rows, worst_tables,
+    rounding_caption, rounding_rows, rounding_table, rows, rss_note, scalar_text, serving_caption, serving_header,
+    serving_rows, sqnr_caption, sqnr_rows, worst_tables,
 )
 
 _CSS = """
@@ -85,7 +86,12 @@ def _results(report: Report) -> list[str]:
     note = rss_note(report)
     if note:
         out.append(f"<p>{_esc(note)}</p>")
-    return out + ["<h2>Details</h2>", *_table(DETAIL_HEADER, detail_rows(report))]
+    out += ["<h2>Details</h2>", *_table(DETAIL_HEADER, detail_rows(report))]
+    caption = serving_caption(report)
+    if caption is not None:
+        out += ["<h2>Serving memory (batch 1)</h2>", f"<p>{_esc(caption)}</p>",
+                *_table(serving_header(report), serving_rows(report), text_columns=(1,))]
+    return out
 
 
 def _gates(report: Report) -> list[str]:

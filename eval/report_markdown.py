@@ -4,7 +4,8 @@ from __future__ import annotations
 from dsq.eval.report import NotEvaluatedReport, Report
 from dsq.eval.report_tables import (
     DETAIL_HEADER, GATE_HEADER, LAYER_HEADER, ROUNDING_HEADER, WORST_HEADER, columns, detail_rows, gate_rows, made_with,
-    rounding_caption, rounding_rows, rounding_table, rows, rss_note, scalar_text, sqnr_caption, sqnr_rows, worst_tables,
+    rounding_caption, rounding_rows, rounding_table, rows, rss_note, scalar_text, serving_caption, serving_header,
+    serving_rows, sqnr_caption, sqnr_rows, worst_tables,
 )
 
 
@@ -55,6 +56,13 @@ def _learned_rounding(report: Report) -> list[str]:
     return out
 
 
+def _serving(report: Report) -> list[str]:
+    caption = serving_caption(report)
+    if caption is None:
+        return []
+    return ["", "## Serving memory (batch 1)", "", caption, "", *_table(serving_header(report), serving_rows(report))]
+
+
 def _gates(report: Report) -> list[str]:
     if not report.gates:
         return ["No gates were set."]
@@ -81,6 +89,7 @@ def render_markdown(report: Report, data: dict) -> str:
     if note:
         out += ["", note.replace("*", "\\*", 1)]
     out += ["", "## Details", "", *_table(DETAIL_HEADER, detail_rows(report))]
+    out += _serving(report)
     out += _made_with_sections(report)
     out += _worst_layers(report)
     out += _learned_rounding(report)

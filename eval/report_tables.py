@@ -21,6 +21,7 @@ WORST_HEADER = ("#", "module", "kind", "SQNR dB", "worst expert (SQNR dB)")
 LAYER_HEADER = ("decoder layer", "modules", "min SQNR dB", "module with the min", "worst single expert SQNR dB")
 ROUNDING_HEADER = ("block", "loss before (RTN)", "loss after", "change %", "steps", "RTN kept")
 _ROUNDING_KEYS = ("loss_before", "loss_after", "steps", "kept_rtn")  # what the learned-rounding table shows
+_GIB = 1 << 30
 
 
 def num(value: float | None, spec: str) -> str:
@@ -119,6 +120,39 @@ def detail_rows(report: Report) -> list[list[str]]:
     return out
 
 
+def _context_label(tokens: int) -> str:
+    """``4k``, ``128k``: a context length in units of 1024 tokens."""
+    return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
+
+
+def serving_header(report: Report) -> tuple[str, ...]:
+    """The serving-memory table's header: the cache, its bytes per token, the weights and a total per context length."""
+    contexts = next((row.serving_memory.contexts for row in report.rows if row.serving_memory is not None), ())
+    return ("model", "KV cache", "KV bytes/token", "weights MiB",
+            *(f"total @{_context_label(c.context)} GiB" for c in contexts))
+
+
+def serving_rows(report: Report) -> list[list[str]]:
+    """Cells of the serving-memory table (:func:`serving_header`) for every row that has the figures (empty: none has)."""
+    out = []
+    for row in report.rows:
+        m = row.serving_memory
+        if m is not None:
+            out.append([row.name, m.kv_cache, f"{m.kv_bytes_per_token:,}", _mib(m.weight_bytes),
+                        *(f"{c.total_bytes / _GIB:.3f}" for c in m.contexts)])
+    return out
+
+
+def serving_caption(report: Report) -> str | None:
+    """The sentence above the serving-memory table (None: no row has the figures)."""
+    found = [row.serving_memory for row in report.rows if row.serving_memory is not None]
+    if not found:
+        return None
+    layouts = sorted({m.layout for m in found})
+    return (f"Weights in memory plus the KV cache of one sequence (batch 1) at each context length. Per token the cache "
+            f"holds {'; '.join(layouts)} elements: one byte each when the KV cache is quantized, else the model's dtype.")
+
+
 def gate_rows(report: Report) -> list[list[str]]:
     """Cells of the gates table, in :data:`GATE_HEADER` order."""
     return [
@@ -136,6 +170,16 @@ def gate_rows(report: Report) -> list[list[str]]:
 
 def _gate_line(gate: GateResult) -> str:
     return f"{'PASS' if gate.passed else 'FAIL'}  {gate.message}"
+
+
+def _aligned(header: tuple[str, ...], cells: list[list[str]]) -> list[str]:
+    """A fixed-width table: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+
+    def line(row: list[str] | tuple[str, ...]) -> str:
+        return "  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:]))])
+
+    return [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in cells)]
 
 
 def format_terminal_table(report: Report) -> str:
@@ -160,6 +204,9 @@ def format_terminal_table(report: Report) -> str:
     note = rss_note(report)
     if note:
         lines.append(note)
+    serving = serving_rows(report)
+    if serving:
+        lines += ["", "serving memory (batch 1, weights + KV cache):", *_aligned(serving_header(report), serving)]
     if report.gates:
         lines.append("")
         lines.extend(_gate_line(gate) for gate in report.gates)

@@ -13,6 +13,10 @@
    (:mod:`dsq.export.validate`); a mismatch raises :class:`~dsq.core.errors.ExportError`;
 4. writes ``export_manifest.json`` (layout, ops, validation figures), ``genai_config.json`` and the
    tokenizer, all in a temporary directory renamed into place at the end.
+
+A model with a quantized KV cache (:mod:`dsq.quantize.kv_cache`) is exported with an fp32 cache: the graph
+is traced, and validated against the model, with its KV-cache quantization switched off, and the manifest's
+``kv_cache`` entry says that the artifact's ``kv_cache_scheme`` is not carried.
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ from dsq import __version__
 from dsq.core.atomic import atomic_directory
 from dsq.core.manifest import sha256_file, versions
 from dsq.core.errors import ExportError
+
+from dsq.quantize.kv_cache import KVCacheScheme, kv_cache_quantization_off, kv_cache_scheme_of
 
 from .decoder import CacheLayout, FlatDecoder, cache_layout, empty_past, input_names, output_names
 from .genai import write_genai_config
@@ -241,8 +247,18 @@ def _finish_graph(path: Path, config: ExportConfig, plan: ExportPlan) -> dict[st
     return counts
 
 
+def kv_cache_manifest(scheme: KVCacheScheme | None) -> dict:
+    """The manifest's ``kv_cache`` entry: the graph's cache, and whether the model's KV-cache scheme is carried."""
+    entry: dict = {"graph_cache_dtype": "float32", "artifact_kv_cache_scheme": scheme.describe() if scheme else None,
+                   "carried": False if scheme else None}
+    if scheme is not None:
+        entry["note"] = ("the ONNX graph keeps an fp32 KV cache; the artifact's kv_cache_scheme is not carried, and the "
+                         "export was validated against the model with its KV-cache quantization switched off")
+    return entry
+
+
 def _write_manifest(tmp: Path, layout: CacheLayout, config: ExportConfig, counts: dict[str, int], plan: ExportPlan,
-                    validation: ValidationReport, source: dict | None) -> None:
+                    validation: ValidationReport, source: dict | None, kv_scheme: KVCacheScheme | None = None) -> None:
     """Write ``EXPORT_MANIFEST`` last, with the sha256 of every other file in ``tmp``."""
     manifest = {
         "format": "dsq-onnx-decoder",
@@ -254,6 +270,7 @@ def _write_manifest(tmp: Path, layout: CacheLayout, config: ExportConfig, counts
         "inputs": input_names(layout),
         "outputs": output_names(layout),
         "cache": layout.to_dict(),
+        "kv_cache": kv_cache_manifest(kv_scheme),
         "accuracy_level": config.accuracy_level,
         "weight_op": config.weights.op,
         "ops": counts,
@@ -278,7 +295,8 @@ def export_onnx(
 
     Args:
         model: causal LM as the spine loads it (fp32 or bf16, with or without dsq's quantized modules).
-            Not modified. The graph computes in fp32 and is validated against an fp32 copy.
+            Not modified. The graph computes in fp32 and is validated against an fp32 copy; a quantized KV
+            cache is not carried (the graph's cache is fp32; validated with the KV-cache quantization off).
         tokenizer: saved beside the graph (needed by onnxruntime-genai).
         output: directory to create; written atomically.
         config: :class:`ExportConfig`.
@@ -296,6 +314,16 @@ def export_onnx(
     refusal = onnx_unsupported(getattr(model.config, "model_type", None))
     if refusal is not None:
         raise ExportError(f"cannot export {model.config.model_type} to ONNX: {refusal}")
+    kv_scheme = kv_cache_scheme_of(model)
+    if kv_scheme is not None:
+        log.info("%s is not carried into ONNX: the graph keeps an fp32 KV cache", kv_scheme.describe())
+    with kv_cache_quantization_off(model):  # copies made inside keep it off
+        return _export(model, tokenizer, output, config, source, overwrite, started, kv_scheme)
+
+
+def _export(model: nn.Module, tokenizer, output: Path, config: ExportConfig, source: dict | None, overwrite: bool,
+            started: float, kv_scheme: KVCacheScheme | None) -> ExportResult:
+    """:func:`export_onnx` after its checks, with the model's KV-cache quantization off."""
     model.eval()
     layout = cache_layout(model.config)
     vocab = model.config.vocab_size
@@ -311,6 +339,6 @@ def export_onnx(
             raise ExportError("the ONNX export does not match PyTorch: " + "; ".join(validation.failures()))
         tokenizer.save_pretrained(str(tmp))
         write_genai_config(tmp, model.config, tokenizer, layout)
-        _write_manifest(tmp, layout, config, counts, plan, validation, source)
+        _write_manifest(tmp, layout, config, counts, plan, validation, source, kv_scheme)
         onnx_bytes = _files_bytes(tmp)
     return ExportResult(output, layout, plan, validation, time.perf_counter() - started, onnx_bytes, config.accuracy_level, counts, config.weights.op)

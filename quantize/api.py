@@ -228,11 +228,11 @@ def apply_weight_quantizer(
     for index, (name, layer, layer_decisions) in enumerate(by_layer):
         lifecycle.load(index, name, layer)
         for d in layer_decisions:
-            report.modules.append(swap_decision(model, d, quantizer, scheme.describe()))
+            report.modules.append(swap_decision(model, d, quantizer, d.scheme_or(scheme).describe()))
             bar.update()
         lifecycle.release(index, name, layer)
     for d in outside:
-        report.modules.append(swap_decision(model, d, quantizer, scheme.describe()))
+        report.modules.append(swap_decision(model, d, quantizer, d.scheme_or(scheme).describe()))
         bar.update()
     bar.close()
     return report
@@ -319,17 +319,20 @@ def quantize_(
 
     Raises:
         QuantizationError: inside a process group of several ranks, a method that cannot split its
-            calibration (each rank would quantize on different data).
+            calibration (each rank would quantize on different data); per-module scheme rules for a method
+            that has one scheme.
 
     With a ``torch.distributed`` process group initialized, every rank calls this on the same model and
     calibration ids; each calibrates on its share of the batches and all end with the same weights.
     """
     from dsq.core.ranks import current_ranks
 
-    from .method import method_of, split_refusal
+    from .method import method_of, mixed_refusal, split_refusal
 
     ranks = current_ranks()
     if ranks.several and (refusal := split_refusal(config, ranks.world)):
+        raise QuantizationError(refusal)
+    if refusal := mixed_refusal(config):
         raise QuantizationError(refusal)
     return method_of(config).handler(model, config, calibration, progress, lifecycle)
 

@@ -20,6 +20,7 @@ from torch import nn
 from dsq.core.checkpoint import read_safetensors_header
 from dsq.core.errors import CheckpointError
 from dsq.core.layout import ExpertProjections, expert_projections
+from dsq.quantize.kv_cache import Fp8E4M3KV, Int8KV, KVCacheScheme, PerHeadKV, PerTensorKV
 from dsq.quantize.modules import is_fused_experts
 from dsq.quantize.scheme import SUPPORTED_BITS, PerChannel, PerGroup, WeightScheme
 from dsq.quantize.w8a8 import WEIGHT_SCHEME as W8A8_WEIGHT_SCHEME
@@ -176,6 +177,36 @@ def _parse_activations(key: str, args: object, weights: WeightScheme, source: Pa
     if strategy == "tensor" and dynamic is False:
         return StaticPerTensor()
     raise _bad(source, f"{key}.strategy", strategy, f"with dynamic={dynamic!r}: dsq reads token/dynamic and tensor/static")
+
+
+_KV_TYPES = {"int": Int8KV(), "float": Fp8E4M3KV()}
+_KV_STRATEGIES = {"tensor": PerTensorKV(), "attn_head": PerHeadKV()}
+
+
+def parse_kv_cache_scheme(qconfig: dict, source: Path) -> KVCacheScheme | None:
+    """The ``kv_cache_scheme`` of a checked ``quantization_config`` as dsq writes it (None: no KV-cache quantization).
+
+    Raises:
+        CheckpointError: a key dsq does not read (8-bit ``int`` or ``float``, symmetric, static, strategy ``tensor``
+            or ``attn_head``), named as ``quantization_config.kv_cache_scheme.<key>``.
+    """
+    args = qconfig.get("kv_cache_scheme")
+    key = f"{CONFIG_KEY}.kv_cache_scheme"
+    if args is None:
+        return None
+    if not isinstance(args, dict):
+        raise _bad(source, key, args, "expected an object of KV-cache quantization args or null")
+    if args.get("num_bits") != 8 or isinstance(args.get("num_bits"), bool):
+        raise _bad(source, f"{key}.num_bits", args.get("num_bits"), "dsq reads 8-bit KV caches")
+    if args.get("type") not in _KV_TYPES:
+        raise _bad(source, f"{key}.type", args.get("type"), "dsq reads 'int' (int8) or 'float' (fp8 e4m3) KV caches")
+    if args.get("symmetric", True) is not True:
+        raise _bad(source, f"{key}.symmetric", args.get("symmetric"), "dsq reads symmetric KV caches")
+    if args.get("dynamic", False) is not False:
+        raise _bad(source, f"{key}.dynamic", args.get("dynamic"), "dsq reads static (calibrated) KV-cache scales")
+    if args.get("strategy") not in _KV_STRATEGIES:
+        raise _bad(source, f"{key}.strategy", args.get("strategy"), "dsq reads strategy 'tensor' or 'attn_head'")
+    return KVCacheScheme(_KV_TYPES[args["type"]], _KV_STRATEGIES[args["strategy"]])
 
 
 # ----------------------------------------------------------------------------- the tensors

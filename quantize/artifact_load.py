@@ -6,7 +6,9 @@ writes, including the ones transformers cannot read back (asymmetric fused exper
 experts), and zero points in every layout dsq has written (int32 packed along ``out`` as
 ``[ceil(out*bits/32), groups]`` or row-padded ``[out, groups]``, and int8 ``[out, groups]``).
 Groups with ``input_activations`` (int8 token-dynamic or tensor-static) become
-:class:`~dsq.quantize.w8a8.W8A8Linear` / :class:`~dsq.quantize.w8a8.W8A8Experts`.
+:class:`~dsq.quantize.w8a8.W8A8Linear` / :class:`~dsq.quantize.w8a8.W8A8Experts`. A ``kv_cache_scheme``
+attaches dsq's KV-cache quantization (:mod:`dsq.quantize.kv_cache`) with the stored ``k_scale`` / ``v_scale``,
+so every forward of the loaded model, with a cache or without, sees the quantized keys and values.
 """
 from __future__ import annotations
 
@@ -18,14 +20,16 @@ from safetensors.torch import load_file
 from torch import nn
 
 from dsq.quantize.artifact_check import (
-    check_quantized_tensors, check_weight_shapes, group_for, parse_quantization_config, read_tensor_specs,
+    check_quantized_tensors, check_weight_shapes, group_for, parse_kv_cache_scheme, parse_quantization_config,
+    read_tensor_specs,
 )
 from dsq.core.checkpoint import inspect_checkpoint, source_info
 from dsq.core.loading import LoadedModel
-from dsq.core.errors import CheckpointError
+from dsq.core.errors import CheckpointError, QuantizationError
 from dsq.core.tied import tied_embeddings
 from dsq.core.layout import ExpertProjections, expert_projections
 from dsq.quantize.compressed_tensors_format import decompress_tensor
+from dsq.quantize.kv_cache import KVCacheUnsupported, attach_kv_cache_quantization, freeze_kv_scales
 from dsq.quantize.modules import GatedActivation, QuantExperts, QuantLinear, is_fused_experts, linear_groups, set_module
 from dsq.quantize.primitives import QuantizedWeight, stack_weights
 from dsq.quantize.w8a8 import StaticPerTensor, W8A8Experts, W8A8Linear
@@ -62,13 +66,16 @@ def load_artifact(path: str | Path, *, dtype: torch.dtype = torch.float32) -> Lo
     Raises:
         CheckpointError: not a compressed-tensors artifact; a ``quantization_config`` key dsq does not read
             (named, see :mod:`dsq.quantize.artifact_check`); a tensor missing, unexpected or of the wrong shape or
-            dtype for its module (named). All of these are found before any quantized module is built.
+            dtype for its module (named). All of these are found before any quantized module is built. A
+            ``kv_cache_scheme`` for an architecture whose KV cache dsq does not quantize, or a ``k_scale`` /
+            ``v_scale`` that is not finite and positive (named).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     root = Path(path)
     files = inspect_checkpoint(root)
     groups = parse_quantization_config(files.config.get("quantization_config"), root / "config.json")
+    kv_scheme = parse_kv_cache_scheme(files.config["quantization_config"], root / "config.json")
     config = AutoConfig.from_pretrained(str(root), local_files_only=True)
     del config.quantization_config  # build the plain model; dsq swaps in its own modules
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
@@ -101,9 +108,29 @@ def load_artifact(path: str | Path, *, dtype: torch.dtype = torch.float32) -> Lo
                 new = _load_w8a8_experts(tensors, name, module, scheme, act, root, names)
             set_module(model, name, new)
             _take_prefix(tensors, name)
+    _attach_kv_cache(model, kv_scheme, root)
     _load_rest(model, tensors, root, names)
+    if kv_scheme is not None:
+        _freeze_loaded_scales(model, root)
     tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source_info(files))
+
+
+def _attach_kv_cache(model: nn.Module, scheme, root: Path) -> None:
+    """KV-cache quantization with empty ``k_scale`` / ``v_scale`` buffers, filled by :func:`_load_rest`."""
+    if scheme is None:
+        return
+    try:
+        attach_kv_cache_quantization(model, scheme)
+    except KVCacheUnsupported as exc:
+        raise CheckpointError(f"{root / 'config.json'}: quantization_config.kv_cache_scheme: {exc}") from None
+
+
+def _freeze_loaded_scales(model: nn.Module, root: Path) -> None:
+    try:
+        freeze_kv_scales(model, from_amax=False)
+    except QuantizationError as exc:
+        raise CheckpointError(f"{root}: {exc}") from None
 
 
 def _require(tensors: dict, key: str, root: Path) -> None:

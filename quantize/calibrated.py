@@ -84,7 +84,7 @@ class _Run:
 
     def swap(self, decisions: list[TargetDecision], results: dict[str, QuantizedWeight]) -> None:
         for d in decisions:
-            self.report.modules.append(swap_decision(self.model, d, _lookup(results), self.scheme.describe()))
+            self.report.modules.append(swap_decision(self.model, d, _lookup(results), d.scheme_or(self.scheme).describe()))
             self.done.add(d.name)
 
     def head_decisions(self) -> list[TargetDecision]:

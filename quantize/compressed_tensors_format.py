@@ -23,6 +23,9 @@ W8A8 modules (:class:`~dsq.quantize.w8a8.W8A8Linear` / ``W8A8Experts``) are int-
 ``input_activations`` are symmetric int8 ``token``/dynamic, or ``tensor``/static with an
 ``X.input_scale`` fp32 ``[1]`` per module (per expert and projection for experts).
 
+A model carrying KV-cache quantization (:mod:`dsq.quantize.kv_cache`) gets ``kv_cache_scheme`` (8-bit int or
+float, strategy ``tensor`` or ``attn_head``, static) and ``X.k_scale`` / ``X.v_scale`` fp32 per attention ``X``.
+
 A group size that does not divide a layer's input width (a ragged last group) is written as
 compressed-tensors' ``block`` strategy with block ``[1, group]``, which pads the last block
 on load; a group at least as wide as the row is written as ``channel``. Both are exact.
@@ -44,6 +47,7 @@ from torch import nn
 
 from dsq.core.layout import ExpertProjections, expert_projections
 
+from .kv_cache import KVCacheScheme, kv_cache_args, kv_cache_scheme_of
 from .modules import QuantExperts, QuantLinear, QuantTensor
 from .primitives import QuantizedWeight, unpack_int4
 from .scheme import PerChannel, PerGroup, WeightScheme
@@ -354,7 +358,7 @@ def compress_model(model: nn.Module, version: str) -> CompressedCheckpoint:
         The tensors to save and the ``quantization_config`` for ``config.json``.
     """
     compressor = Compressor(version, has_experts=any(isinstance(m, QuantExperts) for m in model.modules()),
-                            experts=expert_projections(model))
+                            experts=expert_projections(model), kv_cache=kv_cache_scheme_of(model))
     tensors = compressor.add(model)
     return CompressedCheckpoint(tensors=tensors, quantization_config=compressor.quantization_config())
 
@@ -374,12 +378,16 @@ class Compressor:
             the model uses that form; dense models keep int-quantized (W8A8 experts are the
             exception: see :func:`compress_w8a8_experts`).
         experts: the model type's per-expert projection names (:func:`dsq.core.layout.expert_projections`).
+        kv_cache: the model's KV-cache scheme (:mod:`dsq.quantize.kv_cache`), written as ``kv_cache_scheme``;
+            its ``k_scale`` / ``v_scale`` buffers are written with the attention's other tensors.
     """
 
-    def __init__(self, version: str, *, has_experts: bool, experts: ExpertProjections = ExpertProjections()) -> None:
+    def __init__(self, version: str, *, has_experts: bool, experts: ExpertProjections = ExpertProjections(),
+                 kv_cache: KVCacheScheme | None = None) -> None:
         self.version = version
         self.has_experts = has_experts
         self.experts = experts
+        self.kv_cache = kv_cache
         self.groups: dict[tuple[str, str, str], _Group] = {}
         self.ignore: list[str] = []
 
@@ -460,7 +468,7 @@ class Compressor:
             format=formats.pop() if len(formats) == 1 else "mixed-precision",
             quantization_status="compressed",
             ignore=sorted(self.ignore),  # sorted: the same whether the model was added whole or layer by layer
-            kv_cache_scheme=None,
+            kv_cache_scheme=kv_cache_args(self.kv_cache) if self.kv_cache is not None else None,
             global_compression_ratio=None,
         )
         return {**config.model_dump(mode="json"), "producer": {"name": "dsq", "version": self.version}}

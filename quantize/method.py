@@ -61,6 +61,7 @@ class Method:
         moves_layers: It honours ``quantize.device`` (each layer quantized on that device).
         splits_calibration: Several processes (``torchrun``) can share its calibration: each runs its share of
             the batches, the statistics are combined and the solves dealt out; the artifact is the one-process one.
+        mixed_schemes: It quantizes each module with its own scheme (``TargetSpec.schemes``, mixed precision).
         reload_tolerance: Largest logit difference allowed between dsq's model and transformers' reload.
         cost: What the plan needs to estimate its memory and time (:mod:`dsq.quantize.cost`).
     """
@@ -78,6 +79,7 @@ class Method:
     lora_base: bool = False
     moves_layers: bool = True
     splits_calibration: bool = False
+    mixed_schemes: bool = False
     reload_tolerance: float = TOLERANCE
 
 
@@ -105,6 +107,17 @@ def split_refusal(config: object, processes: int) -> str | None:
     if not method.calibrates(config):
         return f"{processes} processes share calibration, and this quantize section calibrates nothing (run it in one process)"
     return None
+
+
+def mixed_refusal(config: object) -> str | None:
+    """Why ``config``'s per-module scheme rules cannot be honoured by its method, or None when they can."""
+    targets = getattr(config, "targets", None)
+    method = method_of(config)
+    if targets is None or not targets.schemes or method.mixed_schemes:
+        return None
+    allowed = ", ".join(method_names(lambda m: m.mixed_schemes))
+    return (f"quantize.targets.schemes: quantize.method {method.name!r} quantizes every module with one scheme; "
+            f"methods with per-module schemes: {allowed}")
 
 
 def method_of(config: object) -> Method:

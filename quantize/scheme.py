@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 SUPPORTED_BITS = (4, 8)
@@ -90,3 +91,25 @@ class WeightScheme:
     def describe(self) -> str:
         kind = "sym" if self.symmetric else "asym"
         return f"int{self.bits} {self.granularity.describe()} {kind}"
+
+
+_LABEL = re.compile(r"int(?P<bits>4|8)-(?:(?P<ch>ch)|g(?P<group>[0-9]+))(?P<asym>-asym)?")
+
+
+def scheme_label(scheme: WeightScheme) -> str:
+    """``int4-g128``, ``int8-ch``, ``int4-g32-asym``: a scheme as recipes name it (:func:`parse_scheme_label`)."""
+    granularity = "ch" if isinstance(scheme.granularity, PerChannel) else f"g{scheme.granularity.size}"
+    return f"int{scheme.bits}-{granularity}" + ("" if scheme.symmetric else "-asym")
+
+
+def parse_scheme_label(text: str) -> WeightScheme:
+    """The scheme named ``int<4|8>-<ch|g<size>>[-asym]`` (e.g. ``int4-g128``, ``int8-ch``).
+
+    Raises:
+        ValueError: ``text`` is not such a name.
+    """
+    match = _LABEL.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a scheme: write int4-g128, int4-g32, int8-ch, int4-g128-asym, ...")
+    granularity = PerChannel() if match["ch"] else PerGroup(int(match["group"]))
+    return WeightScheme(int(match["bits"]), granularity, symmetric=match["asym"] is None)

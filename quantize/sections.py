@@ -18,8 +18,10 @@ from dsq.assets import resolve_data_path
 from dsq.core.schema import MAX_COUNT, MAX_SEQUENCE, MAX_WIDTH, Name, PathText, Pattern, Seed, Strict
 
 from .calibration_data import CalibrationDataSpec
-from .scheme import PerChannel, PerGroup, WeightScheme
-from .targets import TargetSpec
+from .scheme import PerChannel, PerGroup, WeightScheme, parse_scheme_label
+from .targets import SchemeRule, TargetSpec
+
+KEEP = "keep"  # a scheme rule's value that keeps the matching modules in the model dtype
 
 _DEVICE = re.compile(r"(cpu|cuda)(:[0-9]{1,4})?")
 
@@ -43,17 +45,36 @@ class WeightsSection(Strict):
         return f"{method}-int{self.bits}-{gran}{sym}"
 
 
+class SchemeRuleSection(Strict):
+    """One per-module scheme: modules matching ``pattern`` get ``scheme`` (``int4-g128``, ``int8-ch``,
+    ``int4-g32-asym``, ...) or are kept (``keep``)."""
+
+    pattern: Pattern
+    scheme: str
+
+    @field_validator("scheme")
+    @classmethod
+    def _scheme_parses(cls, v: str) -> str:
+        if v != KEEP:
+            parse_scheme_label(v)  # ValueError names the accepted forms
+        return v
+
+    def rule(self) -> SchemeRule:
+        return SchemeRule(self.pattern, None if self.scheme == KEEP else parse_scheme_label(self.scheme))
+
+
 class TargetsSection(Strict):
-    """Which modules are quantized (regular expressions searched in module names)."""
+    """Which modules are quantized (regular expressions searched in module names), and with which scheme."""
 
     include: list[Pattern] = Field(default_factory=lambda: [".*"], min_length=1)
     exclude: list[Pattern] = Field(default_factory=list)
     lm_head: bool = False
     indexer: bool = False  # DeepSeek-V3.2 / V4: also quantize the DSA lightning indexer's projections
+    schemes: list[SchemeRuleSection] = Field(default_factory=list)  # first match wins; unmatched: quantize.weights
 
     def spec(self) -> TargetSpec:
         return TargetSpec(include=tuple(self.include), exclude=tuple(self.exclude), lm_head=self.lm_head,
-                          indexer=self.indexer)
+                          indexer=self.indexer, schemes=tuple(rule.rule() for rule in self.schemes))
 
 
 class CalibrationSection(Strict):
@@ -112,4 +133,5 @@ class WeightMethodSection(MethodSection):
     weights: WeightsSection = WeightsSection()
 
     def row_name(self) -> str:
-        return self.weights.row_name(self.method)
+        name = self.weights.row_name(self.method)
+        return f"{name}-mixed" if self.targets.schemes else name

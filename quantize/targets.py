@@ -13,12 +13,25 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .modules import is_fused_experts
+from .scheme import WeightScheme, scheme_label
 
 # Kept in high precision whatever the include patterns say: the MoE router (``mlp.gate``,
 # a Linear in some architectures; DeepSeek-V3's also holds ``e_score_correction_bias``).
 ROUTER = r"(^|\.)gate$"
 LM_HEAD = r"(^|\.)lm_head$"
 INDEXER = r"(^|\.)indexer\."  # DeepSeek-V3.2 / V4 DSA lightning indexer (V3.2: self_attn.indexer, V4: compressor.indexer)
+
+
+@dataclass(frozen=True)
+class SchemeRule:
+    """Modules whose name matches ``pattern`` (``re.search``) get ``scheme`` instead of the method's;
+    ``scheme=None`` keeps them in the model dtype."""
+
+    pattern: str
+    scheme: WeightScheme | None
+
+    def describe(self) -> str:
+        return "keep" if self.scheme is None else scheme_label(self.scheme)
 
 
 @dataclass(frozen=True)
@@ -32,15 +45,18 @@ class TargetSpec:
         indexer: quantize the projections of DeepSeek-V3.2 / V4's DSA lightning indexer too (default False:
             kept; it picks the tokens each query attends to, and quantizing it measurably costs accuracy for
             a tiny share of the weights, see the README).
+        schemes: per-module schemes (mixed precision): the first :class:`SchemeRule` whose pattern matches a
+            selected module gives its scheme (or keeps it); modules no rule matches get the method's scheme.
     """
 
     include: tuple[str, ...] = (r".*",)
     exclude: tuple[str, ...] = ()
     lm_head: bool = False
     indexer: bool = False
+    schemes: tuple[SchemeRule, ...] = ()
 
     def __post_init__(self) -> None:
-        for pattern in (*self.include, *self.exclude):
+        for pattern in (*self.include, *self.exclude, *(rule.pattern for rule in self.schemes)):
             try:
                 re.compile(pattern)
             except re.error as exc:
@@ -54,6 +70,11 @@ class TargetDecision:
     kind: str  # "linear" | "experts" — what the module is, not a mode
     quantize: bool
     reason: str
+    scheme: WeightScheme | None = None  # a scheme rule's scheme; None: the method's own
+
+    def scheme_or(self, default: WeightScheme) -> WeightScheme:
+        """The scheme this module is quantized with when the method's is ``default``."""
+        return self.scheme if self.scheme is not None else default
 
 
 def quantizable_kind(module: nn.Module) -> str | None:
@@ -77,7 +98,15 @@ def decide(name: str, kind: str, spec: TargetSpec) -> tuple[bool, str]:
     for pattern in spec.exclude:
         if re.search(pattern, name):
             return False, f"excluded by pattern {pattern!r}"
+    rule = scheme_rule(name, spec)
+    if rule is not None and rule.scheme is None:
+        return False, f"kept by scheme rule {rule.pattern!r}"
     return True, "quantized"
+
+
+def scheme_rule(name: str, spec: TargetSpec) -> SchemeRule | None:
+    """The first of ``spec.schemes`` whose pattern matches module ``name`` (None: the method's scheme)."""
+    return next((rule for rule in spec.schemes if re.search(rule.pattern, name)), None)
 
 
 def select_targets(model: nn.Module, spec: TargetSpec) -> list[TargetDecision]:
@@ -88,5 +117,6 @@ def select_targets(model: nn.Module, spec: TargetSpec) -> list[TargetDecision]:
         if kind is None:
             continue
         quantize, reason = decide(name, kind, spec)
-        decisions.append(TargetDecision(name, module, kind, quantize, reason))
+        rule = scheme_rule(name, spec) if quantize else None
+        decisions.append(TargetDecision(name, module, kind, quantize, reason, rule.scheme if rule is not None else None))
     return decisions

@@ -6,10 +6,11 @@ configs in :mod:`dsq.run.steps` and each method's own section. It never prints: 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from dsq.core.atomic import atomic_directory, claim_output
-from dsq.core.checkpoint import CheckpointFiles, source_info
+from dsq.core.checkpoint import CheckpointFiles, checkpoint_dir, read_config, source_info
 from dsq.core.errors import RecipeError
 from dsq.core.manifest import write_manifest
 from dsq.core.ranks import SINGLE, Ranks, leave_group
@@ -20,12 +21,13 @@ from dsq.eval.memory import PeakRSS
 from dsq.quantize import method_of
 from dsq.quantize.artifact_load import load_artifact
 from dsq.quantize.artifact_save import copy_tokenizer, write_config
+from dsq.quantize.kv_cache import KVCacheUnsupported, kv_layout
 from dsq.quantize.method import method_names
 from dsq.quantize.streaming import quantize_streaming
 from dsq.run.export_step import export_rows
-from dsq.run.ranked import calibrate_share, checked_source, join_ranks
+from dsq.run.ranked import calibrate_share, check_kv_cache_run, checked_source, join_ranks
 from dsq.run.recipe import Recipe, dump_recipe
-from dsq.run.steps import DTYPES, QuantizeStep, benchmark_suite, gates_of, run_meta, save_artifact
+from dsq.run.steps import DTYPES, KVCacheStep, QuantizeStep, benchmark_suite, gates_of, model_path, run_meta, save_artifact
 from dsq.run.streaming import StreamingDecision, decide_streaming
 from dsq.run.tail import ReloadSettings, RunResult, RunTail, write_artifact_records
 from dsq.run.train import run_finetune
@@ -48,8 +50,11 @@ def run(recipe: Recipe) -> RunResult:
         ``streaming: true``, or when it leaves ``streaming`` unset and the model needs more than half
         the available memory.
     """
+    if recipe.search is not None:
+        raise RecipeError("search: this recipe searches per-module schemes; run it with `dsq search RECIPE`")
     if recipe.finetune is not None:
         return run_finetune(recipe)
+    _check_kv_cache_architecture(recipe)  # every process, before any of them joins the group
     ranks = join_ranks(recipe)  # torchrun: several processes share calibration; only rank 0 writes
     if not ranks.main:
         return calibrate_share(recipe, ranks)
@@ -65,6 +70,7 @@ def run_tail(recipe: Recipe, evaluator: Evaluator | None, loaded_meta: dict) -> 
 
 def _run_quantize(recipe: Recipe, ranks: Ranks = SINGLE) -> RunResult:
     files, decision = checked_source(recipe, ranks)
+    check_kv_cache_run(recipe, decision)
     if decision.stream:
         (log.warning if recipe.streaming is None else log.info)("%s", decision.reason)
         return run_streamed(recipe, files, decision)
@@ -72,18 +78,40 @@ def _run_quantize(recipe: Recipe, ranks: Ranks = SINGLE) -> RunResult:
     suite = benchmark_suite(recipe.eval)
     loaded = load_checkpoint(files, dtype=DTYPES[recipe.dtype], trust_remote_code=recipe.trust_remote_code)
     step = QuantizeStep.from_recipe(recipe, loaded.tokenizer)
+    kv = KVCacheStep.from_recipe(recipe, loaded.tokenizer, step)
     tail = run_tail(recipe, Evaluator(suite, loaded.tokenizer, progress=recipe.progress), run_meta(recipe, loaded.source, loaded.notes))
     with atomic_directory(output, recipe.overwrite) as tmp:
         original = tail.evaluate("original", loaded.model, files.root, reference=True)
         qreport, quant_seconds, peak_rss = step.apply(loaded.model, progress=recipe.progress)
         leave_group()  # the other ranks are done; what follows is the main process's alone
+        if kv is not None:  # the KV-cache scales are calibrated on the quantized model
+            started = time.perf_counter()
+            kv.apply(loaded.model, qreport, progress=recipe.progress)
+            quant_seconds += time.perf_counter() - started
         qreport.notes += tie_notes(loaded.model)  # a tied lm_head quantized: the tie is broken
         save_artifact(tmp, loaded, recipe, step.config)
         reload = tail.reload_check(tmp, loaded.model, method_of(step.config).reload_tolerance)
         facts = QuantizationFacts(qreport, quant_seconds, peak_rss)
-        candidate = tail.evaluate(step.name, loaded.model, tmp, quantization=facts, reload_check=reload or ReloadNotRun())
+        name = kv.row_name(step.name) if kv is not None else step.name
+        candidate = tail.evaluate(name, loaded.model, tmp, quantization=facts, reload_check=reload or ReloadNotRun())
         report, results = _finish(recipe, tail, tmp, loaded, original, candidate, facts, decision)
     return RunResult(output=output, report=report, gates=results, reload=reload)
+
+
+def _check_kv_cache_architecture(recipe: Recipe) -> None:
+    """A ``kv_cache:`` section needs an architecture whose cache dsq quantizes (read from config.json alone).
+
+    Raises:
+        RecipeError: the architecture is refused (named, with the reason).
+        CheckpointError: no readable config.json.
+    """
+    if recipe.kv_cache is None:
+        return
+    root = checkpoint_dir(model_path(recipe))
+    try:
+        kv_layout(read_config(root))
+    except KVCacheUnsupported as exc:
+        raise RecipeError(f"kv_cache: {exc} ({root / 'config.json'})") from None
 
 
 def _finish(recipe: Recipe, tail: RunTail, tmp: Path, loaded: LoadedModel, original, candidate, facts: QuantizationFacts,
@@ -111,6 +139,7 @@ def run_streamed(recipe: Recipe, files: CheckpointFiles, decision: StreamingDeci
     and the artifact in memory; when the model does not fit (the reason streaming was chosen),
     it is not run: the report says so, and every gate the recipe sets fails as not evaluated.
     """
+    check_kv_cache_run(recipe, decision)  # kv_cache needs the model in memory
     dtype = DTYPES[recipe.dtype]
     output = Path(recipe.output).expanduser()
     tokenizer = load_tokenizer(files.root, trust_remote_code=recipe.trust_remote_code)

@@ -60,11 +60,28 @@ def agree_on_streaming(ranks: Ranks, decision: StreamingDecision) -> StreamingDe
     return decision if stream == decision.stream else StreamingDecision(stream, "the main process decided: " + decision.reason)
 
 
+def check_kv_cache_run(recipe: Recipe, decision: StreamingDecision) -> None:
+    """A ``kv_cache:`` section needs the model in memory (checked before loading).
+
+    Raises:
+        RecipeError: this run streams the checkpoint.
+    """
+    if recipe.kv_cache is None:
+        return
+    if decision.stream:
+        raise RecipeError(
+            f"kv_cache: the KV cache is calibrated on the whole quantized model in memory, but this run streams the "
+            f"checkpoint one decoder layer at a time ({decision.reason}); run it on a machine where the model fits "
+            "with streaming: false, or remove 'kv_cache'"
+        )
+
+
 def calibrate_share(recipe: Recipe, ranks: Ranks) -> None:
     """A non-main rank's run: the same checks and decisions as the main one, then its share of calibration;
     it writes nothing."""
     dtype = DTYPES[recipe.dtype]
     files, decision = checked_source(recipe, ranks)
+    check_kv_cache_run(recipe, decision)  # the main rank refuses the same run: every rank stops
     tokenizer = load_tokenizer(files.root, trust_remote_code=recipe.trust_remote_code)
     step = QuantizeStep.from_recipe(recipe, tokenizer)
     if decision.stream:

@@ -27,7 +27,10 @@ from dsq.core.errors import RecipeError
 from dsq.core.schema import MAX_COUNT, MAX_SEQUENCE, MAX_TOKEN_BUDGET, MAX_WIDTH, Name, PathText, Pattern, Seed, Strict, _cut, format_errors
 from dsq.core.yaml_file import apply_override, parse_override, read_yaml
 from dsq.eval.gates import GatesSection
+from dsq.quantize.artifact_save import save_quantized_model
+from dsq.quantize.kv_cache import Fp8E4M3KV, Int8KV, KVCacheScheme, PerHeadKV, PerTensorKV
 from dsq.quantize.method import METHODS, method_names
+from dsq.run.search_section import SearchSection
 
 DEFAULT_METHOD = "rtn"
 """``quantize.method`` when a recipe's ``quantize:`` section does not name one."""
@@ -163,6 +166,20 @@ class ExportSection(Strict):
     validation: ExportValidationSection = ExportValidationSection()
 
 
+class KVCacheSection(Strict):
+    """A quantized KV cache: keys and values stored as int8 or FP8 e4m3 with static scales calibrated on the
+    quantized model (:mod:`dsq.quantize.kv_cache`). Calibration reads the ``quantize:`` section's calibration
+    data when it has one, otherwise the default calibration data."""
+
+    dtype: Literal["int8", "fp8_e4m3"] = "int8"
+    granularity: Literal["tensor", "head"] = "tensor"  # one scale per attention and slot, or per cached head
+    samples: int | None = Field(None, ge=1, le=MAX_COUNT)  # calibration sequences; None: as many as the calibration data has
+
+    def scheme(self) -> KVCacheScheme:
+        dtype = Int8KV() if self.dtype == "int8" else Fp8E4M3KV()
+        return KVCacheScheme(dtype, PerTensorKV() if self.granularity == "tensor" else PerHeadKV())
+
+
 class Recipe(Strict):
     """A whole run: model in, quantized artifact and report out."""
 
@@ -178,6 +195,8 @@ class Recipe(Strict):
     quantize: QuantizeSection | None = METHODS[DEFAULT_METHOD].section()  # null: no quantization (LoRA on the FP base)
     finetune: FinetuneSection | None = None
     export: ExportSection | None = None  # ONNX decoder with KV cache (dsq formats only)
+    kv_cache: KVCacheSection | None = None  # quantized KV cache, calibrated after the weights are quantized
+    search: SearchSection | None = None  # dsq search: per-module schemes verified against eval.gates
     eval: EvalSection = EvalSection()
 
     @field_validator("quantize", mode="before")
@@ -214,6 +233,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raise RecipeError(format_errors(exc, source, Recipe)) from None
     _check_finetune(recipe, source)
     _check_export(recipe, source)
+    _check_kv_cache(recipe, source)
     check_eval_section(recipe.eval, source)
     return recipe
 
@@ -288,6 +308,28 @@ def _check_export(recipe: Recipe, source: str) -> None:
         )
 
 
+def _check_kv_cache(recipe: Recipe, source: str) -> None:
+    """``kv_cache`` is calibrated on the model the ``quantize:`` section quantizes in memory and saves as compressed-tensors."""
+    if recipe.kv_cache is None:
+        return
+    if recipe.quantize is None or recipe.finetune is not None:
+        raise RecipeError(
+            f"'kv_cache' in {source}: the KV cache is calibrated after the 'quantize' step of a PTQ run; it needs a "
+            "'quantize' section and no 'finetune' section"
+        )
+    method = METHODS[recipe.quantize.method]
+    if method.save is not save_quantized_model:
+        raise RecipeError(
+            f"'kv_cache' in {source}: quantize.method {method.name!r} does not write a compressed-tensors artifact, where "
+            f"the scales are stored; use one of {', '.join(method_names(lambda m: m.save is save_quantized_model))}"
+        )
+    if recipe.streaming is True:
+        raise RecipeError(
+            f"'kv_cache' in {source}: the KV cache is calibrated on the whole quantized model in memory; streaming: true "
+            "quantizes one decoder layer at a time (set streaming: false, or remove 'kv_cache')"
+        )
+
+
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML (every default filled in; only the sections its method reads)."""
     tree = recipe.model_dump(mode="json")
@@ -295,4 +337,8 @@ def dump_recipe(recipe: Recipe) -> str:
         tree.pop("finetune")
     if recipe.export is None:
         tree.pop("export")
+    if recipe.kv_cache is None:
+        tree.pop("kv_cache")
+    if recipe.search is None:
+        tree.pop("search")
     return yaml.safe_dump(tree, sort_keys=False)

@@ -6,7 +6,7 @@ section (:meth:`dsq.quantize.sections.MethodSection.config`).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,8 +20,10 @@ from dsq.eval import BenchmarkSuite, Gates, PerplexityConfig
 from dsq.eval.memory import PeakRSS
 from dsq.eval.speed import SpeedConfig
 from dsq.quantize import QuantizationReport, method_of, quantize_
+from dsq.quantize.method import mixed_refusal
 from dsq.quantize.calibration_data import load_calibration_with_summary
-from dsq.quantize.sections import MethodSection
+from dsq.quantize.kv_cache import KVCacheScheme, attach_kv_cache_quantization, calibrate_kv_cache_
+from dsq.quantize.sections import CalibrationSection, MethodSection
 from dsq.quantize.sequential import RESIDENT, LayerLifecycle, OnDevice
 from dsq.run.recipe import EvalSection, Recipe, dump_recipe
 
@@ -43,6 +45,8 @@ class QuantizeStep:
     def from_recipe(cls, recipe: Recipe, tokenizer) -> "QuantizeStep":
         section = recipe.quantize
         config = section.config(DTYPES[recipe.dtype])
+        if refusal := mixed_refusal(config):
+            raise RecipeError(refusal)
         device = layer_device(section, config)
         if not method_of(config).calibrates(config):
             return cls(section, config, device=device)
@@ -70,6 +74,43 @@ class QuantizeStep:
         """Put the calibration data's summary at the head of the report's calibration record."""
         if self.calibration_summary is not None:
             qreport.calibration = {"data": self.calibration_summary.to_dict(), **(qreport.calibration or {})}
+
+
+@dataclass
+class KVCacheStep:
+    """The recipe's ``kv_cache:`` section made ready: its scheme and calibration tokens (loaded up front, so bad
+    data fails before any evaluation). The tokens are the quantize step's own when it loaded enough, otherwise
+    drawn from its calibration section (or the default one) with ``kv_cache.samples`` windows."""
+
+    scheme: KVCacheScheme
+    calibration: torch.Tensor  # (samples, seq_len) token ids
+    batch_size: int
+    source: str
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, tokenizer, quantize: QuantizeStep) -> KVCacheStep | None:
+        section = recipe.kv_cache
+        if section is None:
+            return None
+        data = quantize.section.calibration_section or CalibrationSection()
+        loaded = quantize.calibration
+        if loaded is not None and (section.samples is None or section.samples <= loaded.shape[0]):
+            source = quantize.calibration_summary.source if quantize.calibration_summary is not None else "quantize calibration"
+            return cls(section.scheme(), loaded[: section.samples], data.batch_size, source)
+        spec = data.spec() if section.samples is None else replace(data.spec(), samples=section.samples)
+        tokens, summary = load_calibration_with_summary(spec, tokenizer)
+        return cls(section.scheme(), tokens, data.batch_size, summary.source)
+
+    def row_name(self, weights_row: str) -> str:
+        """``rtn-int8-g128-kv-int8``: the quantize step's row name with the KV-cache scheme."""
+        return f"{weights_row}-{self.scheme.row_suffix()}"
+
+    def apply(self, model, qreport: QuantizationReport, *, progress: bool) -> None:
+        """Attach KV-cache quantization to the (weight-quantized) ``model`` and calibrate it; recorded in ``qreport``."""
+        attach_kv_cache_quantization(model, self.scheme)
+        record = calibrate_kv_cache_(model, self.calibration, batch_size=self.batch_size, progress=progress)
+        qreport.scheme = f"{qreport.scheme}; {self.scheme.describe()}"
+        qreport.calibration = {**(qreport.calibration or {}), "kv_cache": {**record.to_dict(), "data": self.source}}
 
 
 def layer_device(section: MethodSection, config: object) -> str | None:

@@ -89,33 +89,35 @@ def grouped_linears(decisions: list[TargetDecision]) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class GPTQSolve:
-    """One weight GPTQ rounds: its report name, weight ``[out, in]`` and the statistics of its input (the fp32
-    Hessian ``[in, in]`` is made when its chunk is solved)."""
+    """One weight GPTQ rounds: its report name, weight ``[out, in]``, the statistics of its input (the fp32
+    Hessian ``[in, in]`` is made when its chunk is solved) and its scheme."""
 
     name: str
     weight: torch.Tensor
     stats: InputStats
+    scheme: WeightScheme
 
 
-def gptq_solves(decisions: list[TargetDecision], collector: StatsCollector) -> dict[str, list[GPTQSolve]]:
+def gptq_solves(decisions: list[TargetDecision], collector: StatsCollector, scheme: WeightScheme) -> dict[str, list[GPTQSolve]]:
     """Every weight to round among ``decisions``, by result key (``<linear>.weight``, ``<experts>.gate_up_proj``,
     ``<experts>.down_proj``); a result made of several weights (experts, the groups of a grouped Linear) lists
-    them in order."""
+    them in order. ``scheme`` is the method's; a module's scheme rule overrides it."""
     solves: dict[str, list[GPTQSolve]] = {}
     for d in decisions:
+        own = d.scheme_or(scheme)
         if d.kind == "linear" and (groups := linear_groups(d.module)) is not None:
             # each group's rows see only that group's inputs: one solve per group with its own Hessian
             blocks = d.module.weight.view(groups, -1, d.module.weight.shape[-1])  # (G, d_g, in_g)
             solves[f"{d.name}.weight"] = [
-                GPTQSolve(f"{d.name}.group.{g}", blocks[g], collector[f"{d.name}.group.{g}"]) for g in range(groups)
+                GPTQSolve(f"{d.name}.group.{g}", blocks[g], collector[f"{d.name}.group.{g}"], own) for g in range(groups)
             ]
         elif d.kind == "linear":
-            solves[f"{d.name}.weight"] = [GPTQSolve(d.name, d.module.weight, collector[d.name])]
+            solves[f"{d.name}.weight"] = [GPTQSolve(d.name, d.module.weight, collector[d.name], own)]
         else:
             for proj in ("gate_up_proj", "down_proj"):
                 stacked = getattr(d.module, proj)  # (E, out, in)
                 solves[f"{d.name}.{proj}"] = [
-                    GPTQSolve(f"{d.name}.{e}.{proj}", stacked[e], collector[f"{d.name}.{proj}.{e}"])
+                    GPTQSolve(f"{d.name}.{e}.{proj}", stacked[e], collector[f"{d.name}.{proj}.{e}"], own)
                     for e in range(stacked.shape[0])
                 ]
     return solves
@@ -130,7 +132,7 @@ def gptq_solve(run: _Run, config: GPTQConfig, decisions: list[TargetDecision], c
     Returns result keys ``<linear>.weight`` and ``<experts>.gate_up_proj`` / ``<experts>.down_proj`` (stacked
     ``[experts, out, in]``).
     """
-    solves = gptq_solves(decisions, collector)
+    solves = gptq_solves(decisions, collector, config.scheme)
     rounded = solve_batched(run, config, [s for group in solves.values() for s in group])
     results = {}
     for key, group in solves.items():
@@ -143,14 +145,14 @@ def gptq_solve(run: _Run, config: GPTQConfig, decisions: list[TargetDecision], c
 
 
 def solve_batched(run: _Run, config: GPTQConfig, solves: list[GPTQSolve]) -> dict[str, QuantizedWeight]:
-    """GPTQ of ``solves`` by shape, ``config.expert_chunk`` weights per batched solve; name -> integers.
+    """GPTQ of ``solves`` by shape and scheme, ``config.expert_chunk`` weights per batched solve; name -> integers.
 
     With several processes the chunks are dealt round robin; each is solved by its owner and handed to
     every rank (a weight's integers do not depend on the chunk it is solved in).
     """
-    by_shape: dict[tuple[int, int], list[GPTQSolve]] = {}
+    by_shape: dict[tuple, list[GPTQSolve]] = {}
     for s in solves:
-        by_shape.setdefault(tuple(s.weight.shape), []).append(s)
+        by_shape.setdefault((*s.weight.shape, s.scheme), []).append(s)
     chunks = [group[c : c + config.expert_chunk] for group in by_shape.values() for c in range(0, len(group), config.expert_chunk)]
     # every rank solves its own chunks first, then the results are handed round in chunk order
     mine = {i: _gptq_chunk(run, config, chunk) for i, chunk in enumerate(chunks) if run.ranks.owner(i) == run.ranks.rank}
@@ -166,7 +168,7 @@ def solve_batched(run: _Run, config: GPTQConfig, solves: list[GPTQSolve]) -> dic
 def _share_chunk(run: _Run, config: GPTQConfig, chunk: list[GPTQSolve], mine: dict[str, QuantizedWeight] | None,
                  owner: int) -> dict[str, QuantizedWeight]:
     """The owner's integers, scales (zeros) and proxy losses of ``chunk``, on every rank."""
-    scheme = config.scheme
+    scheme = chunk[0].scheme
     out, inp = chunk[0].weight.shape
     groups = scheme.granularity.num_groups(inp)
     device = chunk[0].stats.device
@@ -195,7 +197,7 @@ def _gptq_chunk(run: _Run, config: GPTQConfig, chunk: list[GPTQSolve]) -> dict[s
     hessians = torch.stack([s.stats.hessian for s in chunk])  # (B, in, in)
     try:
         results = gptq_quantize_batched(
-            weights, hessians, config.scheme, damp=config.damp, block_size=config.block_size,
+            weights, hessians, chunk[0].scheme, damp=config.damp, block_size=config.block_size,
             act_order=config.act_order, mse_scales=config.mse_scales,
         )
     except HessianNotPositiveDefinite as exc:
@@ -209,7 +211,7 @@ def _gptq_head(run: _Run, config: GPTQConfig, d: TargetDecision, x: torch.Tensor
     collector = StatsCollector(hessian=True, channels=False)
     collector.linear_input(d.name, x)
     collector.reduce(run.ranks)
-    return solve_batched(run, config, [GPTQSolve(d.name, d.module.weight, collector[d.name])])[d.name]
+    return solve_batched(run, config, [GPTQSolve(d.name, d.module.weight, collector[d.name], d.scheme_or(config.scheme))])[d.name]
 
 
 def _gptq(
@@ -254,4 +256,5 @@ GPTQ_COST = MethodCost(layout=integer_layout, calibration=_gptq_calibration, rou
 GPTQ = register(Method(
     name="gptq", cost=GPTQ_COST, section=GPTQSection, config=GPTQConfig, handler=_gptq, save=save_quantized_model,
     calibrates=ALWAYS, streams=True, exports=True, qat_start=True, lora_base=True, splits_calibration=True,
+    mixed_schemes=True,
 ))

@@ -15,7 +15,7 @@ from ..primitives import QuantizedWeight, quantize_rtn, quantize_rtn_slices
 from ..scheme import WeightScheme
 from ..sections import WeightMethodSection
 from ..sequential import RESIDENT, LayerLifecycle
-from ..targets import TargetSpec
+from ..targets import TargetSpec, select_targets
 
 @dataclass(frozen=True)
 class RTNConfig:
@@ -28,11 +28,14 @@ class RTNConfig:
 def _rtn(
     model: nn.Module, config: RTNConfig, calibration: torch.Tensor | None, progress: bool, lifecycle: LayerLifecycle = RESIDENT
 ) -> QuantizationReport:
+    schemes = {d.name: d.scheme_or(config.scheme) for d in select_targets(model, config.targets)}
+
     def quantizer(name: str, weight: torch.Tensor) -> QuantizedWeight:
+        scheme = schemes[name.rpartition(".")[0]]  # name: <linear>.weight or <experts>.<projection>
         if weight.dim() == 3:  # fused experts one by one: fp32 temporaries of one expert, not of all E
-            qw = quantize_rtn_slices(weight, config.scheme)
+            qw = quantize_rtn_slices(weight, scheme)
         else:
-            qw = quantize_rtn(weight, config.scheme)
+            qw = quantize_rtn(weight, scheme)
         check_finite(name, qw)
         return qw
 
@@ -55,5 +58,5 @@ RTN_COST = MethodCost(layout=integer_layout, calibration=no_calibration, roundin
 
 RTN = register(Method(
     name="rtn", cost=RTN_COST, section=RTNSection, config=RTNConfig, handler=_rtn, save=save_quantized_model,
-    streams=True, exports=True, qat_start=True, lora_base=True,
+    streams=True, exports=True, qat_start=True, lora_base=True, mixed_schemes=True,
 ))

@@ -88,7 +88,8 @@ def artifact_bytes(facts: ModelFacts, layout: Layout, dtype_bytes: int) -> Artif
     handled: set[str] = set()
     quantized_params = 0
     for t in facts.targets:
-        size = layout.module_bytes(t.shapes, t.experts, dtype_bytes, facts.has_quantized_experts) if t.quantize else None
+        own = IntegerWeights(t.scheme) if t.scheme is not None and isinstance(layout, IntegerWeights) else layout  # a scheme rule
+        size = own.module_bytes(t.shapes, t.experts, dtype_bytes, facts.has_quantized_experts) if t.quantize else None
         if size is None:
             continue
         handled.add(t.name)

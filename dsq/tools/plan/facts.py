@@ -11,6 +11,7 @@ import torch
 
 from dsq.core.checkpoint import CONFIG_NAME
 from dsq.core.errors import CheckpointError
+from dsq.quantize.scheme import WeightScheme
 
 from .categories import CATEGORIES, ROUTER, ParameterCounts, category, is_router
 
@@ -46,6 +47,7 @@ class Target:
     params: int
     bias: int
     source_unscaled: bool = False
+    scheme: WeightScheme | None = None  # a per-module scheme rule's scheme (None: the method's)
 
     @property
     def weight_params(self) -> int:
@@ -270,13 +272,14 @@ def _targets(model: torch.nn.Module, spec: Any, layer_prefix: str) -> tuple[Targ
             count, double_inter, hidden = d.module.gate_up_proj.shape  # [E, 2I, H]
             inter = double_inter // 2
             matrices = (Matrix(count, inter, hidden), Matrix(count, inter, hidden), Matrix(count, hidden, inter))
-            found.append(Target(d.name, layer, d.quantize, True, False, matrices, ((count, hidden), (count, inter)), params, 0))
+            found.append(Target(d.name, layer, d.quantize, True, False, matrices, ((count, hidden), (count, inter)), params, 0,
+                                scheme=d.scheme))
         else:
             out, inp = d.module.weight.shape
             bias = d.module.bias.numel() if d.module.bias is not None else 0
             attention = ".self_attn." in d.name
             found.append(Target(d.name, layer, d.quantize, False, attention, (Matrix(1, out, inp),), ((1, inp),), params, bias,
-                                source_unscaled=d.name.endswith(unscaled) if unscaled else False))
+                                source_unscaled=d.name.endswith(unscaled) if unscaled else False, scheme=d.scheme))
     return tuple(found)
 
 

@@ -32,6 +32,7 @@ from .flops import TimeEstimate, calibration_flops, throughputs
 from .memory import Quantization, layer_plans, memory_estimates
 from .render import format_bytes, format_params
 from .results import Plan
+from .serving import serving_plan
 from .source import MAX_EXAMPLES, LoadedSource, SourceBytes, loaded_source, source_bytes
 from .statistics import CalibrationRun
 from dsq.core.checkpoint import checkpoint_dir, read_config
@@ -103,6 +104,8 @@ def _recipe_line(recipe: Recipe, source: str, q: Quantization) -> str:
     match q.layout:
         case IntegerWeights(scheme=scheme):
             line += f", {scheme.describe()}"
+            if t.schemes:
+                line += f" where none of {len(t.schemes)} per-module scheme rules (counted in the bytes) applies"
     if q.run is not None:
         line += f", calibration {q.run.samples} x {q.run.seq_len} tokens (batch {q.run.batch_size})"
     match q.calibration:
@@ -204,6 +207,9 @@ def _assemble(root: Path, config: Mapping[str, Any], recipe: Recipe, facts: Mode
     source = source_bytes(facts, headers)
     rows = [scheme_row(facts, label, layout, kept) for label, layout, kept in comparison_layouts(q.dtype_name)]
     rows.append(scheme_row(facts, f"recipe: {recipe.quantize.method if recipe.quantize else 'no quantization'}", q.layout, q.dtype_name))
+    kv = recipe.kv_cache.scheme() if recipe.kv_cache is not None else None
+    serving, serving_why = serving_plan(config, (f"source ({source.storage})", source.tensor_bytes),
+                                        (rows[-1].label, rows[-1].tensor_bytes), kv, q.dtype_name, q.dtype_bytes)
     loaded: LoadedSource = loaded_source(facts, headers, source, q.dtype_name)
     in_memory, streaming, accelerator = memory_estimates(facts, q, quantized, layers, loaded)
     whole = q.whole_run if q.whole_run is not None else q.run
@@ -214,7 +220,8 @@ def _assemble(root: Path, config: Mapping[str, Any], recipe: Recipe, facts: Mode
         recipe=_recipe_line(recipe, source_name, q), method=recipe.quantize.method if recipe.quantize else None,
         parameters=parameter_counts(facts), layers=layers, source=source, schemes=tuple(rows), in_memory=in_memory,
         streaming=streaming, accelerator=accelerator, time=TimeEstimate(flops, rates),
-        notes=_notes(config, facts, source, q, recipe) + _process_notes(q, processes),
+        notes=_notes(config, facts, source, q, recipe) + _process_notes(q, processes) + ((serving_why,) if serving_why else ()),
+        serving=serving,
     )
 
 

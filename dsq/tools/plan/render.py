@@ -134,6 +134,21 @@ def _memory_lines(plan: Plan) -> list[str]:
     return lines
 
 
+def _serving_lines(plan: Plan) -> list[str]:
+    serving = plan.serving
+    if serving is None:
+        return []
+    contexts = [c for c, _, _ in serving.rows[0].contexts]
+    header = ("weights", "KV cache", "KV bytes per token", "weight bytes",
+              *(f"total at {c // 1024}k tokens" for c in contexts))
+    rows = [(r.label, r.kv_cache, f"{r.kv_bytes_per_token:,}", format_bytes(r.weight_bytes),
+             *(format_bytes(total) for _, _, total in r.contexts)) for r in serving.rows]
+    return ["## Serving memory, batch 1 (weights + KV cache)", "", *_table(header, rows, "llrr" + "r" * len(contexts)), "",
+            f"- per token the KV cache holds {serving.layout} elements: one byte each for an int8 / FP8 KV cache "
+            "(as a serving engine stores it; scales not counted), the recipe dtype otherwise",
+            "- one sequence; a batch of B sequences holds B caches"]
+
+
 def _time_lines(plan: Plan) -> list[str]:
     t = plan.time
     rows = [(what, f"{f:.3g}") for what, f in t.flops]
@@ -160,7 +175,8 @@ def render_markdown(plan: Plan) -> str:
         "- no tensor data was read; parameter and byte counts are exact, memory and time are estimates",
         "",
     ]
-    sections = [_parameter_lines(plan), _layer_lines(plan), _bytes_lines(plan), _memory_lines(plan), _time_lines(plan)]
+    sections = [_parameter_lines(plan), _layer_lines(plan), _bytes_lines(plan), _memory_lines(plan), _serving_lines(plan),
+                _time_lines(plan)]
     body = [line for section in sections for line in (*section, "")]
     notes = ["## Notes", "", *[f"- {n}" for n in plan.notes], ""] if plan.notes else []
     return "\n".join(head + body + notes)

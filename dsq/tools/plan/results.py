@@ -7,6 +7,7 @@ from typing import Any
 from .artifact import SchemeBytes
 from .categories import ParameterCounts
 from .flops import TimeEstimate
+from .serving import ServingPlan
 from .source import SourceBytes
 
 
@@ -83,6 +84,8 @@ class Plan:
         accelerator: peak accelerator memory, one layer at a time on the accelerator.
         time: calibration FLOPs and durations.
         notes: what the numbers leave out, and what the reader must know.
+        serving: weights plus the KV cache of one sequence at 4k, 32k and 128k tokens (None: not estimated for
+            this architecture; the notes say why).
     """
 
     checkpoint: str
@@ -100,6 +103,7 @@ class Plan:
     accelerator: MemoryEstimate
     time: TimeEstimate
     notes: tuple[str, ...] = field(default_factory=tuple)
+    serving: ServingPlan | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict: every field, plus totals and durations.
