@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import inspect
-import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -52,9 +51,8 @@ from tqdm.auto import tqdm
 
 from dsq.core.errors import DsqInputError, QuantizationError
 
-log = logging.getLogger(__name__)
+from .primitives import calibrated_scale
 
-_TINY = torch.finfo(torch.float32).tiny
 STATE_ATTR = "kv_cache_quantization"
 """Attribute of an attention module holding its :class:`_AttentionKV` state."""
 SCALE_NAMES = ("k_scale", "v_scale")
@@ -172,23 +170,13 @@ def slot_amax(x: torch.Tensor, granularity: KVGranularity) -> torch.Tensor:
 
 
 def kv_scales(name: str, amax: torch.Tensor, dtype: KVDtype) -> torch.Tensor:
-    """Calibrated scales ``amax / divisor`` (fp32), refusing NaN/inf/negative statistics.
-
-    A head whose amax is 0 borrows the largest amax of the tensor; if every entry is 0 the scale is
-    ``1 / divisor``.
+    """Calibrated scales ``amax / divisor`` (fp32) of cache slot ``name`` (:func:`~.primitives.calibrated_scale`:
+    NaN/inf/negative statistics refused, a head whose amax is 0 borrows the tensor's largest).
 
     Raises:
         QuantizationError: non-finite or negative amax, naming ``name``.
     """
-    amax = amax.detach().float()
-    if not torch.isfinite(amax).all() or (amax < 0).any():
-        raise QuantizationError(f"{name}: KV-cache calibration amax has NaN, inf or negative values; refusing to quantize")
-    empty = amax == 0
-    if empty.any():
-        fallback = amax.max() if not empty.all() else torch.tensor(1.0)
-        log.warning("%s: %d slot(s) saw only zeros in calibration; using amax %.4g", name, int(empty.sum()), float(fallback))
-        amax = torch.where(empty, fallback, amax)
-    return (amax / dtype.divisor).clamp_min(_TINY)
+    return calibrated_scale(name, amax, dtype.divisor, "cache head(s)")
 
 
 # ----------------------------------------------------------------------------- what each architecture caches

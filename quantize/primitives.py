@@ -8,11 +8,16 @@ absent for symmetric schemes. Weights are ``[..., out, in]``; scales and zero po
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
+from dsq.core.errors import QuantizationError
+
 from .scheme import WeightScheme
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -192,3 +197,24 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     if noise == 0:
         return float("inf")
     return float(10 * torch.log10(signal / noise))
+
+
+def calibrated_scale(name: str, amax: torch.Tensor, divisor: float, what: str) -> torch.Tensor:
+    """Static scale(s) ``amax / divisor`` (fp32) from calibration maxima ``amax`` of ``name``.
+
+    NaN, inf or negative statistics are refused. An entry of 0 (``what`` observed nothing: an expert that got
+    no token, a cache slot of zeros) borrows the largest entry of the same tensor, with a warning naming
+    ``name``; if every entry is 0 the amax is 1.
+
+    Raises:
+        QuantizationError: non-finite or negative ``amax``, naming ``name``.
+    """
+    amax = amax.detach().float()
+    if not torch.isfinite(amax).all() or (amax < 0).any():
+        raise QuantizationError(f"{name}: calibration maxima have NaN, inf or negative values; refusing to quantize")
+    empty = amax == 0
+    if empty.any():
+        fallback = amax.max() if not empty.all() else torch.tensor(1.0)
+        _log.warning("%s: %d %s saw nothing in calibration; using amax %.4g", name, int(empty.sum()), what, float(fallback))
+        amax = torch.where(empty, fallback, amax)
+    return (amax / divisor).clamp_min(torch.finfo(torch.float32).tiny)

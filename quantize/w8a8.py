@@ -36,7 +36,7 @@ from dsq.core.errors import QuantizationError
 
 from .api import ModuleRecord, QuantizationReport, check_finite, module_sqnr, start_report, tensor_bytes
 from .modules import GatedActivation, QuantTensor, WeightDtypeView, linear_groups, route_tokens, set_module
-from .primitives import QuantizedWeight, quantize_rtn
+from .primitives import QuantizedWeight, calibrated_scale, quantize_rtn
 from .scheme import PerChannel, WeightScheme
 from .targets import TargetSpec, select_targets
 
@@ -192,15 +192,7 @@ def static_input_scale(name: str, absmax: torch.Tensor) -> torch.Tensor:
     An entry of 0 (a module or expert that saw no calibration tokens) borrows the largest absmax of
     the same tensor (the other experts of the layer); if every entry is 0 the scale is 1/127.
     """
-    absmax = absmax.detach().float().reshape(-1)
-    if not torch.isfinite(absmax).all() or (absmax < 0).any():
-        raise QuantizationError(f"{name}: calibration absmax has NaN, inf or negative values; refusing to quantize")
-    empty = absmax == 0
-    if empty.any():
-        fallback = absmax.max() if not empty.all() else torch.tensor(1.0)
-        log.warning("%s: %d input(s) saw no calibration activations; using absmax %.4g", name, int(empty.sum()), float(fallback))
-        absmax = torch.where(empty, fallback, absmax)
-    scale = (absmax / STATIC_DIVISOR).clamp_min(_TINY)
+    scale = calibrated_scale(name, absmax.reshape(-1), STATIC_DIVISOR, "input(s)")
     bad = ~torch.isfinite(scale) | (scale <= 0)
     if bad.any():
         raise QuantizationError(f"{name}: {int(bad.sum())} input scale(s) are NaN, inf or <= 0; refusing to quantize")

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from dsq.core.atomic import atomic_directory
 from dsq.core.errors import RecipeError
