@@ -421,3 +421,13 @@ def hessian_of(x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Te
     stats = InputStats()
     stats.add(x, hessian=True, sample_rows=0, weights=weights, channels=False)
     return stats.hessian
+
+
+def onnx_logits_gap(a: Path, b: Path, vocab: int = 500, seed: int = 4) -> float:
+    """Largest ``|logit_a - logit_b|`` of two ONNX exports (``OrtCausalLM``) on one seeded ``[2, 9]`` batch."""
+    from dsq.export import OrtCausalLM
+
+    ids = torch.randint(3, vocab, (2, 9), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    logits = [OrtCausalLM(path)(input_ids=ids, attention_mask=mask).logits for path in (a, b)]
+    return float((logits[0] - logits[1]).abs().max())

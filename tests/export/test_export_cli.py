@@ -103,3 +103,15 @@ def test_dsq_export_bad_input_exits_2_and_writes_nothing(tmp_path, tiny_checkpoi
     assert code == 2
     assert ("no config.json" in err) if case == "missing" else ("'bitsandbytes' has no ONNX form" in err)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key, default", [("dense_experts", False), ("absorb_mla", True)])
+def test_recipe_export_section_carries_the_graph_form(key, default):
+    from dsq.core.errors import RecipeError
+    from dsq.run.export_step import export_config
+    from dsq.run.recipe import load_recipe
+
+    assert getattr(export_config(load_recipe(None, ["export={}"]).export), key) is default
+    assert getattr(export_config(load_recipe(None, [f"export={{{key}: {str(not default).lower()}}}"]).export), key) is (not default)
+    with pytest.raises(RecipeError, match=f"export.{key}"):
+        load_recipe(None, [f"export={{{key}: maybe}}"])
