@@ -179,8 +179,8 @@ def _parse_activations(key: str, args: object, weights: WeightScheme, source: Pa
     raise _bad(source, f"{key}.strategy", strategy, f"with dynamic={dynamic!r}: dsq reads token/dynamic and tensor/static")
 
 
-_KV_TYPES = {"int": Int8KV(), "float": Fp8E4M3KV()}
-_KV_STRATEGIES = {"tensor": PerTensorKV(), "attn_head": PerHeadKV()}
+_KV_TYPES = {t.ct_type: t for t in (Int8KV(), Fp8E4M3KV())}  # the names the writer uses
+_KV_STRATEGIES = {g.ct_strategy: g for g in (PerTensorKV(), PerHeadKV())}
 
 
 def parse_kv_cache_scheme(qconfig: dict, source: Path) -> KVCacheScheme | None:

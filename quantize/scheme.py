@@ -93,6 +93,8 @@ class WeightScheme:
         return f"int{self.bits} {self.granularity.describe()} {kind}"
 
 
+KEEP = "keep"  # the label of "not quantized": kept in the model dtype
+
 _LABEL = re.compile(r"int(?P<bits>4|8)-(?:(?P<ch>ch)|g(?P<group>[0-9]+))(?P<asym>-asym)?")
 
 
@@ -113,3 +115,13 @@ def parse_scheme_label(text: str) -> WeightScheme:
         raise ValueError(f"{text!r} is not a scheme: write int4-g128, int4-g32, int8-ch, int4-g128-asym, ...")
     granularity = PerChannel() if match["ch"] else PerGroup(int(match["group"]))
     return WeightScheme(int(match["bits"]), granularity, symmetric=match["asym"] is None)
+
+
+def parse_scheme_or_keep(text: str) -> WeightScheme | None:
+    """:func:`parse_scheme_label`, or None for ``keep`` (the module stays in the model dtype)."""
+    return None if text == KEEP else parse_scheme_label(text)
+
+
+def scheme_or_keep_label(scheme: WeightScheme | None) -> str:
+    """:func:`scheme_label`, or ``keep`` for None."""
+    return KEEP if scheme is None else scheme_label(scheme)

@@ -18,10 +18,8 @@ from dsq.assets import resolve_data_path
 from dsq.core.schema import MAX_COUNT, MAX_SEQUENCE, MAX_WIDTH, Name, PathText, Pattern, Seed, Strict
 
 from .calibration_data import CalibrationDataSpec
-from .scheme import PerChannel, PerGroup, WeightScheme, parse_scheme_label
+from .scheme import PerChannel, PerGroup, WeightScheme, parse_scheme_or_keep
 from .targets import SchemeRule, TargetSpec
-
-KEEP = "keep"  # a scheme rule's value that keeps the matching modules in the model dtype
 
 _DEVICE = re.compile(r"(cpu|cuda)(:[0-9]{1,4})?")
 
@@ -55,12 +53,11 @@ class SchemeRuleSection(Strict):
     @field_validator("scheme")
     @classmethod
     def _scheme_parses(cls, v: str) -> str:
-        if v != KEEP:
-            parse_scheme_label(v)  # ValueError names the accepted forms
+        parse_scheme_or_keep(v)  # ValueError names the accepted forms
         return v
 
     def rule(self) -> SchemeRule:
-        return SchemeRule(self.pattern, None if self.scheme == KEEP else parse_scheme_label(self.scheme))
+        return SchemeRule(self.pattern, parse_scheme_or_keep(self.scheme))
 
 
 class TargetsSection(Strict):

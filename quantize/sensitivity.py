@@ -25,10 +25,8 @@ from tqdm.auto import tqdm
 
 from .cost import IntegerWeights
 from .primitives import dequantize_weight, quantize_rtn
-from .scheme import WeightScheme, scheme_label
+from .scheme import WeightScheme, scheme_or_keep_label
 from .targets import TargetDecision
-
-KEEP_LABEL = "keep"
 
 
 @dataclass(frozen=True)
@@ -39,7 +37,7 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        return KEEP_LABEL if self.scheme is None else scheme_label(self.scheme)
+        return scheme_or_keep_label(self.scheme)
 
 
 @dataclass

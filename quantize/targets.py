@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .modules import is_fused_experts
-from .scheme import WeightScheme, scheme_label
+from .scheme import WeightScheme
 
 # Kept in high precision whatever the include patterns say: the MoE router (``mlp.gate``,
 # a Linear in some architectures; DeepSeek-V3's also holds ``e_score_correction_bias``).
@@ -29,9 +29,6 @@ class SchemeRule:
 
     pattern: str
     scheme: WeightScheme | None
-
-    def describe(self) -> str:
-        return "keep" if self.scheme is None else scheme_label(self.scheme)
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,8 @@ from dsq.eval.gates import ppl_increase_pct
 from dsq.quantize.allocation import Allocation, allocation_path, uniform
 from dsq.quantize.calibration_data import load_calibration
 from dsq.quantize.method import method_names, method_of
-from dsq.quantize.scheme import parse_scheme_label
-from dsq.quantize.sections import KEEP, SchemeRuleSection
+from dsq.quantize.scheme import KEEP, parse_scheme_or_keep
+from dsq.quantize.sections import SchemeRuleSection
 from dsq.quantize.sensitivity import Candidate, SensitivityTable, measure_sensitivity
 from dsq.quantize.targets import select_targets
 from dsq.run.recipe import Recipe, dump_recipe
@@ -109,7 +109,7 @@ def _check(recipe: Recipe) -> None:
 
 
 def _candidates(recipe: Recipe) -> list[Candidate]:
-    return [Candidate(None if label == KEEP else parse_scheme_label(label)) for label in recipe.search.candidates]
+    return [Candidate(parse_scheme_or_keep(label)) for label in recipe.search.candidates]
 
 
 def _sensitivities(recipe: Recipe, progress: bool) -> SensitivityTable:

@@ -4,8 +4,8 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from dsq.core.schema import Strict
-from dsq.quantize.scheme import parse_scheme_label
-from dsq.quantize.sections import KEEP, CalibrationSection
+from dsq.quantize.scheme import KEEP, parse_scheme_or_keep
+from dsq.quantize.sections import CalibrationSection
 
 
 def _sensitivity_data() -> CalibrationSection:
@@ -29,8 +29,7 @@ class SearchSection(Strict):
     @classmethod
     def _candidates_parse(cls, values: list[str]) -> list[str]:
         for v in values:
-            if v != KEEP:
-                parse_scheme_label(v)
+            parse_scheme_or_keep(v)
         if len(set(values)) != len(values):
             raise ValueError("candidates must be distinct")
         return values

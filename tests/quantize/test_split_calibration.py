@@ -84,20 +84,18 @@ def test_two_processes_write_the_one_process_artifact(tmp_path, recipe, override
     assert c1["tokens"] == c2["tokens"] == 16 * 64
 
 
-def test_a_method_that_cannot_share_calibration_is_refused(tmp_path):
-    out = tmp_path / "autoround"
-    done = _run(2, "autoround_int4_g32.yaml", out)
+@pytest.mark.parametrize("recipe, overrides, message", [
+    # a method that cannot share its calibration
+    ("autoround_int4_g32.yaml", (), "quantize.method 'autoround' cannot split its calibration; methods that can: gptq, awq, w8a8"),
+    # more processes than batches (16 samples: one batch)
+    ("gptq_int4_g128.yaml", ("quantize.calibration.batch_size=16",),
+     "calibration has 1 batch(es) of quantize.calibration.batch_size sequences; 2 processes need at least one each"),
+])
+def test_a_run_two_processes_cannot_share_is_refused(tmp_path, recipe, overrides, message):
+    out = tmp_path / "out"
+    done = _run(2, recipe, out, *overrides)
     assert done.returncode != 0
-    assert "quantize.method 'autoround' cannot split its calibration; methods that can: gptq, awq, w8a8" in done.stderr
-    _exited_2_cleanly(done.stderr)
-    assert not out.exists()
-
-
-def test_more_processes_than_batches_is_an_input_error(tmp_path):
-    out = tmp_path / "few"
-    done = _run(2, "gptq_int4_g128.yaml", out, "quantize.calibration.batch_size=16")  # 16 samples: one batch
-    assert done.returncode != 0
-    assert "calibration has 1 batch(es) of quantize.calibration.batch_size sequences; 2 processes need at least one each" in done.stderr
+    assert message in done.stderr
     _exited_2_cleanly(done.stderr)
     assert not out.exists()
 
