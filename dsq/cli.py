@@ -134,6 +134,9 @@ def _add_export(sub) -> None:
     )
     export.add_argument("artifact", help="fp HF checkpoint directory or dsq artifact (compressed-tensors)")
     export.add_argument("-o", "--output", help="export directory (default: ARTIFACT-onnx beside it)")
+    export.add_argument("--cpu-target", choices=("portable", "vnni"), default="portable",
+                        help="int8 kernels the graph feeds: portable (u8 x u8, exact on any CPU; default) or vnni "
+                             "(u8 x s8: exact and fast with AVX512-VNNI, AVX-VNNI or AMX; saturating elsewhere)")
     export.add_argument("--accuracy-level", type=int, choices=range(5), default=0,
                         help="MatMulNBits compute: 0/1 fp32 (default), 4 int8 activations")
     export.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime intra-op threads")
@@ -144,6 +147,8 @@ def _add_export(sub) -> None:
                         help="MoE: run every routed expert on every token (dense routing weight) instead of each token's top-k")
     export.add_argument("--no-absorb-mla", dest="absorb_mla", action="store_false",
                         help="MLA: re-expand the cached latent through kv_b_proj at every step instead of attending in the latent space")
+    export.add_argument("--no-moe-op", dest="moe_op", action="store_false",
+                        help="MoE: keep the sparse subgraph instead of one ONNX Runtime MoE / QMoE node per layer")
     export.add_argument("--tolerance", type=_positive_float, default=None,
                         help="max |delta logit| vs PyTorch (default 1e-4 fp, 1e-3 weight-only, 0.25 W8A8)")
     export.add_argument("--evaluate", action="store_true",
@@ -253,10 +258,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     source = Path(args.artifact).expanduser()
     output = Path(args.output).expanduser() if args.output else source.parent / f"{source.name}-onnx"
     outcome = run_export(
-        source, output, accuracy_level=args.accuracy_level, threads=args.threads, tolerance=args.tolerance,
+        source, output, accuracy_level=args.accuracy_level, cpu_target=args.cpu_target, threads=args.threads, tolerance=args.tolerance,
         evaluate=args.evaluate, speed=args.speed, overwrite=args.overwrite, progress=not args.quiet,
         weight_op=args.weight_op, quantize_embeddings=args.quantize_embeddings, dense_experts=args.dense_experts,
-        absorb_mla=args.absorb_mla,
+        absorb_mla=args.absorb_mla, moe_op=args.moe_op,
     )
     v = outcome.result.validation
     print(f"ONNX export: {outcome.result.onnx_path} ({outcome.result.onnx_bytes / 2**20:.1f} MiB)")

@@ -225,6 +225,7 @@ class OnnxFacts:
     Attributes:
         path: The export directory.
         accuracy_level: MatMulNBits accuracy level.
+        cpu_target: The CPU class the int8 kernels were chosen for (``portable`` or ``vnni``).
         weight_op: How the weights are carried (``matmul_nbits`` or ``dequantize_linear``).
         embedding: The quantized input embedding's description (``None``: kept as it was).
         max_abs_logit_diff: Largest absolute logit difference against PyTorch in the validation.
@@ -232,7 +233,7 @@ class OnnxFacts:
         greedy_tokens_equal: Greedy decoding gave PyTorch's tokens.
         greedy_tie_margins: Top-two logit margins of PyTorch where the greedy tokens differed.
         matmul_nbits: ``com.microsoft::MatMulNBits`` nodes in the graph.
-        int8_matmul: ``MatMulInteger`` nodes.
+        int8_matmul: W8A8 matmul nodes (``MatMulInteger``, or ``MatMulIntegerToFloat`` for the vnni target).
         experts_in_graph: Routed experts in the graph.
         onnx_bytes: Bytes of the graph and its external data.
         seconds: Wall time of the export.
@@ -254,6 +255,7 @@ class OnnxFacts:
     onnx_bytes: int
     seconds: float
     ppl_vs_torch_pct: float | None = None
+    cpu_target: str = "portable"
 
     @classmethod
     def of(cls, result: ExportResult, ppl_vs_torch_pct: float | None = None) -> OnnxFacts:
@@ -269,15 +271,15 @@ class OnnxFacts:
             embedding=result.plan.embedding, max_abs_logit_diff=v.max_abs_diff, tolerance=v.tolerance,
             greedy_tokens_equal=v.greedy_equal,
             greedy_tie_margins=tuple(c.tie_margin for c in v.cases if c.tie_margin is not None),
-            matmul_nbits=result.ops.get("com.microsoft::MatMulNBits", 0), int8_matmul=result.ops.get("MatMulInteger", 0),
+            matmul_nbits=result.ops.get("com.microsoft::MatMulNBits", 0), int8_matmul=result.ops.get(result.plan.int8_op, 0),
             experts_in_graph=sum(result.plan.experts.values()), onnx_bytes=result.onnx_bytes, seconds=result.seconds,
-            ppl_vs_torch_pct=ppl_vs_torch_pct,
+            ppl_vs_torch_pct=ppl_vs_torch_pct, cpu_target=result.cpu_target,
         )
 
     def to_dict(self) -> dict:
         """The row's ``extra["onnx"]`` (``ppl_vs_torch_pct`` only when measured; seconds to 0.01)."""
         d = {
-            "path": self.path, "accuracy_level": self.accuracy_level, "weight_op": self.weight_op,
+            "path": self.path, "accuracy_level": self.accuracy_level, "cpu_target": self.cpu_target, "weight_op": self.weight_op,
             "embedding": self.embedding, "max_abs_logit_diff": self.max_abs_logit_diff, "tolerance": self.tolerance,
             "greedy_tokens_equal": self.greedy_tokens_equal, "greedy_tie_margins": list(self.greedy_tie_margins),
             "matmul_nbits": self.matmul_nbits, "int8_matmul": self.int8_matmul,

@@ -8,7 +8,9 @@
 * fused MoE experts (fp ``gate_up_proj``/``down_proj``, ``QuantExperts``, ``W8A8Experts``) -> one
   small module per expert (the Linears above), every expert in the graph, routed at run time:
   :class:`SparseRoutedExperts` (default: each token runs only its top-k experts) or
-  :class:`DenseRoutedExperts` (every expert on every token, mixed with a dense routing weight).
+  :class:`DenseRoutedExperts` (every expert on every token, mixed with a dense routing weight);
+  with ``moe_op=True``, :class:`dsq.export.moe_op.FusedRoutedExperts` (one ONNX Runtime ``MoE`` /
+  ``QMoE`` node per layer) wherever that op carries the layer exactly, the sparse form elsewhere.
 
 DeepSeek's routed experts are stored fused ([E, 2I, H]); exporters that trace the eager
 ``for expert in routed_experts`` loop keep only the experts the example input happened to reach.
@@ -29,7 +31,7 @@ from dsq.quantize.primitives import dequantize_weight, quantize_rtn
 from dsq.quantize.scheme import PerChannel, WeightScheme
 from dsq.quantize.w8a8 import DynamicPerToken, W8A8Experts, W8A8Linear
 
-from . import ops
+from . import moe_op, ops
 
 MIN_BLOCK = 16  # MatMulNBits: block_size is a power of two >= 16
 
@@ -137,23 +139,29 @@ class NBitsLinear(nn.Module):
 class Int8Linear(nn.Module):
     """W8A8: int8 activations (per token, or one calibrated scale) times int8 weights, int32 accumulate.
 
-    Buffers: ``w_t`` uint8 ``[K, N]`` = int8 weight + 128 (transposed for MatMulInteger, zero point 128),
-    ``w_scale`` fp32 ``[N]``,
+    Buffers: ``w_t`` ``[K, N]``, transposed for the int8 matmul: uint8 = int8 weight + 128 (u8 x u8
+    ``MatMulInteger`` with zero points, exact on any CPU) or, with ``signed``, the int8 weight itself (u8 x s8
+    ``MatMulIntegerToFloat``, :data:`dsq.export.cpu_target.VNNI`); ``w_scale`` fp32 ``[N]``,
     ``x_scale`` fp32 scalar (static only), ``bias``.
     """
 
-    def __init__(self, packed: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+    def __init__(self, packed: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor | None, bias: torch.Tensor | None,
+                 signed: bool = False) -> None:
         super().__init__()
-        self.register_buffer("w_t", (packed.t().to(torch.int16) + ops.W8_OFFSET).to(torch.uint8).contiguous())
+        self.signed = signed
+        w_t = packed.t().to(torch.int8) if signed else (packed.t().to(torch.int16) + ops.W8_OFFSET).to(torch.uint8)
+        self.register_buffer("w_t", w_t.contiguous())
         self.register_buffer("w_scale", w_scale.float().reshape(-1).contiguous())
         self.register_buffer("x_scale", x_scale.float().reshape(()).clone() if x_scale is not None else None)
         self.register_buffer("bias", bias.detach().float().clone() if bias is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.x_scale is None:
-            y = ops.matmul_int8_token(x, self.w_t, self.w_scale)
+            token = ops.matmul_int8_token_s8 if self.signed else ops.matmul_int8_token
+            y = token(x, self.w_t, self.w_scale)
         else:
-            y = ops.matmul_int8_static(x, self.x_scale, self.w_t, self.w_scale)
+            static = ops.matmul_int8_static_s8 if self.signed else ops.matmul_int8_static
+            y = static(x, self.x_scale, self.w_t, self.w_scale)
         return y + self.bias if self.bias is not None else y
 
 
@@ -217,16 +225,16 @@ def _(x, counts):
 
 
 def translation_table() -> dict:
-    """``custom_translation_table`` for the export: dsq's quantized ops (:func:`ops.translation_table`)
-    and :func:`split_rows` -> ``SplitToSequence`` + ``SequenceAt`` (the exporter's optimizer folds them
-    into one ``Split`` with a sizes input)."""
+    """``custom_translation_table`` for the export: dsq's quantized ops (:func:`ops.translation_table`),
+    the fused experts ops (:func:`moe_op.translation_table`) and :func:`split_rows` -> ``SplitToSequence`` +
+    ``SequenceAt`` (the exporter's optimizer folds them into one ``Split`` with a sizes input)."""
     from onnxscript import opset21 as op
 
     def split(x, counts):
         pieces = op.SplitToSequence(x, counts, axis=0)
         return [op.SequenceAt(pieces, op.Constant(value_int=e)) for e in range(int(counts.shape[0]))]
 
-    return {**ops.translation_table(), torch.ops.dsq.split_rows.default: split}
+    return {**ops.translation_table(), **moe_op.translation_table(), torch.ops.dsq.split_rows.default: split}
 
 
 class SparseRoutedExperts(nn.Module):
@@ -280,15 +288,15 @@ def _experts_from_quant(module: QuantExperts, name: str, accuracy_level: int, fo
     ])
 
 
-def _experts_from_w8a8(module: W8A8Experts, form: type[RoutedExperts]) -> RoutedExperts:
+def _experts_from_w8a8(module: W8A8Experts, form: type[RoutedExperts], signed: bool = False) -> RoutedExperts:
     static = not isinstance(module.act, DynamicPerToken)
     experts = []
     for e in range(module.num_experts):
         gu_s = module.gate_up_input_scale[e] if static else None
         dn_s = module.down_input_scale[e] if static else None
         experts.append(_Expert(
-            Int8Linear(module.gate_up_proj.packed[e], module.gate_up_proj.scale[e], gu_s, None),
-            Int8Linear(module.down_proj.packed[e], module.down_proj.scale[e], dn_s, None),
+            Int8Linear(module.gate_up_proj.packed[e], module.gate_up_proj.scale[e], gu_s, None, signed),
+            Int8Linear(module.down_proj.packed[e], module.down_proj.scale[e], dn_s, None, signed),
             module.glu,
         ))
     return form(experts)
@@ -328,16 +336,51 @@ class ExportPlan:
     embedding: str | None = None  # description of a quantized input embedding
     dense_experts: bool = False  # experts as DenseRoutedExperts (every expert on every token)
     mla: dict[str, str] = field(default_factory=dict)  # MLA attention name -> absorbed or expanded (dsq.export.mla)
+    fused: dict[str, str] = field(default_factory=dict)  # experts name -> "ort_moe" | "ort_qmoe" (one fused node)
+    moe_op_refused: dict[str, str] = field(default_factory=dict)  # experts name -> why it is not one fused node
+    signed_int8: bool = False  # W8A8 weights s8 for u8 x s8 kernels (MatMulIntegerToFloat), else u8 + 128 (MatMulInteger)
+
+    @property
+    def int8_op(self) -> str:
+        """The graph op every W8A8 weight becomes."""
+        return "com.microsoft::MatMulIntegerToFloat" if self.signed_int8 else "MatMulInteger"
+
+    def form(self, name: str) -> str:
+        """How routed-experts layer ``name`` runs: ``"ort_moe"`` / ``"ort_qmoe"`` (one fused ONNX Runtime node),
+        ``"sparse"`` (top-k per token) or ``"dense"`` (all, masked)."""
+        return self.fused.get(name) or ("dense" if self.dense_experts else "sparse")
 
     @property
     def expert_form(self) -> str:
-        """How the routed experts run: ``"sparse"`` (top-k per token) or ``"dense"`` (all, masked)."""
-        return "dense" if self.dense_experts else "sparse"
+        """The form of the routed-experts layers (:meth:`form`); forms joined by ``+`` where layers differ."""
+        return "+".join(sorted({self.form(name) for name in self.experts} or {self.form("")}))
 
     def to_dict(self) -> dict:
-        routed = {name: {"experts": count, "form": self.expert_form} for name, count in self.experts.items()}
+        routed = {}
+        for name, count in self.experts.items():
+            routed[name] = {"experts": count, "form": self.form(name)}
+            if name in self.moe_op_refused:
+                routed[name]["moe_op_refused"] = self.moe_op_refused[name]
         return {"matmul_nbits": self.nbits, "int8_matmul": self.int8, "routed_experts": routed,
                 "embedding": self.embedding, "mla_attention": self.mla}
+
+
+def _fused_experts(model: nn.Module, name: str, module: nn.Module, accuracy_level: int, plan: ExportPlan,
+                   standard_onnx: bool) -> moe_op.FusedRoutedExperts | None:
+    """``module`` as one ``MoE`` / ``QMoE`` node, or None with the reason in ``plan.moe_op_refused``."""
+    if standard_onnx:
+        refusal = ("the portable format (DequantizeLinear weights) holds standard ONNX ops only; "
+                   "MoE / QMoE are ONNX Runtime contrib ops")
+    else:
+        router = getattr(model.get_submodule(name.rpartition(".")[0]), "gate", None)  # DeepSeek's mlp.gate
+        refusal = moe_op.fused_form_refusal(module, router)
+    if refusal is not None:
+        plan.moe_op_refused[name] = refusal
+        return None
+    fused = (moe_op.FusedRoutedExperts.from_quant(module, accuracy_level) if isinstance(module, QuantExperts)
+             else moe_op.FusedRoutedExperts.from_fp(module.gate_up_proj, module.down_proj))
+    plan.fused[name] = fused.layout.form
+    return fused
 
 
 def prepare_for_export(
@@ -345,6 +388,9 @@ def prepare_for_export(
     accuracy_level: int = 0,
     embedding: tuple[torch.Tensor, torch.Tensor] | None = None,
     dense_experts: bool = False,
+    signed_int8: bool = False,
+    moe_op: bool = False,
+    standard_onnx: bool = False,
 ) -> ExportPlan:
     """Swap dsq's modules (and fused experts) for their export forms, in place.
 
@@ -355,6 +401,11 @@ def prepare_for_export(
             :class:`Int8Embedding`.
         dense_experts: fused experts become :class:`DenseRoutedExperts` (every expert on every
             token) instead of :class:`SparseRoutedExperts` (each token's top-k only).
+        signed_int8: W8A8 weights kept int8 for u8 x s8 kernels (``CpuTarget.signed_int8_weights``).
+        moe_op: (unless ``dense_experts``) each routed-experts layer becomes one ONNX Runtime ``MoE`` / ``QMoE``
+            node (:class:`dsq.export.moe_op.FusedRoutedExperts`) where that op carries it exactly (checked once
+            per layout against the installed onnxruntime); the others stay sparse, ``plan.moe_op_refused`` says why.
+        standard_onnx: the graph must hold standard ONNX ops only (the portable format): no fused node.
 
     Returns:
         The :class:`ExportPlan` naming every swapped module.
@@ -362,24 +413,32 @@ def prepare_for_export(
     Raises:
         ExportError: a module no export form exists for (e.g. bitsandbytes layers), named.
     """
-    plan = ExportPlan(dense_experts=dense_experts)
+    plan = ExportPlan(dense_experts=dense_experts, signed_int8=signed_int8)
     form = DenseRoutedExperts if dense_experts else SparseRoutedExperts
     if embedding is not None:
         model.set_input_embeddings(Int8Embedding(*embedding))
         plan.embedding = "int8 per-row symmetric"
+    fuse = moe_op and not dense_experts  # dense_experts wins
     for name, module in list(model.named_modules()):
-        if isinstance(module, QuantLinear):
+        routed = isinstance(module, (QuantExperts, W8A8Experts)) or is_fused_experts(module)
+        fused = _fused_experts(model, name, module, accuracy_level, plan, standard_onnx) if fuse and routed else None
+        if fused is not None:
+            set_module(model, name, fused)
+            plan.experts[name] = fused.num_experts
+            if isinstance(module, QuantExperts):
+                plan.nbits[name] = module.gate_up_proj.scheme.describe()
+        elif isinstance(module, QuantLinear):
             set_module(model, name, NBitsLinear(module.weight_q, module.bias, name, accuracy_level))
             plan.nbits[name] = module.scheme.describe()
         elif isinstance(module, W8A8Linear):
-            set_module(model, name, Int8Linear(module.weight_q.packed, module.weight_q.scale, module.input_scale, module.bias))
+            set_module(model, name, Int8Linear(module.weight_q.packed, module.weight_q.scale, module.input_scale, module.bias, signed_int8))
             plan.int8[name] = module.act.describe()
         elif isinstance(module, QuantExperts):
             set_module(model, name, _experts_from_quant(module, name, accuracy_level, form))
             plan.experts[name] = module.num_experts
             plan.nbits[name] = module.gate_up_proj.scheme.describe()
         elif isinstance(module, W8A8Experts):
-            set_module(model, name, _experts_from_w8a8(module, form))
+            set_module(model, name, _experts_from_w8a8(module, form, signed_int8))
             plan.experts[name] = module.num_experts
             plan.int8[name] = module.act.describe()
         elif is_fused_experts(module):

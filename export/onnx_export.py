@@ -4,7 +4,9 @@
 
 1. copies the model and swaps its quantized modules and fused experts for export forms
    (:func:`dsq.export.modules.prepare_for_export`: ``MatMulNBits`` from dsq's own integers, int8
-   matmuls, every routed expert in the graph, each token running only its top-k experts unless
+   matmuls, every routed expert in the graph, each token running only its top-k experts: one ONNX Runtime
+   ``MoE`` / ``QMoE`` node per MoE layer where that op carries the layer exactly (``ExportConfig(moe_op=True)``,
+   the default), the sparse subgraph elsewhere, every expert on every token with
    ``ExportConfig(dense_experts=True)``), and folds MLA's ``kv_b_proj`` into the attention
    (:mod:`dsq.export.mla`) unless ``ExportConfig(absorb_mla=False)``;
 2. traces :class:`~dsq.export.decoder.FlatDecoder` with ``torch.onnx.export(dynamo=True)`` (dynamic
@@ -39,6 +41,7 @@ from dsq.core.errors import ExportError
 
 from dsq.quantize.kv_cache import KVCacheScheme, kv_cache_quantization_off, kv_cache_scheme_of
 
+from .cpu_target import PORTABLE, CpuTarget, missing_features
 from .decoder import CacheLayout, FlatDecoder, cache_layout, empty_past, input_names, output_names
 from .genai import write_genai_config
 from .mla import absorb_latent_projections_, absorbed_forward
@@ -80,7 +83,12 @@ class ExportConfig:
 
     Attributes:
         accuracy_level: ``MatMulNBits`` compute type (ONNX Runtime: 0 unset = fp32 inputs, 1 fp32,
-            2 fp16, 3 bf16, 4 int8 activations). Parity figures are stated at this level.
+            2 fp16, 3 bf16, 4 int8 activations). Parity figures are stated at this level. Independent of
+            ``cpu_target``: level 4 is faster on VNNI CPUs but moves logits by up to ~1.7 on the bundled
+            model, past the W8A8 tolerance, so it stays the caller's choice.
+        cpu_target: the CPU class the graph's int8 kernels are chosen for (:mod:`dsq.export.cpu_target`):
+            ``PORTABLE`` (u8 x u8, exact on any CPU) or ``VNNI`` (u8 x s8, exact and fast with AVX512-VNNI,
+            AVX-VNNI or AMX). Recorded in the manifest; the export warns when this CPU lacks what it needs.
         validation: shapes and tolerance of the ORT-vs-torch check.
         threads: ORT intra-op threads for validation (None: ORT's default).
         weights: :class:`MatMulNBitsWeights` (default) or :class:`DequantizeLinearWeights` (portable).
@@ -92,22 +100,32 @@ class ExportConfig:
         absorb_mla: MLA models attend in the cached latent space, ``kv_b_proj`` folded into the query
             and the attention output (:mod:`dsq.export.mla`), instead of re-expanding every cached latent
             into keys and values of every head at every step. Same logits within float rounding.
+        moe_op: each routed-experts layer becomes one ONNX Runtime ``com.microsoft::MoE`` (fp32) or
+            ``QMoE`` (int4 per channel or groups of 16..128 and int8 per channel, symmetric or not) node
+            (:mod:`dsq.export.moe_op`) wherever that op carries it exactly on the installed onnxruntime's CPU
+            EP (checked once per layout); the other layers keep the sparse form and the manifest's
+            ``routed_experts`` entry says why (``moe_op_refused``). ``dense_experts=True`` wins; the portable
+            ``DequantizeLinearWeights`` format never uses it. Same logits within float rounding.
     """
 
     accuracy_level: int = 0
+    cpu_target: CpuTarget = PORTABLE
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     threads: int | None = None
     weights: WeightFormat = MatMulNBitsWeights()
     quantize_embeddings: bool = False
     dense_experts: bool = False
     absorb_mla: bool = True
+    moe_op: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.cpu_target, CpuTarget):
+            raise TypeError(f"cpu_target must be a dsq.export.cpu_target.CpuTarget (PORTABLE, VNNI), got {self.cpu_target!r}")
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise ValueError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {self.accuracy_level!r}")
         if not isinstance(self.weights, (MatMulNBitsWeights, DequantizeLinearWeights)):
             raise ValueError(f"weights must be MatMulNBitsWeights() or DequantizeLinearWeights(), got {self.weights!r}")
-        for flag in ("dense_experts", "absorb_mla"):
+        for flag in ("dense_experts", "absorb_mla", "moe_op"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
 
@@ -125,6 +143,7 @@ class ExportResult:
     accuracy_level: int
     ops: dict[str, int]
     weight_op: str
+    cpu_target: str = "portable"  # CpuTarget.name the graph's int8 kernels were chosen for
 
     @property
     def onnx_path(self) -> Path:
@@ -201,12 +220,16 @@ def _to_portable(path: Path) -> None:
 
 def _check_plan_in_graph(plan: ExportPlan, counts: dict[str, int], weights: WeightFormat) -> None:
     """Every module the plan swapped must have reached the graph as its op."""
-    for op, modules in ((weights.op, plan.nbits), ("MatMulInteger", plan.int8)):
-        # a fused experts module becomes 2 matmuls (gate_up, down) per expert
-        needed = sum(2 * plan.experts[name] if name in plan.experts else 1 for name in modules)
+    for op, modules in ((weights.op, plan.nbits), (plan.int8_op, plan.int8)):
+        # an experts module becomes 2 matmuls (gate_up, down) per expert, or is inside one fused MoE / QMoE node
+        needed = sum(0 if name in plan.fused else 2 * plan.experts[name] if name in plan.experts else 1 for name in modules)
         got = counts.get(op, 0)
         if got != needed:
             raise ExportError(f"the graph has {got} {op} nodes where {needed} quantized weights were exported")
+    for form, op in (("ort_moe", "com.microsoft::MoE"), ("ort_qmoe", "com.microsoft::QMoE")):
+        needed = sum(f == form for f in plan.fused.values())
+        if counts.get(op, 0) != needed:
+            raise ExportError(f"the graph has {counts.get(op, 0)} {op} nodes where {needed} routed-experts layers were fused")
 
 
 def default_tolerance(plan: ExportPlan, accuracy_level: int = 0) -> float:
@@ -233,7 +256,9 @@ def _export_copies(model: nn.Module, config: ExportConfig) -> tuple[nn.Module, n
     embedding = quantize_embedding_(reference) if config.quantize_embeddings else None
     export_model = copy.deepcopy(reference)
     mla = absorb_latent_projections_(export_model) if config.absorb_mla else {}
-    plan = prepare_for_export(export_model, config.accuracy_level, embedding, dense_experts=config.dense_experts)
+    plan = prepare_for_export(export_model, config.accuracy_level, embedding, dense_experts=config.dense_experts,
+                              signed_int8=config.cpu_target.signed_int8_weights, moe_op=config.moe_op,
+                              standard_onnx=isinstance(config.weights, DequantizeLinearWeights))
     plan.mla = mla
     return reference, export_model, plan
 
@@ -272,6 +297,7 @@ def _write_manifest(tmp: Path, layout: CacheLayout, config: ExportConfig, counts
         "cache": layout.to_dict(),
         "kv_cache": kv_cache_manifest(kv_scheme),
         "accuracy_level": config.accuracy_level,
+        "cpu_target": {**config.cpu_target.to_dict(), "export_machine": missing_features(config.cpu_target) or "has what the graph needs"},
         "weight_op": config.weights.op,
         "ops": counts,
         "quantized_modules": plan.to_dict(),
@@ -327,6 +353,9 @@ def _export(model: nn.Module, tokenizer, output: Path, config: ExportConfig, sou
     model.eval()
     layout = cache_layout(model.config)
     vocab = model.config.vocab_size
+    cpu_warning = missing_features(config.cpu_target)
+    if cpu_warning:
+        log.warning("cpu_target %s: %s", config.cpu_target.name, cpu_warning)
     reference, export_model, plan = _export_copies(model, config)
     tolerance = config.validation.tolerance or default_tolerance(plan, config.accuracy_level)
     with atomic_directory(output, overwrite, marker=EXPORT_MANIFEST) as tmp:
@@ -336,9 +365,11 @@ def _export(model: nn.Module, tokenizer, output: Path, config: ExportConfig, sou
         ort_lm = OrtCausalLM(tmp / ONNX_FILE, threads=config.threads, accuracy_level=config.accuracy_level)
         validation = validate_export(ort_lm, reference, layout, vocab, config.validation, tolerance)
         if not validation.passed:
-            raise ExportError("the ONNX export does not match PyTorch: " + "; ".join(validation.failures()))
+            why = f" ({cpu_warning}; export on such a CPU, or with cpu_target portable)" if cpu_warning and plan.int8 else ""
+            raise ExportError("the ONNX export does not match PyTorch: " + "; ".join(validation.failures()) + why)
         tokenizer.save_pretrained(str(tmp))
         write_genai_config(tmp, model.config, tokenizer, layout)
         _write_manifest(tmp, layout, config, counts, plan, validation, source, kv_scheme)
         onnx_bytes = _files_bytes(tmp)
-    return ExportResult(output, layout, plan, validation, time.perf_counter() - started, onnx_bytes, config.accuracy_level, counts, config.weights.op)
+    return ExportResult(output, layout, plan, validation, time.perf_counter() - started, onnx_bytes, config.accuracy_level, counts, config.weights.op,
+                        config.cpu_target.name)

@@ -9,6 +9,9 @@ Each op has an eager implementation (used to check the export against torch, and
   (``ReduceMax(|x|) / 127``, ``Round``, ``Clip``) + ``MatMulInteger`` (int8 values carried as uint8
   with zero point 128) -> exact int32 + rescale;
 * ``dsq::matmul_int8_static`` -> the same with one calibrated activation scale;
+* ``dsq::matmul_int8_token_s8`` / ``dsq::matmul_int8_static_s8`` -> the same integers for u8 x s8 kernels
+  (:mod:`dsq.export.cpu_target`): ``QuantizeLinear`` (per token, or the calibrated scale; uint8, zero point
+  128) + ``com.microsoft::MatMulIntegerToFloat`` with the int8 weights;
 * ``dsq::embedding_int8`` -> ``Gather`` of int8 rows and of their scales, ``Cast``, ``Mul``.
 
 ``MatMulNBits`` layout (ONNX Runtime contrib op): ``B`` uint8 ``[N, blocks, block_size * bits / 8]``
@@ -115,6 +118,34 @@ def _(x, w_t, w_scale):
     return x.new_empty((*x.shape[:-1], w_t.shape[1]))
 
 
+@torch.library.custom_op(f"{_LIB}::matmul_int8_token_s8", mutates_args=())
+def matmul_int8_token_s8(x: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """W8A8 with dynamic per-token activations for u8 x s8 kernels (:data:`dsq.export.cpu_target.VNNI`):
+    ``x [..., K]``, ``w_t`` ``[K, N]`` int8 as dsq stores it, ``w_scale [N]``. Same integers and result as
+    :func:`matmul_int8_token`; only the graph's operand types differ."""
+    q, scale = _token_int8(x.float())
+    acc = torch.matmul(q.double(), w_t.double()).float()  # exact int32 accumulation
+    return (acc * scale * w_scale).to(x.dtype)
+
+
+@matmul_int8_token_s8.register_fake
+def _(x, w_t, w_scale):
+    return x.new_empty((*x.shape[:-1], w_t.shape[1]))
+
+
+@torch.library.custom_op(f"{_LIB}::matmul_int8_static_s8", mutates_args=())
+def matmul_int8_static_s8(x: torch.Tensor, x_scale: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """W8A8 with one calibrated activation scale, int8 weights ``w_t [K, N]`` (u8 x s8 kernels)."""
+    q = torch.round(x.float() / x_scale).clamp(-128, 127)
+    acc = torch.matmul(q.double(), w_t.double()).float()
+    return (acc * x_scale * w_scale).to(x.dtype)
+
+
+@matmul_int8_static_s8.register_fake
+def _(x, x_scale, w_t, w_scale):
+    return x.new_empty((*x.shape[:-1], w_t.shape[1]))
+
+
 @torch.library.custom_op(f"{_LIB}::matmul_int8_static", mutates_args=())
 def matmul_int8_static(x: torch.Tensor, x_scale: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """W8A8 with one calibrated activation scale ``x_scale`` (scalar)."""
@@ -166,6 +197,35 @@ def _matmul_nbits_schema():
     return schema
 
 
+def _matmul_integer_to_float_schema():
+    """The ``com.microsoft::MatMulIntegerToFloat`` schema: ``Y = (A - a_zero) (B - b_zero) * a_scale * b_scale``
+    with int32 accumulation (ONNX Runtime contrib op; registered once, like :func:`_matmul_nbits_schema`)."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    try:
+        return onnx.defs.get_schema("MatMulIntegerToFloat", 1, "com.microsoft")
+    except onnx.defs.SchemaError:
+        pass
+    param, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    schema = OpSchema(
+        "MatMulIntegerToFloat", "com.microsoft", 1,
+        inputs=[
+            param("A", "T1"), param("B", "T2"), param("a_scale", "T3"), param("b_scale", "T3"),
+            param("a_zero_point", "T1", param_option=optional), param("b_zero_point", "T2", param_option=optional),
+            param("bias", "T3", param_option=optional),
+        ],
+        outputs=[param("Y", "T3")],
+        type_constraints=[
+            ("T1", ["tensor(int8)", "tensor(uint8)"], "activations"),
+            ("T2", ["tensor(int8)", "tensor(uint8)"], "weights"),
+            ("T3", ["tensor(float)", "tensor(float16)"], "scales and output"),
+        ],
+    )
+    onnx.defs.register_schema(schema)
+    return schema
+
+
 def translation_table() -> dict:
     """``custom_translation_table`` for ``torch.onnx.export``: dsq ops -> ONNX (Runtime) ops."""
     from onnx import helper as onnx_helper
@@ -198,6 +258,26 @@ def translation_table() -> dict:
         q = op.Clip(op.Round(op.Div(x, x_scale)), op.Constant(value_float=-128.0), op.Constant(value_float=127.0))
         return op.Mul(op.Mul(int8_matmul(q, w_t), x_scale), w_scale)
 
+    int_to_float = values.Op(values.Opset("com.microsoft", 1), "MatMulIntegerToFloat", _matmul_integer_to_float_schema())
+    u8_zero = lambda: op.Constant(value=onnx_helper.make_tensor("zero_point", 2, [], [W8_OFFSET]))  # noqa: E731
+
+    def token_s8(x, w_t, w_scale):
+        # u8 x s8: QuantizeLinear per token (axis 0 of the flattened [T, K] input, zero point 128, round half to
+        # even and saturate to [0, 255] = dsq's clamp(round(x / s), -128, 127) + 128), then MatMulIntegerToFloat
+        # with dsq's int8 weights as they are: int32 accumulation, times 1 * w_scale, then the token's scale
+        flat = op.Reshape(x, op.Concat(op.Constant(value_ints=[-1]), op.Shape(x, start=-1), axis=0))  # [T, K]
+        amax = op.ReduceMax(op.Abs(flat), op.Constant(value_ints=[-1]), keepdims=0)  # [T]
+        scale = op.Max(op.Div(amax, op.Constant(value_float=127.0)), op.Constant(value_float=torch.finfo(torch.float32).tiny))
+        zero = op.Expand(u8_zero(), op.Shape(scale))  # [T] uint8 128
+        q = op.QuantizeLinear(flat, scale, zero, axis=0)  # [T, K] uint8
+        y = int_to_float(q, w_t, op.Constant(value_float=1.0), w_scale, u8_zero())  # [T, N]
+        y = op.Mul(y, op.Unsqueeze(scale, op.Constant(value_ints=[1])))
+        return op.Reshape(y, op.Concat(op.Shape(x, end=-1), op.Shape(w_scale), axis=0))  # [..., N]
+
+    def static_s8(x, x_scale, w_t, w_scale):
+        q = op.QuantizeLinear(x, x_scale, u8_zero())  # uint8 = clamp(round(x / s), -128, 127) + 128
+        return int_to_float(q, w_t, x_scale, w_scale, u8_zero())
+
     def embedding(ids, table, scale):
         return op.Mul(op.Cast(op.Gather(table, ids, axis=0), to=1), op.Gather(scale, ids, axis=0))
 
@@ -206,4 +286,6 @@ def translation_table() -> dict:
         torch.ops.dsq.matmul_nbits.default: nbits,
         torch.ops.dsq.matmul_int8_token.default: token,
         torch.ops.dsq.matmul_int8_static.default: static,
+        torch.ops.dsq.matmul_int8_token_s8.default: token_s8,
+        torch.ops.dsq.matmul_int8_static_s8.default: static_s8,
     }

@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,7 +21,10 @@ import torch
 
 from dsq.core.errors import CheckpointError
 
+from .cpu_target import CPU_TARGETS, missing_features
 from .decoder import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, CacheLayout, past_names
+
+log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
 EXPORT_MANIFEST = "export_manifest.json"
@@ -83,6 +87,12 @@ def choose_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: tor
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def _cpu_target_warning(manifest: dict) -> str | None:
+    """Why this CPU does not run the export's int8 kernels as its ``cpu_target`` intends, or None."""
+    target = CPU_TARGETS.get((manifest.get("cpu_target") or {}).get("name", "portable"))
+    return missing_features(target) if target is not None and target.needs else None
+
+
 class OrtCausalLM:
     """An exported dsq decoder in an ``onnxruntime.InferenceSession``.
 
@@ -103,6 +113,9 @@ class OrtCausalLM:
         if not self.onnx_path.is_file():
             raise CheckpointError(f"{self.onnx_path}: no ONNX model there")
         self.manifest = _read_manifest(self.onnx_path.parent)
+        self.cpu_warning = _cpu_target_warning(self.manifest)
+        if self.cpu_warning:
+            log.warning("%s: %s", self.onnx_path, self.cpu_warning)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

@@ -14,7 +14,8 @@ from dsq.run.recipe import ExportSection
 from dsq.eval import Evaluator, ModelMetrics, OnnxFacts
 from dsq.eval.gates import ppl_increase_pct
 from dsq.export import (
-    DequantizeLinearWeights, ExportConfig, ExportResult, MatMulNBitsWeights, OrtCausalLM, ValidationConfig, export_onnx,
+    DequantizeLinearWeights, ExportConfig, ExportResult, MatMulNBitsWeights, OrtCausalLM, ValidationConfig, cpu_target,
+    export_onnx,
 )
 
 
@@ -25,9 +26,10 @@ def export_config(section: ExportSection) -> ExportConfig:
         greedy_tokens=v.greedy_tokens, tolerance=v.tolerance,
     )
     weights = DequantizeLinearWeights() if section.weight_op == "dequantize_linear" else MatMulNBitsWeights()
-    return ExportConfig(accuracy_level=section.accuracy_level, validation=validation, threads=section.threads,
+    return ExportConfig(accuracy_level=section.accuracy_level, cpu_target=cpu_target(section.cpu_target),
+                        validation=validation, threads=section.threads,
                         weights=weights, quantize_embeddings=section.quantize_embeddings, dense_experts=section.dense_experts,
-                        absorb_mla=section.absorb_mla)
+                        absorb_mla=section.absorb_mla, moe_op=section.moe_op)
 
 
 @dataclass

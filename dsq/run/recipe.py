@@ -156,11 +156,13 @@ class ExportValidationSection(Strict):
 class ExportSection(Strict):
     """ONNX export of the artifact to ``<output>/onnx``, validated against PyTorch; a mismatch fails the run."""
 
+    cpu_target: Literal["portable", "vnni"] = "portable"  # int8 kernels: u8 x u8 exact anywhere | u8 x s8 for AVX512-VNNI / AVX-VNNI / AMX
     accuracy_level: Literal[0, 1, 2, 3, 4] = 0  # MatMulNBits compute: 0/1 fp32, 4 int8 activations
     weight_op: Literal["matmul_nbits", "dequantize_linear"] = "matmul_nbits"  # ORT contrib op | standard opset 21
     quantize_embeddings: bool = False  # input embedding stored int8, one scale per row
     dense_experts: bool = False  # MoE: every routed expert on every token (E/k x the FLOPs) instead of each token's top-k
     absorb_mla: bool = True  # MLA: kv_b_proj folded into query and output, attention over the cached latent itself
+    moe_op: bool = True  # MoE: one ORT MoE / QMoE node per layer where it carries the layer exactly (else sparse)
     evaluate: bool = True  # run the benchmark suite on the ONNX model too (an "-onnx" report row)
     threads: int | None = Field(None, ge=1, le=4096)  # ONNX Runtime intra-op threads (None: its default)
     validation: ExportValidationSection = ExportValidationSection()

@@ -89,8 +89,8 @@ def _old_export_summary(result) -> dict:
     """A row's extra["onnx"] as the export step built it from the export's result."""
     v = result.validation
     return {
-        "path": str(result.path), "accuracy_level": result.accuracy_level, "weight_op": result.weight_op,
-        "embedding": result.plan.embedding, "max_abs_logit_diff": v.max_abs_diff, "tolerance": v.tolerance,
+        "path": str(result.path), "accuracy_level": result.accuracy_level, "cpu_target": result.cpu_target,
+        "weight_op": result.weight_op, "embedding": result.plan.embedding, "max_abs_logit_diff": v.max_abs_diff, "tolerance": v.tolerance,
         "greedy_tokens_equal": v.greedy_equal, "greedy_tie_margins": [c.tie_margin for c in v.cases if c.tie_margin is not None],
         "matmul_nbits": result.ops.get("com.microsoft::MatMulNBits", 0), "int8_matmul": result.ops.get("MatMulInteger", 0),
         "experts_in_graph": sum(result.plan.experts.values()), "onnx_bytes": result.onnx_bytes, "seconds": round(result.seconds, 2),
@@ -98,8 +98,8 @@ def _old_export_summary(result) -> dict:
 
 
 EXPORT = SimpleNamespace(
-    path=Path("runs/x/onnx"), accuracy_level=4, weight_op="matmul_nbits", onnx_bytes=7 * MIB, seconds=12.3456,
-    plan=SimpleNamespace(embedding="int8 per row", experts={"model.layers.1.mlp.experts": 4}),
+    path=Path("runs/x/onnx"), accuracy_level=4, cpu_target="portable", weight_op="matmul_nbits", onnx_bytes=7 * MIB,
+    seconds=12.3456, plan=SimpleNamespace(embedding="int8 per row", experts={"model.layers.1.mlp.experts": 4}, int8_op="MatMulInteger"),
     validation=SimpleNamespace(max_abs_diff=3e-6, tolerance=1e-3, greedy_equal=False,
                                cases=[SimpleNamespace(tie_margin=None), SimpleNamespace(tie_margin=0.02)]),
     ops={"com.microsoft::MatMulNBits": 9, "MatMulInteger": 2},

@@ -1,6 +1,8 @@
 """Exports shared by the export tests (each made once per session)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -16,11 +18,13 @@ FAST = fast_export_config()
 
 @pytest.fixture(scope="session")
 def exported(tiny_checkpoint, tmp_path_factory):
-    """``get(arch, variant)`` -> (loaded model, ExportResult); made once per session."""
+    """``get(arch, variant, moe_op=True)`` -> (loaded model, ExportResult); made once per session.
+
+    ``moe_op=False``: routed experts in the sparse form instead of one MoE / QMoE node per layer."""
     made = {}
 
-    def get(arch: str, variant: str = "fp"):
-        if (arch, variant) not in made:
+    def get(arch: str, variant: str = "fp", moe_op: bool = True):
+        if (arch, variant, moe_op) not in made:
             loaded = load_checkpoint(tiny_checkpoint(arch))
             if variant == "int4":
                 quantize_(loaded.model, RTNConfig(WeightScheme(4, PerGroup(32), False), TargetSpec()), progress=False)
@@ -29,8 +33,8 @@ def exported(tiny_checkpoint, tmp_path_factory):
                 quantize_(loaded.model, W8A8Config(activations=DynamicPerToken(), targets=TargetSpec()),
                           calibration=calib, progress=False)
             out = tmp_path_factory.mktemp(f"onnx_{arch}_{variant}") / "export"
-            made[arch, variant] = (loaded, export_onnx(loaded.model, loaded.tokenizer, out, FAST))
-        return made[arch, variant]
+            made[arch, variant, moe_op] = (loaded, export_onnx(loaded.model, loaded.tokenizer, out, replace(FAST, moe_op=moe_op)))
+        return made[arch, variant, moe_op]
 
     return get
 

@@ -81,7 +81,7 @@ def _expert_inputs(path) -> dict[str, tuple[str, onnx.NodeProto | None]]:
 
 @pytest.mark.parametrize("variant", ["fp", "int4"])
 def test_sparse_export_passes_validation_and_feeds_each_expert_its_own_tokens(exported, variant):
-    _, result = exported("deepseek_v3", variant)
+    _, result = exported("deepseek_v3", variant, moe_op=False)
     v = result.validation
     assert v.passed and v.greedy_equal and {c.kind for c in v.cases} == {"prefill", "decode", "greedy"}
     assert not result.plan.dense_experts
@@ -98,7 +98,7 @@ def test_sparse_export_passes_validation_and_feeds_each_expert_its_own_tokens(ex
 
 
 def test_one_token_decode_routes_to_k_experts_and_matches_torch(exported):
-    loaded, result = exported("deepseek_v3", "int4")
+    loaded, result = exported("deepseek_v3", "int4", moe_op=False)
     model = loaded.model
     routed = []
     hook = model.get_submodule(EXPERTS).register_forward_pre_hook(lambda m, args: routed.append(args[1].clone()))
@@ -116,7 +116,7 @@ def test_one_token_decode_routes_to_k_experts_and_matches_torch(exported):
 
 
 def test_dense_option_from_the_cli_gives_the_dense_graph_and_the_same_logits(exported, tiny_checkpoint, tmp_path, capsys):
-    _, sparse = exported("deepseek_v3")
+    _, sparse = exported("deepseek_v3", moe_op=False)
     out = tmp_path / "dense"
     code = main(["export", str(tiny_checkpoint("deepseek_v3")), "-o", str(out), "--dense-experts", "-q"])
     assert code == 0, capsys.readouterr().err
