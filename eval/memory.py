@@ -14,6 +14,7 @@ from types import TracebackType
 import torch
 from torch import nn
 
+from dsq.core.cpu import cpu_flags
 from dsq.core.errors import CheckpointError
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -309,16 +310,6 @@ def _cpu_model() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> set[str]:
-    """The CPU feature flags of ``/proc/cpuinfo`` (empty where there is no such file)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text(errors="replace").splitlines() if cpuinfo.is_file() else []
-    for line in lines:
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
 
 
 def avx512_flags() -> list[str]:

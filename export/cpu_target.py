@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dsq.eval.memory import cpu_flags
+from dsq.core.cpu import cpu_flags
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsq.eval.memory import cpu_flags
+from dsq.core.cpu import cpu_flags
 
 BF16_UNIT_ROUNDOFF = 2.0**-8
 """Relative rounding error of one bfloat16 rounding (8 significant bits, round to nearest)."""
