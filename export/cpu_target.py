@@ -6,7 +6,8 @@ summed straight into int32, so the result is exact; on AVX2 without VNNI the sam
 with ``vpmaddubsw``, which sums pairs of products in *saturating* 16-bit lanes (255 x 127 x 2 > 32767),
 so the int32 result is not exact. The u8 x u8 kernel (both operands with a zero point) is exact on every
 CPU and slower where VNNI exists. Measured on an AVX512-VNNI EPYC, [128, 512] x [512, 1408], 2 threads:
-fp32 MatMul 1.00x, u8 x u8 1.2x, per-token u8 x s8 2.7x (``benchmarks/onnx_speed.py --kernels``).
+fp32 MatMul 1.00x, u8 x u8 1.2x, per-token u8 x s8 2.6x (``benchmarks/onnx_speed.py --kernels-only
+--kernel-m 128 --kernel-shapes 512x1408``).
 
 * :data:`PORTABLE` -- W8A8 layers as u8 x u8 ``MatMulInteger`` with zero points: the same int32
   accumulators as dsq's torch forward on any CPU.

@@ -54,9 +54,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsq.quantize.modules import GatedActivation, QuantExperts, QuantTensor, route_tokens
+from dsq.quantize.primitives import pack_int4
 from dsq.quantize.scheme import PerChannel, WeightScheme
 
-from .ops import unpack_nbits
+from .ops import dequantize_unsigned, unpack_nbits
 
 _LIB = "dsq"
 DOMAIN = "com.microsoft"
@@ -181,17 +182,9 @@ def _interleave_rows(t: torch.Tensor) -> torch.Tensor:
     return t.index_select(1, order).contiguous()
 
 
-def _unsigned(q: torch.Tensor, bits: int) -> torch.Tensor:
-    return (q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
-
-
-def _pack_last(u: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned values along the last dim -> bytes (4-bit: two per byte, low nibble first, padded with 8)."""
-    if bits == 8:
-        return u.contiguous()
-    if u.shape[-1] % 2:
-        u = F.pad(u, (0, 1), value=8)
-    return (u[..., 0::2] | (u[..., 1::2] << 4)).contiguous()
+def _as_uint8(q: torch.Tensor) -> torch.Tensor:
+    """Signed int8 values stored unsigned (``q + 128``), as QMoE reads 8-bit weights and zero points."""
+    return (q.to(torch.int16) + 128).to(torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -208,7 +201,7 @@ def qmoe_weight(qt: QuantTensor, interleave: bool) -> QMoEWeight:
     """dsq's packed integers of ``qt`` (``[E, N, K]``) as QMoE inputs; ``interleave``: gate/up rows of ``fc1``."""
     bits = qt.scheme.bits
     # dsq's int4 bytes already hold q + 8, low nibble first (pack_int4); int8 is stored signed
-    weight = qt.packed if bits == 4 else _unsigned(qt.packed, 8)
+    weight = qt.packed if bits == 4 else _as_uint8(qt.packed)
     scales = qt.scale.float()  # (E, N, groups)
     zero = qt.zero_point  # int8 (E, N, groups) or None
     if interleave:
@@ -218,7 +211,8 @@ def qmoe_weight(qt: QuantTensor, interleave: bool) -> QMoEWeight:
     if per_row:
         scales = scales[..., 0]
         zero = zero[..., 0] if zero is not None else None  # (E, N): packed along N
-    zero_points = _pack_last(_unsigned(zero, bits), bits) if zero is not None else None
+    # zero points like the weights: 4-bit two per byte (q + 8, low nibble first), 8-bit stored unsigned
+    zero_points = None if zero is None else pack_int4(zero) if bits == 4 else _as_uint8(zero)
     return QMoEWeight(weight.contiguous(), scales.contiguous(), zero_points)
 
 
@@ -241,8 +235,7 @@ def qmoe_dequantize(weight: torch.Tensor, scales: torch.Tensor, zero_points: tor
         zero = unpack_nbits(zero_points, bits, groups).float()
     else:
         zero = unpack_nbits(zero_points.reshape(1, -1), bits, n).float().reshape(n, 1)
-    width = block_size or k
-    return (u - zero.repeat_interleave(width, dim=-1)) * scale.repeat_interleave(width, dim=-1)
+    return dequantize_unsigned(u, zero, scale, block_size or k)
 
 
 # ----------------------------------------------------------------------------- torch custom ops (eager = reference)

@@ -283,7 +283,8 @@ def kv_cache_manifest(scheme: KVCacheScheme | None) -> dict:
 
 
 def _write_manifest(tmp: Path, layout: CacheLayout, config: ExportConfig, counts: dict[str, int], plan: ExportPlan,
-                    validation: ValidationReport, source: dict | None, kv_scheme: KVCacheScheme | None = None) -> None:
+                    validation: ValidationReport, source: dict | None, kv_scheme: KVCacheScheme | None = None,
+                    cpu_warning: str | None = None) -> None:
     """Write ``EXPORT_MANIFEST`` last, with the sha256 of every other file in ``tmp``."""
     manifest = {
         "format": "dsq-onnx-decoder",
@@ -297,7 +298,7 @@ def _write_manifest(tmp: Path, layout: CacheLayout, config: ExportConfig, counts
         "cache": layout.to_dict(),
         "kv_cache": kv_cache_manifest(kv_scheme),
         "accuracy_level": config.accuracy_level,
-        "cpu_target": {**config.cpu_target.to_dict(), "export_machine": missing_features(config.cpu_target) or "has what the graph needs"},
+        "cpu_target": {**config.cpu_target.to_dict(), "export_machine": cpu_warning or "has what the graph needs"},
         "weight_op": config.weights.op,
         "ops": counts,
         "quantized_modules": plan.to_dict(),
@@ -369,7 +370,7 @@ def _export(model: nn.Module, tokenizer, output: Path, config: ExportConfig, sou
             raise ExportError("the ONNX export does not match PyTorch: " + "; ".join(validation.failures()) + why)
         tokenizer.save_pretrained(str(tmp))
         write_genai_config(tmp, model.config, tokenizer, layout)
-        _write_manifest(tmp, layout, config, counts, plan, validation, source, kv_scheme)
+        _write_manifest(tmp, layout, config, counts, plan, validation, source, kv_scheme, cpu_warning)
         onnx_bytes = _files_bytes(tmp)
     return ExportResult(output, layout, plan, validation, time.perf_counter() - started, onnx_bytes, config.accuracy_level, counts, config.weights.op,
                         config.cpu_target.name)

@@ -53,8 +53,14 @@ def nbits_dequantize(
         zero = torch.full((n, blocks), float(1 << (bits - 1)))
     else:
         zero = unpack_nbits(zero_points.reshape(n, 1, -1), bits, blocks).float()  # (N, blocks)
-    scale = scales.reshape(n, blocks).float()
-    expand = lambda t: t.repeat_interleave(block_size, dim=-1)[:, :k]  # noqa: E731
+    return dequantize_unsigned(u, zero, scales.reshape(n, blocks).float(), block_size)
+
+
+def dequantize_unsigned(u: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, width: int) -> torch.Tensor:
+    """``(u - zero) * scale`` with ``u [N, K]`` unsigned values and one ``zero`` / ``scale`` ``[N, groups]`` per
+    ``width`` columns (a ragged last group is cut at K)."""
+    k = u.shape[-1]
+    expand = lambda t: t.repeat_interleave(width, dim=-1)[:, :k]  # noqa: E731
     return (u - expand(zero)) * expand(scale)
 
 
@@ -104,13 +110,26 @@ def _token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x / scale).clamp(-128, 127), scale
 
 
+def _token_product(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """Per-token int8 ``x`` times the signed int8 weight ``w [K, N]`` (fp64 holding integers): exact int32
+    accumulation, then ``* token scale * w_scale``."""
+    q, scale = _token_int8(x.float())
+    acc = torch.matmul(q.double(), w).float()
+    return (acc * scale * w_scale).to(x.dtype)
+
+
+def _static_product(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """``x`` quantized with the calibrated ``x_scale`` times the signed int8 weight ``w [K, N]`` (fp64)."""
+    q = torch.round(x.float() / x_scale).clamp(-128, 127)
+    acc = torch.matmul(q.double(), w).float()
+    return (acc * x_scale * w_scale).to(x.dtype)
+
+
 @torch.library.custom_op(f"{_LIB}::matmul_int8_token", mutates_args=())
 def matmul_int8_token(x: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """W8A8 with dynamic per-token activations: ``x [..., K]``, ``w_t`` ``[K, N]`` uint8 holding
     int8 + 128, ``w_scale [N]``."""
-    q, scale = _token_int8(x.float())
-    acc = torch.matmul(q.double(), _signed(w_t)).float()  # exact int32 accumulation
-    return (acc * scale * w_scale).to(x.dtype)
+    return _token_product(x, _signed(w_t), w_scale)
 
 
 @matmul_int8_token.register_fake
@@ -123,9 +142,7 @@ def matmul_int8_token_s8(x: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tens
     """W8A8 with dynamic per-token activations for u8 x s8 kernels (:data:`dsq.export.cpu_target.VNNI`):
     ``x [..., K]``, ``w_t`` ``[K, N]`` int8 as dsq stores it, ``w_scale [N]``. Same integers and result as
     :func:`matmul_int8_token`; only the graph's operand types differ."""
-    q, scale = _token_int8(x.float())
-    acc = torch.matmul(q.double(), w_t.double()).float()  # exact int32 accumulation
-    return (acc * scale * w_scale).to(x.dtype)
+    return _token_product(x, w_t.double(), w_scale)
 
 
 @matmul_int8_token_s8.register_fake
@@ -136,9 +153,7 @@ def _(x, w_t, w_scale):
 @torch.library.custom_op(f"{_LIB}::matmul_int8_static_s8", mutates_args=())
 def matmul_int8_static_s8(x: torch.Tensor, x_scale: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """W8A8 with one calibrated activation scale, int8 weights ``w_t [K, N]`` (u8 x s8 kernels)."""
-    q = torch.round(x.float() / x_scale).clamp(-128, 127)
-    acc = torch.matmul(q.double(), w_t.double()).float()
-    return (acc * x_scale * w_scale).to(x.dtype)
+    return _static_product(x, x_scale, w_t.double(), w_scale)
 
 
 @matmul_int8_static_s8.register_fake
@@ -149,9 +164,7 @@ def _(x, x_scale, w_t, w_scale):
 @torch.library.custom_op(f"{_LIB}::matmul_int8_static", mutates_args=())
 def matmul_int8_static(x: torch.Tensor, x_scale: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """W8A8 with one calibrated activation scale ``x_scale`` (scalar)."""
-    q = torch.round(x.float() / x_scale).clamp(-128, 127)
-    acc = torch.matmul(q.double(), _signed(w_t)).float()
-    return (acc * x_scale * w_scale).to(x.dtype)
+    return _static_product(x, x_scale, _signed(w_t), w_scale)
 
 
 @matmul_int8_static.register_fake
@@ -248,9 +261,12 @@ def translation_table() -> dict:
         q_u8 = op.Cast(op.Add(q, op.Constant(value_float=float(W8_OFFSET))), to=2)
         return op.Cast(op.MatMulInteger(q_u8, w_t, offset, offset), to=1)
 
-    def token(x, w_t, w_scale):
+    def token_scale(x):  # [..., 1]: max |x| / 127 per token, at least the smallest normal fp32
         amax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
-        scale = op.Max(op.Div(amax, op.Constant(value_float=127.0)), op.Constant(value_float=torch.finfo(torch.float32).tiny))
+        return op.Max(op.Div(amax, op.Constant(value_float=127.0)), op.Constant(value_float=torch.finfo(torch.float32).tiny))
+
+    def token(x, w_t, w_scale):
+        scale = token_scale(x)
         q = op.Clip(op.Round(op.Div(x, scale)), op.Constant(value_float=-128.0), op.Constant(value_float=127.0))
         return op.Mul(op.Mul(int8_matmul(q, w_t), scale), w_scale)
 
@@ -266,8 +282,7 @@ def translation_table() -> dict:
         # even and saturate to [0, 255] = dsq's clamp(round(x / s), -128, 127) + 128), then MatMulIntegerToFloat
         # with dsq's int8 weights as they are: int32 accumulation, times 1 * w_scale; the token's scale is applied
         # after the output is back in x's shape (measured faster than rescaling the flat [T, N] output first)
-        amax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)  # [..., 1]
-        scale = op.Max(op.Div(amax, op.Constant(value_float=127.0)), op.Constant(value_float=torch.finfo(torch.float32).tiny))
+        scale = token_scale(x)  # [..., 1]
         flat_scale = op.Reshape(scale, op.Constant(value_ints=[-1]))  # [T]
         flat = op.Reshape(x, op.Concat(op.Constant(value_ints=[-1]), op.Shape(x, start=-1), axis=0))  # [T, K]
         zero = op.Expand(u8_zero(), op.Shape(flat_scale))  # [T] uint8 128

@@ -83,11 +83,14 @@ def test_with_vnni_both_targets_compute_the_same_integers(w8a8_pair):
 
 
 def test_static_w8a8_exports_for_vnni(tiny_checkpoint, tmp_path):
+    """The graph's form everywhere; its agreement with torch only where the u8 x s8 kernels are exact (VNNI):
+    without VNNI they saturate, so the validation is opened wide there and only the form is checked."""
     loaded = _w8a8(tiny_checkpoint, StaticPerTensor())
-    if not VNNI_HERE:
-        pytest.skip("u8 x s8 kernels saturate without VNNI (checked for the dynamic graph above)")
-    result = export_onnx(loaded.model, loaded.tokenizer, tmp_path / "out", replace(FAST, cpu_target=VNNI))
-    assert result.validation.passed and result.validation.greedy_equal
+    validation = FAST.validation if VNNI_HERE else replace(FAST.validation, tolerance=1e9)
+    result = export_onnx(loaded.model, loaded.tokenizer, tmp_path / "out", replace(FAST, cpu_target=VNNI, validation=validation))
+    if VNNI_HERE:
+        assert result.validation.passed and result.validation.greedy_equal
+        assert result.validation.max_abs_diff <= 0.25
     assert result.ops["com.microsoft::MatMulIntegerToFloat"] == len(result.plan.int8)
     graph = _graph(result.path)
     assert not any(n.op_type == "ReduceMax" for n in graph.node)  # one calibrated scale: nothing per token
