@@ -16,7 +16,10 @@ layers' ops (MatMul / MatMulNBits / MatMulInteger / MatMulIntegerToFloat).
 
 W8A8 rows come in both CPU targets (``ExportConfig(cpu_target=...)``, :mod:`dsq.export.cpu_target`):
 ``portable`` (u8 x u8 ``MatMulInteger`` with zero points, exact on any CPU) and ``vnni`` (per-token
-``QuantizeLinear`` + u8 x s8 ``MatMulIntegerToFloat``, exact with VNNI / AMX). The ``ort-dynamic`` rows are a
+``QuantizeLinear`` + u8 x s8 ``MatMulIntegerToFloat``, exact with VNNI / AMX), and in three activation schemes
+(``quantize.w8a8.activations``): per token (``w8a8*``), per tensor asymmetric at run time (``w8a8-tensor*``: one
+``DynamicQuantizeLinear`` per distinct input, the integers ORT's own dynamic quantization computes) and static
+(``w8a8-static*``, calibrated). The ``ort-dynamic`` rows are a
 peer, not dsq exports: ``onnxruntime.quantization.quantize_dynamic`` applied to the FP32 export (QInt8 weights
 per tensor or per channel, activations quantized per tensor at run time, lm_head included); their max
 |delta logit| is dsq's ``validate_export`` against the fp32 torch model.
@@ -110,7 +113,7 @@ class Variant:
     accuracy_level: int = 0
     lm_head: bool = False
     target: str = "portable"  # dsq.export.cpu_target name the export is tuned for
-    static: bool = False  # W8A8: one calibrated activation scale per layer instead of per-token scales
+    activations: str = "dynamic"  # W8A8: quantize.w8a8.activations (dynamic per token, dynamic_tensor, static)
 
     @property
     def peer(self) -> bool:
@@ -126,7 +129,7 @@ class Variant:
     @property
     def quant_key(self) -> tuple:
         """Variants with the same key share one quantized model (they differ in how they are exported)."""
-        return (self.method, self.bits, self.per_channel, self.lm_head, self.static)
+        return (self.method, self.bits, self.per_channel, self.lm_head, self.activations)
 
     @property
     def description(self) -> str:
@@ -138,7 +141,8 @@ class Variant:
         head = ", lm_head quantized" if self.lm_head else ""
         if self.method == "w8a8":
             kernel = "u8 x s8 MatMulIntegerToFloat" if self.target == "vnni" else "u8 x u8 MatMulInteger"
-            acts = "static per-tensor (calibrated)" if self.static else "dynamic per-token"
+            acts = {"static": "static per-tensor (calibrated)", "dynamic": "dynamic per-token",
+                    "dynamic_tensor": "dynamic per-tensor asymmetric"}[self.activations]
             return f"W8A8 {acts}, cpu_target {self.target} ({kernel}){head}"
         gran = "per-channel" if self.per_channel else "g128 sym"
         return f"INT{self.bits} {gran} (MatMulNBits bits={self.bits}, acc {self.accuracy_level}){head}"
@@ -150,12 +154,15 @@ VARIANTS = [
     Variant("int8wo-acc4", "rtn", 8, per_channel=True, accuracy_level=4),
     Variant("w8a8", "w8a8"),
     Variant("w8a8-vnni", "w8a8", target="vnni"),
-    Variant("w8a8-static-vnni", "w8a8", target="vnni", static=True),  # static scales: decoder layers only, no lm_head
+    Variant("w8a8-static-vnni", "w8a8", target="vnni", activations="static"),  # static scales: decoder layers only, no lm_head
+    Variant("w8a8-tensor", "w8a8", activations="dynamic_tensor"),
+    Variant("w8a8-tensor-vnni", "w8a8", target="vnni", activations="dynamic_tensor"),
     Variant("int4g128-acc0", "rtn", 4, accuracy_level=0),
     Variant("int4g128-acc4", "rtn", 4, accuracy_level=4),
     Variant("int8wo-acc4-head", "rtn", 8, per_channel=True, accuracy_level=4, lm_head=True),
     Variant("w8a8-head", "w8a8", lm_head=True),
     Variant("w8a8-vnni-head", "w8a8", lm_head=True, target="vnni"),
+    Variant("w8a8-tensor-vnni-head", "w8a8", lm_head=True, target="vnni", activations="dynamic_tensor"),
     Variant("int4g128-acc0-head", "rtn", 4, accuracy_level=0, lm_head=True),
     Variant("int4g128-acc4-head", "rtn", 4, accuracy_level=4, lm_head=True),
     Variant("ort-dynamic", "ort-dynamic"),
@@ -167,7 +174,7 @@ BY_NAME = {v.name: v for v in VARIANTS}
 def quantize_copy(model: torch.nn.Module, variant: Variant, vocab: int, calib_shape: tuple[int, int]) -> torch.nn.Module:
     """A quantized deep copy of the fp32 ``model`` (the original is not touched)."""
     from dsq.quantize import PerChannel, PerGroup, RTNConfig, TargetSpec, W8A8Config, WeightScheme, quantize_
-    from dsq.quantize.w8a8 import DynamicPerToken, StaticPerTensor
+    from dsq.quantize.methods.w8a8 import ACTIVATION_SCHEMES
 
     q = copy.deepcopy(model)
     targets = TargetSpec(lm_head=variant.lm_head)
@@ -176,7 +183,7 @@ def quantize_copy(model: torch.nn.Module, variant: Variant, vocab: int, calib_sh
         quantize_(q, RTNConfig(scheme=WeightScheme(bits=variant.bits, granularity=gran, symmetric=True), targets=targets), progress=False)
     elif variant.method == "w8a8":
         calibration = torch.randint(0, vocab, calib_shape, generator=torch.Generator().manual_seed(1))
-        acts = StaticPerTensor() if variant.static else DynamicPerToken()
+        acts = ACTIVATION_SCHEMES[variant.activations]
         quantize_(q, W8A8Config(activations=acts, targets=targets), calibration=calibration, progress=False)
     return q.eval()
 

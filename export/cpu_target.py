@@ -46,7 +46,8 @@ class CpuTarget:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "needs_one_of": list(self.needs),
-                "w8a8_kernel": "u8 x s8 (QuantizeLinear + MatMulIntegerToFloat)" if self.signed_int8_weights
+                "w8a8_kernel": "u8 x s8 (QuantizeLinear or DynamicQuantizeLinear + MatMulIntegerToFloat)"
+                if self.signed_int8_weights
                 else "u8 x u8 (MatMulInteger with zero points)"}
 
 

@@ -35,6 +35,8 @@ from torch import nn
 
 from dsq.quantize.modules import QuantLinear
 
+from .patches import zero_unattended_rows
+
 
 class AbsorbedLatentProjection(nn.Module):
     """``kv_b_proj`` split per head for absorbed attention (never applied to the latent itself).
@@ -112,10 +114,14 @@ def absorbed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     return out.transpose(1, 2).contiguous(), weights
 
 
-def _dispatch(module: nn.Module, *args, **kwargs):
+def _eager_dispatch(module: nn.Module, *args, **kwargs):
     if isinstance(getattr(module, "kv_b_proj", None), AbsorbedLatentProjection):
         return absorbed_attention(module, *args, **kwargs)
     return sys.modules[type(module).__module__].eager_attention_forward(module, *args, **kwargs)
+
+
+# the eager path's additive mask averages every value for a query with no key; PyTorch's sdpa (the reference) gives 0
+_dispatch = zero_unattended_rows(_eager_dispatch)
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from dsq.core.errors import ExportError
 from dsq.quantize.modules import GatedActivation, QuantExperts, QuantLinear, QuantTensor, is_fused_experts, set_module
 from dsq.quantize.primitives import dequantize_weight, quantize_rtn
 from dsq.quantize.scheme import PerChannel, WeightScheme
-from dsq.quantize.w8a8 import DynamicPerToken, W8A8Experts, W8A8Linear
+from dsq.quantize.w8a8 import DynamicPerTensor, StaticPerTensor, W8A8Experts, W8A8Linear
 
 from . import moe_op, ops
 
@@ -137,26 +137,38 @@ class NBitsLinear(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """W8A8: int8 activations (per token, or one calibrated scale) times int8 weights, int32 accumulate.
+    """W8A8: int8 activations (per token, per tensor, or one calibrated scale) times int8 weights, int32 accumulate.
 
     Buffers: ``w_t`` ``[K, N]``, transposed for the int8 matmul: uint8 = int8 weight + 128 (u8 x u8
     ``MatMulInteger`` with zero points, exact on any CPU) or, with ``signed``, the int8 weight itself (u8 x s8
-    ``MatMulIntegerToFloat``, :data:`dsq.export.cpu_target.VNNI`); ``w_scale`` fp32 ``[N]``,
-    ``x_scale`` fp32 scalar (static only), ``bias``.
+    ``MatMulIntegerToFloat``, :data:`dsq.export.cpu_target.VNNI`); ``w_scale`` fp32
+    ``[N]``, ``x_scale`` fp32 scalar (static only), ``bias``. ``per_tensor``: dynamic per-tensor asymmetric
+    activations (:class:`dsq.quantize.w8a8.DynamicPerTensor`) instead of per token.
     """
 
     def __init__(self, packed: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor | None, bias: torch.Tensor | None,
-                 signed: bool = False) -> None:
+                 signed: bool = False, per_tensor: bool = False) -> None:
         super().__init__()
+        if per_tensor and x_scale is not None:
+            raise ValueError("per-tensor dynamic activations take no calibrated x_scale")
         self.signed = signed
+        self.per_tensor = per_tensor
         w_t = packed.t().to(torch.int8) if signed else (packed.t().to(torch.int16) + ops.W8_OFFSET).to(torch.uint8)
         self.register_buffer("w_t", w_t.contiguous())
         self.register_buffer("w_scale", w_scale.float().reshape(-1).contiguous())
         self.register_buffer("x_scale", x_scale.float().reshape(()).clone() if x_scale is not None else None)
         self.register_buffer("bias", bias.detach().float().clone() if bias is not None else None)
 
+    @classmethod
+    def of(cls, packed: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor | None, bias: torch.Tensor | None,
+           act: object, signed: bool) -> "Int8Linear":
+        """The export form of one weight of a W8A8 module with activation scheme ``act``."""
+        return cls(packed, w_scale, x_scale, bias, signed, per_tensor=isinstance(act, DynamicPerTensor))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.x_scale is None:
+        if self.per_tensor:
+            y = (ops.matmul_int8_tensor_s8 if self.signed else ops.matmul_int8_tensor)(x, self.w_t, self.w_scale)
+        elif self.x_scale is None:
             token = ops.matmul_int8_token_s8 if self.signed else ops.matmul_int8_token
             y = token(x, self.w_t, self.w_scale)
         else:
@@ -289,14 +301,14 @@ def _experts_from_quant(module: QuantExperts, name: str, accuracy_level: int, fo
 
 
 def _experts_from_w8a8(module: W8A8Experts, form: type[RoutedExperts], signed: bool = False) -> RoutedExperts:
-    static = not isinstance(module.act, DynamicPerToken)
+    static = isinstance(module.act, StaticPerTensor)
     experts = []
     for e in range(module.num_experts):
         gu_s = module.gate_up_input_scale[e] if static else None
         dn_s = module.down_input_scale[e] if static else None
         experts.append(_Expert(
-            Int8Linear(module.gate_up_proj.packed[e], module.gate_up_proj.scale[e], gu_s, None, signed),
-            Int8Linear(module.down_proj.packed[e], module.down_proj.scale[e], dn_s, None, signed),
+            Int8Linear.of(module.gate_up_proj.packed[e], module.gate_up_proj.scale[e], gu_s, None, module.act, signed),
+            Int8Linear.of(module.down_proj.packed[e], module.down_proj.scale[e], dn_s, None, module.act, signed),
             module.glu,
         ))
     return form(experts)
@@ -431,13 +443,20 @@ def prepare_for_export(
             set_module(model, name, NBitsLinear(module.weight_q, module.bias, name, accuracy_level))
             plan.nbits[name] = module.scheme.describe()
         elif isinstance(module, W8A8Linear):
-            set_module(model, name, Int8Linear(module.weight_q.packed, module.weight_q.scale, module.input_scale, module.bias, signed_int8))
+            new = Int8Linear.of(module.weight_q.packed, module.weight_q.scale, module.input_scale, module.bias, module.act, signed_int8)
+            set_module(model, name, new)
             plan.int8[name] = module.act.describe()
         elif isinstance(module, QuantExperts):
             set_module(model, name, _experts_from_quant(module, name, accuracy_level, form))
             plan.experts[name] = module.num_experts
             plan.nbits[name] = module.gate_up_proj.scheme.describe()
         elif isinstance(module, W8A8Experts):
+            if dense_experts and isinstance(module.act, DynamicPerTensor):
+                raise ExportError(
+                    f"{name}: per-tensor activations of an expert are quantized over the tokens routed to it, and the "
+                    "dense form sends every token to every expert; export these experts in the sparse form "
+                    "(export.dense_experts: false)"
+                )
             set_module(model, name, _experts_from_w8a8(module, form, signed_int8))
             plan.experts[name] = module.num_experts
             plan.int8[name] = module.act.describe()

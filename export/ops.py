@@ -12,6 +12,10 @@ Each op has an eager implementation (used to check the export against torch, and
 * ``dsq::matmul_int8_token_s8`` / ``dsq::matmul_int8_static_s8`` -> the same integers for u8 x s8 kernels
   (:mod:`dsq.export.cpu_target`): ``QuantizeLinear`` (per token, or the calibrated scale; uint8, zero point
   128) + ``com.microsoft::MatMulIntegerToFloat`` with the int8 weights;
+* ``dsq::matmul_int8_tensor`` -> per-tensor asymmetric uint8 activations (``DynamicQuantizeLinear``) +
+  ``MatMulInteger`` (u8 x u8, weights + 128 with zero point 128) -> exact int32 + rescale;
+* ``dsq::matmul_int8_tensor_s8`` -> the same ``DynamicQuantizeLinear`` + ``com.microsoft::MatMulIntegerToFloat``
+  (u8 x s8, the activations' zero point as the op's ``a_zero_point``);
 * ``dsq::embedding_int8`` -> ``Gather`` of int8 rows and of their scales, ``Cast``, ``Mul``.
 
 ``MatMulNBits`` layout (ONNX Runtime contrib op): ``B`` uint8 ``[N, blocks, block_size * bits / 8]``
@@ -123,6 +127,39 @@ def _static_product(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_s
     q = torch.round(x.float() / x_scale).clamp(-128, 127)
     acc = torch.matmul(q.double(), w).float()
     return (acc * x_scale * w_scale).to(x.dtype)
+
+
+def _tensor_product(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """``x`` as per-tensor asymmetric uint8 (``DynamicQuantizeLinear``) times the signed int8 weight ``w [K, N]``
+    (fp64 holding integers): exact int32 of ``(q - zero) @ w``, then ``* scale * w_scale``."""
+    from dsq.quantize.w8a8 import quantize_activation_tensor
+
+    q, scale, zero = quantize_activation_tensor(x.float())
+    acc = torch.matmul(q.double() - zero.double(), w).float()
+    return (acc * (scale * w_scale)).to(x.dtype)  # ORT's order: the scales' product, then the accumulator
+
+
+@torch.library.custom_op(f"{_LIB}::matmul_int8_tensor", mutates_args=())
+def matmul_int8_tensor(x: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """W8A8 with dynamic per-tensor asymmetric activations (:class:`dsq.quantize.w8a8.DynamicPerTensor`):
+    ``x [..., K]``, ``w_t [K, N]`` uint8 holding int8 + 128, ``w_scale [N]``."""
+    return _tensor_product(x, _signed(w_t), w_scale)
+
+
+@matmul_int8_tensor.register_fake
+def _(x, w_t, w_scale):
+    return x.new_empty((*x.shape[:-1], w_t.shape[1]))
+
+
+@torch.library.custom_op(f"{_LIB}::matmul_int8_tensor_s8", mutates_args=())
+def matmul_int8_tensor_s8(x: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """The same as :func:`matmul_int8_tensor` with the int8 weights as dsq stores them (u8 x s8 kernels)."""
+    return _tensor_product(x, w_t.double(), w_scale)
+
+
+@matmul_int8_tensor_s8.register_fake
+def _(x, w_t, w_scale):
+    return x.new_empty((*x.shape[:-1], w_t.shape[1]))
 
 
 @torch.library.custom_op(f"{_LIB}::matmul_int8_token", mutates_args=())
@@ -295,6 +332,20 @@ def translation_table() -> dict:
         q = op.QuantizeLinear(x, x_scale, u8_zero())  # uint8 = clamp(round(x / s), -128, 127) + 128
         return int_to_float(q, w_t, x_scale, w_scale, u8_zero())
 
+    def tensor(x, w_t, w_scale):
+        # DynamicQuantizeLinear: uint8 q, scale and zero point of the whole tensor (dsq's quantize_activation_tensor);
+        # u8 x u8 MatMulInteger with both zero points: the exact int32 of (q - zero) x w
+        q, scale, zero = op.DynamicQuantizeLinear(x)
+        offset = op.Constant(value=onnx_helper.make_tensor("offset", 2, [], [W8_OFFSET]))
+        acc = op.Cast(op.MatMulInteger(q, w_t, zero, offset), to=1)
+        return op.Mul(acc, op.Mul(scale, w_scale))
+
+    def tensor_s8(x, w_t, w_scale):
+        # the same integers for the u8 x s8 kernel; one DynamicQuantizeLinear per distinct input (the exporter merges
+        # those of q/k/v and of gate/up), where a DynamicQuantizeMatMul per weight would quantize the input again
+        q, scale, zero = op.DynamicQuantizeLinear(x)
+        return int_to_float(q, w_t, scale, w_scale, zero)
+
     def embedding(ids, table, scale):
         return op.Mul(op.Cast(op.Gather(table, ids, axis=0), to=1), op.Gather(scale, ids, axis=0))
 
@@ -305,4 +356,6 @@ def translation_table() -> dict:
         torch.ops.dsq.matmul_int8_static.default: static,
         torch.ops.dsq.matmul_int8_token_s8.default: token_s8,
         torch.ops.dsq.matmul_int8_static_s8.default: static_s8,
+        torch.ops.dsq.matmul_int8_tensor.default: tensor,
+        torch.ops.dsq.matmul_int8_tensor_s8.default: tensor_s8,
     }

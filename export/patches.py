@@ -3,12 +3,18 @@
 DeepSeek-V2's rotary embedding multiplies complex numbers (``torch.polar``, ``view_as_complex``);
 ONNX has no complex type. :func:`traceable` swaps in the same rotation on real (cos, sin) pairs:
 ``(a + ib)(c + is) = (ac - bs) + i(as + bc)`` on consecutive pairs of the last dim.
+
+A query with no key to attend to (a left-padded position: padding and the causal mask leave it nothing)
+gets a zero output from PyTorch's ``scaled_dot_product_attention``; the traced graph's additive mask turns the
+same row into a uniform average of every value. Real positions never see those rows, but activations quantized
+per tensor at run time (``DynamicPerTensor``) take every position of the call into their range, padded ones
+included, so :func:`traceable` also zeroes such rows in the graph, as PyTorch does.
 """
 from __future__ import annotations
 
 import contextlib
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -31,9 +37,50 @@ def _real_apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs: torch.Tens
     return rotate(xq), rotate(xk)
 
 
+def _without_attended_keys(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``[batch, seq, 1, 1]`` 1 where a query row attends to at least one key, else 0 (None: no mask)."""
+    if attention_mask is None:
+        return None
+    valid = attention_mask if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(attention_mask.dtype).min
+    return valid.any(dim=-1).transpose(1, 2)[..., None].to(torch.float32)  # [B, 1|H, S, T] -> [B, S, 1|H, 1]
+
+
+def zero_unattended_rows(attention: Callable) -> Callable:
+    """``attention`` (a transformers attention function: output ``[batch, seq, heads, dim]``) with the rows of
+    queries that attend to no key set to zero, as ``scaled_dot_product_attention`` leaves them."""
+
+    def wrapped(module, query, key, value, attention_mask, *args, **kwargs):
+        out, weights = attention(module, query, key, value, attention_mask, *args, **kwargs)
+        keep = _without_attended_keys(attention_mask)
+        return (out if keep is None else out * keep.to(out.dtype)), weights
+
+    return wrapped
+
+
+@contextlib.contextmanager
+def _zeroed_unattended_rows() -> Iterator[None]:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    previous = ALL_ATTENTION_FUNCTIONS._local_mapping.get("sdpa")
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = zero_unattended_rows(ALL_ATTENTION_FUNCTIONS["sdpa"])
+    try:
+        yield
+    finally:
+        if previous is None:
+            del ALL_ATTENTION_FUNCTIONS["sdpa"]
+        else:
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = previous
+
+
 @contextlib.contextmanager
 def traceable(model: nn.Module) -> Iterator[None]:
     """Within the block, ``model`` computes the same function with ONNX-exportable ops."""
+    with _zeroed_unattended_rows(), _real_rotary(model):
+        yield
+
+
+@contextlib.contextmanager
+def _real_rotary(model: nn.Module) -> Iterator[None]:
     if getattr(model.config, "model_type", None) != "deepseek_v2":
         yield
         return

@@ -24,7 +24,7 @@ from dsq.quantize.kv_cache import Fp8E4M3KV, Int8KV, KVCacheScheme, PerHeadKV, P
 from dsq.quantize.modules import is_fused_experts
 from dsq.quantize.scheme import SUPPORTED_BITS, PerChannel, PerGroup, WeightScheme
 from dsq.quantize.w8a8 import WEIGHT_SCHEME as W8A8_WEIGHT_SCHEME
-from dsq.quantize.w8a8 import ActivationScheme, DynamicPerToken, StaticPerTensor
+from dsq.quantize.w8a8 import ActivationScheme, DynamicPerTensor, DynamicPerToken, StaticPerTensor
 
 STRATEGIES = ("channel", "group", "block")
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
@@ -162,21 +162,26 @@ def _group_size(key: str, size: object, source: Path) -> int:
 
 
 def _parse_activations(key: str, args: object, weights: WeightScheme, source: Path) -> ActivationScheme | None:
-    """None (weight-only), DynamicPerToken or StaticPerTensor from a group's ``input_activations``."""
+    """None (weight-only), DynamicPerToken, DynamicPerTensor or StaticPerTensor from a group's ``input_activations``."""
     if args is None or args == {}:
         return None
     if not isinstance(args, dict):
         raise _bad(source, key, args, "expected an object of activation quantization args or null")
     if weights != W8A8_WEIGHT_SCHEME:
         raise CheckpointError(f"{source}: {key}: int8 input activations need int8 per-channel symmetric weights")
-    if args.get("type", "int") != "int" or args.get("num_bits") != 8 or args.get("symmetric", True) is not True:
-        raise _bad(source, key, args, "dsq reads symmetric int8 activations")
-    strategy, dynamic = args.get("strategy"), args.get("dynamic")
+    if args.get("type", "int") != "int" or args.get("num_bits") != 8 or not isinstance(args.get("symmetric", True), bool):
+        raise _bad(source, key, args, "dsq reads int8 activations")
+    strategy, dynamic, symmetric = args.get("strategy"), args.get("dynamic"), args.get("symmetric", True)
+    if strategy == "tensor" and dynamic is True and symmetric is False:
+        return DynamicPerTensor()
+    if symmetric is not True:
+        raise _bad(source, f"{key}.symmetric", symmetric, "dsq reads asymmetric activations only with strategy tensor, dynamic")
     if strategy == "token" and dynamic is True:
         return DynamicPerToken()
     if strategy == "tensor" and dynamic is False:
         return StaticPerTensor()
-    raise _bad(source, f"{key}.strategy", strategy, f"with dynamic={dynamic!r}: dsq reads token/dynamic and tensor/static")
+    raise _bad(source, f"{key}.strategy", strategy,
+               f"with dynamic={dynamic!r}: dsq reads token/dynamic, tensor/static and tensor/dynamic/asymmetric")
 
 
 _KV_TYPES = {t.ct_type: t for t in (Int8KV(), Fp8E4M3KV())}  # the names the writer uses

@@ -5,7 +5,7 @@ dequantized in the forward, exactly as after ``quantize_``. It reads every schem
 writes, including the ones transformers cannot read back (asymmetric fused experts, W8A8
 experts), and zero points in every layout dsq has written (int32 packed along ``out`` as
 ``[ceil(out*bits/32), groups]`` or row-padded ``[out, groups]``, and int8 ``[out, groups]``).
-Groups with ``input_activations`` (int8 token-dynamic or tensor-static) become
+Groups with ``input_activations`` (int8 token-dynamic, tensor-dynamic asymmetric or tensor-static) become
 :class:`~dsq.quantize.w8a8.W8A8Linear` / :class:`~dsq.quantize.w8a8.W8A8Experts`. A ``kv_cache_scheme``
 attaches dsq's KV-cache quantization (:mod:`dsq.quantize.kv_cache`) with the stored ``k_scale`` / ``v_scale``,
 so every forward of the loaded model, with a cache or without, sees the quantized keys and values.

@@ -20,7 +20,7 @@ checkpoints: ``...mlp.experts.{e}.{gate_proj,up_proj,down_proj}.*``.
 
 W8A8 modules (:class:`~dsq.quantize.w8a8.W8A8Linear` / ``W8A8Experts``) are int-quantized
 (``X.weight`` int8, ``X.weight_scale`` fp32 ``[out, 1]``, channel strategy) in groups whose
-``input_activations`` are symmetric int8 ``token``/dynamic, or ``tensor``/static with an
+``input_activations`` are symmetric int8 ``token``/dynamic, asymmetric int8 ``tensor``/dynamic, or ``tensor``/static with an
 ``X.input_scale`` fp32 ``[1]`` per module (per expert and projection for experts).
 
 A model carrying KV-cache quantization (:mod:`dsq.quantize.kv_cache`) gets ``kv_cache_scheme`` (8-bit int or
@@ -51,7 +51,7 @@ from .kv_cache import KVCacheScheme, kv_cache_args, kv_cache_scheme_of
 from .modules import QuantExperts, QuantLinear, QuantTensor
 from .primitives import QuantizedWeight, unpack_int4
 from .scheme import PerChannel, PerGroup, WeightScheme
-from .w8a8 import ActivationScheme, DynamicPerToken, StaticPerTensor, W8A8Experts, W8A8Linear
+from .w8a8 import ActivationScheme, DynamicPerTensor, DynamicPerToken, StaticPerTensor, W8A8Experts, W8A8Linear
 
 FORMAT_4BIT = "pack-quantized"
 FORMAT_8BIT = "int-quantized"
@@ -228,10 +228,13 @@ def _experts_full_row_group(projections: tuple[QuantTensor, QuantTensor]) -> boo
 
 
 def input_args(act: ActivationScheme) -> QuantizationArgs:
-    """compressed-tensors ``input_activations`` args of a W8A8 activation scheme (symmetric int8)."""
+    """compressed-tensors ``input_activations`` args of a W8A8 activation scheme (int8; symmetric but for
+    :class:`DynamicPerTensor`, whose asymmetric int8 integers are its uint8 ones minus 128)."""
     int8 = {"num_bits": 8, "type": "int", "symmetric": True}
     if isinstance(act, DynamicPerToken):
         return QuantizationArgs(**int8, strategy="token", dynamic=True, observer=None)
+    if isinstance(act, DynamicPerTensor):
+        return QuantizationArgs(**{**int8, "symmetric": False}, strategy="tensor", dynamic=True, observer=None)
     if isinstance(act, StaticPerTensor):
         return QuantizationArgs(**int8, strategy="tensor", dynamic=False, observer="minmax")
     raise ValueError(f"no compressed-tensors input args for activation scheme {act!r}")

@@ -9,8 +9,10 @@ Three layers, as everywhere in ``dsq.quantize``:
 * orchestration: :func:`quantize_w8a8_` swaps every selected module and returns a
   :class:`~dsq.quantize.api.QuantizationReport`.
 
-Activation schemes are types: :class:`DynamicPerToken` (one scale per token, computed at run time)
-and :class:`StaticPerTensor` (one calibrated scale per module input; per expert for experts).
+Activation schemes are types: :class:`DynamicPerToken` (one scale per token, computed at run time),
+:class:`DynamicPerTensor` (one asymmetric scale and zero point per input tensor, computed at run time: the
+activations ONNX Runtime's ``DynamicQuantizeMatMul`` computes) and :class:`StaticPerTensor` (one calibrated
+scale per module input; per expert for experts).
 
 A layer computes ``y = (int32 acc of q_x @ q_w^T) * x_scale * w_scale + bias`` in fp32 and returns
 the input's dtype. Integers follow compressed-tensors: symmetric int8, ``q = clamp(round(x / s),
@@ -75,12 +77,31 @@ class StaticPerTensor:
         return "int8 static per-tensor activations"
 
 
-ActivationScheme = DynamicPerToken | StaticPerTensor
+@dataclass(frozen=True)
+class DynamicPerTensor:
+    """One asymmetric uint8 scale and zero point per input tensor (every token of the call), computed at run time.
+
+    ONNX ``DynamicQuantizeLinear`` semantics: the range ``[min(x, 0), max(x, 0)]`` maps onto ``[0, 255]``,
+    ``scale = range / 255``, ``zero = round(-min / scale)``, ``q = clamp(round(x / scale) + zero, 0, 255)``.
+    compressed-tensors writes it as int8 ``tensor`` / ``dynamic`` / asymmetric (the same integers minus 128).
+    A token's result depends on the other tokens of the same call (a prompt's outliers widen everyone's step),
+    which per-token scales avoid; in exchange the whole quantization is one pass that ONNX Runtime fuses into
+    its int8 matmul (``DynamicQuantizeMatMul``).
+    """
+
+    def describe(self) -> str:
+        return "int8 dynamic per-tensor asymmetric activations"
+
+
+ActivationScheme = DynamicPerToken | DynamicPerTensor | StaticPerTensor
+_SCHEMES = (DynamicPerToken, DynamicPerTensor, StaticPerTensor)
+U8_MAX = 255
+U8_MID = 128  # uint8 value - 128 = an int8 value: how uint8 activations reach an int8 x int8 matmul
 
 
 def _check_act(act: object) -> None:
-    if not isinstance(act, (DynamicPerToken, StaticPerTensor)):
-        raise ValueError(f"activation scheme must be DynamicPerToken() or StaticPerTensor(), got {act!r}")
+    if not isinstance(act, _SCHEMES):
+        raise ValueError(f"activation scheme must be DynamicPerToken(), DynamicPerTensor() or StaticPerTensor(), got {act!r}")
 
 
 # ----------------------------------------------------------------------------- math
@@ -108,6 +129,24 @@ def quantize_activation(
         scale = static_scale.float().reshape(1, 1)
     q = torch.round(x / scale).clamp(QMIN, QMAX).to(torch.int8)
     return q, scale
+
+
+def quantize_activation_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 values (as int16) ``[M, K]``, fp32 scale and zero point (scalars) of ``x`` (:class:`DynamicPerTensor`).
+
+    The integers ONNX ``DynamicQuantizeLinear`` gives: ``scale = (max(x, 0) - min(x, 0)) / 255``, ``zero =
+    clamp(round(-min(x, 0) / scale), 0, 255)``, ``q = clamp(round(x / scale) + zero, 0, 255)``, round half to even.
+    An all-zero (or empty) ``x`` gets the smallest normal scale and zero point 0.
+    """
+    x = x.float()
+    if x.numel() == 0:
+        zero = x.new_zeros(())
+        return torch.zeros_like(x, dtype=torch.int16), zero + _TINY, zero
+    lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
+    scale = ((hi - lo) / U8_MAX).clamp_min(_TINY)
+    zero = torch.round(-lo / scale).clamp(0, U8_MAX)
+    q = (torch.round(x / scale) + zero).clamp(0, U8_MAX).to(torch.int16)
+    return q, scale, zero
 
 
 # (min rows, K multiple, N multiple) that torch._int_mm accepts, per device type. The CPU kernel of
@@ -220,9 +259,23 @@ def _int8_linear(
     x: torch.Tensor, qt_int: torch.Tensor, w_scale: torch.Tensor, act: ActivationScheme, in_scale: torch.Tensor | None
 ) -> tuple[torch.Tensor, str]:
     """fp32 ``[M, N]`` = dequantized int32 product of quantized ``x`` ``[M, K]`` and ``qt_int`` ``[N, K]``."""
+    if isinstance(act, DynamicPerTensor):
+        return _asymmetric_linear(x, qt_int, w_scale)
     q, x_scale = quantize_activation(x, act, in_scale)
     acc, backend = int8_matmul(q, qt_int)
     return acc.float() * x_scale * w_scale.reshape(1, -1).float(), backend
+
+
+def _asymmetric_linear(x: torch.Tensor, qt_int: torch.Tensor, w_scale: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """:class:`DynamicPerTensor` product: ``(q - zero) @ w^T`` in int32, as ``(q - 128) @ w^T + (128 - zero) * sum_k w``
+    (``q - 128`` fits int8, so the int8 matmul carries it exactly), times ``scale * w_scale``."""
+    q, scale, zero = quantize_activation_tensor(x)
+    acc, backend = int8_matmul((q - U8_MID).to(torch.int8), qt_int)
+    row_sums = qt_int.to(torch.int32).sum(dim=-1)  # (N,)
+    acc = acc + (U8_MID - zero.to(torch.int32)) * row_sums
+    # one product of the two scales, then the accumulator: the order ONNX Runtime's int8 kernels use, so the exported
+    # graph gives these very floats (with one scale for the whole tensor, a last-bit difference moves every rounding)
+    return acc.float() * (scale * w_scale.reshape(1, -1).float()), backend
 
 
 class W8A8Linear(_MatmulCounter, WeightDtypeView, nn.Module):
@@ -437,7 +490,7 @@ def quantize_w8a8_(
     Args:
         model: a transformers causal LM (or any module with Linears / fused experts).
         targets: which modules (the router and, by default, lm_head are always kept).
-        act: :class:`DynamicPerToken` or :class:`StaticPerTensor`.
+        act: :class:`DynamicPerToken`, :class:`DynamicPerTensor` or :class:`StaticPerTensor`.
         input_absmax: static only: calibration absmax of every selected module's input.
             Linear ``name`` -> scalar; experts ``name + ".gate_up_proj"`` -> ``[E]`` and
             ``name + ".down_proj"`` -> ``[E]`` (the input of each expert's down projection).
@@ -530,6 +583,6 @@ def teacher_forced_diffs(model: nn.Module, other: nn.Module, *args, **kwargs) ->
 
 
 __all__ = [
-    "ActivationScheme", "DynamicPerToken", "StaticPerTensor", "W8A8Experts", "W8A8Linear", "int8_matmul",
-    "int8_matmul_backend", "quantize_activation", "quantize_w8a8_", "teacher_forced_diffs", "w8a8_matmul_calls",
+    "ActivationScheme", "DynamicPerTensor", "DynamicPerToken", "StaticPerTensor", "W8A8Experts", "W8A8Linear", "int8_matmul",
+    "int8_matmul_backend", "quantize_activation", "quantize_activation_tensor", "quantize_w8a8_", "teacher_forced_diffs", "w8a8_matmul_calls",
 ]

@@ -104,4 +104,8 @@ def export_rows(section: ExportSection | None, loaded: LoadedModel, root: Path, 
         loaded.model, loaded.tokenizer, root / ONNX_DIR, section, evaluator=evaluator, name=name,
         torch_row=torch_row, source=loaded.source.to_dict(),
     )
-    return [outcome.row] if outcome.row is not None else []
+    if outcome.row is None:
+        return []
+    # ``root`` is the run's staging directory, renamed to the output when the run ends: the report names the
+    # graph relative to the output
+    return [replace(outcome.row, onnx=replace(outcome.row.onnx, path=ONNX_DIR))]

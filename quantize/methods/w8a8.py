@@ -23,7 +23,7 @@ from ..sequential import RESIDENT, ExpertTokenCounts, LayerLifecycle, decoder_la
 from ..smoothquant import smoothing_factors
 from ..stats import StatsCollector
 from ..targets import TargetSpec, select_targets
-from ..w8a8 import ActivationScheme, DynamicPerToken, StaticPerTensor, quantize_w8a8_
+from ..w8a8 import ActivationScheme, DynamicPerTensor, DynamicPerToken, StaticPerTensor, quantize_w8a8_
 
 # transformers' compressed-tensors forward quantizes activations with absmax/127.5 in fp32 where dsq
 # runs an integer matmul with absmax/127: each module agrees to ~1e-2 and single int8 steps of later
@@ -35,8 +35,9 @@ class W8A8Config:
     """INT8 weights (per-channel, symmetric) and INT8 activations, optionally smoothed first.
 
     Args:
-        activations: ``DynamicPerToken()`` (scale per token at run time) or ``StaticPerTensor()``
-            (one calibrated scale per module input; per expert for fused experts).
+        activations: ``DynamicPerToken()`` (scale per token at run time), ``DynamicPerTensor()`` (one asymmetric
+            scale and zero point per input tensor at run time) or ``StaticPerTensor()`` (one calibrated scale per
+            module input; per expert for fused experts).
         smoothquant_alpha: SmoothQuant migration strength (arXiv:2211.10438 eq. 4); ``None``: no smoothing.
         targets: which modules.
         batch_size: calibration sequences per forward.
@@ -144,8 +145,15 @@ def _w8a8(
 
 
 class W8A8Settings(Strict):
-    activations: Literal["dynamic", "static"] = "dynamic"  # per-token at run time, or per-tensor from calibration
+    # dynamic: per token at run time; dynamic_tensor: one asymmetric scale per input tensor at run time (ONNX
+    # Runtime's DynamicQuantizeMatMul); static: one scale per input from calibration
+    activations: Literal["dynamic", "dynamic_tensor", "static"] = "dynamic"
     smoothquant_alpha: float | None = Field(0.5, ge=0, le=1)  # None: no smoothing
+
+
+ACTIVATION_SCHEMES: dict[str, ActivationScheme] = {  # recipe value -> scheme
+    "dynamic": DynamicPerToken(), "dynamic_tensor": DynamicPerTensor(), "static": StaticPerTensor(),
+}
 
 
 class W8A8Section(MethodSection):
@@ -157,7 +165,7 @@ class W8A8Section(MethodSection):
 
     def config(self, dtype: torch.dtype = torch.float32) -> W8A8Config:
         w = self.w8a8
-        act = StaticPerTensor() if w.activations == "static" else DynamicPerToken()
+        act = ACTIVATION_SCHEMES[w.activations]
         return W8A8Config(activations=act, smoothquant_alpha=w.smoothquant_alpha, targets=self.targets.spec(),
                           batch_size=self.calibration.batch_size)
 

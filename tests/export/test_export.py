@@ -103,6 +103,23 @@ def test_left_padded_batch_generates_what_each_row_generates_alone(exported):
     assert torch.equal(together[0, 2:], alone[0][0]) and torch.equal(together[1], alone[1][0])
 
 
+@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
+def test_padded_positions_compute_what_torch_computes(exported, arch):
+    """A left-padded position attends to no key: PyTorch's sdpa gives it a zero attention output, and so must the
+    graph (its additive mask alone would average every value). Activations quantized per tensor see those positions."""
+    from dsq.export.decoder import cache_layout
+    from dsq.export.validate import TorchCachedDecoder
+
+    loaded, result = exported(arch)
+    ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    lm, ref = OrtCausalLM(result.path), TorchCachedDecoder(loaded.model, cache_layout(loaded.model.config))
+    ours, _ = lm.step(ids, mask, lm.empty_past(2))
+    theirs, _ = ref.step(ids, mask, ref.empty_past(2))
+    assert (ours - theirs)[0, :5].abs().max() <= 1e-4  # the padded positions themselves
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy(exported):
     _, result = exported("llama")
     lm = OrtCausalLM(result.path)

@@ -48,6 +48,7 @@ def test_recipe_export_section_adds_a_validated_onnx_row(tmp_path, tiny_deepseek
     torch_row, onnx_row = report["candidates"]
     assert onnx_row["name"] == "rtn-int4-g32-onnx"
     facts = onnx_row["extra"]["onnx"]
+    assert facts["path"] == "onnx"  # relative to the output: the run's staging directory is gone
     assert facts["max_abs_logit_diff"] <= 1e-3 and facts["greedy_tokens_equal"] is True
     assert abs(facts["ppl_vs_torch_pct"]) < 0.01
     assert onnx_row["fidelity"]["top1_agreement"] == pytest.approx(torch_row["fidelity"]["top1_agreement"], abs=0.02)
