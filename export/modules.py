@@ -29,7 +29,7 @@ from dsq.core.errors import ExportError
 from dsq.quantize.modules import GatedActivation, QuantExperts, QuantLinear, QuantTensor, is_fused_experts, set_module
 from dsq.quantize.primitives import dequantize_weight, quantize_rtn
 from dsq.quantize.scheme import PerChannel, WeightScheme
-from dsq.quantize.w8a8 import DynamicPerTensor, StaticPerTensor, W8A8Experts, W8A8Linear
+from dsq.quantize.w8a8 import ActivationScheme, DynamicPerTensor, StaticPerTensor, W8A8Experts, W8A8Linear
 
 from . import moe_op, ops
 
@@ -161,7 +161,7 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def of(cls, packed: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor | None, bias: torch.Tensor | None,
-           act: object, signed: bool) -> "Int8Linear":
+           act: ActivationScheme, signed: bool) -> "Int8Linear":
         """The export form of one weight of a W8A8 module with activation scheme ``act``."""
         return cls(packed, w_scale, x_scale, bias, signed, per_tensor=isinstance(act, DynamicPerTensor))
 

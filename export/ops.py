@@ -131,7 +131,7 @@ def _static_product(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_s
 
 def _tensor_product(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """``x`` as per-tensor asymmetric uint8 (``DynamicQuantizeLinear``) times the signed int8 weight ``w [K, N]``
-    (fp64 holding integers): exact int32 of ``(q - zero) @ w``, then ``* scale * w_scale``."""
+    (fp64 holding integers): exact int32 of ``(q - zero) @ w``, times ``scale * w_scale``."""
     from dsq.quantize.w8a8 import quantize_activation_tensor
 
     q, scale, zero = quantize_activation_tensor(x.float())
@@ -146,20 +146,10 @@ def matmul_int8_tensor(x: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor
     return _tensor_product(x, _signed(w_t), w_scale)
 
 
-@matmul_int8_tensor.register_fake
-def _(x, w_t, w_scale):
-    return x.new_empty((*x.shape[:-1], w_t.shape[1]))
-
-
 @torch.library.custom_op(f"{_LIB}::matmul_int8_tensor_s8", mutates_args=())
 def matmul_int8_tensor_s8(x: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """The same as :func:`matmul_int8_tensor` with the int8 weights as dsq stores them (u8 x s8 kernels)."""
     return _tensor_product(x, w_t.double(), w_scale)
-
-
-@matmul_int8_tensor_s8.register_fake
-def _(x, w_t, w_scale):
-    return x.new_empty((*x.shape[:-1], w_t.shape[1]))
 
 
 @torch.library.custom_op(f"{_LIB}::matmul_int8_token", mutates_args=())
@@ -167,11 +157,6 @@ def matmul_int8_token(x: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor)
     """W8A8 with dynamic per-token activations: ``x [..., K]``, ``w_t`` ``[K, N]`` uint8 holding
     int8 + 128, ``w_scale [N]``."""
     return _token_product(x, _signed(w_t), w_scale)
-
-
-@matmul_int8_token.register_fake
-def _(x, w_t, w_scale):
-    return x.new_empty((*x.shape[:-1], w_t.shape[1]))
 
 
 @torch.library.custom_op(f"{_LIB}::matmul_int8_token_s8", mutates_args=())
@@ -182,9 +167,13 @@ def matmul_int8_token_s8(x: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tens
     return _token_product(x, w_t.double(), w_scale)
 
 
-@matmul_int8_token_s8.register_fake
-def _(x, w_t, w_scale):
+def _product_shape(x: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """Meta kernel of the dynamic int8 products: ``x [..., K]`` times ``w_t [K, N]`` -> ``[..., N]``."""
     return x.new_empty((*x.shape[:-1], w_t.shape[1]))
+
+
+for _op in (matmul_int8_tensor, matmul_int8_tensor_s8, matmul_int8_token, matmul_int8_token_s8):
+    _op.register_fake(_product_shape)
 
 
 @torch.library.custom_op(f"{_LIB}::matmul_int8_static_s8", mutates_args=())

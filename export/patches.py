@@ -37,7 +37,7 @@ def _real_apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs: torch.Tens
     return rotate(xq), rotate(xk)
 
 
-def _without_attended_keys(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+def _attends_some_key(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """``[batch, seq, 1, 1]`` 1 where a query row attends to at least one key, else 0 (None: no mask)."""
     if attention_mask is None:
         return None
@@ -51,7 +51,7 @@ def zero_unattended_rows(attention: Callable) -> Callable:
 
     def wrapped(module, query, key, value, attention_mask, *args, **kwargs):
         out, weights = attention(module, query, key, value, attention_mask, *args, **kwargs)
-        keep = _without_attended_keys(attention_mask)
+        keep = _attends_some_key(attention_mask)
         return (out if keep is None else out * keep.to(out.dtype)), weights
 
     return wrapped

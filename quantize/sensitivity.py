@@ -113,11 +113,17 @@ def _log_probs(model: nn.Module, batches: list[torch.Tensor]) -> list[torch.Tens
 
 @torch.no_grad()
 def _mean_kl(model: nn.Module, batches: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
-    """Mean over tokens of KL(reference || model) in nats."""
+    """Mean over tokens of KL(reference || model) in nats.
+
+    Computed in fp64 with both distributions normalized there: a small perturbation (an int8 module of a tiny
+    model) moves the KL by ~1e-8, below fp32's rounding of log-probabilities, where an fp32 sum can come out
+    negative on one CPU and positive on another. Two normalized distributions have KL >= 0 (Gibbs).
+    """
     total, tokens = 0.0, 0
     for b, ref in zip(batches, reference):
-        logp = F.log_softmax(model(input_ids=b).logits.float(), dim=-1)
-        total += float((ref.exp() * (ref - logp)).sum())
+        ref64 = F.log_softmax(ref.double(), dim=-1)  # the stored fp32 log-probs, normalized again in fp64
+        logq = F.log_softmax(model(input_ids=b).logits.double(), dim=-1)
+        total += float((ref64.exp() * (ref64 - logq)).sum())
         tokens += ref.shape[0] * ref.shape[1]
     return total / tokens
 
