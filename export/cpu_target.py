@@ -11,8 +11,9 @@ fp32 MatMul 1.00x, u8 x u8 1.2x, per-token u8 x s8 2.6x (``benchmarks/onnx_speed
 
 * :data:`PORTABLE` -- W8A8 layers as u8 x u8 ``MatMulInteger`` with zero points: the same int32
   accumulators as dsq's torch forward on any CPU.
-* :data:`VNNI` -- W8A8 layers as per-token ``QuantizeLinear`` (u8, zero point 128) and
-  ``com.microsoft::MatMulIntegerToFloat`` with the int8 weights as they are (s8): exact on a CPU with
+* :data:`VNNI` -- W8A8 layers as per-token ``QuantizeLinear`` (u8, zero point 128; ``DynamicQuantizeLinear`` for
+  per-tensor activations) and ``com.microsoft::MatMulIntegerToFloat`` with the int8 weights as they are (s8):
+  exact on a CPU with
   AVX512-VNNI, AVX-VNNI or AMX-INT8, saturating elsewhere.
 
 Weight-only layers (MatMulNBits) are the same for both targets; their compute type is the export's

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -71,13 +72,8 @@ PROBE_TOLERANCE = 1e-4  # relative max |delta| of the ORT probe (exact kernels: 
 class MoELayout:
     """fp32 experts as ``com.microsoft::MoE``."""
 
-    @property
-    def op_type(self) -> str:
-        return "MoE"
-
-    @property
-    def form(self) -> str:
-        return "ort_moe"
+    op_type: ClassVar[str] = "MoE"
+    form: ClassVar[str] = "ort_moe"
 
     def describe(self) -> str:
         return "fp32"
@@ -96,14 +92,8 @@ class QMoELayout:
     bits: int
     block_size: int
     symmetric: bool
-
-    @property
-    def op_type(self) -> str:
-        return "QMoE"
-
-    @property
-    def form(self) -> str:
-        return "ort_qmoe"
+    op_type: ClassVar[str] = "QMoE"
+    form: ClassVar[str] = "ort_qmoe"
 
     def describe(self) -> str:
         group = f"block {self.block_size}" if self.block_size else "per-channel"

@@ -28,12 +28,13 @@ from __future__ import annotations
 import torch
 
 from dsq.quantize.primitives import unpack_int4
+from dsq.quantize.w8a8 import DYNAMIC_DIVISOR, U8_MID, quantize_activation_tensor
 
 _LIB = "dsq"
 # int8 operands travel as uint8 with zero point 128: ORT's CPU MatMulInteger has fast u8 kernels
 # (u8 x u8 is exact; u8 x s8 saturates int16 pair sums on AVX2 without VNNI, and s8 x s8 is ~5x
 # slower than fp32 there). (q + 128) - 128 = q, so the int32 accumulator is the same.
-W8_OFFSET = 128
+W8_OFFSET = U8_MID
 
 
 def unpack_nbits(b: torch.Tensor, bits: int, k: int) -> torch.Tensor:
@@ -107,8 +108,6 @@ def _signed(w_u8: torch.Tensor) -> torch.Tensor:
 
 def _token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token symmetric int8: ``scale = max|x| / 127`` per row (``[..., 1]``), as dsq's W8A8."""
-    from dsq.quantize.w8a8 import DYNAMIC_DIVISOR
-
     tiny = torch.finfo(torch.float32).tiny
     scale = (x.abs().amax(dim=-1, keepdim=True) / DYNAMIC_DIVISOR).clamp_min(tiny)
     return torch.round(x / scale).clamp(-128, 127), scale
@@ -132,8 +131,6 @@ def _static_product(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_s
 def _tensor_product(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """``x`` as per-tensor asymmetric uint8 (``DynamicQuantizeLinear``) times the signed int8 weight ``w [K, N]``
     (fp64 holding integers): exact int32 of ``(q - zero) @ w``, times ``scale * w_scale``."""
-    from dsq.quantize.w8a8 import quantize_activation_tensor
-
     q, scale, zero = quantize_activation_tensor(x.float())
     acc = torch.matmul(q.double() - zero.double(), w).float()
     return (acc * (scale * w_scale)).to(x.dtype)  # ORT's order: the scales' product, then the accumulator

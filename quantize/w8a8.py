@@ -94,13 +94,12 @@ class DynamicPerTensor:
 
 
 ActivationScheme = DynamicPerToken | DynamicPerTensor | StaticPerTensor
-_SCHEMES = (DynamicPerToken, DynamicPerTensor, StaticPerTensor)
 U8_MAX = 255
 U8_MID = 128  # uint8 value - 128 = an int8 value: how uint8 activations reach an int8 x int8 matmul
 
 
 def _check_act(act: object) -> None:
-    if not isinstance(act, _SCHEMES):
+    if not isinstance(act, ActivationScheme):
         raise ValueError(f"activation scheme must be DynamicPerToken(), DynamicPerTensor() or StaticPerTensor(), got {act!r}")
 
 
