@@ -26,10 +26,13 @@ The "kept" column lists the layers dsq targets that a row left in 16 bit (lm_hea
 are kept in every row: dsq's default targets and AutoRound's defaults).
 
     python benchmarks/learned_rounding.py --model DIR [--group-size 32|128|0] [--samples 128] [--seq-len 256]
-        [--steps 200] [--methods rtn gptq awq autoround peer] [--out runs/lr]
+        [--steps 200] [--seeds 0 1 2] [--methods rtn gptq awq autoround peer] [--out runs/lr]
 
-``--group-size 0`` means one scale per output channel. Prints a Markdown table and writes
-``<out>/learned_rounding.json``; dsq rows leave their artifacts under ``<out>/<row name>``.
+``--group-size 0`` means one scale per output channel. Learned rounding depends on the order in which
+it draws calibration batches, so ``autoround`` and ``peer`` run once per ``--seeds`` value (RTN, GPTQ
+and AWQ do not draw) and a second table gives each one's mean and range over the seeds, and its mean
+increase as a multiple of GPTQ's. Prints Markdown tables and writes ``<out>/learned_rounding.json``;
+dsq rows leave their artifacts under ``<out>/<row name>`` (``<out>/seed<N>/<row name>`` for seeded rows).
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -81,10 +84,11 @@ class Settings:
     steps: int
     batch_size: int
     lr: float | None
-    seed: int
+    seed: int  # the learned-rounding seed of this row (one of ``seeds``)
     out: Path
     peer_shape_skips: bool
     autoround_set: tuple[str, ...] = ()  # extra ``quantize.autoround.KEY=VALUE`` overrides of the dsq autoround row
+    seeds: tuple[int, ...] = (0,)  # every learned-rounding seed of the run
 
     @property
     def scheme_name(self) -> str:
@@ -318,7 +322,8 @@ def header(settings: Settings, reference: Reference) -> list[str]:
         f"CPU: {machine['cpu']}, {machine['usable_cores']} usable cores, {machine['torch_threads']} torch threads; avx512: {flags}",
         "versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
         (f"model: {settings.model}; symmetric {settings.scheme_name}; steps {settings.steps}, batch {settings.batch_size}, "
-         f"lr {settings.lr if settings.lr is not None else 'each method default'}, seed {settings.seed}"),
+         f"lr {settings.lr if settings.lr is not None else 'each method default'}, "
+         f"seed{'s' if len(settings.seeds) > 1 else ''} {' '.join(map(str, settings.seeds))}"),
         (f"calibration (every row): {cal['samples']} x {cal['seq_len']} tokens from {cal['source']} (seed {cal['seed']}, "
          f"sha256 {digest})"),
         f"perplexity (every row): {ev.suite.text_path}, {ev.token_ids.numel()} tokens, context {ppl.context}, stride {ppl.stride}",
@@ -355,6 +360,7 @@ def write_json(path: Path, settings: Settings, reference: Reference, rows: list[
         "fp32_ppl": reference.fp32_ppl,
         "targets": list(reference.targets),
         "rows": [asdict(row) for row in rows],
+        "over_seeds": [{**asdict(summary), "mean": summary.mean} for summary in seed_summaries(rows)],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
@@ -369,7 +375,8 @@ def parse_args() -> tuple[Settings, list[str]]:
     parser.add_argument("--steps", type=int, default=200, help="learned-rounding steps per block (dsq autoround, peer)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per learned-rounding step (dsq autoround, peer)")
     parser.add_argument("--lr", type=float, default=None, help="learned-rounding step size (default: each method's own)")
-    parser.add_argument("--seed", type=int, default=0, help="learned-rounding seed (dsq autoround, peer)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="learned-rounding seeds: dsq autoround and peer run once per seed")
     parser.add_argument("--methods", nargs="+", default=None,
                         help=f"any of {' '.join(DSQ_METHODS)} {PEER} (default: every registered dsq method, then {PEER})")
     parser.add_argument("--peer-shape-skips", action="store_true",
@@ -382,6 +389,8 @@ def parse_args() -> tuple[Settings, list[str]]:
         parser.error(f"--group-size must be 0 (per channel) or at least 2, got {args.group_size}")
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds must differ from each other, got {' '.join(map(str, args.seeds))}")
     methods = args.methods or [m for m in DSQ_METHODS if m in METHODS] + [PEER]
     unknown = [m for m in methods if m != PEER and (m not in DSQ_METHODS or m not in METHODS)]
     if unknown:
@@ -391,8 +400,57 @@ def parse_args() -> tuple[Settings, list[str]]:
         parser.error(f"{PEER} needs the {PEER_PACKAGE} package: pip install 'dsq[peers]'")
     model = args.model if args.model is not None else bundled_model_path()
     settings = Settings(model, args.group_size, args.samples, args.seq_len, args.steps, args.batch_size, args.lr,
-                        args.seed, args.out, args.peer_shape_skips, tuple(args.autoround_set))
+                        args.seeds[0], args.out, args.peer_shape_skips, tuple(args.autoround_set), tuple(args.seeds))
     return settings, methods
+
+
+SEEDED = ("autoround", PEER)  # the methods whose result depends on the learned-rounding seed
+
+
+def run_method(method: str, settings: Settings, reference: Reference) -> list[Row]:
+    """``method``'s rows: one, or one per seed for a seeded method when several seeds are asked for."""
+    if method not in SEEDED or len(settings.seeds) == 1:
+        return [run_peer(settings, reference) if method == PEER else run_dsq(method, settings, reference)]
+    rows = []
+    for seed in settings.seeds:
+        seeded = replace(settings, seed=seed, out=settings.out / f"seed{seed}")
+        row = run_peer(seeded, reference) if method == PEER else run_dsq(method, seeded, reference)
+        rows.append(replace(row, method=f"{row.method} (seed {seed})", details={**row.details, "seed": seed}))
+    return rows
+
+
+@dataclass(frozen=True)
+class SeedSummary:
+    """A seeded method's results over the seeds."""
+
+    method: str  # the row name without its seed
+    increases: tuple[float, ...]  # Δppl % per seed
+    seconds: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return sum(self.increases) / len(self.increases)
+
+
+def seed_summaries(rows: list[Row]) -> list[SeedSummary]:
+    """The rows of each seeded method, grouped by the name before `` (seed N)``."""
+    groups: dict[str, list[Row]] = {}
+    for row in rows:
+        if " (seed " in row.method:
+            groups.setdefault(row.method.split(" (seed ")[0], []).append(row)
+    return [SeedSummary(name, tuple(r.ppl_increase_pct for r in rs), tuple(r.quantize_seconds for r in rs))
+            for name, rs in groups.items()]
+
+
+def summary_table(rows: list[Row], summaries: list[SeedSummary]) -> list[str]:
+    """Mean and range over the seeds, and the mean as a multiple of GPTQ's increase (when GPTQ ran)."""
+    gptq = next((r.ppl_increase_pct for r in rows if r.method.startswith("dsq gptq-")), None)
+    lines = ["| method | seeds | mean Δppl % | range | mean quantize s | mean / GPTQ's increase |", "|---|---|---|---|---|---|"]
+    for s in summaries:
+        ratio = f"{s.mean / gptq:.2f}x" if gptq else "-"
+        lines.append(f"| {s.method} | {len(s.increases)} | {s.mean:+.2f} | {min(s.increases):+.2f} .. {max(s.increases):+.2f} | "
+                     f"{sum(s.seconds) / len(s.seconds):.1f} | {ratio} |")
+    return lines
 
 
 def main() -> None:
@@ -400,11 +458,15 @@ def main() -> None:
     reference = prepare_reference(settings)
     rows = []
     for method in methods:
-        rows.append(run_peer(settings, reference) if method == PEER else run_dsq(method, settings, reference))
-        print(table(reference, rows)[-1], flush=True)
+        for row in run_method(method, settings, reference):
+            rows.append(row)
+            print(table(reference, rows)[-1], flush=True)
     head = header(settings, reference)
     print("\n" + "\n".join(head) + "\n")
     print("\n".join(table(reference, rows)))
+    summaries = seed_summaries(rows)
+    if summaries:
+        print("\nover the seeds:\n\n" + "\n".join(summary_table(rows, summaries)))
     path = settings.out / "learned_rounding.json"
     write_json(path, settings, reference, rows, head)
     print(f"\nrows written to {path}")

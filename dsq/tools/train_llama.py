@@ -9,13 +9,17 @@ script trains with AdamW, warmup and cosine decay over a time/token budget (the 
 multiple-choice accuracy in fp32, and saves model + tokenizer with ``save_pretrained`` (fp32
 safetensors) and a ``TRAINING.md`` card.
 
-Architecture: hidden 384, 6 layers, 6 heads of 64 (6 KV heads), SwiGLU MLP of width 1000, RoPE,
-RMSNorm, untied embeddings. 1000 is a multiple of neither 32 nor 128, so ``down_proj`` has a
-ragged last quantization group along its input features, as in many released checkpoints.
+Architecture (``--shape 12m``, the default): hidden 384, 6 layers, 6 heads of 64 (6 KV heads),
+SwiGLU MLP of width 1000, RoPE, RMSNorm, untied embeddings. 1000 is a multiple of neither 32 nor
+128, so ``down_proj`` has a ragged last quantization group along its input features, as in many
+released checkpoints. ``--shape 1m`` is the same design at hidden 128, 4 layers, 4 heads of 32 and
+MLP width 344 (ragged at 32 and 128 too): small enough to see many tokens per parameter on a CPU,
+the regime in which released small checkpoints are trained and in which weight quantization costs
+the most (Kumar et al., "Scaling Laws for Precision", 2024).
 
 Usage::
 
-    python -m dsq.tools.train_llama [--minutes 25] [--out DIR] [--threads 2]
+    python -m dsq.tools.train_llama [--shape 12m|1m] [--minutes 25] [--out DIR] [--threads 2]
 
 ``--out`` is the model directory (default ``runs/models/tiny_llama``). It is written atomically;
 an earlier output of this script there (it holds ``TRAINING.md``) is replaced, anything else is
@@ -127,25 +131,46 @@ class Result:
 # --------------------------------------------------------------------------- model and data
 
 
-def make_llama_config(tokenizer):
+@dataclass(frozen=True)
+class LlamaShape:
+    """The sizes of a benchmark Llama (every head is also a KV head)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int  # a multiple of neither 32 nor 128: down_proj gets a ragged last group
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+SHAPES: dict[str, LlamaShape] = {
+    "12m": LlamaShape(hidden=384, layers=6, heads=6, intermediate=1000),  # 12.0M parameters
+    "1m": LlamaShape(hidden=128, layers=4, heads=4, intermediate=344),  # 1.32M parameters (0.79M outside embeddings)
+}
+
+
+def make_llama_config(tokenizer, shape: LlamaShape = SHAPES["12m"]):
     """The ``LlamaConfig`` of the benchmark model (vocabulary and special tokens from ``tokenizer``).
 
     Args:
         tokenizer: the bundled tiny model's tokenizer.
+        shape: its sizes.
 
     Returns:
-        A ``LlamaConfig`` for a ~12.0M-parameter model.
+        A ``LlamaConfig`` (~12.0M parameters at the default shape).
     """
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(
         vocab_size=VOCAB_SIZE,
-        hidden_size=384,
-        num_hidden_layers=6,
-        num_attention_heads=6,
-        num_key_value_heads=6,
-        head_dim=64,
-        intermediate_size=1000,
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads,
+        head_dim=shape.head_dim,
+        intermediate_size=shape.intermediate,
         hidden_act="silu",
         max_position_embeddings=1024,
         rms_norm_eps=1e-5,
@@ -236,6 +261,12 @@ def evaluate(model: nn.Module, tokenizer, data: EvalData) -> tuple[dict, dict]:
 # --------------------------------------------------------------------------- model card
 
 
+def _ragged_note(width: int) -> str:
+    if width % 32 and width % 128:
+        return " (a multiple of neither 32 nor 128: `down_proj` has a ragged last quantization group)"
+    return ""
+
+
 def _card_architecture(config, n_params: int) -> str:
     return f"""# tiny_llama
 
@@ -248,7 +279,7 @@ the CPython {platform.python_version()} standard library, with the tokenizer of 
 | layers | {config.num_hidden_layers} |
 | hidden size | {config.hidden_size} |
 | attention | {config.num_attention_heads} heads x head_dim {config.head_dim}, {config.num_key_value_heads} KV heads, RoPE (theta {config.rope_parameters['rope_theta']:g}) |
-| MLP | SwiGLU, intermediate {config.intermediate_size} (a multiple of neither 32 nor 128: `down_proj` has a ragged last quantization group) |
+| MLP | SwiGLU, intermediate {config.intermediate_size}{_ragged_note(config.intermediate_size)} |
 | norm | RMSNorm, eps {config.rms_norm_eps:g} |
 | vocab | {config.vocab_size} (the bundled byte-level BPE) |
 | embeddings | untied, max_position_embeddings {config.max_position_embeddings} |
@@ -353,7 +384,7 @@ def _run(args: argparse.Namespace, command: str, t_start: float) -> str:
     train_data = load_train_data(tokenizer)
     eval_data = load_eval_data(args.heldout_chars, args.mc_items)
     torch.manual_seed(SEED)
-    config = make_llama_config(tokenizer)
+    config = make_llama_config(tokenizer, SHAPES[args.shape])
     model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters", flush=True)
@@ -403,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     """Train the model and write it to ``--out`` (default ``sys.argv[1:]``); 0, or 2 when ``--out`` may not be written."""
     parser = trainer_parser(__doc__.split("\n\n")[0], minutes=25.0, out=DEFAULT_OUT,
                             out_help=f"model directory (default {DEFAULT_OUT})", lr=2e-3)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="12m", help="model sizes (see the module docstring)")
     return run_trainer(argv, "dsq.tools.train_llama", parser, _run, _check_out)
 
 

@@ -74,3 +74,13 @@ def test_refuses_the_bundled_assets(capsys) -> None:
     assert main([*QUICK, "--out", str(out)]) == 2
     assert "bundled assets" in capsys.readouterr().err
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
+
+
+def test_small_shape_trains_the_small_model(tmp_path) -> None:
+    out = tmp_path / "llama_1m"
+    assert main([*QUICK, "--shape", "1m", "--out", str(out)]) == 0
+    cfg = AutoModelForCausalLM.from_pretrained(out).config
+    shape = (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+    assert shape == (128, 4, 4, 4, 32) and cfg.intermediate_size == 344
+    card = (out / "TRAINING.md").read_text(encoding="utf-8")
+    assert "1.32M-parameter" in card and "intermediate 344 (a multiple of neither 32 nor 128" in card
