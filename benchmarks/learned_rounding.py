@@ -132,6 +132,11 @@ class Row:
     kept: tuple[str, ...]  # targeted layers left in 16 bit
     note: str = ""  # how the row treated the targets, when it differs from dsq's in-place quantization
     details: dict = field(default_factory=dict)
+    seed: int | None = None  # the learned-rounding seed, when the run asked for several
+
+    @property
+    def label(self) -> str:
+        return self.method if self.seed is None else f"{self.method} (seed {self.seed})"
 
 
 def score(evaluator: Evaluator, model: nn.Module) -> float:
@@ -342,7 +347,7 @@ def table(reference: Reference, rows: list[Row]) -> list[str]:
     lines = ["| method | ppl | Δppl % vs fp32 | quantize s | kept in 16 bit |", "|---|---|---|---|---|",
              f"| fp32 (original) | {reference.fp32_ppl:.3f} | 0.00 | - | - |"]
     for row in rows:
-        lines.append(f"| {row.method} | {row.ppl:.3f} | {row.ppl_increase_pct:+.2f} | {row.quantize_seconds:.1f} | "
+        lines.append(f"| {row.label} | {row.ppl:.3f} | {row.ppl_increase_pct:+.2f} | {row.quantize_seconds:.1f} | "
                      f"{kept_cell(row)} |")
     return lines
 
@@ -407,23 +412,22 @@ def parse_args() -> tuple[Settings, list[str]]:
 SEEDED = ("autoround", PEER)  # the methods whose result depends on the learned-rounding seed
 
 
-def run_method(method: str, settings: Settings, reference: Reference) -> list[Row]:
-    """``method``'s rows: one, or one per seed for a seeded method when several seeds are asked for."""
+def run_method(method: str, settings: Settings, reference: Reference) -> Iterator[Row]:
+    """``method``'s rows as they finish: one, or one per seed for a seeded method when several seeds are asked for."""
     if method not in SEEDED or len(settings.seeds) == 1:
-        return [run_peer(settings, reference) if method == PEER else run_dsq(method, settings, reference)]
-    rows = []
+        yield run_peer(settings, reference) if method == PEER else run_dsq(method, settings, reference)
+        return
     for seed in settings.seeds:
         seeded = replace(settings, seed=seed, out=settings.out / f"seed{seed}")
         row = run_peer(seeded, reference) if method == PEER else run_dsq(method, seeded, reference)
-        rows.append(replace(row, method=f"{row.method} (seed {seed})", details={**row.details, "seed": seed}))
-    return rows
+        yield replace(row, seed=seed)
 
 
 @dataclass(frozen=True)
 class SeedSummary:
     """A seeded method's results over the seeds."""
 
-    method: str  # the row name without its seed
+    method: str
     increases: tuple[float, ...]  # Δppl % per seed
     seconds: tuple[float, ...]
 
@@ -433,11 +437,11 @@ class SeedSummary:
 
 
 def seed_summaries(rows: list[Row]) -> list[SeedSummary]:
-    """The rows of each seeded method, grouped by the name before `` (seed N)``."""
+    """The rows of each seeded method, grouped by method."""
     groups: dict[str, list[Row]] = {}
     for row in rows:
-        if " (seed " in row.method:
-            groups.setdefault(row.method.split(" (seed ")[0], []).append(row)
+        if row.seed is not None:
+            groups.setdefault(row.method, []).append(row)
     return [SeedSummary(name, tuple(r.ppl_increase_pct for r in rs), tuple(r.quantize_seconds for r in rs))
             for name, rs in groups.items()]
 

@@ -262,7 +262,7 @@ def evaluate(model: nn.Module, tokenizer, data: EvalData) -> tuple[dict, dict]:
 
 
 def _ragged_note(width: int) -> str:
-    if width % 32 and width % 128:
+    if width % 32:  # then not a multiple of 128 either
         return " (a multiple of neither 32 nor 128: `down_proj` has a ragged last quantization group)"
     return ""
 

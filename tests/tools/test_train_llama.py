@@ -84,3 +84,13 @@ def test_small_shape_trains_the_small_model(tmp_path) -> None:
     assert shape == (128, 4, 4, 4, 32) and cfg.intermediate_size == 344
     card = (out / "TRAINING.md").read_text(encoding="utf-8")
     assert "1.32M-parameter" in card and "intermediate 344 (a multiple of neither 32 nor 128" in card
+
+
+def test_unknown_shape_is_refused_by_name(tmp_path, capsys) -> None:
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as exit_info:
+        main([*QUICK, "--shape", "7m", "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--shape" in err and "'7m'" in err
+    assert not out.exists()
