@@ -26,7 +26,9 @@ The whole-model ratio also carries what both graphs share (MLA attention, the de
 experts, lm_head). Both graphs attend in the cached latent space (``kv_b_proj`` absorbed, the export
 default); a third graph per dtype, sparse with ``ExportConfig(absorb_mla=False)``, re-expands the cache
 through ``kv_b_proj`` at every step (its decode cost grows with the context) and shows what absorption
-is worth. The MoE block alone is measured too: the
+is worth. Every graph is opset 23 (one ``Attention`` node per layer over the latent head), except a fourth per
+dtype, ``-fused-op21``: the default graph at opset 21 (scores, softmax and weighted sum as elementary ops).
+The MoE block alone is measured too: the
 first MoE layer's ``mlp`` (router, routed experts, shared expert) of the same model, in the three forms,
 exported on its own (``hidden [1, T, H] -> [1, T, H]``) and timed at T = 1 (one decode token) and
 T = prompt (median of many runs per round, interleaved rounds, median over rounds).
@@ -87,11 +89,11 @@ def int4_copy(model: torch.nn.Module) -> torch.nn.Module:
 FORMS = {"sparse": (False, False), "dense": (True, False), "fused": (False, True)}  # form -> (dense_experts, moe_op)
 
 
-def export(model, tokenizer, out: Path, form: str, absorb: bool, threads: int) -> dict:
+def export(model, tokenizer, out: Path, form: str, absorb: bool, threads: int, opset: int) -> dict:
     from dsq.export import ExportConfig, export_onnx
 
     dense, moe_op = FORMS[form]
-    config = ExportConfig(dense_experts=dense, absorb_mla=absorb, threads=threads, moe_op=moe_op)
+    config = ExportConfig(dense_experts=dense, absorb_mla=absorb, threads=threads, moe_op=moe_op, opset=opset)
     res = export_onnx(model, tokenizer, out, config, overwrite=True)
     v = res.validation
     return {"path": out, "passed": v.passed, "max_abs_diff": v.max_abs_diff, "greedy_equal": v.greedy_equal,
@@ -257,13 +259,14 @@ def _run(args, workdir: Path, results: dict) -> int:
     blocks: dict[str, Path] = {}
     for dtype in ("fp32", "int4"):
         m = model if dtype == "fp32" else int4_copy(model)
-        for form, absorb in (("sparse", True), ("dense", True), ("fused", True), ("sparse", False)):
-            name = f"{dtype}-{form}" + ("" if absorb else "-expanded_mla")
-            if absorb:
+        for form, absorb, opset in (("sparse", True, 23), ("dense", True, 23), ("fused", True, 23), ("sparse", False, 23),
+                                    ("fused", True, 21)):
+            name = f"{dtype}-{form}" + ("" if absorb else "-expanded_mla") + ("" if opset == 23 else f"-op{opset}")
+            if absorb and opset == 23:
                 block = workdir / "blocks" / name / "model.onnx"
                 blocks[name] = block if block.is_file() else export_moe_block(m, block, form)
             t0 = time.perf_counter()
-            exports[name] = reuse(workdir / name) or export(m, tokenizer, workdir / name, form, absorb, args.threads)
+            exports[name] = reuse(workdir / name) or export(m, tokenizer, workdir / name, form, absorb, args.threads, opset)
             e = exports[name]
             how = f"reused from {workdir / name}" if e.get("reused") else f"exported and validated in {time.perf_counter() - t0:.0f} s"
             print(f"[{name}] {how}: max|dlogit| vs torch {e['max_abs_diff']:.2e}, "

@@ -32,6 +32,10 @@ When ``export_onnx``'s validation refuses a graph, the ExportError is recorded a
 graph is traced with dsq's own ``_trace`` without the gate (``trace_without_gate``); dsq's
 ``validate_export`` is then run on it and its max |delta logit| and greedy result are reported in the row.
 
+Every graph is exported at opset 23 (``ExportConfig.opset``: one ``Attention``, ``RMSNormalization`` and
+``RotaryEmbedding`` node each) unless its name ends in ``-op21``: the same graph from elementary ops, whose
+ratios are against the opset-21 FP32 graph (``fp32-op21``) and whose ORT peer is quantized from that graph.
+
 ``--kernels`` times single-op ORT graphs [M, K] x [K, N] (fp32 MatMul, the int8 and the n-bit
 kernels) to show what this CPU's kernels can reach at all.
 
@@ -114,6 +118,7 @@ class Variant:
     lm_head: bool = False
     target: str = "portable"  # dsq.export.cpu_target name the export is tuned for
     activations: str = "dynamic"  # W8A8: quantize.w8a8.activations (dynamic per token, dynamic_tensor, static)
+    opset: int = 23  # ExportConfig.opset: 23 fused Attention / RMSNormalization / RotaryEmbedding, 21 elementary ops
 
     @property
     def peer(self) -> bool:
@@ -132,7 +137,15 @@ class Variant:
         return (self.method, self.bits, self.per_channel, self.lm_head, self.activations)
 
     @property
+    def fp32_name(self) -> str:
+        """The FP32 row of the same opset: this row's ratios, and ORT's peer graph's source."""
+        return "fp32" if self.opset == 23 else f"fp32-op{self.opset}"
+
+    @property
     def description(self) -> str:
+        return self._what() + ("" if self.opset == 23 else f", opset {self.opset}")
+
+    def _what(self) -> str:
         if self.method == "fp32":
             return "FP32 (MatMul)"
         if self.peer:
@@ -167,6 +180,11 @@ VARIANTS = [
     Variant("int4g128-acc4-head", "rtn", 4, accuracy_level=4, lm_head=True),
     Variant("ort-dynamic", "ort-dynamic"),
     Variant("ort-dynamic-pc", "ort-dynamic", per_channel=True),
+    # the same graphs at opset 21 (attention, norms and rotary from elementary ops), each against fp32-op21
+    Variant("fp32-op21", "fp32", opset=21),
+    Variant("w8a8-tensor-vnni-head-op21", "w8a8", lm_head=True, target="vnni", activations="dynamic_tensor", opset=21),
+    Variant("int4g128-acc4-head-op21", "rtn", 4, accuracy_level=4, lm_head=True, opset=21),
+    Variant("ort-dynamic-op21", "ort-dynamic", opset=21),
 ]
 BY_NAME = {v.name: v for v in VARIANTS}
 
@@ -191,7 +209,7 @@ def quantize_copy(model: torch.nn.Module, variant: Variant, vocab: int, calib_sh
 # --------------------------------------------------------------------------------------------- export
 
 
-def trace_without_gate(model, tokenizer, out: Path, level: int) -> None:
+def trace_without_gate(model, tokenizer, out: Path, level: int, opset: int) -> None:
     """The graph ``export_onnx`` traces, written without its validation gate (used only after it refused).
 
     Same steps as ``export_onnx`` up to the ORT check: copy, ``prepare_for_export``, dsq's ``_trace``;
@@ -209,7 +227,7 @@ def trace_without_gate(model, tokenizer, out: Path, level: int) -> None:
     layout = cache_layout(model.config)
     export_model = copy.deepcopy(model)
     plan = prepare_for_export(export_model, level)
-    _trace(export_model, layout, model.config.vocab_size, out / ONNX_FILE)
+    _trace(export_model, layout, model.config.vocab_size, out / ONNX_FILE, opset)
     tokenizer.save_pretrained(str(out))
     manifest = {"cache": layout.to_dict(), "accuracy_level": level, "quantized_modules": plan.to_dict(),
                 "files": sorted(p.name for p in out.iterdir() if p.name.startswith(ONNX_FILE)),
@@ -255,10 +273,10 @@ class ExportInfo:
     export_error: str | None = None
 
 
-def do_export(model, tokenizer, out: Path, level: int, threads: int, target: str = "portable") -> ExportInfo:
+def do_export(model, tokenizer, out: Path, level: int, threads: int, target: str = "portable", opset: int = 23) -> ExportInfo:
     from dsq.export import ExportConfig, cpu_target, export_onnx
 
-    config = ExportConfig(accuracy_level=level, threads=threads, cpu_target=cpu_target(target))
+    config = ExportConfig(accuracy_level=level, threads=threads, cpu_target=cpu_target(target), opset=opset)
     res = export_onnx(model, tokenizer, out, config, overwrite=True)
     v = res.validation
     return ExportInfo(out, v.max_abs_diff, v.greedy_equal, v.passed, v.tolerance, res.onnx_bytes, res.seconds, "export_onnx")
@@ -699,20 +717,22 @@ def _run(args, workdir: Path, results: dict, shapes) -> int:
         rows.append({"variant": "torch-fp32", "description": "torch FP32 eager (TorchCachedLM), reference"})
         makers["torch-fp32"] = lambda: TorchCachedLM(model)
 
-    wanted = [v for v in VARIANTS if v.name == "fp32" or args.only is None or v.name in args.only]
+    named = [v for v in VARIANTS if args.only is None or v.name in args.only]
+    baselines = {"fp32"} | {v.fp32_name for v in named}  # every row's FP32 of the same opset is measured too
+    wanted = [v for v in VARIANTS if v.name in baselines or v in named]
     quant_cache: tuple[tuple, torch.nn.Module] | None = None
 
     def export_or_trace(variant: Variant, qmodel, out: Path, label: str) -> ExportInfo:
         """export_onnx; if its validation refuses the graph, record why and trace it without the gate."""
         try:
-            return do_export(qmodel, tokenizer, out, variant.accuracy_level, args.threads, variant.target)
+            return do_export(qmodel, tokenizer, out, variant.accuracy_level, args.threads, variant.target, variant.opset)
         except ExportError as exc:
             error = str(exc)
             if "does not match PyTorch" not in error:
                 raise
         print(f"[{label}] export_onnx(accuracy_level={variant.accuracy_level}) raised ExportError: {error[:300]}", flush=True)
         t0 = time.perf_counter()
-        trace_without_gate(qmodel, tokenizer, out, variant.accuracy_level)
+        trace_without_gate(qmodel, tokenizer, out, variant.accuracy_level, variant.opset)
         diff, greedy, _ = validate_copy(out, qmodel, args.threads)
         return ExportInfo(out, diff, greedy, False, float("nan"), files_bytes(out), time.perf_counter() - t0,
                           "export_onnx refused it (validation); same graph traced without the gate", error)
@@ -729,7 +749,7 @@ def _run(args, workdir: Path, results: dict, shapes) -> int:
             qmodel = quant_cache[1]
             if variant.peer:
                 t0 = time.perf_counter()
-                changed = ort_quantize_dynamic(workdir / "fp32", out, variant.per_channel)
+                changed = ort_quantize_dynamic(workdir / variant.fp32_name, out, variant.per_channel)
                 diff, greedy, _ = validate_copy(out, model, args.threads)
                 info = ExportInfo(out, diff, greedy, False, float("nan"), files_bytes(out), time.perf_counter() - t0,
                                   f"onnxruntime quantize_dynamic of the fp32 graph: {changed} int8 matmuls")
@@ -743,7 +763,7 @@ def _run(args, workdir: Path, results: dict, shapes) -> int:
         wb = linear_weight_bytes(out / "model.onnx", cfg.vocab_size)
         row = {"variant": variant.name, "description": variant.description, "family": variant.family,
                "accuracy_level": variant.accuracy_level, "lm_head_quantized": variant.lm_head or variant.peer,
-               "cpu_target": variant.target, "peer": variant.peer,
+               "cpu_target": variant.target, "peer": variant.peer, "opset": variant.opset, "fp32_row": variant.fp32_name,
                "weights": wb, "export": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(info).items()}}
         makers[variant.name] = lambda out=out: OrtCausalLM(out, threads=args.threads)
         if args.profile:
@@ -761,15 +781,17 @@ def _run(args, workdir: Path, results: dict, shapes) -> int:
     for r in rows:
         r["speed"] = speeds[r["variant"]]
 
-    base = next(r for r in rows if r["variant"] == "fp32")["speed"]
+    by_name = {r["variant"]: r for r in rows}
     for r in rows:
+        base = by_name[r.get("fp32_row", "fp32")]["speed"]  # torch's row: against the opset-23 FP32 graph
         r["prefill_x_fp32"] = r["speed"]["prefill_tokens_per_s"] / base["prefill_tokens_per_s"]
         r["decode_x_fp32"] = r["speed"]["decode_tokens_per_s"] / base["decode_tokens_per_s"]
     results["rows"] = rows
     results["failed"] = failed
 
     print(f"\n### ORT CPU speed, batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.threads} threads "
-          f"(median of {args.repeats} interleaved rounds, (min-max) in brackets; x FP32 = against the ORT FP32 row)\n")
+          f"(median of {args.repeats} interleaved rounds, (min-max) in brackets; x FP32 = against the ORT FP32 row "
+          "of the same opset)\n")
     print("| variant | what | prefill tok/s | x FP32 | decode tok/s | x FP32 | quantized linears: bytes (x FP16) | "
           "all linears incl. lm_head: bytes (x FP16) | ONNX files | max \\|Δlogit\\| at export | greedy = torch | export |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -799,12 +821,11 @@ def _run(args, workdir: Path, results: dict, shapes) -> int:
             print(f"| {r['variant']} | {key} | {g['nodes']} | {g['params']:,} | {g['bytes']:,} | {g['fp16_bytes']:,} | {g['ratio_vs_fp16']:.4f} |")
 
     checks = []
-    peers = [r for r in rows if r.get("peer")]
-    best_peer = max((r["prefill_x_fp32"] for r in peers), default=None)
     for r in rows:
-        if r.get("peer") or r.get("family") == "fp32":
+        if r.get("peer") or r.get("family") in ("fp32", None):
             continue
         tag = r["variant"]
+        best_peer = max((p["prefill_x_fp32"] for p in rows if p.get("peer") and p["opset"] == r["opset"]), default=None)
         if r["family"] == "int8":
             checks.append((f"INT8 prefill >= {FLOOR_INT8_PREFILL}x ORT FP32 [{tag}]", r["prefill_x_fp32"], r["prefill_x_fp32"] >= FLOOR_INT8_PREFILL))
             if best_peer is not None:

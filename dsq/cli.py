@@ -141,7 +141,10 @@ def _add_export(sub) -> None:
                         help="MatMulNBits compute: 0/1 fp32 (default), 4 int8 activations")
     export.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime intra-op threads")
     export.add_argument("--weight-op", choices=("matmul_nbits", "dequantize_linear"), default="matmul_nbits",
-                        help="weight-only layers as ORT's MatMulNBits (default) or standard opset-21 DequantizeLinear + MatMul")
+                        help="weight-only layers as ORT's MatMulNBits (default) or standard blocked DequantizeLinear + MatMul")
+    export.add_argument("--opset", type=int, choices=(21, 23), default=23,
+                        help="ONNX opset: 23 (default) writes one Attention, RMSNormalization and RotaryEmbedding node each "
+                             "(ONNX Runtime >= 1.23); 21 the same from elementary ops, for older runtimes")
     export.add_argument("--quantize-embeddings", action="store_true", help="store the input embedding int8 (per-row scales)")
     export.add_argument("--dense-experts", action="store_true",
                         help="MoE: run every routed expert on every token (dense routing weight) instead of each token's top-k")
@@ -261,7 +264,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         source, output, accuracy_level=args.accuracy_level, cpu_target=args.cpu_target, threads=args.threads, tolerance=args.tolerance,
         evaluate=args.evaluate, speed=args.speed, overwrite=args.overwrite, progress=not args.quiet,
         weight_op=args.weight_op, quantize_embeddings=args.quantize_embeddings, dense_experts=args.dense_experts,
-        absorb_mla=args.absorb_mla, moe_op=args.moe_op,
+        absorb_mla=args.absorb_mla, moe_op=args.moe_op, opset=args.opset,
     )
     v = outcome.result.validation
     print(f"ONNX export: {outcome.result.onnx_path} ({outcome.result.onnx_bytes / 2**20:.1f} MiB)")

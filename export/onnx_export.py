@@ -54,7 +54,8 @@ from .validate import ACTIVATION_QUANTIZED_TOLERANCE, FP_TOLERANCE, QUANTIZED_TO
 
 log = logging.getLogger(__name__)
 
-OPSET = 21
+OPSETS = (21, 23)
+DEFAULT_OPSET = 23
 DATA_FILE = ONNX_FILE + ".data"
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 INT8_COMPUTE_LEVEL = 4
@@ -69,7 +70,7 @@ class MatMulNBitsWeights:
 
 @dataclass(frozen=True)
 class DequantizeLinearWeights:
-    """Weight-only layers as opset-21 blocked ``DequantizeLinear`` (uint4/uint8) + ``MatMul``: standard ONNX."""
+    """Weight-only layers as blocked ``DequantizeLinear`` (uint4/uint8, opset 21 on) + ``MatMul``: standard ONNX."""
 
     op: str = "DequantizeLinear"
 
@@ -106,6 +107,12 @@ class ExportConfig:
             EP (checked once per layout); the other layers keep the sparse form and the manifest's
             ``routed_experts`` entry says why (``moe_op_refused``). ``dense_experts=True`` wins; the portable
             ``DequantizeLinearWeights`` format never uses it. Same logits within float rounding.
+        opset: the ONNX opset of the graph. 23 (default): Llama / Qwen2 attention is one standard ``Attention``
+            node per layer (grouped key/value heads read as cached; absorbed MLA keeps its matmuls, which fold
+            every head onto the one latent head), RMS norms are ``RMSNormalization`` and rotary embeddings
+            ``RotaryEmbedding`` (fused by the exporter where the model's code has their pattern); needs a runtime
+            with opset 23 (ONNX Runtime >= 1.23). 21: the same function from elementary ops (MatMul, Softmax,
+            ...), for older runtimes. Recorded in the manifest.
     """
 
     accuracy_level: int = 0
@@ -117,12 +124,15 @@ class ExportConfig:
     dense_experts: bool = False
     absorb_mla: bool = True
     moe_op: bool = True
+    opset: int = DEFAULT_OPSET
 
     def __post_init__(self) -> None:
         if not isinstance(self.cpu_target, CpuTarget):
             raise TypeError(f"cpu_target must be a dsq.export.cpu_target.CpuTarget (PORTABLE, VNNI), got {self.cpu_target!r}")
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise ValueError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {self.accuracy_level!r}")
+        if self.opset not in OPSETS:
+            raise ValueError(f"opset must be one of {OPSETS}, got {self.opset!r}")
         if not isinstance(self.weights, (MatMulNBitsWeights, DequantizeLinearWeights)):
             raise ValueError(f"weights must be MatMulNBitsWeights() or DequantizeLinearWeights(), got {self.weights!r}")
         for flag in ("dense_experts", "absorb_mla", "moe_op"):
@@ -180,12 +190,12 @@ def _quiet_exporter():
         logger.setLevel(level)
 
 
-def _trace(model: nn.Module, layout: CacheLayout, vocab: int, path: Path) -> None:
+def _trace(model: nn.Module, layout: CacheLayout, vocab: int, path: Path, opset: int) -> None:
     decoder = FlatDecoder(model, layout).eval()
     with torch.no_grad(), _quiet_exporter(), traceable(model), absorbed_forward(model):
         try:
             program = torch.onnx.export(
-                decoder, _example_inputs(layout, vocab), None, dynamo=True, opset_version=OPSET,
+                decoder, _example_inputs(layout, vocab), None, dynamo=True, opset_version=opset,
                 input_names=input_names(layout), output_names=output_names(layout),
                 dynamic_shapes=_dynamic_shapes(layout), custom_translation_table=translation_table(), verbose=False,
             )
@@ -291,7 +301,7 @@ def _write_manifest(tmp: Path, layout: CacheLayout, config: ExportConfig, counts
         "version": 1,
         "dsq_version": __version__,
         "versions": versions(),
-        "opset": OPSET,
+        "opset": config.opset,
         "files": {},  # filled below: sha256 of every file in the directory
         "inputs": input_names(layout),
         "outputs": output_names(layout),
@@ -360,7 +370,7 @@ def _export(model: nn.Module, tokenizer, output: Path, config: ExportConfig, sou
     reference, export_model, plan = _export_copies(model, config)
     tolerance = config.validation.tolerance or default_tolerance(plan, config.accuracy_level)
     with atomic_directory(output, overwrite, marker=EXPORT_MANIFEST) as tmp:
-        _trace(export_model, layout, vocab, tmp / ONNX_FILE)
+        _trace(export_model, layout, vocab, tmp / ONNX_FILE, config.opset)
         del export_model
         counts = _finish_graph(tmp / ONNX_FILE, config, plan)
         ort_lm = OrtCausalLM(tmp / ONNX_FILE, threads=config.threads, accuracy_level=config.accuracy_level)

@@ -9,6 +9,11 @@ gets a zero output from PyTorch's ``scaled_dot_product_attention``; the traced g
 same row into a uniform average of every value. Real positions never see those rows, but activations quantized
 per tensor at run time (``DynamicPerTensor``) take every position of the call into their range, padded ones
 included, so :func:`traceable` also zeroes such rows in the graph, as PyTorch does.
+
+Grouped-query attention (Llama, Qwen2: fewer key/value heads than query heads) is traced as one
+``scaled_dot_product_attention`` call with ``enable_gqa`` (:func:`grouped_sdpa`), which the exporter writes as
+one opset-23 ``Attention`` node reading the cache's key/value heads as they are; transformers' own CPU path
+repeats every key and value head for each query head first (a copy of the whole cache per layer and step).
 """
 from __future__ import annotations
 
@@ -45,6 +50,24 @@ def _attends_some_key(attention_mask: torch.Tensor | None) -> torch.Tensor | Non
     return valid.any(dim=-1).transpose(1, 2)[..., None].to(torch.float32)  # [B, 1|H, S, T] -> [B, S, 1|H, 1]
 
 
+def grouped_sdpa(original: Callable) -> Callable:
+    """transformers' ``sdpa`` attention function as one ``scaled_dot_product_attention`` over the key/value heads
+    (``enable_gqa``; output ``[batch, seq, heads, dim]``); calls the model does not make with a mask tensor and
+    no position bias or softcap go to ``original``."""
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+        plain = attention_mask is not None and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+        if not plain or dropout:
+            return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                            is_causal=is_causal, **kwargs)
+        grouped = query.shape[1] != key.shape[1]  # [batch, heads, seq, dim]
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
+                                                               enable_gqa=grouped)
+        return out.transpose(1, 2).contiguous(), None
+
+    return attention
+
+
 def zero_unattended_rows(attention: Callable) -> Callable:
     """``attention`` (a transformers attention function: output ``[batch, seq, heads, dim]``) with the rows of
     queries that attend to no key set to zero, as ``scaled_dot_product_attention`` leaves them."""
@@ -58,11 +81,11 @@ def zero_unattended_rows(attention: Callable) -> Callable:
 
 
 @contextlib.contextmanager
-def _zeroed_unattended_rows() -> Iterator[None]:
+def _export_sdpa() -> Iterator[None]:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     previous = ALL_ATTENTION_FUNCTIONS._local_mapping.get("sdpa")
-    ALL_ATTENTION_FUNCTIONS["sdpa"] = zero_unattended_rows(ALL_ATTENTION_FUNCTIONS["sdpa"])
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = zero_unattended_rows(grouped_sdpa(ALL_ATTENTION_FUNCTIONS["sdpa"]))
     try:
         yield
     finally:
@@ -75,7 +98,7 @@ def _zeroed_unattended_rows() -> Iterator[None]:
 @contextlib.contextmanager
 def traceable(model: nn.Module) -> Iterator[None]:
     """Within the block, ``model`` computes the same function with ONNX-exportable ops."""
-    with _zeroed_unattended_rows(), _real_rotary(model):
+    with _export_sdpa(), _real_rotary(model):
         yield
 
 

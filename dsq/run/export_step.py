@@ -29,7 +29,7 @@ def export_config(section: ExportSection) -> ExportConfig:
     return ExportConfig(accuracy_level=section.accuracy_level, cpu_target=cpu_target(section.cpu_target),
                         validation=validation, threads=section.threads,
                         weights=weights, quantize_embeddings=section.quantize_embeddings, dense_experts=section.dense_experts,
-                        absorb_mla=section.absorb_mla, moe_op=section.moe_op)
+                        absorb_mla=section.absorb_mla, moe_op=section.moe_op, opset=section.opset)
 
 
 @dataclass

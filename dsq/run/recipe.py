@@ -158,7 +158,8 @@ class ExportSection(Strict):
 
     cpu_target: Literal["portable", "vnni"] = "portable"  # int8 kernels: u8 x u8 exact anywhere | u8 x s8 for AVX512-VNNI / AVX-VNNI / AMX
     accuracy_level: Literal[0, 1, 2, 3, 4] = 0  # MatMulNBits compute: 0/1 fp32, 4 int8 activations
-    weight_op: Literal["matmul_nbits", "dequantize_linear"] = "matmul_nbits"  # ORT contrib op | standard opset 21
+    weight_op: Literal["matmul_nbits", "dequantize_linear"] = "matmul_nbits"  # ORT contrib op | standard blocked DequantizeLinear
+    opset: Literal[21, 23] = 23  # 23: one Attention / RMSNormalization / RotaryEmbedding node each (ORT >= 1.23) | 21: elementary ops
     quantize_embeddings: bool = False  # input embedding stored int8, one scale per row
     dense_experts: bool = False  # MoE: every routed expert on every token (E/k x the FLOPs) instead of each token's top-k
     absorb_mla: bool = True  # MLA: kv_b_proj folded into query and output, attention over the cached latent itself

@@ -44,6 +44,51 @@ def test_fp_export_matches_torch_and_generates_like_transformers(exported, arch)
     assert torch.equal(ours, reference)
 
 
+def _attention_inputs(path) -> list[tuple[str, str]]:
+    """(key, value) inputs of every ``Attention`` node of the graph at ``path``."""
+    return [(n.input[1], n.input[2]) for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == "Attention"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_grouped_attention_is_one_node_per_layer_reading_the_cache_as_it_is(exported, arch):
+    """Opset 23: one Attention node per layer, fed the present key/value tensors themselves (2 key/value heads
+    for 4 query heads; no per-query-head copy of the cache), and one RMSNormalization per norm."""
+    loaded, result = exported(arch)
+    c = loaded.model.config
+    assert c.num_key_value_heads < c.num_attention_heads
+    manifest = json.loads((result.path / "export_manifest.json").read_text())
+    assert manifest["opset"] == 23
+    counts = _node_counts(result.onnx_path)
+    assert counts["RMSNormalization"] == 2 * c.num_hidden_layers + 1
+    assert _attention_inputs(result.onnx_path) == [(f"present.{i}.key", f"present.{i}.value") for i in range(c.num_hidden_layers)]
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
+def test_absorbed_mla_keeps_its_matmuls_at_opset_23(exported, arch):
+    """Every head of absorbed MLA reads the one latent head; a MatMul folds the heads into one product, so no
+    Attention node (ORT's runs the heads one by one: no faster, benchmarks/RESULTS.md)."""
+    loaded, result = exported(arch)
+    assert all(v.startswith("absorbed") for v in result.plan.mla.values())
+    counts = _node_counts(result.onnx_path)
+    assert "Attention" not in counts and counts["RMSNormalization"] >= 2 * loaded.model.config.num_hidden_layers + 1
+
+
+def test_opset_21_graph_computes_attention_from_elementary_ops(tiny_checkpoint, tmp_path):
+    loaded = load_checkpoint(tiny_checkpoint("llama"))
+    result = export_onnx(loaded.model, loaded.tokenizer, tmp_path / "o21", replace(FAST, opset=21))
+    assert result.validation.passed and result.validation.max_abs_diff <= 1e-4 and result.validation.greedy_equal
+    counts = _node_counts(result.onnx_path)
+    assert "Attention" not in counts and "RMSNormalization" not in counts and counts["Softmax"] == loaded.model.config.num_hidden_layers
+    assert json.loads((result.path / "export_manifest.json").read_text())["opset"] == 21
+    model = onnx.load(str(result.onnx_path), load_external_data=False)
+    assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {21}
+
+
+def test_unknown_opset_is_refused():
+    with pytest.raises(ValueError, match="opset must be one of"):
+        ExportConfig(opset=22)
+
+
 def test_mla_cache_holds_the_compressed_latent(exported):
     loaded, result = exported("deepseek_v3")
     c = loaded.model.config

@@ -116,3 +116,25 @@ def test_recipe_export_section_carries_the_graph_form(key, default):
     assert getattr(export_config(load_recipe(None, [f"export={{{key}: {str(not default).lower()}}}"]).export), key) is (not default)
     with pytest.raises(RecipeError, match=f"export.{key}"):
         load_recipe(None, [f"export={{{key}: maybe}}"])
+
+
+def test_recipe_export_opset_is_23_or_21_and_nothing_else():
+    from dsq.core.errors import RecipeError
+    from dsq.run.export_step import export_config
+    from dsq.run.recipe import load_recipe
+
+    assert export_config(load_recipe(None, ["export={}"]).export).opset == 23
+    assert export_config(load_recipe(None, ["export={opset: 21}"]).export).opset == 21
+    with pytest.raises(RecipeError, match="export.opset"):
+        load_recipe(None, ["export={opset: 22}"])
+
+
+def test_dsq_export_opset_21_is_recorded_and_a_bad_opset_exits_2(tmp_path, tiny_checkpoint, capsys):
+    code, _, err = run(capsys, "export", tiny_checkpoint("qwen2"), "-o", tmp_path / "o21", "--opset", "21", "-q")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "o21" / "export_manifest.json").read_text())
+    assert manifest["opset"] == 21 and "Attention" not in manifest["ops"] and manifest["validation"]["passed"]
+    with pytest.raises(SystemExit) as exc:
+        main(["export", str(tiny_checkpoint("qwen2")), "-o", str(tmp_path / "o22"), "--opset", "22"])
+    assert exc.value.code == 2 and "--opset" in capsys.readouterr().err
+    assert not (tmp_path / "o22").exists()
