@@ -250,6 +250,17 @@ def default_tolerance(plan: ExportPlan, accuracy_level: int = 0) -> float:
     return QUANTIZED_TOLERANCE if plan.nbits else FP_TOLERANCE
 
 
+def _rounding_hint(plan: ExportPlan, accuracy_level: int, validation: ValidationReport) -> str:
+    """What to check when a graph with int8 activations misses only the logit tolerance (its greedy tokens agree)."""
+    int8_activations = plan.int8 or (plan.nbits and accuracy_level == INT8_COMPUTE_LEVEL)
+    if not int8_activations or not validation.greedy_equal:
+        return ""
+    return (". The greedy tokens are identical. This graph rounds activations to int8 at run time: where a 1-ulp "
+            "difference upstream crosses a rounding boundary, that activation moves by one int8 step, and a sharply "
+            "trained model carries such a flip further into its logits. If the ONNX perplexity agrees with the torch "
+            "model's (export.evaluate), raise the tolerance: export.validation.tolerance, or dsq export --tolerance")
+
+
 def _is_fp32(model: nn.Module) -> bool:
     return all(t.dtype == torch.float32 for t in (*model.parameters(), *model.buffers()) if t.is_floating_point())
 
@@ -377,7 +388,8 @@ def _export(model: nn.Module, tokenizer, output: Path, config: ExportConfig, sou
         validation = validate_export(ort_lm, reference, layout, vocab, config.validation, tolerance)
         if not validation.passed:
             why = f" ({cpu_warning}; export on such a CPU, or with cpu_target portable)" if cpu_warning and plan.int8 else ""
-            raise ExportError("the ONNX export does not match PyTorch: " + "; ".join(validation.failures()) + why)
+            raise ExportError("the ONNX export does not match PyTorch: " + "; ".join(validation.failures()) + why
+                              + _rounding_hint(plan, config.accuracy_level, validation))
         tokenizer.save_pretrained(str(tmp))
         write_genai_config(tmp, model.config, tokenizer, layout)
         _write_manifest(tmp, layout, config, counts, plan, validation, source, kv_scheme, cpu_warning)

@@ -191,6 +191,22 @@ def test_export_that_does_not_match_fails_and_leaves_nothing(tiny_checkpoint, tm
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("variant", ["fp", "w8a8"])
+def test_int8_activation_graph_missing_only_the_tolerance_says_what_to_check(tiny_checkpoint, tmp_path, variant):
+    from dsq.quantize import W8A8Config
+    from dsq.quantize.w8a8 import DynamicPerToken
+
+    loaded = load_checkpoint(tiny_checkpoint("llama"))
+    if variant == "w8a8":
+        calib = torch.randint(3, 500, (4, 32), generator=torch.Generator().manual_seed(0))
+        quantize_(loaded.model, W8A8Config(activations=DynamicPerToken(), targets=TargetSpec()), calibration=calib, progress=False)
+    strict = replace(FAST, validation=replace(FAST.validation, tolerance=1e-30))
+    with pytest.raises(ExportError, match="does not match PyTorch") as exc:
+        export_onnx(loaded.model, loaded.tokenizer, tmp_path / "out", strict)
+    assert ("greedy tokens are identical" in str(exc.value) and "export.validation.tolerance" in str(exc.value)) is (variant == "w8a8")
+    assert not (tmp_path / "out").exists()
+
+
 def test_existing_output_is_not_replaced_without_overwrite(exported, tiny_checkpoint):
     loaded, result = exported("llama")
     with pytest.raises(DsqInputError, match="already exists"):
