@@ -509,6 +509,22 @@ def kernel_graphs(m: int, k: int, n: int, rng: np.random.Generator) -> list[tupl
     del consts_vnni["c128"], consts_vnni["cmin"], consts_vnni["cmax"]
     out.append(("per-token QuantizeLinear u8 + MatMulIntegerToFloat u8s8 (dsq cpu_target vnni; exact with VNNI)",
                 build(vnni_nodes, consts_vnni, [fvi("A", [m, k])], [fvi("Y", [m, n])]), {"A": a}, "all"))
+    # INT4 g128 on the int8 GEMM: the groups as a batch, [G, m, 128] x [G, 128, n] u8 x s8 (one per-tensor activation
+    # scale, each group's weight scales per column), then summed over the groups. Not an export form: it shows whether
+    # a CPU whose int8 GEMM outruns MatMulNBits (AMX) could run 4-bit prefill faster this way.
+    if k % 128 == 0:
+        groups = k // 128
+        grouped = [
+            helper.make_node("Reshape", ["A", "gshape"], ["A3"]),
+            helper.make_node("Transpose", ["A3"], ["At"], perm=[1, 0, 2]),
+            helper.make_node("DynamicQuantizeLinear", ["At"], ["Aq", "As", "Az"]),
+            helper.make_node("MatMulIntegerToFloat", ["Aq", "Wg", "As", "Wgs", "Az"], ["Yg"], domain="com.microsoft"),
+            helper.make_node("ReduceSum", ["Yg", "axis0"], ["Y"], keepdims=0),
+        ]
+        inits = {"gshape": np.array([m, groups, 128], dtype=np.int64), "Wg": rng.integers(-8, 8, (groups, 128, n), dtype=np.int8),
+                 "Wgs": np.full((groups, 1, n), 0.01, dtype=np.float32), "axis0": np.array([0], dtype=np.int64)}
+        out.append(("INT4 g128 as int8 groups: DQL + MatMulIntegerToFloat [G, m, 128] x [G, 128, n] + ReduceSum",
+                    build(grouped, inits, [fvi("A", [m, k])], [fvi("Y", [m, n])]), {"A": a}, "all"))
     # MatMulNBits
     per_channel_block = max(16, 1 << (k - 1).bit_length())
     for bits, block in ((4, 128), (8, 128), (8, per_channel_block)):
