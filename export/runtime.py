@@ -30,7 +30,7 @@ ONNX_FILE = "model.onnx"
 EXPORT_MANIFEST = "export_manifest.json"
 
 
-def _ort():
+def ort_module():
     try:
         import onnxruntime
     except ImportError as exc:  # pragma: no cover - a declared dependency
@@ -107,7 +107,7 @@ class OrtCausalLM:
 
     def __init__(self, path: str | Path, *, threads: int | None = None, providers: list[str] | None = None,
                  accuracy_level: int = 0) -> None:
-        ort = _ort()
+        ort = ort_module()
         path = Path(path)
         self.onnx_path = path / ONNX_FILE if path.is_dir() else path
         if not self.onnx_path.is_file():
