@@ -2,8 +2,8 @@
 
 Every row quantizes the same checkpoint to symmetric int4 with one group size, from the same
 calibration token windows: dsq's own loader (:func:`dsq.quantize.calibration_data.load_calibration_with_summary`)
-with the recipe's ``quantize.calibration`` settings (bundled calibration split, ``--samples`` x
-``--seq-len`` tokens, seed 0). Every row is scored the same way: held-out perplexity from the
+with the recipe's ``quantize.calibration`` settings (bundled calibration split or ``--calibration-data FILE``,
+``--samples`` x ``--seq-len`` tokens, seed 0). Every row is scored the same way: held-out perplexity from the
 recipe's ``eval.perplexity`` section (bundled held-out split, context 256, stride 128) with
 :func:`dsq.eval.perplexity`, against the fp32 model.
 
@@ -25,7 +25,7 @@ scheme, so every row quantizes the layers dsq targets; ``--peer-shape-skips`` ke
 The "kept" column lists the layers dsq targets that a row left in 16 bit (lm_head and MoE routers
 are kept in every row: dsq's default targets and AutoRound's defaults).
 
-    python benchmarks/learned_rounding.py --model DIR [--group-size 32|128|0] [--samples 128] [--seq-len 256]
+    python benchmarks/learned_rounding.py --model DIR [--group-size 32|128|0] [--samples 128] [--seq-len 256] [--calibration-data FILE]
         [--steps 200] [--seeds 0 1 2] [--methods rtn gptq awq autoround peer] [--out runs/lr]
 
 ``--group-size 0`` means one scale per output channel. Learned rounding depends on the order in which
@@ -89,6 +89,7 @@ class Settings:
     peer_shape_skips: bool
     autoround_set: tuple[str, ...] = ()  # extra ``quantize.autoround.KEY=VALUE`` overrides of the dsq autoround row
     seeds: tuple[int, ...] = (0,)  # every learned-rounding seed of the run
+    calibration_data: Path | None = None  # quantize.calibration.data (None: the bundled calibration split)
 
     @property
     def scheme_name(self) -> str:
@@ -156,6 +157,8 @@ def method_overrides(method: str, settings: Settings) -> list[str]:
     overrides = [f"quantize.method={method}", *settings.weight_overrides()]
     if "calibration" in METHODS[method].section.model_fields:
         overrides += [f"quantize.calibration.samples={settings.samples}", f"quantize.calibration.seq_len={settings.seq_len}"]
+        if settings.calibration_data is not None:
+            overrides.append(f"quantize.calibration.data={settings.calibration_data}")
     if method == "autoround":
         # one calibration batch per step: the calibration section's batch_size
         overrides += [f"quantize.autoround.steps={settings.steps}", f"quantize.autoround.seed={settings.seed}",
@@ -170,7 +173,9 @@ def prepare_reference(settings: Settings) -> Reference:
     """Load the fp32 model once: its score, dsq's targets in it, and the calibration tokens."""
     recipe = load_recipe(None, base_overrides(settings))
     loaded = load_checkpoint(validate_checkpoint(settings.model), dtype=torch.float32)
-    spec = CalibrationSection(samples=settings.samples, seq_len=settings.seq_len).spec()  # recipe defaults otherwise
+    data = None if settings.calibration_data is None else str(settings.calibration_data)
+    spec = CalibrationSection(data=data, samples=settings.samples,
+                              seq_len=settings.seq_len).spec()  # recipe defaults otherwise
     calibration, summary = load_calibration_with_summary(spec, loaded.tokenizer)
     evaluator = Evaluator(benchmark_suite(recipe.eval), loaded.tokenizer, progress=False)
     decisions = [d for d in select_targets(loaded.model, recipe.quantize.targets.spec()) if d.quantize]
@@ -376,6 +381,8 @@ def parse_args() -> tuple[Settings, list[str]]:
     parser.add_argument("--model", type=Path, default=None, help="HF checkpoint directory (default: the bundled tiny DeepSeek-V3)")
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size; 0: one scale per output channel")
     parser.add_argument("--samples", type=int, default=128, help="calibration sequences")
+    parser.add_argument("--calibration-data", type=Path, default=None,
+                        help="calibration text for every row (quantize.calibration.data; default: the bundled calibration split)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence")
     parser.add_argument("--steps", type=int, default=200, help="learned-rounding steps per block (dsq autoround, peer)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per learned-rounding step (dsq autoround, peer)")
@@ -405,7 +412,8 @@ def parse_args() -> tuple[Settings, list[str]]:
         parser.error(f"{PEER} needs the {PEER_PACKAGE} package: pip install 'dsq[peers]'")
     model = args.model if args.model is not None else bundled_model_path()
     settings = Settings(model, args.group_size, args.samples, args.seq_len, args.steps, args.batch_size, args.lr,
-                        args.seeds[0], args.out, args.peer_shape_skips, tuple(args.autoround_set), tuple(args.seeds))
+                        args.seeds[0], args.out, args.peer_shape_skips, tuple(args.autoround_set), tuple(args.seeds),
+                        args.calibration_data)
     return settings, methods
 
 
