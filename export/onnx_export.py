@@ -48,7 +48,7 @@ from .mla import absorb_latent_projections_, absorbed_forward
 from .modules import ExportPlan, prepare_for_export, quantize_embedding_, translation_table
 from .patches import traceable
 from .portable import rewrite_matmul_nbits
-from .runtime import EXPORT_MANIFEST, ONNX_FILE, OrtCausalLM, ort_module
+from .runtime import EXPORT_MANIFEST, ONNX_FILE, OrtCausalLM, ort_module, runtime_refusal
 from .support import onnx_unsupported
 from .validate import ACTIVATION_QUANTIZED_TOLERANCE, FP_TOLERANCE, QUANTIZED_TOLERANCE, ValidationConfig, ValidationReport, validate_export
 
@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 
 OPSETS = (21, 23)
 DEFAULT_OPSET = 23
-OPSET_RUNTIME = {21: (1, 20), 23: (1, 23)}  # the first ONNX Runtime release that runs each opset's ops on CPU
 DATA_FILE = ONNX_FILE + ".data"
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 INT8_COMPUTE_LEVEL = 4
@@ -260,20 +259,6 @@ def _rounding_hint(plan: ExportPlan, accuracy_level: int, validation: Validation
             "difference upstream crosses a rounding boundary, that activation moves by one int8 step, and a sharply "
             "trained model carries such a flip further into its logits. If the ONNX perplexity agrees with the torch "
             "model's (export.evaluate), raise the tolerance: export.validation.tolerance, or dsq export --tolerance")
-
-
-def runtime_refusal(opset: int, version: str) -> str | None:
-    """Why ONNX Runtime ``version`` cannot run a graph of ``opset`` (None when it can)."""
-    needed = OPSET_RUNTIME[opset]
-    try:
-        have = tuple(int(part) for part in version.split(".")[:2])
-    except ValueError:
-        return None  # a development build: let the session say
-    if have >= needed:
-        return None
-    return (f"opset {opset} needs onnxruntime >= {needed[0]}.{needed[1]} (its Attention, RMSNormalization and RotaryEmbedding "
-            f"kernels); the installed onnxruntime is {version}. Upgrade it, or export with opset 21 "
-            "(export.opset: 21, dsq export --opset 21)")
 
 
 def _is_fp32(model: nn.Module) -> bool:

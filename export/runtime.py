@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
 EXPORT_MANIFEST = "export_manifest.json"
+OPSET_RUNTIME = {21: (1, 20), 23: (1, 23)}  # the first ONNX Runtime release that runs each opset's ops on CPU
 
 
 def ort_module():
@@ -36,6 +37,22 @@ def ort_module():
     except ImportError as exc:  # pragma: no cover - a declared dependency
         raise CheckpointError("onnxruntime is not installed: pip install onnxruntime") from exc
     return onnxruntime
+
+
+def runtime_refusal(opset: int, version: str) -> str | None:
+    """Why ONNX Runtime ``version`` cannot run a graph of ``opset`` (None when it can)."""
+    needed = OPSET_RUNTIME[opset]
+    try:
+        have = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return None  # a development build: let the session say
+    if have >= needed:
+        return None
+    why = f"opset {opset} needs onnxruntime >= {needed[0]}.{needed[1]}"
+    if opset == 23:
+        return (f"{why} (its Attention, RMSNormalization and RotaryEmbedding kernels); the installed onnxruntime is {version}. "
+                "Upgrade it, or use a graph exported with opset 21 (export.opset: 21, dsq export --opset 21)")
+    return f"{why}; the installed onnxruntime is {version}. Upgrade it"
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor, past: int) -> torch.Tensor:
@@ -113,6 +130,9 @@ class OrtCausalLM:
         if not self.onnx_path.is_file():
             raise CheckpointError(f"{self.onnx_path}: no ONNX model there")
         self.manifest = _read_manifest(self.onnx_path.parent)
+        refusal = runtime_refusal(self.manifest["opset"], ort.__version__) if self.manifest.get("opset") in OPSET_RUNTIME else None
+        if refusal is not None:
+            raise CheckpointError(f"{self.onnx_path}: {refusal}")
         self.cpu_warning = _cpu_target_warning(self.manifest)
         if self.cpu_warning:
             log.warning("%s: %s", self.onnx_path, self.cpu_warning)

@@ -267,14 +267,15 @@ def test_quantized_embedding_is_int8_and_the_reference_gets_the_same_table(tiny_
 
 
 @pytest.mark.parametrize("installed, opset, refused", [("1.22.1", 23, True), ("1.23.0", 23, False), ("1.22.1", 21, False),
-                                                       ("1.33.0.dev20261201", 23, False)])
+                                                       ("1.33.0.dev20261201", 23, False), ("1.19.2", 21, True)])
 def test_an_opset_the_installed_runtime_cannot_run_is_refused_by_name(installed, opset, refused):
-    from dsq.export.onnx_export import runtime_refusal
+    from dsq.export.runtime import runtime_refusal
 
     why = runtime_refusal(opset, installed)
     assert (why is not None) is refused
     if refused:
-        assert f"onnxruntime is {installed}" in why and "--opset 21" in why and ">= 1.23" in why
+        assert f"onnxruntime is {installed}" in why
+        assert ("--opset 21" in why and ">= 1.23" in why) if opset == 23 else (">= 1.20" in why and "--opset" not in why)
 
 
 def test_export_refuses_before_writing_when_the_runtime_is_too_old(tiny_checkpoint, tmp_path, monkeypatch):
@@ -285,3 +286,12 @@ def test_export_refuses_before_writing_when_the_runtime_is_too_old(tiny_checkpoi
     with pytest.raises(ExportError, match=r"opset 23 needs onnxruntime >= 1.23.*1.22.0"):
         export_onnx(loaded.model, loaded.tokenizer, tmp_path / "out", FAST)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_graph_the_installed_runtime_cannot_run_is_refused_on_load(exported, monkeypatch):
+    import onnxruntime
+
+    _, result = exported("llama")
+    monkeypatch.setattr(onnxruntime, "__version__", "1.22.0")
+    with pytest.raises(DsqInputError, match=r"model.onnx: opset 23 needs onnxruntime >= 1.23.*1.22.0.*--opset 21"):
+        OrtCausalLM(result.path)
