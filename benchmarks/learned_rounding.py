@@ -422,13 +422,14 @@ SEEDED = ("autoround", PEER)  # the methods whose result depends on the learned-
 
 def run_method(method: str, settings: Settings, reference: Reference) -> Iterator[Row]:
     """``method``'s rows as they finish: one, or one per seed for a seeded method when several seeds are asked for."""
+    def run(s: Settings) -> Row:
+        return run_peer(s, reference) if method == PEER else run_dsq(method, s, reference)
+
     if method not in SEEDED or len(settings.seeds) == 1:
-        yield run_peer(settings, reference) if method == PEER else run_dsq(method, settings, reference)
+        yield run(settings)
         return
     for seed in settings.seeds:
-        seeded = replace(settings, seed=seed, out=settings.out / f"seed{seed}")
-        row = run_peer(seeded, reference) if method == PEER else run_dsq(method, seeded, reference)
-        yield replace(row, seed=seed)
+        yield replace(run(replace(settings, seed=seed, out=settings.out / f"seed{seed}")), seed=seed)
 
 
 @dataclass(frozen=True)

@@ -48,13 +48,13 @@ from .mla import absorb_latent_projections_, absorbed_forward
 from .modules import ExportPlan, prepare_for_export, quantize_embedding_, translation_table
 from .patches import traceable
 from .portable import rewrite_matmul_nbits
-from .runtime import EXPORT_MANIFEST, ONNX_FILE, OrtCausalLM, ort_module, runtime_refusal
+from .runtime import EXPORT_MANIFEST, ONNX_FILE, OPSET_RUNTIME, OrtCausalLM, ort_module, runtime_refusal
 from .support import onnx_unsupported
 from .validate import ACTIVATION_QUANTIZED_TOLERANCE, FP_TOLERANCE, QUANTIZED_TOLERANCE, ValidationConfig, ValidationReport, validate_export
 
 log = logging.getLogger(__name__)
 
-OPSETS = (21, 23)
+OPSETS = tuple(OPSET_RUNTIME)  # 21, 23
 DEFAULT_OPSET = 23
 DATA_FILE = ONNX_FILE + ".data"
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -242,18 +242,21 @@ def _check_plan_in_graph(plan: ExportPlan, counts: dict[str, int], weights: Weig
             raise ExportError(f"the graph has {counts.get(op, 0)} {op} nodes where {needed} routed-experts layers were fused")
 
 
+def _int8_activations(plan: ExportPlan, accuracy_level: int) -> bool:
+    """The graph rounds activations to int8 at run time: W8A8, or MatMulNBits at accuracy level 4 (per block)."""
+    return bool(plan.int8 or (plan.nbits and accuracy_level == INT8_COMPUTE_LEVEL))
+
+
 def default_tolerance(plan: ExportPlan, accuracy_level: int = 0) -> float:
-    """Max |delta logit| an export is held to: fp 1e-4, weight-only 1e-3, int8 activations 0.25
-    (W8A8, or MatMulNBits at accuracy level 4, which quantizes its inputs to int8 per block)."""
-    if plan.int8 or (plan.nbits and accuracy_level == INT8_COMPUTE_LEVEL):
+    """Max |delta logit| an export is held to: fp 1e-4, weight-only 1e-3, int8 activations 0.25."""
+    if _int8_activations(plan, accuracy_level):
         return ACTIVATION_QUANTIZED_TOLERANCE
     return QUANTIZED_TOLERANCE if plan.nbits else FP_TOLERANCE
 
 
 def _rounding_hint(plan: ExportPlan, accuracy_level: int, validation: ValidationReport) -> str:
     """What to check when a graph with int8 activations misses only the logit tolerance (its greedy tokens agree)."""
-    int8_activations = plan.int8 or (plan.nbits and accuracy_level == INT8_COMPUTE_LEVEL)
-    if not int8_activations or not validation.greedy_equal:
+    if not _int8_activations(plan, accuracy_level) or not validation.greedy_equal:
         return ""
     return (". The greedy tokens are identical. This graph rounds activations to int8 at run time: where a 1-ulp "
             "difference upstream crosses a rounding boundary, that activation moves by one int8 step, and a sharply "
