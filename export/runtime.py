@@ -48,11 +48,11 @@ def runtime_refusal(opset: int, version: str) -> str | None:
         return None  # a development build: let the session say
     if have >= needed:
         return None
-    why = f"opset {opset} needs onnxruntime >= {needed[0]}.{needed[1]}"
-    if opset == 23:
-        return (f"{why} (its Attention, RMSNormalization and RotaryEmbedding kernels); the installed onnxruntime is {version}. "
-                "Upgrade it, or use a graph exported with opset 21 (export.opset: 21, dsq export --opset 21)")
-    return f"{why}; the installed onnxruntime is {version}. Upgrade it"
+    why = f"opset {opset} needs onnxruntime >= {needed[0]}.{needed[1]}; the installed onnxruntime is {version}. Upgrade it"
+    runnable = [o for o, first in OPSET_RUNTIME.items() if have >= first]
+    if runnable:
+        why += f", or use a graph exported with opset {max(runnable)} (export.opset: {max(runnable)}, dsq export --opset {max(runnable)})"
+    return why
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor, past: int) -> torch.Tensor:
