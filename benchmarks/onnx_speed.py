@@ -52,6 +52,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -119,6 +120,7 @@ class Variant:
     target: str = "portable"  # dsq.export.cpu_target name the export is tuned for
     activations: str = "dynamic"  # W8A8: quantize.w8a8.activations (dynamic per token, dynamic_tensor, static)
     opset: int = 23  # ExportConfig.opset: 23 fused Attention / RMSNormalization / RotaryEmbedding, 21 elementary ops
+    int8_prefill: str | None = None  # export.int8_prefill (dynamic | dynamic_tensor): weight-only layers also int8 for prompts
 
     @property
     def peer(self) -> bool:
@@ -158,7 +160,9 @@ class Variant:
                     "dynamic_tensor": "dynamic per-tensor asymmetric"}[self.activations]
             return f"W8A8 {acts}, cpu_target {self.target} ({kernel}){head}"
         gran = "per-channel" if self.per_channel else "g128 sym"
-        return f"INT{self.bits} {gran} (MatMulNBits bits={self.bits}, acc {self.accuracy_level}){head}"
+        prompts = {None: "", "dynamic": "; prompts: int8 copy, activations per token",
+                   "dynamic_tensor": "; prompts: int8 copy, activations per tensor"}[self.int8_prefill]
+        return f"INT{self.bits} {gran} (MatMulNBits bits={self.bits}, acc {self.accuracy_level}{prompts}){head}"
 
 
 VARIANTS = [
@@ -178,6 +182,10 @@ VARIANTS = [
     Variant("w8a8-tensor-vnni-head", "w8a8", lm_head=True, target="vnni", activations="dynamic_tensor"),
     Variant("int4g128-acc0-head", "rtn", 4, accuracy_level=0, lm_head=True),
     Variant("int4g128-acc4-head", "rtn", 4, accuracy_level=4, lm_head=True),
+    Variant("int4g128-acc4-i8p", "rtn", 4, accuracy_level=4, target="vnni", int8_prefill="dynamic"),
+    Variant("int4g128-acc4-head-i8p", "rtn", 4, accuracy_level=4, lm_head=True, target="vnni", int8_prefill="dynamic"),
+    Variant("int4g128-acc0-head-i8p", "rtn", 4, accuracy_level=0, lm_head=True, target="vnni", int8_prefill="dynamic"),
+    Variant("int4g128-acc4-head-i8pt", "rtn", 4, accuracy_level=4, lm_head=True, target="vnni", int8_prefill="dynamic_tensor"),
     Variant("ort-dynamic", "ort-dynamic"),
     Variant("ort-dynamic-pc", "ort-dynamic", per_channel=True),
     # the same graphs at opset 21 (attention, norms and rotary from elementary ops), each against fp32-op21
@@ -209,7 +217,7 @@ def quantize_copy(model: torch.nn.Module, variant: Variant, vocab: int, calib_sh
 # --------------------------------------------------------------------------------------------- export
 
 
-def trace_without_gate(model, tokenizer, out: Path, level: int, opset: int) -> None:
+def trace_without_gate(model, tokenizer, out: Path, level: int, opset: int, int8_prefill: str | None = None) -> None:
     """The graph ``export_onnx`` traces, written without its validation gate (used only after it refused).
 
     Same steps as ``export_onnx`` up to the ORT check: copy, ``prepare_for_export``, dsq's ``_trace``;
@@ -218,7 +226,7 @@ def trace_without_gate(model, tokenizer, out: Path, level: int, opset: int) -> N
     """
     from dsq.export import cache_layout
     from dsq.export.modules import prepare_for_export
-    from dsq.export.onnx_export import _trace
+    from dsq.export.onnx_export import _add_int8_prefill, _trace
     from dsq.export.runtime import EXPORT_MANIFEST, ONNX_FILE
 
     if out.exists():
@@ -228,6 +236,10 @@ def trace_without_gate(model, tokenizer, out: Path, level: int, opset: int) -> N
     export_model = copy.deepcopy(model)
     plan = prepare_for_export(export_model, level)
     _trace(export_model, layout, model.config.vocab_size, out / ONNX_FILE, opset)
+    if int8_prefill:
+        from dsq.run.export_step import PROMPT_ACTIVATIONS
+
+        _add_int8_prefill(out / ONNX_FILE, PROMPT_ACTIVATIONS[int8_prefill])
     tokenizer.save_pretrained(str(out))
     manifest = {"cache": layout.to_dict(), "accuracy_level": level, "quantized_modules": plan.to_dict(),
                 "files": sorted(p.name for p in out.iterdir() if p.name.startswith(ONNX_FILE)),
@@ -273,10 +285,13 @@ class ExportInfo:
     export_error: str | None = None
 
 
-def do_export(model, tokenizer, out: Path, level: int, threads: int, target: str = "portable", opset: int = 23) -> ExportInfo:
+def do_export(model, tokenizer, out: Path, level: int, threads: int, target: str = "portable", opset: int = 23,
+              int8_prefill: str | None = None) -> ExportInfo:
     from dsq.export import ExportConfig, cpu_target, export_onnx
+    from dsq.run.export_step import PROMPT_ACTIVATIONS
 
-    config = ExportConfig(accuracy_level=level, threads=threads, cpu_target=cpu_target(target), opset=opset)
+    config = ExportConfig(accuracy_level=level, threads=threads, cpu_target=cpu_target(target), opset=opset,
+                          int8_prefill=PROMPT_ACTIVATIONS[int8_prefill] if int8_prefill else None)
     res = export_onnx(model, tokenizer, out, config, overwrite=True)
     v = res.validation
     return ExportInfo(out, v.max_abs_diff, v.greedy_equal, v.passed, v.tolerance, res.onnx_bytes, res.seconds, "export_onnx")
@@ -299,16 +314,51 @@ def files_bytes(root: Path) -> int:
 # --------------------------------------------------------------------------------------------- bytes
 
 
+_RSS_SCRIPT = """
+import os, sys, onnxruntime as ort
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+before = rss()
+options = ort.SessionOptions()
+options.intra_op_num_threads = int(sys.argv[2])
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+print(rss() - before)
+"""
+
+
+def session_bytes(onnx_path: Path, threads: int) -> int | None:
+    """Resident memory an ORT session of ``onnx_path`` adds to a fresh process once created (weights after
+    ORT's prepacking and folding); None where /proc is missing."""
+    if not Path("/proc/self/statm").exists():
+        return None
+    done = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(onnx_path), str(threads)], capture_output=True, text=True,
+                          check=True)
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+def graph_nodes(graph):
+    """Every node of ``graph`` and of its subgraphs (the two branches of an int8-prefill graph's ``If``)."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == attr.GRAPH:
+                yield from graph_nodes(attr.g)
+
+
 def linear_weight_bytes(onnx_path: Path, vocab: int) -> dict:
     """Bytes of every linear layer's weight tensors in the graph, by op, against FP16 (2 x N x K).
 
     Linear layers are MatMulNBits nodes (B, scales, zero points), MatMulInteger nodes with an
     initializer weight (plus the ``.w_scale`` initializer beside it), and MatMul nodes whose second
     input is a 2-D initializer (the FP32 graph's weights). The output projection is the matmul with
-    N == vocab.
+    N == vocab. An int8-prefill graph holds each weight-only layer twice (``MatMulNBits`` for single
+    tokens, an int8 ``DynamicQuantizeMatMul`` copy for prompts): both count in the bytes, once in the FP16
+    reference.
     """
     import onnx
     from onnx import helper, numpy_helper
+
+    from dsq.export.int8_prefill import WEIGHT_SUFFIX as INT8_PREFILL_SUFFIX
 
     model = onnx.load(str(onnx_path), load_external_data=True)
     inits = {t.name: t for t in model.graph.initializer}
@@ -318,15 +368,19 @@ def linear_weight_bytes(onnx_path: Path, vocab: int) -> dict:
 
     groups: dict[str, dict] = {}
 
-    def add(kind: str, head: bool, qbytes: int, n: int, k: int) -> None:
-        key = f"{kind}{' lm_head' if head else ''}"
-        g = groups.setdefault(key, {"nodes": 0, "bytes": 0, "fp16_bytes": 0, "params": 0})
+    def add(kind: str, head: bool, qbytes: int, n: int, k: int, copy: bool = False) -> None:
+        key = f"{kind}{' lm_head' if head else ''}{' (int8 prompt copy)' if copy else ''}"
+        g = groups.setdefault(key, {"nodes": 0, "bytes": 0, "fp16_bytes": 0, "params": 0, "copy": copy})
         g["nodes"] += 1
         g["bytes"] += qbytes
         g["fp16_bytes"] += 2 * n * k
         g["params"] += n * k
 
-    for node in model.graph.node:
+    seen: set[tuple[str, str]] = set()  # (op, weight): a layer in both branches of an int8-prefill graph counts once
+    for node in graph_nodes(model.graph):
+        if (node.op_type, node.input[1] if len(node.input) > 1 else "") in seen:
+            continue
+        seen.add((node.op_type, node.input[1] if len(node.input) > 1 else ""))
         if node.op_type == "MatMulNBits":
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             n, k, bits = int(attrs["N"]), int(attrs["K"]), int(attrs["bits"])
@@ -340,15 +394,17 @@ def linear_weight_bytes(onnx_path: Path, vocab: int) -> dict:
             else:  # b_scale is the op's input (MatMulIntegerToFloat: 4th, DynamicQuantizeMatMul: 3rd)
                 scale = node.input[3] if node.op_type == "MatMulIntegerToFloat" else node.input[2]
             q = nbytes(node.input[1]) + (nbytes(scale) if scale in inits else 4 * n)
-            add(f"{node.op_type} 8-bit", n == vocab, q, n, k)
+            add(f"{node.op_type} 8-bit", n == vocab, q, n, k, copy=node.input[1].endswith(INT8_PREFILL_SUFFIX))
         elif node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
             k, n = (int(d) for d in inits[node.input[1]].dims)
             add("MatMul fp32", n == vocab, nbytes(node.input[1]), n, k)
-    total = {"bytes": sum(g["bytes"] for g in groups.values()), "fp16_bytes": sum(g["fp16_bytes"] for g in groups.values())}
+    # a prompt copy adds bytes, not weights: the FP16 reference counts each layer once
+    total = {"bytes": sum(g["bytes"] for g in groups.values()),
+             "fp16_bytes": sum(g["fp16_bytes"] for g in groups.values() if not g["copy"])}
     for g in (*groups.values(), total):
         g["ratio_vs_fp16"] = g["bytes"] / g["fp16_bytes"] if g["fp16_bytes"] else float("nan")
     quantized = [g for key, g in groups.items() if not key.startswith("MatMul fp32")]
-    qb, qf = sum(g["bytes"] for g in quantized), sum(g["fp16_bytes"] for g in quantized)
+    qb, qf = sum(g["bytes"] for g in quantized), sum(g["fp16_bytes"] for g in quantized if not g["copy"])
     return {"groups": groups, "all_linears": total,
             "quantized": {"bytes": qb, "fp16_bytes": qf, "ratio_vs_fp16": qb / qf if qf else float("nan")}}
 
@@ -741,14 +797,15 @@ def _run(args, workdir: Path, results: dict, shapes) -> int:
     def export_or_trace(variant: Variant, qmodel, out: Path, label: str) -> ExportInfo:
         """export_onnx; if its validation refuses the graph, record why and trace it without the gate."""
         try:
-            return do_export(qmodel, tokenizer, out, variant.accuracy_level, args.threads, variant.target, variant.opset)
+            return do_export(qmodel, tokenizer, out, variant.accuracy_level, args.threads, variant.target, variant.opset,
+                             variant.int8_prefill)
         except ExportError as exc:
             error = str(exc)
             if "does not match PyTorch" not in error:
                 raise
         print(f"[{label}] export_onnx(accuracy_level={variant.accuracy_level}) raised ExportError: {error[:300]}", flush=True)
         t0 = time.perf_counter()
-        trace_without_gate(qmodel, tokenizer, out, variant.accuracy_level, variant.opset)
+        trace_without_gate(qmodel, tokenizer, out, variant.accuracy_level, variant.opset, variant.int8_prefill)
         diff, greedy, _ = validate_copy(out, qmodel, args.threads)
         return ExportInfo(out, diff, greedy, False, float("nan"), files_bytes(out), time.perf_counter() - t0,
                           "export_onnx refused it (validation); same graph traced without the gate", error)
@@ -778,6 +835,7 @@ def _run(args, workdir: Path, results: dict, shapes) -> int:
             continue
         wb = linear_weight_bytes(out / "model.onnx", cfg.vocab_size)
         row = {"variant": variant.name, "description": variant.description, "family": variant.family,
+               "session_bytes": session_bytes(out / "model.onnx", args.threads),
                "accuracy_level": variant.accuracy_level, "lm_head_quantized": variant.lm_head or variant.peer,
                "cpu_target": variant.target, "peer": variant.peer, "opset": variant.opset, "fp32_row": variant.fp32_name,
                "weights": wb, "export": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(info).items()}}
@@ -809,8 +867,8 @@ def _run(args, workdir: Path, results: dict, shapes) -> int:
           f"(median of {args.repeats} interleaved rounds, (min-max) in brackets; x FP32 = against the ORT FP32 row "
           "of the same opset)\n")
     print("| variant | what | prefill tok/s | x FP32 | decode tok/s | x FP32 | quantized linears: bytes (x FP16) | "
-          "all linears incl. lm_head: bytes (x FP16) | ONNX files | max \\|Δlogit\\| at export | greedy = torch | export |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "all linears incl. lm_head: bytes (x FP16) | ONNX files | session RSS | max \\|Δlogit\\| at export | greedy = torch | export |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         s = r["speed"]
         if "weights" in r:
@@ -821,9 +879,10 @@ def _run(args, workdir: Path, results: dict, shapes) -> int:
             how = ("passed" if e["passed"] else
                    "export_onnx: ExportError (validation); same graph traced without the gate" if e["export_error"] else
                    "peer: ORT quantize_dynamic (no gate)" if r.get("peer") else "?")
-            tail = f"{qtxt} | {atxt} | {fmt_bytes(e['onnx_bytes'])} | {e['max_abs_diff']:.3g} | {e['greedy_equal']} | {how} |"
+            rss = fmt_bytes(r["session_bytes"]) if r.get("session_bytes") is not None else "-"
+            tail = f"{qtxt} | {atxt} | {fmt_bytes(e['onnx_bytes'])} | {rss} | {e['max_abs_diff']:.3g} | {e['greedy_equal']} | {how} |"
         else:
-            tail = "- | - | - | - | - | torch eager |"
+            tail = "- | - | - | - | - | - | torch eager |"
         print(f"| {r['variant']} | {r['description']} | {s['prefill_tokens_per_s']:.1f} ({s['prefill_min']:.0f}-{s['prefill_max']:.0f}) | "
               f"{r['prefill_x_fp32']:.2f} | {s['decode_tokens_per_s']:.1f} ({s['decode_min']:.1f}-{s['decode_max']:.1f}) | "
               f"{r['decode_x_fp32']:.2f} | {tail}")

@@ -152,6 +152,10 @@ def _add_export(sub) -> None:
                         help="MLA: re-expand the cached latent through kv_b_proj at every step instead of attending in the latent space")
     export.add_argument("--no-moe-op", dest="moe_op", action="store_false",
                         help="MoE: keep the sparse subgraph instead of one ONNX Runtime MoE / QMoE node per layer")
+    export.add_argument("--int8-prefill", nargs="?", const="dynamic", choices=("dynamic", "dynamic_tensor"), default=None,
+                        help="weight-only layers also as int8 (one scale per channel) for prompts, through the u8 x s8 int8 "
+                             "GEMM, activations per token (dynamic, the default) or per tensor (dynamic_tensor); single-token "
+                             "steps keep MatMulNBits (needs --cpu-target vnni; about 1 byte per weight more)")
     export.add_argument("--tolerance", type=_positive_float, default=None,
                         help="max |delta logit| vs PyTorch (default 1e-4 fp, 1e-3 weight-only, 0.25 W8A8)")
     export.add_argument("--evaluate", action="store_true",
@@ -264,7 +268,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         source, output, accuracy_level=args.accuracy_level, cpu_target=args.cpu_target, threads=args.threads, tolerance=args.tolerance,
         evaluate=args.evaluate, speed=args.speed, overwrite=args.overwrite, progress=not args.quiet,
         weight_op=args.weight_op, quantize_embeddings=args.quantize_embeddings, dense_experts=args.dense_experts,
-        absorb_mla=args.absorb_mla, moe_op=args.moe_op, opset=args.opset,
+        absorb_mla=args.absorb_mla, moe_op=args.moe_op, opset=args.opset, int8_prefill=args.int8_prefill,
     )
     v = outcome.result.validation
     print(f"ONNX export: {outcome.result.onnx_path} ({outcome.result.onnx_bytes / 2**20:.1f} MiB)")

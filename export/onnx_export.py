@@ -40,10 +40,12 @@ from dsq.core.manifest import sha256_file, versions
 from dsq.core.errors import ExportError
 
 from dsq.quantize.kv_cache import KVCacheScheme, kv_cache_quantization_off, kv_cache_scheme_of
+from dsq.quantize.w8a8 import DynamicPerTensor, DynamicPerToken
 
 from .cpu_target import PORTABLE, CpuTarget, missing_features
 from .decoder import CacheLayout, FlatDecoder, cache_layout, empty_past, input_names, output_names
 from .genai import write_genai_config
+from .int8_prefill import Int8Prefill, PromptActivations, add_int8_prefill
 from .mla import absorb_latent_projections_, absorbed_forward
 from .modules import ExportPlan, prepare_for_export, quantize_embedding_, translation_table
 from .patches import traceable
@@ -113,6 +115,13 @@ class ExportConfig:
             ``RotaryEmbedding`` (fused by the exporter where the model's code has their pattern); needs a runtime
             with opset 23 (ONNX Runtime >= 1.23). 21: the same function from elementary ops (MatMul, Softmax,
             ...), for older runtimes. Recorded in the manifest.
+        int8_prefill: None (default), or how prompt activations are rounded (``DynamicPerToken()`` or
+            ``DynamicPerTensor()`` of :mod:`dsq.quantize.w8a8`): weight-only (``MatMulNBits``) layers then also get an
+            int8 form that prompts run on, through the u8 x s8 int8 GEMM (:mod:`dsq.export.int8_prefill`: the graph
+            switches on the number of new tokens); single-token steps keep ``MatMulNBits``. Faster prompts where the
+            int8 GEMM outruns the n-bit kernel (AMX), for about 1 byte per weight more in the file and the session.
+            Needs ``cpu_target`` ``VNNI`` and ``MatMulNBitsWeights``; held to the int8-activation tolerance. Recorded
+            in the manifest.
     """
 
     accuracy_level: int = 0
@@ -125,6 +134,7 @@ class ExportConfig:
     absorb_mla: bool = True
     moe_op: bool = True
     opset: int = DEFAULT_OPSET
+    int8_prefill: PromptActivations | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.cpu_target, CpuTarget):
@@ -138,6 +148,13 @@ class ExportConfig:
         for flag in ("dense_experts", "absorb_mla", "moe_op"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        if self.int8_prefill is not None and not isinstance(self.int8_prefill, (DynamicPerToken, DynamicPerTensor)):
+            raise TypeError(f"int8_prefill must be None, DynamicPerToken() or DynamicPerTensor(), got {self.int8_prefill!r}")
+        if self.int8_prefill is not None and not self.cpu_target.signed_int8_weights:
+            raise ValueError(f"int8_prefill runs prompts on the u8 x s8 int8 kernel, which is exact only with VNNI or AMX: "
+                             f"it needs cpu_target vnni, got {self.cpu_target.name!r}")
+        if self.int8_prefill is not None and isinstance(self.weights, DequantizeLinearWeights):
+            raise ValueError("int8_prefill switches MatMulNBits layers; the portable DequantizeLinear weight format has none")
 
 
 @dataclass
@@ -154,6 +171,7 @@ class ExportResult:
     ops: dict[str, int]
     weight_op: str
     cpu_target: str = "portable"  # CpuTarget.name the graph's int8 kernels were chosen for
+    int8_prefill: Int8Prefill | None = None  # the int8 prompt form of the weight-only layers, when asked for
 
     @property
     def onnx_path(self) -> Path:
@@ -228,6 +246,23 @@ def _to_portable(path: Path) -> None:
                     location=DATA_FILE, size_threshold=1024)
 
 
+def _add_int8_prefill(path: Path, activations: PromptActivations) -> Int8Prefill:
+    """Give the saved graph's MatMulNBits layers their int8 prompt form, in place."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=True)
+    try:
+        added = add_int8_prefill(model, activations)
+    except ValueError as exc:
+        raise ExportError(f"int8_prefill: {exc}") from None
+    for p in path.parent.iterdir():
+        if p.name.startswith(ONNX_FILE):
+            p.unlink()
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+    return added
+
+
 def _check_plan_in_graph(plan: ExportPlan, counts: dict[str, int], weights: WeightFormat) -> None:
     """Every module the plan swapped must have reached the graph as its op."""
     for op, modules in ((weights.op, plan.nbits), (plan.int8_op, plan.int8)):
@@ -242,26 +277,32 @@ def _check_plan_in_graph(plan: ExportPlan, counts: dict[str, int], weights: Weig
             raise ExportError(f"the graph has {counts.get(op, 0)} {op} nodes where {needed} routed-experts layers were fused")
 
 
-def _int8_activations(plan: ExportPlan, accuracy_level: int) -> bool:
-    """The graph rounds activations to int8 at run time: W8A8, or MatMulNBits at accuracy level 4 (per block)."""
-    return bool(plan.int8 or (plan.nbits and accuracy_level == INT8_COMPUTE_LEVEL))
+def _int8_activations(plan: ExportPlan, accuracy_level: int, int8_prefill: bool = False) -> bool:
+    """The graph rounds activations to int8 at run time: W8A8, MatMulNBits at accuracy level 4 (per block), or
+    weight-only layers with an int8 prompt form."""
+    return bool(plan.int8 or (plan.nbits and (accuracy_level == INT8_COMPUTE_LEVEL or int8_prefill)))
 
 
-def default_tolerance(plan: ExportPlan, accuracy_level: int = 0) -> float:
+def default_tolerance(plan: ExportPlan, accuracy_level: int = 0, int8_prefill: bool = False) -> float:
     """Max |delta logit| an export is held to: fp 1e-4, weight-only 1e-3, int8 activations 0.25."""
-    if _int8_activations(plan, accuracy_level):
+    if _int8_activations(plan, accuracy_level, int8_prefill):
         return ACTIVATION_QUANTIZED_TOLERANCE
     return QUANTIZED_TOLERANCE if plan.nbits else FP_TOLERANCE
 
 
-def _rounding_hint(plan: ExportPlan, accuracy_level: int, validation: ValidationReport) -> str:
+def _rounding_hint(plan: ExportPlan, config: ExportConfig, validation: ValidationReport) -> str:
     """What to check when a graph with int8 activations misses only the logit tolerance (its greedy tokens agree)."""
-    if not _int8_activations(plan, accuracy_level) or not validation.greedy_equal:
+    if not _int8_activations(plan, config.accuracy_level, config.int8_prefill is not None) or not validation.greedy_equal:
         return ""
+    raise_it = ("If the ONNX perplexity agrees with the torch model's (export.evaluate), raise the tolerance: "
+                "export.validation.tolerance, or dsq export --tolerance")
+    if not plan.int8:  # weight-only layers: the torch model computes them with fp32 activations
+        how = "accuracy level 4" if config.accuracy_level == INT8_COMPUTE_LEVEL else "int8_prefill, for prompts"
+        return (f". The greedy tokens are identical. This graph computes its weight-only layers with int8 activations "
+                f"({how}) where the torch model keeps them in fp32, so its logits differ by more than rounding. " + raise_it)
     return (". The greedy tokens are identical. This graph rounds activations to int8 at run time: where a 1-ulp "
             "difference upstream crosses a rounding boundary, that activation moves by one int8 step, and a sharply "
-            "trained model carries such a flip further into its logits. If the ONNX perplexity agrees with the torch "
-            "model's (export.evaluate), raise the tolerance: export.validation.tolerance, or dsq export --tolerance")
+            "trained model carries such a flip further into its logits. " + raise_it)
 
 
 def _is_fp32(model: nn.Module) -> bool:
@@ -287,13 +328,18 @@ def _export_copies(model: nn.Module, config: ExportConfig) -> tuple[nn.Module, n
     return reference, export_model, plan
 
 
-def _finish_graph(path: Path, config: ExportConfig, plan: ExportPlan) -> dict[str, int]:
-    """Make the saved graph portable if asked, and check the plan reached it; returns its op counts."""
+def _finish_graph(path: Path, config: ExportConfig, plan: ExportPlan) -> tuple[dict[str, int], Int8Prefill | None]:
+    """Make the saved graph portable or give it int8 prompts if asked, and check the plan reached it.
+
+    Returns:
+        The op counts of the graph as traced (with int8 prompts: of its single-token branch), and what
+        int8_prefill added.
+    """
     if isinstance(config.weights, DequantizeLinearWeights):
         _to_portable(path)
     counts = _op_counts(path)
     _check_plan_in_graph(plan, counts, config.weights)
-    return counts
+    return counts, _add_int8_prefill(path, config.int8_prefill) if config.int8_prefill is not None else None
 
 
 def kv_cache_manifest(scheme: KVCacheScheme | None) -> dict:
@@ -308,7 +354,7 @@ def kv_cache_manifest(scheme: KVCacheScheme | None) -> dict:
 
 def _write_manifest(tmp: Path, layout: CacheLayout, config: ExportConfig, counts: dict[str, int], plan: ExportPlan,
                     validation: ValidationReport, source: dict | None, kv_scheme: KVCacheScheme | None = None,
-                    cpu_warning: str | None = None) -> None:
+                    cpu_warning: str | None = None, int8_prefill: Int8Prefill | None = None) -> None:
     """Write ``EXPORT_MANIFEST`` last, with the sha256 of every other file in ``tmp``."""
     manifest = {
         "format": "dsq-onnx-decoder",
@@ -324,6 +370,7 @@ def _write_manifest(tmp: Path, layout: CacheLayout, config: ExportConfig, counts
         "accuracy_level": config.accuracy_level,
         "cpu_target": {**config.cpu_target.to_dict(), "export_machine": cpu_warning or "has what the graph needs"},
         "weight_op": config.weights.op,
+        "int8_prefill": int8_prefill.to_dict() if int8_prefill else None,
         "ops": counts,
         "quantized_modules": plan.to_dict(),
         "validation": validation.to_dict(),
@@ -385,20 +432,20 @@ def _export(model: nn.Module, tokenizer, output: Path, config: ExportConfig, sou
     if cpu_warning:
         log.warning("cpu_target %s: %s", config.cpu_target.name, cpu_warning)
     reference, export_model, plan = _export_copies(model, config)
-    tolerance = config.validation.tolerance or default_tolerance(plan, config.accuracy_level)
+    tolerance = config.validation.tolerance or default_tolerance(plan, config.accuracy_level, config.int8_prefill is not None)
     with atomic_directory(output, overwrite, marker=EXPORT_MANIFEST) as tmp:
         _trace(export_model, layout, vocab, tmp / ONNX_FILE, config.opset)
         del export_model
-        counts = _finish_graph(tmp / ONNX_FILE, config, plan)
+        counts, prefill = _finish_graph(tmp / ONNX_FILE, config, plan)
         ort_lm = OrtCausalLM(tmp / ONNX_FILE, threads=config.threads, accuracy_level=config.accuracy_level)
         validation = validate_export(ort_lm, reference, layout, vocab, config.validation, tolerance)
         if not validation.passed:
             why = f" ({cpu_warning}; export on such a CPU, or with cpu_target portable)" if cpu_warning and plan.int8 else ""
             raise ExportError("the ONNX export does not match PyTorch: " + "; ".join(validation.failures()) + why
-                              + _rounding_hint(plan, config.accuracy_level, validation))
+                              + _rounding_hint(plan, config, validation))
         tokenizer.save_pretrained(str(tmp))
         write_genai_config(tmp, model.config, tokenizer, layout)
-        _write_manifest(tmp, layout, config, counts, plan, validation, source, kv_scheme, cpu_warning)
+        _write_manifest(tmp, layout, config, counts, plan, validation, source, kv_scheme, cpu_warning, prefill)
         onnx_bytes = _files_bytes(tmp)
     return ExportResult(output, layout, plan, validation, time.perf_counter() - started, onnx_bytes, config.accuracy_level, counts, config.weights.op,
-                        config.cpu_target.name)
+                        config.cpu_target.name, prefill)

@@ -40,7 +40,7 @@ def run_export(
     source: Path, output: Path, *, accuracy_level: int = 0, cpu_target: str = "portable", threads: int | None = None, tolerance: float | None = None,
     evaluate: bool = False, speed: bool = False, overwrite: bool = False, progress: bool = True,
     weight_op: str = "matmul_nbits", quantize_embeddings: bool = False, dense_experts: bool = False,
-    absorb_mla: bool = True, moe_op: bool = True, opset: int = 23,
+    absorb_mla: bool = True, moe_op: bool = True, opset: int = 23, int8_prefill: str | None = None,
 ) -> StandaloneExport:
     """``dsq export``: load ``source`` (fp checkpoint or dsq artifact), export to ``output``, validate.
 
@@ -57,7 +57,8 @@ def run_export(
     with claim_output(output, overwrite, marker=EXPORT_MANIFEST):  # held from before the model is loaded
         section = _export_section(accuracy_level=accuracy_level, cpu_target=cpu_target, evaluate=evaluate, threads=threads, weight_op=weight_op,
                                   quantize_embeddings=quantize_embeddings, dense_experts=dense_experts,
-                                  absorb_mla=absorb_mla, moe_op=moe_op, opset=opset, tolerance=tolerance)
+                                  absorb_mla=absorb_mla, moe_op=moe_op, opset=opset, int8_prefill=int8_prefill,
+                                  tolerance=tolerance)
         loaded = load_for_export(source)
         tail = torch_row = None
         if evaluate:

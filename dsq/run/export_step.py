@@ -12,11 +12,15 @@ from dsq.quantize.model_dir import _quantization_config
 from dsq.core.manifest import ArtifactIntegrityError, verify_manifest
 from dsq.run.recipe import ExportSection
 from dsq.eval import Evaluator, ModelMetrics, OnnxFacts
+from dsq.quantize.w8a8 import DynamicPerTensor, DynamicPerToken
 from dsq.eval.gates import ppl_increase_pct
 from dsq.export import (
     DequantizeLinearWeights, ExportConfig, ExportResult, MatMulNBitsWeights, OrtCausalLM, ValidationConfig, cpu_target,
     export_onnx,
 )
+
+
+PROMPT_ACTIVATIONS = {"dynamic": DynamicPerToken(), "dynamic_tensor": DynamicPerTensor()}  # export.int8_prefill
 
 
 def export_config(section: ExportSection) -> ExportConfig:
@@ -29,7 +33,8 @@ def export_config(section: ExportSection) -> ExportConfig:
     return ExportConfig(accuracy_level=section.accuracy_level, cpu_target=cpu_target(section.cpu_target),
                         validation=validation, threads=section.threads,
                         weights=weights, quantize_embeddings=section.quantize_embeddings, dense_experts=section.dense_experts,
-                        absorb_mla=section.absorb_mla, moe_op=section.moe_op, opset=section.opset)
+                        absorb_mla=section.absorb_mla, moe_op=section.moe_op, opset=section.opset,
+                        int8_prefill=PROMPT_ACTIVATIONS[section.int8_prefill] if section.int8_prefill else None)
 
 
 @dataclass

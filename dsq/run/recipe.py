@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 import dsq.quantize  # noqa: F401  (registers the methods the quantize section is made of)
 from dsq.core.errors import RecipeError
@@ -164,9 +164,21 @@ class ExportSection(Strict):
     dense_experts: bool = False  # MoE: every routed expert on every token (E/k x the FLOPs) instead of each token's top-k
     absorb_mla: bool = True  # MLA: kv_b_proj folded into query and output, attention over the cached latent itself
     moe_op: bool = True  # MoE: one ORT MoE / QMoE node per layer where it carries the layer exactly (else sparse)
+    # weight-only layers also as int8 for prompts (u8 x s8 GEMM; needs cpu_target vnni), prompt activations rounded
+    # per token (dynamic) or per tensor (dynamic_tensor; faster, less exact); null: MatMulNBits for every run
+    int8_prefill: Literal["dynamic", "dynamic_tensor"] | None = None
     evaluate: bool = True  # run the benchmark suite on the ONNX model too (an "-onnx" report row)
     threads: int | None = Field(None, ge=1, le=4096)  # ONNX Runtime intra-op threads (None: its default)
     validation: ExportValidationSection = ExportValidationSection()
+
+    @model_validator(mode="after")
+    def _int8_prefill_needs(self) -> "ExportSection":
+        if self.int8_prefill is not None and self.cpu_target != "vnni":
+            raise ValueError("int8_prefill runs prompts on the u8 x s8 int8 kernel (exact with VNNI or AMX): "
+                             f"set cpu_target: vnni (got {self.cpu_target})")
+        if self.int8_prefill is not None and self.weight_op != "matmul_nbits":
+            raise ValueError("int8_prefill switches MatMulNBits layers: it needs weight_op: matmul_nbits")
+        return self
 
 
 class KVCacheSection(Strict):
