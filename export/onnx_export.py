@@ -239,6 +239,13 @@ def _to_portable(path: Path) -> None:
 
     model = onnx.load(str(path), load_external_data=True)
     rewrite_matmul_nbits(model)
+    _resave(model, path)
+
+
+def _resave(model, path: Path) -> None:
+    """Replace the graph at ``path`` (and its external data) with ``model``."""
+    import onnx
+
     for p in path.parent.iterdir():
         if p.name.startswith(ONNX_FILE):
             p.unlink()
@@ -255,11 +262,7 @@ def _add_int8_prefill(path: Path, activations: PromptActivations) -> Int8Prefill
         added = add_int8_prefill(model, activations)
     except ValueError as exc:
         raise ExportError(f"int8_prefill: {exc}") from None
-    for p in path.parent.iterdir():
-        if p.name.startswith(ONNX_FILE):
-            p.unlink()
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=1024)
+    _resave(model, path)
     return added
 
 
