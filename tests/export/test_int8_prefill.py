@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from dsq.cli import main
@@ -163,16 +164,31 @@ def test_int4_llama_export_switches_per_run_and_matches_torch(llama_int4, tmp_pa
     assert result.onnx_bytes - plain.onnx_bytes >= result.int8_prefill.int8_bytes
     # single-token steps are the plain graph's, bit for bit; prompts are not
     a, b = OrtCausalLM(plain.path), OrtCausalLM(result.path)
-    ids = np.random.default_rng(0).integers(3, 500, size=(2, 9))
-    import torch
-
-    ids = torch.from_numpy(ids)
+    ids = torch.from_numpy(np.random.default_rng(0).integers(3, 500, size=(2, 9)))
     pa, pb = a.prefill(ids), b.prefill(ids)
     assert 0 < (pa - pb).abs().max() < 0.25
     past = a.empty_past(2)
     mask = torch.ones(2, 1, dtype=torch.long)
     la, _ = a.step(ids[:, :1], mask, past)
     lb, _ = b.step(ids[:, :1], mask, past)
+    assert torch.equal(la, lb)
+
+
+def test_deepseek_v3_switches_its_linear_layers_and_keeps_the_fused_experts(tiny_checkpoint, tmp_path):
+    loaded = load_checkpoint(tiny_checkpoint("deepseek_v3"))
+    quantize_(loaded.model, RTNConfig(WeightScheme(4, PerGroup(32), True), TargetSpec()), progress=False)
+    plain = export_onnx(loaded.model, loaded.tokenizer, tmp_path / "plain", FAST)
+    result = export_onnx(loaded.model, loaded.tokenizer, tmp_path / "i8p", replace(FAST, int8_prefill=DynamicPerToken()))
+    assert result.validation.passed
+    assert result.int8_prefill.layers == plain.ops["com.microsoft::MatMulNBits"] > 0  # MLA, shared experts, dense MLP
+    graph = onnx.load(str(result.onnx_path), load_external_data=False).graph
+    (switch,) = [n for n in graph.node if n.op_type == "If"]
+    for branch in switch.attribute:  # routed experts stay one QMoE node per layer in both branches
+        assert [n.op_type for n in branch.g.node].count("QMoE") == plain.ops["com.microsoft::QMoE"] > 0
+    a, b = OrtCausalLM(plain.path), OrtCausalLM(result.path)
+    ids = torch.tensor([[5, 17, 42]])
+    la, _ = a.step(ids[:, :1], torch.ones(1, 1, dtype=torch.long), a.empty_past(1))
+    lb, _ = b.step(ids[:, :1], torch.ones(1, 1, dtype=torch.long), b.empty_past(1))
     assert torch.equal(la, lb)
 
 
