@@ -32,6 +32,11 @@ When ``export_onnx``'s validation refuses a graph, the ExportError is recorded a
 graph is traced with dsq's own ``_trace`` without the gate (``trace_without_gate``); dsq's
 ``validate_export`` is then run on it and its max |delta logit| and greedy result are reported in the row.
 
+``-i8p`` / ``-i8pt`` rows are INT4 graphs exported with ``int8_prefill`` (``cpu_target`` vnni): prompts run an int8
+copy of the 4-bit weights through the u8 x s8 GEMM, activations per token / per tensor, single tokens ``MatMulNBits``
+(:mod:`dsq.export.int8_prefill`). The "session RSS" column is the resident memory a fresh process gains by opening
+an ORT session of the graph.
+
 Every graph is exported at opset 23 (``ExportConfig.opset``: one ``Attention``, ``RMSNormalization`` and
 ``RotaryEmbedding`` node each) unless its name ends in ``-op21``: the same graph from elementary ops, whose
 ratios are against the opset-21 FP32 graph (``fp32-op21``) and whose ORT peer is quantized from that graph.
