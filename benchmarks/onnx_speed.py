@@ -357,7 +357,7 @@ def linear_weight_bytes(onnx_path: Path, vocab: int) -> dict:
     initializer weight (plus the ``.w_scale`` initializer beside it), and MatMul nodes whose second
     input is a 2-D initializer (the FP32 graph's weights). The output projection is the matmul with
     N == vocab. An int8-prefill graph holds each weight-only layer twice (``MatMulNBits`` for single
-    tokens, an int8 ``DynamicQuantizeMatMul`` copy for prompts): both count in the bytes, once in the FP16
+    tokens, an int8 copy for prompts): both count in the bytes, once in the FP16
     reference.
     """
     import onnx
