@@ -41,12 +41,15 @@ The u8 x s8 kernel is exact only with VNNI or AMX (:mod:`dsq.export.cpu_target`)
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from dsq.quantize.primitives import quantize_rtn
+from dsq.quantize.scheme import PerChannel, WeightScheme
 from dsq.quantize.w8a8 import DynamicPerTensor, DynamicPerToken
 
 from .portable import _attrs, _unpack_blocks, _zero_points
@@ -56,6 +59,7 @@ PromptActivations = DynamicPerToken | DynamicPerTensor
 PROMPT = "prompt"
 STEP = "step"
 INT8_MAX = 127
+INT8_PER_CHANNEL = WeightScheme(8, PerChannel(), True)  # the prompt copy's scheme: int8, symmetric, per output channel
 WEIGHT_SUFFIX, SCALE_SUFFIX = ".int8.w", ".int8.scale"  # initializer names: <MatMulNBits node name><suffix>
 PREFIX = "int8_prefill."  # names of the switch and the shared constants
 
@@ -72,7 +76,7 @@ class Int8Prefill:
 
     layers: int
     int8_bytes: int
-    activations: PromptActivations = field(default_factory=DynamicPerToken)
+    activations: PromptActivations
 
     def to_dict(self) -> dict:
         kernel = ("QuantizeLinear per token + MatMulIntegerToFloat" if isinstance(self.activations, DynamicPerToken)
@@ -83,11 +87,10 @@ class Int8Prefill:
 
 
 def requantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(W8 [K, N] int8, s8 [N] fp32)`` for ``w`` ``[N, K]``: one symmetric int8 scale per output channel."""
-    s8 = np.abs(w).max(axis=1) / INT8_MAX
-    s8 = np.where(s8 > 0, s8, 1.0).astype(np.float32)
-    w8 = np.clip(np.round(w / s8[:, None]), -INT8_MAX, INT8_MAX).astype(np.int8)
-    return np.ascontiguousarray(w8.T), s8
+    """``(W8 [K, N] int8, s8 [N] fp32)`` for ``w`` ``[N, K]``: dsq's round-to-nearest int8, one symmetric scale
+    (``max|w| / 127``) per output channel."""
+    qw = quantize_rtn(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)), INT8_PER_CHANNEL)
+    return np.ascontiguousarray(qw.qweight.numpy().T), qw.scale[:, 0].numpy()
 
 
 def nbits_weight(node: onnx.NodeProto, inits: dict[str, TensorProto]) -> np.ndarray:
@@ -114,9 +117,10 @@ def _tensor_node(node: onnx.NodeProto, w8: str, s8: str) -> list[onnx.NodeProto]
                              name=f"{node.name}.int8")]
 
 
-def _token_quantization(x: str) -> tuple[list[onnx.NodeProto], str, str]:
-    """Per-token activations of ``x`` ``[..., K]``: ``(nodes, q [T, K] uint8, scale [..., 1])``, with
-    ``scale = max(max|x| / 127, tiny)`` and ``q = saturate(round_half_even(x / scale) + 128)`` (dsq's W8A8)."""
+def _token_quantization(x: str) -> tuple[list[onnx.NodeProto], tuple[str, str, str]]:
+    """Per-token activations of ``x`` ``[..., K]``: ``(nodes, (q [T, K] uint8, scale [..., 1], x's leading shape))``, with
+    ``scale = max(max|x| / 127, tiny)`` and ``q = saturate(round_half_even(x / scale) + 128)``: the nodes
+    :mod:`dsq.export.ops` traces for W8A8's ``dsq::matmul_int8_token_s8``, written here on a saved graph."""
     p = f"{x}.int8_token"
     c = f"{PREFIX}const"
 
@@ -125,26 +129,25 @@ def _token_quantization(x: str) -> tuple[list[onnx.NodeProto], str, str]:
 
     nodes = [
         node("Abs", [x], f"{p}/abs"),
-        node("ReduceMax", [f"{p}/abs", f"{c}.last_axis"], f"{p}/amax", keepdims=1),
+        node("ReduceMax", [f"{p}/abs", f"{c}.minus_one"], f"{p}/amax", keepdims=1),
         node("Div", [f"{p}/amax", f"{c}.int8_max"], f"{p}/scale0"),
         node("Max", [f"{p}/scale0", f"{c}.tiny"], f"{p}/scale"),  # [..., 1]
-        node("Reshape", [f"{p}/scale", f"{c}.flat"], f"{p}/flat_scale"),  # [T]
+        node("Reshape", [f"{p}/scale", f"{c}.minus_one"], f"{p}/flat_scale"),  # [T]
         node("Shape", [x], f"{p}/k", start=-1),
-        node("Concat", [f"{c}.flat", f"{p}/k"], f"{p}/tk", axis=0),
+        node("Concat", [f"{c}.minus_one", f"{p}/k"], f"{p}/tk", axis=0),
         node("Reshape", [x, f"{p}/tk"], f"{p}/flat"),  # [T, K]
         node("Shape", [f"{p}/flat_scale"], f"{p}/t"),
         node("Expand", [f"{c}.u8_zero", f"{p}/t"], f"{p}/zero"),  # [T] uint8 128
         node("QuantizeLinear", [f"{p}/flat", f"{p}/flat_scale", f"{p}/zero"], f"{p}/q", axis=0),  # [T, K] uint8
         node("Shape", [x], f"{p}/lead", end=-1),
     ]
-    return nodes, f"{p}/q", f"{p}/scale"
+    return nodes, (f"{p}/q", f"{p}/scale", f"{p}/lead")
 
 
-def _token_node(node: onnx.NodeProto, w8: str, s8: str, q: str, scale: str, n: int) -> list[onnx.NodeProto]:
+def _token_node(node: onnx.NodeProto, w8: str, s8: str, q: str, scale: str, lead: str, n: int) -> list[onnx.NodeProto]:
     """Per-token activations: ``MatMulIntegerToFloat(q, W8, 1, s8, 128)`` ``[T, N]``, back to ``[..., N]``, times the
     token's scale (applied after the reshape: measured faster on the flat output's copy)."""
     p, c = f"{node.name}.int8", f"{PREFIX}const"
-    lead = f"{node.input[0]}.int8_token/lead"
     out = node.output[0]
     has_bias = len(node.input) > 5 and bool(node.input[5])
     nodes = [
@@ -161,8 +164,8 @@ def _token_node(node: onnx.NodeProto, w8: str, s8: str, q: str, scale: str, n: i
 
 def _constants(ns: set[int]) -> list[TensorProto]:
     c = f"{PREFIX}const"
-    values = {".last_axis": np.array([-1], np.int64), ".int8_max": np.array(INT8_MAX, np.float32),
-              ".tiny": np.array(np.finfo(np.float32).tiny, np.float32), ".flat": np.array([-1], np.int64),
+    values = {".minus_one": np.array([-1], np.int64), ".int8_max": np.array(INT8_MAX, np.float32),
+              ".tiny": np.array(np.finfo(np.float32).tiny, np.float32),
               ".u8_zero": np.array(128, np.uint8), ".one": np.array(1.0, np.float32),
               **{f".n{n}": np.array([n], np.int64) for n in sorted(ns)}}
     return [numpy_helper.from_array(v, c + k) for k, v in values.items()]
@@ -223,9 +226,8 @@ def add_int8_prefill(model: onnx.ModelProto, activations: PromptActivations = Dy
             continue
         x = node.input[0]
         if x not in quantized:  # one quantization per distinct input (q/k/v, gate/up)
-            quantize, q, scale = _token_quantization(x)
+            quantize, quantized[x] = _token_quantization(x)
             prompt_nodes += quantize
-            quantized[x] = (q, scale)
         widths.add(w8.shape[1])
         prompt_nodes += _token_node(node, *names, *quantized[x], w8.shape[1])
     layers = len(added) // 2

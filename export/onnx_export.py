@@ -280,22 +280,23 @@ def _check_plan_in_graph(plan: ExportPlan, counts: dict[str, int], weights: Weig
             raise ExportError(f"the graph has {counts.get(op, 0)} {op} nodes where {needed} routed-experts layers were fused")
 
 
-def _int8_activations(plan: ExportPlan, accuracy_level: int, int8_prefill: bool = False) -> bool:
+def _int8_activations(plan: ExportPlan, config: ExportConfig) -> bool:
     """The graph rounds activations to int8 at run time: W8A8, MatMulNBits at accuracy level 4 (per block), or
     weight-only layers with an int8 prompt form."""
-    return bool(plan.int8 or (plan.nbits and (accuracy_level == INT8_COMPUTE_LEVEL or int8_prefill)))
+    int8_weight_only = config.accuracy_level == INT8_COMPUTE_LEVEL or config.int8_prefill is not None
+    return bool(plan.int8 or (plan.nbits and int8_weight_only))
 
 
-def default_tolerance(plan: ExportPlan, accuracy_level: int = 0, int8_prefill: bool = False) -> float:
+def default_tolerance(plan: ExportPlan, config: ExportConfig) -> float:
     """Max |delta logit| an export is held to: fp 1e-4, weight-only 1e-3, int8 activations 0.25."""
-    if _int8_activations(plan, accuracy_level, int8_prefill):
+    if _int8_activations(plan, config):
         return ACTIVATION_QUANTIZED_TOLERANCE
     return QUANTIZED_TOLERANCE if plan.nbits else FP_TOLERANCE
 
 
 def _rounding_hint(plan: ExportPlan, config: ExportConfig, validation: ValidationReport) -> str:
     """What to check when a graph with int8 activations misses only the logit tolerance (its greedy tokens agree)."""
-    if not _int8_activations(plan, config.accuracy_level, config.int8_prefill is not None) or not validation.greedy_equal:
+    if not _int8_activations(plan, config) or not validation.greedy_equal:
         return ""
     raise_it = ("If the ONNX perplexity agrees with the torch model's (export.evaluate), raise the tolerance: "
                 "export.validation.tolerance, or dsq export --tolerance")
@@ -435,7 +436,7 @@ def _export(model: nn.Module, tokenizer, output: Path, config: ExportConfig, sou
     if cpu_warning:
         log.warning("cpu_target %s: %s", config.cpu_target.name, cpu_warning)
     reference, export_model, plan = _export_copies(model, config)
-    tolerance = config.validation.tolerance or default_tolerance(plan, config.accuracy_level, config.int8_prefill is not None)
+    tolerance = config.validation.tolerance or default_tolerance(plan, config)
     with atomic_directory(output, overwrite, marker=EXPORT_MANIFEST) as tmp:
         _trace(export_model, layout, vocab, tmp / ONNX_FILE, config.opset)
         del export_model
